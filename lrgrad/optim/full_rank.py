@@ -90,7 +90,10 @@ def _limit(state: dict[str, Any], norm: torch.Tensor, gamma: float | None) -> to
         prev = torch.full_like(norm, -1.0)
     divisor = torch.clamp(norm / (prev + SCALE_EPS), min=gamma) / gamma
     divisor = torch.where(prev < 0, torch.ones_like(divisor), divisor)
-    state[LIMITER_KEY] = (norm / divisor).to(prev.dtype)
+    # the norm after limiting, ‖S‖ / divisor, written as min(‖S‖, γ(prev + ε)): equal, and it stays
+    # finite when ‖S‖ overflowed (a 1e30 gradient in fp32; the divisor is then inf and S is dropped)
+    limited = torch.minimum(norm, gamma * (prev + SCALE_EPS))
+    state[LIMITER_KEY] = torch.where(prev < 0, norm, limited).to(prev.dtype)
     return divisor
 
 
@@ -127,7 +130,8 @@ def full_rank_update_(
     channels = g.shape[channel_dim]
     if scales.dim() == 0:
         scales = scales.expand(channels)
-    norm_sq = all_reduce((scales * scales * g_sq).sum().reshape(1)).reshape(())
+    # a zero scale drops its channel even where ‖G_c‖² overflowed (0·inf would be NaN)
+    norm_sq = all_reduce(torch.where(scales > 0, scales * scales * g_sq, 0.0).sum().reshape(1)).reshape(())
     divisor = _limit(state, norm_sq.sqrt(), group["norm_growth_limit"])
     coef = (scales / divisor).contiguous()
     target = _local(param2d)
