@@ -205,7 +205,7 @@ class LowRankOptimizer(Optimizer):
         # and every resumed run derives the same seed. Accelerate's FSDP2 prepare swaps
         # the group's params for DTensors after construction (same positions), so a param
         # not indexed by identity is looked up by its position in the groups.
-        index = self._param_index.get(id(param))
+        index = getattr(self, "_param_index", {}).get(id(param))  # a deepcopy carries no index
         if index is None:
             flat = [p for g in self.param_groups for p in g["params"]]
             index = next((i for i, p in enumerate(flat) if p is param), 0)
@@ -332,7 +332,8 @@ class LowRankOptimizer(Optimizer):
             return
         if any(hasattr(p, "ds_id") for p in params):
             raise ValueError(f"Invalid params: {ZERO_PARTITIONED_MESSAGE}")
-        if all(p.dim() == 1 and id(p) not in self._param_index for p in params):
+        built_on = getattr(self, "_param_index", None)  # None after a deepcopy: cannot tell
+        if built_on is not None and all(p.dim() == 1 and id(p) not in built_on for p in params):
             raise ValueError(
                 "Invalid params: a param group with rank="
                 f"{group['rank']} now holds flattened 1-D tensors that replaced its params after the "
