@@ -324,11 +324,11 @@ class LowRankOptimizer(Optimizer):
         if group["rank"] is None or id(group) in checked:
             return
         checked.add(id(group))
-        params = group["params"]
+        if any(hasattr(p, "ds_id") for p in group["params"]):  # ZeRO-3 leaves these with no data
+            raise ValueError(f"Invalid params: {ZERO_PARTITIONED_MESSAGE}")
+        params = [p for p in group["params"] if p.numel()]  # empty params are a no-op, not a fallback
         if not params or any(self.is_projected(p, group) for p in params):
             return
-        if any(hasattr(p, "ds_id") for p in params):
-            raise ValueError(f"Invalid params: {ZERO_PARTITIONED_MESSAGE}")
         built_on = getattr(self, "_param_index", None)  # None after a deepcopy: cannot tell
         if built_on is not None and all(p.dim() == 1 and id(p) not in built_on for p in params):
             raise ValueError(
