@@ -140,17 +140,22 @@ def build_param_groups(
     options = {**HF_LOW_RANK_DEFAULTS, **parse_optim_args(getattr(args, "optim_args", None)), **low_rank_options}
     rank = options.pop("rank")
     weight_decay = options.pop("weight_decay", float(getattr(args, "weight_decay", 0.0)))
-    low, *rest = param_groups(model, rank, target_modules, **options)
+    low, *rest = param_groups(model, rank=rank, target_modules=target_modules, **options)
     low["weight_decay"] = weight_decay
     groups = [low]
     for group in rest:  # the full-rank group: matrices decay, biases and norms do not
-        matrices = [(n, p) for n, p in group["params"] if p.dim() >= 2]
-        vectors = [(n, p) for n, p in group["params"] if p.dim() < 2]
+        matrices = [item for item in group["params"] if _tensor(item).dim() >= 2]
+        vectors = [item for item in group["params"] if _tensor(item).dim() < 2]
         if matrices:
             groups.append({**group, "params": matrices, "weight_decay": weight_decay})
         if vectors:
             groups.append({**group, "params": vectors, "weight_decay": 0.0})
     return groups
+
+
+def _tensor(item: Any) -> torch.Tensor:
+    """A group entry is a tensor or a ``(name, tensor)`` pair (torch's named params)."""
+    return item[1] if isinstance(item, tuple) else item
 
 
 def optimizer_cls_and_kwargs(
