@@ -82,7 +82,11 @@ def lowrank_update_(
     ):
         from lrgrad.kernels import triton_projection
 
-        return triton_projection.lowrank_update_(param, update, basis, side, alpha, decay)
+        return dispatch.triton_or_torch(
+            "lowrank_update_",
+            lambda: triton_projection.lowrank_update_(param, update, basis, side, alpha, decay),
+            lambda: reference.lowrank_update_(param, update, basis, side, alpha, decay),
+        )
     return reference.lowrank_update_(param, update, basis, side, alpha, decay)
 
 
@@ -120,5 +124,9 @@ def adam_direction_(
     ):
         from lrgrad.kernels import triton_projection
 
-        return triton_projection.adam_direction_(exp_avg, exp_avg_sq, grad, out, beta1, beta2, eps, step)
+        return dispatch.triton_or_torch(
+            "adam_direction_",
+            lambda: triton_projection.adam_direction_(exp_avg, exp_avg_sq, grad, out, beta1, beta2, eps, step),
+            lambda: reference.adam_direction_(exp_avg, exp_avg_sq, grad, out, beta1, beta2, eps, step),
+        )
     return reference.adam_direction_(exp_avg, exp_avg_sq, grad, out, beta1, beta2, eps, step)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from lrgrad.kernels.dispatch import interpreting
 from lrgrad.kernels.triton_matmul import gemm_epilogue
-from lrgrad.kernels.triton_utils import fix_bf16, to_out
+from lrgrad.kernels.triton_utils import device_guard, fix_bf16, to_out
 
 
 def lowrank_update_(
@@ -60,8 +60,12 @@ def adam_direction_(
     block = 256 if interpreting() else 1024
     bias_correction1 = 1.0 - beta1**step
     bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
-    _adam_direction_kernel[(triton.cdiv(n, block),)](
-        exp_avg, exp_avg_sq, grad, out, n, float(beta1), float(beta2),
-        float(bias_correction1), float(bias_correction2_sqrt), float(eps), BLOCK=block, FIX_BF16=fix_bf16(),
-    )
+    with device_guard(grad):
+        # enable_fp_fusion=False: one rounding per operation, as torch's unfused sequence; with
+        # contraction Triton would fuse m + (1-β1)(g-m) and v·β2 + (1-β2)g² into FMAs.
+        _adam_direction_kernel[(triton.cdiv(n, block),)](
+            exp_avg, exp_avg_sq, grad, out, n, float(beta1), float(beta2),
+            float(bias_correction1), float(bias_correction2_sqrt), float(eps), BLOCK=block, FIX_BF16=fix_bf16(),
+            enable_fp_fusion=False,
+        )
     return out
