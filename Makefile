@@ -20,7 +20,7 @@ lint: $(STAMP)
 
 # Triton kernels run on the CPU through the interpreter: that is how CI checks them.
 test: $(STAMP) lint
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 demo: $(STAMP)
 	$(PY) experiments/compare.py
