@@ -8,13 +8,17 @@ Dettmers et al. 2021, arXiv:2110.02861.
 The Triton path returns exactly the reference's codes and statistics for the deterministic
 quantizers (round-to-nearest-even, IEEE division; the companded 8-bit codes may differ by one
 where torch's ``pow(x, 1/p)`` and the kernel's square roots round a tie differently) and
-bit-identical dequantized values up to one fp32 ulp. Stochastic rounding uses Triton's
+bit-identical dequantized values up to one fp32 ulp (the kernels run without FMA contraction,
+so this holds on hardware too, not only in the interpreter). NaN: a group holding a NaN gets NaN
+statistics (scale 1, zero point NaN / absmax NaN) and dequantizes to NaN; NaN elements get code 0
+— in both paths. Stochastic rounding uses Triton's
 Philox stream ``tl.rand(seed, index)`` instead of a ``torch.Generator``: deterministic given
 ``seed``, unbiased, but a different draw from the reference. ``seed=None`` draws the seed
 from torch's global generator (so ``torch.manual_seed`` still makes runs reproducible).
 
 Falls back to the reference for: non-Triton backends, INT4 with an odd ``group_size`` (a
-byte would straddle two groups), and tensors of 2³¹ elements or more (Philox offsets are int32).
+byte would straddle two groups), tensors of 2³¹ elements or more (Philox offsets are int32), and
+(with one warning, ``dispatch.triton_or_torch``) a kernel that fails to compile on the device.
 """
 
 from __future__ import annotations
