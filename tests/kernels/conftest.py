@@ -38,14 +38,3 @@ def forbid(monkeypatch):
             monkeypatch.setattr(module, name, _raise)
 
     return _forbid
-
-
-
-
-def pytest_terminal_summary(terminalreporter):
-    """Print the AOT compile summary (compiled count, registers, spills) at the end of the run;
-    user_properties travel back from xdist workers with the reports."""
-    for report in terminalreporter.stats.get("passed", []):
-        for name, value in getattr(report, "user_properties", []):
-            if name == "aot_summary":
-                terminalreporter.write_line(f"AOT compile (tests/kernels/test_kernels_aot.py): {value}")
