@@ -95,30 +95,41 @@ def test_full_rank_matches_oracle(rule, path, extra, monkeypatch):
     assert all(quantized) if path == "8bit" else not any(quantized)
 
 
-#: (rule, path, options): inside the SVD projector; adamw8bit with 8-bit and with fp32 low-rank moments
+#: (rule, path, options): inside a projector; adamw8bit with 8-bit and with fp32 low-rank moments
 PROJECTED = [(rule, "fp32" if rule == "adamw8bit" else "", {"moment_min_size": 10**9} if rule == "adamw8bit" else {})
              for rule in RULES] + [("adamw8bit", "8bit", {})]
 
 
+@pytest.mark.parametrize("projector", sorted(lrgrad.PROJECTORS))
 @pytest.mark.parametrize("shape,side", [((24, 16), "right"), ((16, 24), "left")])
 @pytest.mark.parametrize("rule,path,extra", PROJECTED, ids=[f"{r}-{p}" if p else r for r, p, _ in PROJECTED])
-def test_projected_matches_oracle(rule, path, extra, shape, side):
+def test_projected_matches_oracle(rule, path, extra, shape, side, projector):
+    """Every rule in every projector: the oracle projects with the basis the step ran in (read through
+    the projector's ``basis(state)``: a DCT selection, a seeded random matrix, INT4 codes, ...) and
+    does the rest itself: R = down(G), the rule on R, p(1 - lr wd) - lr scale up(u)."""
     options = {**OPTIONS[rule], **extra}
     rank, scale = 4, 0.5
     w = torch.nn.Parameter(torch.randn(*shape, dtype=torch.float64))
     expected = w.detach().clone()
-    opt = lrgrad.LowRankOptimizer([w], lr=LR[rule], rule=rule, projector="svd", rank=rank, update_proj_gap=2,
+    opt = lrgrad.LowRankOptimizer([w], lr=LR[rule], rule=rule, projector=projector, rank=rank, update_proj_gap=2,
                                   scale=scale, weight_decay=WD, **options)
+    group = opt.param_groups[0]
     state: dict = {}
     for t, g in enumerate(gradients(shape, STEPS, seed=7), start=1):
         w.grad = g.clone()
         opt.step()
-        basis = opt.state[w]["proj_basis"]  # the basis this step ran in (refreshed on steps 1, 3, 5)
-        if t % 2 == 1:  # a refresh: the top-r singular subspace of this gradient
+        # the basis this step ran in (a refresh happens before the step)
+        basis = opt.projector_for(w, group).basis(opt.state[w])
+        # basis() rebuilds a DCT basis in the state's float dtype: fp32 when the only float tensors
+        # are 8-bit block maxima, while the step used fp64 columns (a rounding, not another basis)
+        atol = 1e-10 if basis.dtype == torch.float64 or projector != "dct" else 1e-8
+        basis = basis.to(torch.float64)
+        assert basis.shape == ((rank, shape[1]) if side == "right" else (shape[0], rank))
+        if projector == "svd" and t % 2 == 1:  # a refresh: the top-r singular subspace of this gradient
             gram = basis.T @ basis if side == "right" else basis @ basis.T
             torch.testing.assert_close(gram, top_subspace(g, rank, side), rtol=0, atol=1e-10)
         expected = projected_step(rule, expected, g, basis, side, state, t, LR[rule], WD, scale, options)
-        torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-10, msg=f"{rule} step {t}")
+        torch.testing.assert_close(w.detach(), expected, rtol=0, atol=atol, msg=f"{rule} step {t}")
     assert ("exp_avg_codes" in opt.state[w]) == (path == "8bit")
 
 
