@@ -168,3 +168,67 @@ def test_layerwise_matches_oracle(rule):
         for p, e in zip(params, expected):
             torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-10, msg=f"{rule} window {t}")
     assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("projected", [False, True], ids=["full", "projected"])
+@pytest.mark.parametrize("rule", RULES)
+def test_int8_weights_match_oracle(rule, projected):
+    """INT8 weights (``lrgrad.quantize_weights``, round-to-nearest): each step is the oracle's step of
+    the dequantized weight, stored within half a quantization step of its group."""
+    from lrgrad.qweights import QuantizedLinear
+
+    options = dict(OPTIONS[rule])
+    rank, scale = 4, 0.5
+    linear = torch.nn.Linear(16, 24, bias=False, dtype=torch.float64)
+    module = QuantizedLinear.from_linear(linear, bits=8, group_size=16, rounding="nearest")
+    w = module.weight  # the handle; the optimizer steps a dequantized work copy and requantizes it
+    opt = lrgrad.LowRankOptimizer([w], lr=LR[rule], rule=rule, rank=rank if projected else None,
+                                  update_proj_gap=2, scale=scale, weight_decay=WD, **options)
+    state: dict = {}
+    moved = 0.0
+    for t, g in enumerate(gradients((24, 16), STEPS, seed=5), start=1):
+        before = module.dequantize(torch.float64)
+        w.grad = g.clone()
+        opt.step()
+        if projected:
+            basis = opt.projector_for(w, opt.param_groups[0]).basis(opt.state[w])
+            expected = projected_step(rule, before, g, basis, "right", state, t, LR[rule], WD, scale, options)
+        else:
+            expected = full_rank_step(rule, before, g, state, t, LR[rule], WD, options)
+        after = module.dequantize(torch.float64)
+        half_step = (module.scale.double() / 2).repeat_interleave(16).view(24, 16)
+        assert bool(((after - expected).abs() <= half_step + 1e-6).all()), f"{rule} step {t}"
+        moved = max(moved, ((expected - before).abs() / half_step).max().item())
+    assert moved > 2  # the updates span several quantization steps: a wrong one would show
+
+
+@pytest.mark.parametrize("projected", [False, True], ids=["full", "projected"])
+@pytest.mark.parametrize("rule", RULES)
+def test_bf16_params_match_oracle(rule, projected):
+    """bf16 params: each step is the oracle's step from the current bf16 value, rounded once to bf16
+    (the library computes in fp32, the oracle in fp64: at most one bf16 ulp apart)."""
+    options = dict(OPTIONS[rule])
+    rank, scale = 4, 0.5
+    shapes = [(24, 16), (16,)]
+    params = [torch.nn.Parameter((0.05 * torch.randn(*s)).to(torch.bfloat16)) for s in shapes]
+    opt = lrgrad.LowRankOptimizer(params, lr=LR[rule], rule=rule, rank=rank if projected else None,
+                                  update_proj_gap=2, scale=scale, weight_decay=WD, **options)
+    states = [{} for _ in shapes]
+    grads = [gradients(s, STEPS, seed=3 + i) for i, s in enumerate(shapes)]
+    for t in range(1, STEPS + 1):
+        before = [p.detach().double() for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g[t - 1].to(torch.bfloat16)
+        opt.step()
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g32 = g[t - 1].to(torch.bfloat16).double()
+            if projected and p.dim() == 2:
+                basis = opt.projector_for(p, opt.param_groups[0]).basis(opt.state[p]).double()
+                expected = projected_step(rule, before[i], g32, basis, "right", states[i], t, LR[rule], WD,
+                                          scale, options)
+            else:
+                expected = full_rank_step(rule, before[i], g32, states[i], t, LR[rule], WD, options)
+            assert p.dtype == torch.bfloat16
+            assert (expected - before[i]).abs().max() > 2**-7 * before[i].abs().max()  # moved by ulps of the largest
+            torch.testing.assert_close(p.detach().double(), expected, rtol=2**-7, atol=1e-30,
+                                       msg=f"{rule} step {t} param {i}")
