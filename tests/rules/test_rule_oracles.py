@@ -1,10 +1,15 @@
 """Every rule on every path it runs, against the independent oracles of ``tests/oracles.py``.
 
 Paths: full rank through torch's fused AdamW kernel, the foreach path and the one-param-at-a-time
-loop; inside a projector (both sides, across subspace refreshes); per-layer updates
+loop; inside every projector (both sides, across subspace refreshes); per-layer updates
 (``LayerwiseOptimizer`` with accumulation and active global-norm clipping); 8-bit blockwise
-moments. Options are set away from their defaults (distinct β1/β2, weight decay) so a swapped or
-dropped term shows. fp64 params: the oracles and the library agree to rounding.
+moments; INT8 weights (``lrgrad.quantize_weights``); bf16 params. Options are set away from their
+defaults (distinct β1/β2, weight decay, eps) so a swapped or dropped term shows. fp64 params: the
+oracles and the library agree to rounding.
+
+The table of which test holds each rule's oracle on each path is in CONTRIBUTING.md
+("Where each rule's oracle lives"); a new rule adds its equations to ``tests/oracles.py`` and its
+options to ``OPTIONS`` below, and every path here covers it.
 """
 
 from __future__ import annotations
