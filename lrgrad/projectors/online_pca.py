@@ -43,9 +43,9 @@ from typing import Any
 
 import torch
 
+from lrgrad._checks import check_betas, check_nonnegative
 from lrgrad.projectors.base import Projector, guarded_basis
 from lrgrad.projectors.svd import top_singular_basis
-from lrgrad.rules.base import check_betas, check_nonnegative
 
 PCA_INITS = ("svd", "random")
 
@@ -117,6 +117,10 @@ class OnlinePCAProjector(Projector):
                 raise TypeError(f"Invalid pca_ortho_tol: expected a float or None, got {type(tol).__name__}")
             if not tol > 0:
                 raise ValueError(f"Invalid pca_ortho_tol: {tol} (must be > 0)")
+
+    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
+        """The basis and the two Adam moments of its own optimizer (``proj_exp_avg[_sq]``)."""
+        return 3 * super().basis_bytes(shape2d, dtype)
 
     # ---------------------------------------------------------------- lifecycle
     def initial_basis(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
-from lrgrad.rules.base import UpdateRule, check_betas, check_nonnegative
+from lrgrad._checks import check_betas, check_nonnegative
+from lrgrad.rules.base import UpdateRule
 
 
 class AdamWRule(UpdateRule):

@@ -44,9 +44,10 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
-from lrgrad.projectors.base import basis_shape, guarded_basis
+from lrgrad._checks import check_int
+from lrgrad.projectors.base import Projector, guarded_basis
 from lrgrad.projectors.svd import SVDProjector
-from lrgrad.rules.base import check_int
+from lrgrad.subspace import basis_shape
 
 PROJ_BITS = (4, 8)
 
@@ -65,7 +66,7 @@ def subspace_overlap(p1: torch.Tensor, p2: torch.Tensor, side: str) -> float:
 
 
 
-class QuantizedProjector(SVDProjector):
+class QGaLoreProjector(SVDProjector):
     """SVD subspace stored as INT4 (or INT8) codes, with Q-GaLore's adaptive refresh gap."""
 
     name = "qgalore"
@@ -154,6 +155,17 @@ class QuantizedProjector(SVDProjector):
         state["proj_overlaps"] = history
 
     # ---------------------------------------------------------------- quantized storage
+    # The Gram-matrix sharded refresh of the SVD projector writes a dense basis; codes need the
+    # quantizing refresh, so sharded Q-GaLore refreshes through the all-gather fallback.
+    refresh_sharded = Projector.refresh_sharded
+
+    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
+        """Packed codes (two INT4 codes a byte, or one INT8) + an fp16 scale and zero per group."""
+        rows, cols = basis_shape(shape2d, self.rank, self.side)
+        numel = rows * cols
+        codes = -(-numel // 2) if self.options["proj_bits"] == 4 else numel
+        return codes + 4 * -(-numel // self.options["proj_quant_group_size"])
+
     def quantize(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         group_size = self.options["proj_quant_group_size"]
         if self.options["proj_bits"] == 4:
@@ -184,4 +196,4 @@ class QuantizedProjector(SVDProjector):
         kernels.lowrank_update_(param2d, update, basis, self.side, alpha=alpha, decay=decay)
 
 
-__all__ = ["PROJ_BITS", "QuantizedProjector", "subspace_overlap"]
+__all__ = ["PROJ_BITS", "QGaLoreProjector", "subspace_overlap"]
