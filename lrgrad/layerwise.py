@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from lrgrad._checks import check_int, check_positive
 from lrgrad.optim.lowrank import LowRankOptimizer
 
 
@@ -51,12 +52,8 @@ class LayerwiseOptimizer:
     ):
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(f"Invalid optimizer: expected an lrgrad optimizer, got {type(optimizer).__name__}")
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
-            raise TypeError(f"Invalid accumulation_steps: expected an int, got {accumulation_steps!r}")
-        if accumulation_steps < 1:
-            raise ValueError(f"Invalid accumulation_steps: {accumulation_steps} (must be >= 1)")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0 or None)")
+        check_int("accumulation_steps", accumulation_steps, 1)
+        check_positive("max_grad_norm", max_grad_norm, allow_none=True)
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm

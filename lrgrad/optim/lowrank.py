@@ -21,20 +21,19 @@ dtype and rounded once per step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from lrgrad._checks import check_int, check_nonnegative
+from lrgrad._checks import check_bool, check_choice, check_float, check_int, check_nonnegative
 from lrgrad.dtensor import is_dtensor, low_rank_zeros
 from lrgrad.projectors import PROJECTORS, Projector
 from lrgrad.projectors.sharded import ShardedProjector
 from lrgrad.qweights import update_targets
 from lrgrad.rules import RULES, UpdateRule
-from lrgrad.subspace import MOMENT_POLICIES, compute_dtype, low_rank_shape, matrix_shape, projection_side
+from lrgrad.subspace import MOMENT_POLICIES, PROJ_TYPES, compute_dtype, low_rank_shape, matrix_shape, projection_side
 
 #: group keys that define the *structure* of the state; a state_dict saved with
 #: other values cannot be loaded into this optimizer.
@@ -137,17 +136,12 @@ class LowRankOptimizer(Optimizer):
         check_int("rank", group["rank"], 1, allow_none=True)
         check_int("update_proj_gap", group["update_proj_gap"], 1)
         check_int("seed", group["seed"], 0)
-        scale = group["scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise TypeError(f"Invalid scale: expected a finite float, got {scale!r}")
-        projection_side((2, 1), group["proj_type"])  # raises on an unknown proj_type
-        if group["moment_policy"] not in MOMENT_POLICIES:
-            raise ValueError(f"Invalid moment_policy: {group['moment_policy']!r}; expected one of {MOMENT_POLICIES}")
-        for key in ("maximize", "skip_nonfinite"):
-            if not isinstance(group[key], bool):
-                raise TypeError(f"Invalid {key}: expected a bool, got {group[key]!r}")
-        if group["foreach"] not in (None, True, False):
-            raise TypeError(f"Invalid foreach: expected None or a bool, got {group['foreach']!r}")
+        check_float("scale", group["scale"])
+        check_choice("proj_type", group["proj_type"], PROJ_TYPES)
+        check_choice("moment_policy", group["moment_policy"], MOMENT_POLICIES)
+        check_bool("maximize", group["maximize"])
+        check_bool("skip_nonfinite", group["skip_nonfinite"])
+        check_bool("foreach", group["foreach"], allow_none=True)
         RULES[group["rule"]].validate_options(group)
         PROJECTORS[group["projector"]].validate_options(group)
         for p in group["params"]:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
+from lrgrad._checks import check_choice
 from lrgrad.projectors.base import Projector, is_finite
 from lrgrad.subspace import state_like
 
@@ -142,8 +143,7 @@ class DCTProjector(Projector):
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
-        if group["dct_scores"] not in DCT_SCORES:
-            raise ValueError(f"Invalid dct_scores: {group['dct_scores']!r}; expected one of {DCT_SCORES}")
+        check_choice("dct_scores", group["dct_scores"], DCT_SCORES)
 
     def has_basis(self, state: dict[str, Any]) -> bool:
         return "proj_indices" in state

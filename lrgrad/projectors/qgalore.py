@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
-from lrgrad._checks import check_int
+from lrgrad._checks import check_bool, check_choice, check_float, check_int
 from lrgrad.projectors.base import Projector, guarded_basis
 from lrgrad.projectors.svd import SVDProjector
 from lrgrad.subspace import basis_shape
@@ -84,17 +84,10 @@ class QGaLoreProjector(SVDProjector):
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
         super().validate_options(group)
-        bits = group["proj_bits"]
-        if isinstance(bits, bool) or bits not in PROJ_BITS:
-            raise ValueError(f"Invalid proj_bits: {bits!r}; expected one of {PROJ_BITS}")
+        check_choice("proj_bits", group["proj_bits"], PROJ_BITS)
         check_int("proj_quant_group_size", group["proj_quant_group_size"], 1)
-        if not isinstance(group["adaptive_gap"], bool):
-            raise TypeError(f"Invalid adaptive_gap: expected a bool, got {group['adaptive_gap']!r}")
-        threshold = group["adaptive_threshold"]
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"Invalid adaptive_threshold: expected a float, got {threshold!r}")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"Invalid adaptive_threshold: {threshold} (must be in [0, 1])")
+        check_bool("adaptive_gap", group["adaptive_gap"])
+        check_float("adaptive_threshold", group["adaptive_threshold"], minimum=0.0, maximum=1.0)
         check_int("adaptive_window", group["adaptive_window"], 1)
         cap = group["max_proj_gap"]
         if cap is not None:

@@ -70,6 +70,7 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
+from lrgrad._checks import check_choice
 from lrgrad.projectors.base import Projector
 from lrgrad.subspace import state_like
 
@@ -158,8 +159,7 @@ class RandomProjector(Projector):
     def validate_options(cls, group: dict[str, Any]) -> None:
         for key, allowed in (("random_basis", RANDOM_BASES), ("random_device", RANDOM_DEVICES),
                              ("random_v_transfer", RANDOM_V_TRANSFERS)):
-            if group[key] not in allowed:
-                raise ValueError(f"Invalid {key}: {group[key]!r}; expected one of {allowed}")
+            check_choice(key, group[key], allowed)
 
     def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
         """Nothing: the matrix is regenerated from ``proj_seed``."""
