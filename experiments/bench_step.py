@@ -1,20 +1,28 @@
-"""Optimizer step time and state bytes for every optimizer, as ratios to torch AdamW (foreach and fused).
+"""Optimizer step time against its floor and its fastest peer, all measured in one run.
 
     python experiments/bench_step.py                                  # llama_9m, llama_20m, llama_60m shapes
-    python experiments/bench_step.py --configs llama_60m --steps 10   # the core issue's measurement
+    python experiments/bench_step.py --configs llama_60m --steps 10   # the issue's measurement
 
 For each model size (LLaMA shapes, vocab 32000 as in the GaLore paper, rank = the config's
 GaLore rank on the attention/MLP matrices) one ``LlamaForCausalLM`` is built and given fixed
 random gradients; every optimizer is built over it and stepped. The subspace refresh gap is set
 beyond the run, so the timed steps are the *steady state* (no SVD); the first step (state
-allocation + the first refresh) is reported on its own. Timing is round-robin — step 1 of every
-optimizer, then step 2 of every optimizer, ... — so load changes on a shared machine hit all of
-them alike; the median per optimizer is reported. Ratios are to ``torch.optim.AdamW`` foreach
-and fused measured in the same run.
+allocation + the first refresh) is reported on its own.
 
-``galore target`` is the lower bound named in the core issue: the two projection matmuls of each
-projected matrix (R = G Pᵀ and the back-projection) plus one fused AdamW step over the full-rank
-params and the low-rank moments' shapes.
+Beside the lrgrad optimizers the same round-robin times (``experiments/step_floors.py``):
+
+* each family's *floor* — the projection GEMMs + the fastest elementwise rule (fused AdamW,
+  torch Adafactor, bitsandbytes AdamW8bit) over the full-rank params and tensors shaped like
+  the low-rank moments; for Muon / Hybrid-AuON the bare fp32 Newton–Schulz GEMMs;
+* each family's *anchor* — galore-torch ``GaLoreAdamW``, ``torch.optim.Adafactor``,
+  bitsandbytes ``AdamW8bit``, ``torch.optim.Muon`` on the same block matrices;
+* GaLore's refresh: lrgrad (exact and warm-started randomized SVD) and galore-torch at
+  ``update_proj_gap=2``; refresh cost = median refresh step − median plain step.
+
+Timing is round-robin — step 1 of every row, then step 2 of every row, ... — with one torch
+thread, so load changes on a shared machine hit all rows alike; the median per row is reported
+and ratios (``x floor``, ``x anchor``) are taken inside the run. Peers that are not installed
+are left out (``make bench-deps`` = ``pip install --no-deps bitsandbytes galore-torch``).
 
 Writes ``results/bench_step.md``, ``results/bench_step.png`` and ``results/bench_step.json``.
 """
@@ -236,8 +244,8 @@ def write(results: list[dict[str, Any]], out: Path, command: str, stem: str = "b
              "hits all rows alike: read the ratios, not the absolute times.\n",
              "*floor*: the least work of the family with the fastest pieces (projection GEMMs + the peer's "
              "elementwise rule on the full-rank params and on tensors shaped like the low-rank moments; "
-             "for Muon, torch.optim.Muon on the same block matrices). *anchor*: the peer a user would run "
-             "instead. `x floor` and `x anchor` are step ms over theirs.\n"]
+             "for Muon, the bare fp32 Newton–Schulz GEMMs on the same block matrices). *anchor*: the peer "
+             "a user would run instead. `x floor` and `x anchor` are step ms over theirs.\n"]
     for res in results:
         lines += [f"## {res['config']} ({res['params'] / 1e6:.1f}M params, vocab {res['vocab']}, rank {res['rank']})\n"]
         lines += table(res)

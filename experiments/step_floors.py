@@ -41,8 +41,8 @@ LABELS = {
     "floor_adamw": "floor: projection GEMMs + fused AdamW",
     "floor_adamw8bit": "floor: projection GEMMs + bnb AdamW8bit",
     "floor_adafactor": "floor: projection GEMMs + torch Adafactor",
-    "floor_muon": "floor: torch Muon (hidden) + fused AdamW (rest)",
-    "floor_muon_ns1": "floor: torch Muon ns_steps=1 (hidden) + fused AdamW (rest)",
+    "floor_muon": "floor: 5 fp32 Newton–Schulz steps (hidden) + fused AdamW (rest)",
+    "floor_muon_ns1": "floor: 1 fp32 Newton–Schulz step (hidden) + fused AdamW (rest)",
     "galore_torch": "galore-torch GaLoreAdamW",
     "bnb_adamw8bit": "bitsandbytes AdamW8bit (full rank)",
     "torch_adafactor": "torch Adafactor (foreach, full rank)",
@@ -114,18 +114,35 @@ def projection_floor(model: torch.nn.Module, rank: int, make_rule: Callable[[lis
     return Runner(step)
 
 
-def muon_pair(model: torch.nn.Module, rank: int, ns_steps: int = 5, on_model: bool = False) -> Runner:
-    """``torch.optim.Muon`` on the block matrices + fused AdamW on the rest (proxies unless ``on_model``)."""
+def newton_schulz_floor(model: torch.nn.Module, rank: int, ns_steps: int) -> Runner:
+    """``ns_steps`` fp32 quintic Newton–Schulz iterations on every block matrix (the bare
+    ``addmm`` calls, on the smaller Gram side) + the weight update, and fused AdamW on the rest."""
     hidden, rest = hidden_and_rest(model, rank)
-    if on_model:
-        targets_h, targets_r = hidden, rest
-    else:
-        targets_h = [torch.zeros_like(p, requires_grad=True) for p in hidden]
-        targets_r = [torch.zeros_like(p, requires_grad=True) for p in rest]
-        for src, dst in zip(hidden + rest, targets_h + targets_r):
-            dst.grad = src.grad.clone()
-    muon = torch.optim.Muon(targets_h, lr=0.01, ns_steps=ns_steps)
-    adam = torch.optim.AdamW(targets_r, lr=3e-3, fused=True)
+    proxies = [torch.zeros_like(p, requires_grad=True) for p in rest]
+    for src, dst in zip(rest, proxies):
+        dst.grad = src.grad.clone()
+    adam = torch.optim.AdamW(proxies, lr=3e-3, fused=True)
+    a, b, c = 3.4445, -4.7750, 2.0315
+
+    def step() -> None:
+        with torch.no_grad():
+            for p in hidden:
+                x = p.grad.T if p.shape[0] > p.shape[1] else p.grad
+                x = x / (torch.linalg.vector_norm(x) + 1e-7)
+                for _ in range(ns_steps):
+                    gram = x @ x.T
+                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                p.add_(x.T if p.shape[0] > p.shape[1] else x, alpha=-1e-12)
+        adam.step()
+
+    return Runner(step)
+
+
+def torch_muon(model: torch.nn.Module, rank: int) -> Runner:
+    """``torch.optim.Muon`` on the block matrices + fused AdamW on the rest (embeddings, head, norms)."""
+    hidden, rest = hidden_and_rest(model, rank)
+    muon = torch.optim.Muon(hidden, lr=0.01)
+    adam = torch.optim.AdamW(rest, lr=3e-3, fused=True)
 
     def step() -> None:
         muon.step()
@@ -166,11 +183,11 @@ def build_reference(name: str, model: torch.nn.Module, rank: int) -> Runner | No
 
         return projection_floor(model, rank, lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3))
     if name == "floor_muon":
-        return muon_pair(model, rank, 5)
+        return newton_schulz_floor(model, rank, 5)
     if name == "floor_muon_ns1":
-        return muon_pair(model, rank, 1)
+        return newton_schulz_floor(model, rank, 1)
     if name == "torch_muon":
-        return muon_pair(model, rank, 5, on_model=True)
+        return torch_muon(model, rank)
     if name == "torch_adafactor":
         opt = torch.optim.Adafactor(model.parameters(), lr=1e-2, foreach=True)
         return Runner(opt.step, lambda: lrgrad.optimizer_state_bytes(opt))
