@@ -206,7 +206,8 @@ def build_reference(name: str, model: torch.nn.Module, rank: int) -> Runner | No
         mats, rest = split_params(model, rank)
         # galore-torch's own recipe: projected matrices in a group with rank/gap/scale/proj_type
         opt = GaLoreAdamW([{"params": rest}, {"params": mats, "rank": rank, "update_proj_gap": 10**9,
-                                               "scale": 0.25, "proj_type": "std"}], lr=1e-2, weight_decay=0.0)
+                                               "scale": 0.25, "proj_type": "std"}], lr=1e-2, weight_decay=0.0,
+                          no_deprecation_warning=True)
         return Runner(opt.step, lambda: lrgrad.optimizer_state_bytes(opt))
     raise ValueError(f"Invalid reference: {name!r}")
 
@@ -219,5 +220,6 @@ def galore_torch_refresh(model: torch.nn.Module, rank: int) -> Runner | None:
 
     mats, rest = split_params(model, rank)
     opt = GaLoreAdamW([{"params": rest}, {"params": mats, "rank": rank, "update_proj_gap": 2, "scale": 0.25,
-                                           "proj_type": "std"}], lr=1e-2, weight_decay=0.0)
+                                           "proj_type": "std"}], lr=1e-2, weight_decay=0.0,
+                          no_deprecation_warning=True)
     return Runner(opt.step)
