@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.lrgrad-installed
 TORCH  ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: test demo lint bench clean gpu-check aot
+.PHONY: test demo lint bench bench-deps clean gpu-check aot
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,14 @@ aot: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) experiments/compare.py
+
+# Optional peers timed by experiments/bench_step.py (never library deps). --no-deps: their
+# `torch` requirement must not replace the pinned CPU torch with another (CUDA) build.
+bench-deps: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps bitsandbytes galore-torch
+
+bench: bench-deps
+	$(PY) experiments/bench_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
