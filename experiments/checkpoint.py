@@ -45,8 +45,12 @@ DCP_NAME = "dcp"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 __all__ = ["CHECKPOINTS_DIR", "DCP_NAME", "MANIFEST_NAME", "STATE_NAME", "CheckpointError", "CheckpointStore",
-           "SimulatedCrash", "arm_faults", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state",
-           "write_point"]
+           "NoCheckpointError", "SimulatedCrash", "arm_faults", "load_checkpoint", "rng_state", "save_checkpoint",
+           "set_rng_state", "write_log", "write_point"]
+
+
+class NoCheckpointError(CheckpointError, FileNotFoundError):
+    """``--resume`` found no checkpoint at all (a FileNotFoundError too, as it was before step folders)."""
 
 
 # ---------------------------------------------------------------------------- fault injection
@@ -275,7 +279,8 @@ class CheckpointStore:
             return folder, []
         published = self.published()
         if not published:
-            raise CheckpointError(self.root, "no complete checkpoint to resume from (pass --overwrite to start over)")
+            raise NoCheckpointError(self.root, "no complete checkpoint to resume from (pass --overwrite to start "
+                                               "over)")
         skipped: list[tuple[Path, CheckpointError]] = []
         for _, folder in reversed(published):
             try:

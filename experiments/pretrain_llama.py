@@ -600,12 +600,13 @@ def resume_run(args: argparse.Namespace, env: Environment, store: CheckpointStor
             folder, skipped = store.select(None if args.resume is True else str(args.resume))
             choice = ("ok", str(folder), [(str(f), e.path, e.cause) for f, e in skipped])
         except CheckpointError as exc:
-            choice = ("error", exc.path, exc.cause)
+            choice = ("error", type(exc).__name__, exc.path, exc.cause)
     else:
         choice = ()
     choice = env.broadcast(choice)
     if choice[0] == "error":
-        raise CheckpointError(choice[1], choice[2])
+        kind = ckpt.NoCheckpointError if choice[1] == "NoCheckpointError" else CheckpointError
+        raise kind(choice[2], choice[3])
     folder, skipped = Path(choice[1]), choice[2]
     state_path = folder / STATE_NAME
     state = ckpt.load_checkpoint(state_path)

@@ -95,6 +95,7 @@ def truncate_eval_log(out_dir: Path, step: int) -> int:
 
 
 def start_eval_log(out_dir: Path) -> None:
+    write_point(EVAL_LOG)
     (out_dir / EVAL_LOG).write_text("")
 
 
