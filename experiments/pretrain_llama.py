@@ -639,6 +639,7 @@ def resume_run(args: argparse.Namespace, env: Environment, store: CheckpointStor
         for damaged, path, cause in skipped:
             aside = store.set_aside(Path(damaged))
             _say(args, env, f"skipped damaged checkpoint {path}: {cause} (moved to {aside.name})", always=True)
+        store.prune()  # finish a prune a kill interrupted
         dropped = run_dir.truncate_eval_log(Path(args.out_dir), progress.step)
         note = f"; dropped {dropped} eval.jsonl record(s) past step {progress.step}" if dropped else ""
         _say(args, env, f"resuming from {folder} (step {progress.step}){note}", always=bool(skipped))
