@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-progress", "no tqdm bar", action="store_true")
     a("--wandb", "log to Weights & Biases (offline without network)", action="store_true")
     a("--wandb-project", "wandb project", "lrgrad")
-    a("--quiet", "print only errors and the stop message", action="store_true")
+    a("--quiet", "print only errors, warnings and the stop message", action="store_true")
     return p
 
 
@@ -370,7 +370,7 @@ def prepare_out_dir(args: argparse.Namespace, env: Environment, store: Checkpoin
         count, size = store.clean_temporaries()
         if count:
             _say(args, env, f"removed {count} temporary file(s)/folder(s) ({size / 2**20:.1f} MiB) left by an "
-                            f"interrupted write in {out_dir}")
+                            f"interrupted write in {out_dir}", always=True)
     env.barrier()
     ckpt.arm_faults(out_dir, env.process_rank)
 
