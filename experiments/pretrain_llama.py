@@ -563,6 +563,8 @@ def _load_model_and_optimizer(args: argparse.Namespace, state: dict[str, Any], f
             training.model.load_state_dict(state["model"])
             training.stepper.load_state_dict(state["optimizer"])
         else:  # resharded to this run by DCP; the manifest was verified before anything is unpickled
+            from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
             from lrgrad.distributed import load_checkpoint as load_distributed
 
             dcp_path = folder / DCP_NAME
@@ -573,7 +575,7 @@ def _load_model_and_optimizer(args: argparse.Namespace, state: dict[str, Any], f
                 load_distributed(dcp_path, training.model, training.optimizer, verify=False)
             except CheckpointError:
                 raise
-            except Exception as exc:
+            except (Exception, CheckpointException) as exc:
                 raise CheckpointError(dcp_path, f"does not fit this run ({type(exc).__name__}: "
                                                 f"{_first_line(exc)})") from None
             if training.layerwise is not None:
