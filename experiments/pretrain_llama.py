@@ -64,10 +64,10 @@ STATE_FORMAT = 2  # state.pt layout; 1 was the single OUT/checkpoint.pt of earli
 RESUME_MAY_CHANGE = {
     "lr": "every param group's peak lr takes the new value; the schedule continues from the resumed step",
     "max_steps": "the cosine schedule is recomputed for the new length from the resumed step",
-    "eval_every": "", "eval_batches": "", "save_every": "", "keep_checkpoints": "", "stop_after": "",
+    "eval_every": "", "eval_batches": "", "save_every": "", "keep_checkpoints": "",
 }
 #: how this process runs, not what it trains: never compared on resume
-RUNTIME_ONLY = ("out_dir", "resume", "overwrite", "threads", "device", "no_progress", "quiet", "wandb",
+RUNTIME_ONLY = ("out_dir", "resume", "overwrite", "stop_after", "threads", "device", "no_progress", "quiet", "wandb",
                 "wandb_project")
 
 
