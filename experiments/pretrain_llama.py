@@ -593,9 +593,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else ""
 
 
-def resume_run(args: argparse.Namespace, env: Environment, store: CheckpointStore, data: Data,
-               training: Training, progress: Progress) -> Path:
-    """Load the checkpoint ``--resume`` names (default: the newest that verifies); returns its folder."""
+def choose_checkpoint(args: argparse.Namespace, env: Environment,
+                      store: CheckpointStore) -> tuple[Path, list[tuple[str, str, str]]]:
+    """The folder ``--resume`` names (default: the newest that verifies) and the damaged ones skipped.
+
+    Runs before the data and the model are built, so a run with nothing to resume fails at once.
+    """
     choice: tuple[Any, ...]
     if env.main:  # rank 0 verifies (a shared file system), every rank loads what it chose
         try:
@@ -609,7 +612,12 @@ def resume_run(args: argparse.Namespace, env: Environment, store: CheckpointStor
     if choice[0] == "error":
         kind = ckpt.NoCheckpointError if choice[1] == "NoCheckpointError" else CheckpointError
         raise kind(choice[2], choice[3])
-    folder, skipped = Path(choice[1]), choice[2]
+    return Path(choice[1]), choice[2]
+
+
+def resume_run(args: argparse.Namespace, env: Environment, store: CheckpointStore, folder: Path,
+               skipped: list[tuple[str, str, str]], data: Data, training: Training, progress: Progress) -> None:
+    """Load ``folder`` (from :func:`choose_checkpoint`) into this run, honouring or refusing changed arguments."""
     state_path = folder / STATE_NAME
     state = ckpt.load_checkpoint(state_path)
     if state.get("format") != STATE_FORMAT or not isinstance(state.get("args"), dict):
@@ -650,7 +658,6 @@ def resume_run(args: argparse.Namespace, env: Environment, store: CheckpointStor
             _say(args, env, f"resume: {_flag(key)} changed {old!r} -> {new!r} (honoured{': ' + why if why else ''}; "
                             "recorded in run.json)", always=True)
     env.barrier()
-    return folder
 
 
 # ---------------------------------------------------------------------------- the training loop
@@ -769,12 +776,13 @@ def run(args: argparse.Namespace, on_step: Any = None) -> dict[str, Any]:
     out_dir = Path(args.out_dir)
     store = CheckpointStore(out_dir, args.keep_checkpoints)
     prepare_out_dir(args, env, store)
+    resume_from = choose_checkpoint(args, env, store) if args.resume else None
     data = build_data(args)
     model = build_run_model(args, env, data.vocab_size)
     training = build_training(args, model)
     progress = Progress()
-    if args.resume:
-        resume_run(args, env, store, data, training, progress)
+    if resume_from is not None:
+        resume_run(args, env, store, *resume_from, data, training, progress)
     elif env.main:
         run_dir.start_eval_log(out_dir)
     if env.main:
