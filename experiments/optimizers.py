@@ -1,10 +1,9 @@
 """Optimizer registry for the experiments: name -> factory applying the paper recipe.
 
-Classes are looked up on ``lrgrad`` when a factory is called, so an optimizer that lands in
-the package later is picked up without touching this file; a missing one gives a clear
-error naming the class.
+Classes are looked up in ``lrgrad.OPTIMIZERS`` (the package's one registry of optimizer
+names) when a factory is called; a missing one gives a clear error naming the class.
 
-Defaults (``/work/shared/METHODS.md``):
+Defaults (the papers' recipes; see docs/experiments.md):
 
 * GaLore family (``galore_adamw``, ``dct_adamw``, ``online_subspace_adamw``, ``qgalore_adamw``):
   lr 0.01, scale 0.25, no weight decay, refresh gap 200 (the pretraining recipe of
@@ -66,7 +65,7 @@ def optimizer_class(name: str) -> type | None:
     spec = get_spec(name)
     if spec.class_name is None:
         return torch.optim.AdamW
-    return getattr(lrgrad, spec.class_name, None)
+    return lrgrad.OPTIMIZERS.get(spec.class_name)
 
 
 def get_spec(name: str) -> OptimizerSpec:

@@ -10,47 +10,35 @@ from lrgrad.groups import param_groups, select_low_rank_modules
 from lrgrad.layerwise import LayerwiseOptimizer
 from lrgrad.memory import optimizer_state_bytes
 from lrgrad.optim import (
+    ALIASES,
+    OPTIMIZERS,
+    AuON,
+    DCTAdafactor,
+    DCTAdamW,
+    DCTAuON,
     FloraAdafactor,
     FloraAdamW,
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    GaLoreAuON,
+    GaLoreMuon,
+    HybridAuON,
     LowRankAdafactor,
     LowRankAdamW,
     LowRankLion,
     LowRankOptimizer,
+    Muon,
+    OnlineSubspaceAdamW,
+    OnlineSubspaceLion,
     QGaLoreAdamW,
+    register_optimizer,
 )
-from lrgrad.optim.presets_dct_osd import DCTAdafactor, DCTAdamW, OnlineSubspaceAdamW, OnlineSubspaceLion
-from lrgrad.optim.presets_normalized import AuON, DCTAuON, GaLoreAuON, GaLoreMuon, HybridAuON, Muon
 from lrgrad.projectors import PROJECTORS, Projector, register_projector
 from lrgrad.qweights import QuantizedLinear, dequantize_weights, quantize_weights
 from lrgrad.rules import RULES, UpdateRule, register_rule
 
 __version__ = "0.1.0"
-
-#: Every optimizer class the package exports; the generic test suite runs over all of them.
-OPTIMIZERS = {
-    "GaLoreAdamW": GaLoreAdamW,
-    "GaLoreAdamW8bit": GaLoreAdamW8bit,
-    "QGaLoreAdamW": QGaLoreAdamW,
-    "FloraAdamW": FloraAdamW,
-    "FloraAdafactor": FloraAdafactor,
-    "GaLoreAdafactor": GaLoreAdafactor,
-    "LowRankAdamW": LowRankAdamW,
-    "LowRankAdafactor": LowRankAdafactor,
-    "LowRankLion": LowRankLion,
-    "AuON": AuON,
-    "HybridAuON": HybridAuON,
-    "Muon": Muon,
-    "GaLoreAuON": GaLoreAuON,
-    "GaLoreMuon": GaLoreMuon,
-    "DCTAuON": DCTAuON,
-    "DCTAdamW": DCTAdamW,
-    "DCTAdafactor": DCTAdafactor,
-    "OnlineSubspaceAdamW": OnlineSubspaceAdamW,
-    "OnlineSubspaceLion": OnlineSubspaceLion,
-}
 
 __all__ = [
     "DCTAdafactor",
@@ -63,7 +51,9 @@ __all__ = [
     "GaLoreMuon",
     "HybridAuON",
     "Muon",
+    "ALIASES",
     "OPTIMIZERS",
+    "register_optimizer",
     "PROJECTORS",
     "RULES",
     "CompressedAccumulator",

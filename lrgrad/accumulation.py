@@ -49,7 +49,8 @@ from typing import Any
 
 import torch
 
-from lrgrad.optim.lowrank import LowRankOptimizer, compute_dtype, matrix_shape
+from lrgrad.optim.lowrank import LowRankOptimizer
+from lrgrad.subspace import compute_dtype, matrix_shape
 
 
 class CompressedAccumulator:
@@ -84,11 +85,11 @@ class CompressedAccumulator:
         grad = param.grad
         if grad is None:
             return
-        self.optimizer._check_grad(grad)
+        self.optimizer.check_grad(grad)
         opt, group = self.optimizer, self._group_of[id(param)]
         state = opt.state[param]
         if not state:
-            opt._init_state(param, group, state)
+            opt.init_param_state(param, group, state)
         projector = opt.projector_for(param, group)
         entry = self._buffers.get(id(param))
         # The draw the next optimizer step will use (a resample is decided by the step count alone).
@@ -110,8 +111,8 @@ class CompressedAccumulator:
         for param, low, draw in self._buffers.values():
             group = self._group_of[id(param)]
             state = opt.state[param]
-            if group["skip_nonfinite"] and not bool(torch.isfinite(low).all()):
-                state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+            if group["skip_nonfinite"] and opt.nonfinite_flags([low])[0]:
+                opt.count_skip(param)
                 continue
             if group["maximize"]:
                 low = -low

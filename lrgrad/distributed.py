@@ -15,21 +15,22 @@ all-reduce): :func:`ddp_layerwise` moves the per-layer step into a DDP
 communication hook, after the all-reduce of each bucket.
 
 **FSDP2.** A projected parameter that is a ``DTensor`` sharded as ``Shard(0)``
-gets a :class:`ShardedProjector` around its projector (the routing lives in
-``LowRankOptimizer.projector_for``). Row ``i`` of ``G`` lives on one rank only:
+gets a ``lrgrad.projectors.sharded.ShardedProjector`` around its projector (the
+routing lives in ``LowRankOptimizer.projector_for``; the DTensor helpers in
+``lrgrad.dtensor``). Row ``i`` of ``G`` lives on one rank only:
 
 * ``side="right"`` (P is r x n, the unsharded side): ``R_i = G_i Pᵀ`` is local,
   the moments ``R`` are ``Shard(0)`` DTensors (m x r, sharded like the weight),
-  the update ``W_i += α U_i P`` is local. The SVD basis comes from the n x n
-  Gram matrix ``Σ_i G_iᵀ G_i`` (one all-reduce per refresh, eigh in fp64)
-  instead of all-gathering the m x n gradient.
+  the update ``W_i += α U_i P`` is local. The exact SVD basis comes from the
+  n x n Gram matrix ``Σ_i G_iᵀ G_i`` (``SVDProjector.refresh_sharded``: one
+  all-reduce per refresh, eigh in fp64) instead of all-gathering the m x n gradient.
 * ``side="left"`` (P is m x r, along the sharded side): ``R = Σ_i P_iᵀ G_i`` is
   all-reduced (r x n per step), the rule state is replicated, ``W_i += α P_i U``
   is local. The left SVD basis all-gathers ``G`` once per refresh (``G Gᵀ``
   has cross-shard blocks, and ``Gᵀ G`` is n x n with n > m on that side).
-* Projectors other than SVD may implement ``refresh_sharded(state, grad_local,
-  step, group, ctx)`` with a :class:`ShardContext` (``all_reduce``,
-  ``row_offset``, ...); otherwise the gradient is all-gathered for the refresh
+* Every projector may implement ``refresh_sharded(state, grad_local, step,
+  group, ctx)`` with a ``lrgrad.dtensor.ShardContext`` (``all_reduce``,
+  ``row_offset``, ...); where it returns ``NotImplemented`` the gradient is all-gathered for the refresh
   only (``DTensor.full_tensor``) - correct for every projector, and documented
   as the fallback.
 * Update rules run on ``DTensor`` low-rank gradients and states, so element-wise
@@ -56,7 +57,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -64,236 +64,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrgrad import kernels
+from lrgrad.layerwise import LayerwiseOptimizer
 
 PARALLEL_MODES = ("none", "ddp", "fsdp2")
-
-
-# ---------------------------------------------------------------------------- DTensor helpers
-def is_dtensor(t: Any) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (without importing it eagerly)."""
-    if not isinstance(t, torch.Tensor) or type(t) is torch.Tensor or type(t).__name__ != "DTensor":
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _check_row_sharded(param: Any) -> None:
-    from torch.distributed.tensor import Replicate, Shard
-
-    mesh, placements = param.device_mesh, param.placements
-    if mesh.ndim != 1 or len(placements) != 1 or not (
-        isinstance(placements[0], Replicate) or (isinstance(placements[0], Shard) and placements[0].dim == 0)
-    ):
-        raise ValueError(
-            f"Invalid params: lrgrad projects DTensor parameters sharded as (Shard(0),) or replicated on a "
-            f"1-D mesh (FSDP2's layout); got placements {placements} on a {mesh.ndim}-D mesh"
-        )
-
-
-def _is_row_sharded(param: Any) -> bool:
-    from torch.distributed.tensor import Shard
-
-    return isinstance(param.placements[0], Shard)
-
-
-def row_range(num_rows: int, world: int, rank: int) -> tuple[int, int]:
-    """Rows ``[start, stop)`` of a ``Shard(0)`` DTensor on ``rank`` (``torch.chunk``'s rule, uneven-safe)."""
-    chunk = math.ceil(num_rows / world) if world else 0
-    start = min(rank * chunk, num_rows)
-    return start, min(start + chunk, num_rows)
-
-
-def _from_local(local: torch.Tensor, like: Any, placements: list, shape: tuple[int, ...]) -> Any:
-    from torch.distributed.tensor import DTensor
-
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, like.device_mesh, placements, run_check=False, shape=torch.Size(shape),
-                              stride=stride)
-
-
-def low_rank_zeros(param: Any, shape: tuple[int, int], side: str, dtype: torch.dtype) -> Any:
-    """Zeros shaped like the low-rank gradient of a DTensor ``param``.
-
-    ``side="right"`` (m x r): ``Shard(0)`` like the weight, so the moments shard
-    with it; ``side="left"`` (r x n): replicated (every rank holds the all-reduced ``R``).
-    """
-    from torch.distributed.tensor import Replicate, Shard
-
-    _check_row_sharded(param)
-    device = param.to_local().device
-    if side == "right" and _is_row_sharded(param):
-        local = torch.zeros(param.to_local().shape[0], shape[1], dtype=dtype, device=device)
-        return _from_local(local, param, [Shard(0)], shape)
-    return _from_local(torch.zeros(shape, dtype=dtype, device=device), param, [Replicate()], shape)
-
-
-class ShardContext:
-    """What a projector needs to refresh from a row shard ``G_i`` of ``G`` (m x n)."""
-
-    def __init__(self, param: Any):
-        _check_row_sharded(param)
-        self.mesh = param.device_mesh
-        self.global_shape = (param.shape[0], param.numel() // param.shape[0])
-        self.sharded = _is_row_sharded(param)
-        self.group = self.mesh.get_group()
-        self.world = self.mesh.size() if self.sharded else 1
-        rank = self.mesh.get_local_rank() if self.sharded else 0
-        self.row_offset, self.row_stop = row_range(self.global_shape[0], self.world, rank)
-        if not self.sharded:
-            self.row_offset, self.row_stop = 0, self.global_shape[0]
-
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In-place all-reduce over the shards (a no-op for a replicated param)."""
-        if self.sharded and self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
-                            group=self.group)
-        return tensor
-
-    def all_finite(self, local: torch.Tensor) -> bool:
-        """True on every rank iff no shard has a NaN/Inf (all ranks take the same branch)."""
-        bad = (~torch.isfinite(local)).any().to(torch.float32).reshape(1)
-        return not bool(self.all_reduce(bad, op="max").item())
-
-
-def canonical_signs(right_vectors: torch.Tensor) -> torch.Tensor:
-    """Flip each row so its largest-magnitude entry is positive (a deterministic sign choice)."""
-    idx = right_vectors.abs().argmax(dim=1, keepdim=True)
-    signs = torch.sign(right_vectors.gather(1, idx))
-    signs[signs == 0] = 1
-    return right_vectors * signs
-
-
-def gram_right_basis(grad_local: torch.Tensor, rank: int, ctx: ShardContext) -> torch.Tensor | None:
-    """Top-``rank`` right singular vectors of the row-sharded ``G`` from ``Σ_i G_iᵀ G_i`` (r x n).
-
-    One n x n all-reduce instead of an m x n all-gather. The eigen-decomposition
-    runs in fp64: squaring the singular values squares the condition number.
-    Returns ``None`` when the result is not finite.
-    """
-    gram = grad_local.T @ grad_local
-    ctx.all_reduce(gram)
-    _, vectors = torch.linalg.eigh(gram.to(torch.float64))
-    basis = canonical_signs(vectors[:, -rank:].flip(1).T.contiguous())
-    if not bool(torch.isfinite(basis).all()):
-        return None
-    return basis.to(grad_local.dtype).contiguous()
-
-
-# ---------------------------------------------------------------------------- the sharded projector
-class ShardedProjector:
-    """Run a projector on a ``Shard(0)`` DTensor parameter (FSDP2) without all-gathering G.
-
-    Projector state (bases, indices, seeds) stays plain tensors, identical on
-    every rank; low-rank gradients, rule states and updates are DTensors.
-    """
-
-    def __init__(self, inner: Any, param: Any):
-        self.inner = inner
-        self.param = param
-        self.ctx = ShardContext(param)
-        self.side = inner.side
-        self.rank = inner.rank
-        self.update_proj_gap = inner.update_proj_gap
-
-    def __getattr__(self, name: str) -> Any:  # name, orthonormal, options, has_basis, state_bytes, ...
-        return getattr(self.inner, name)
-
-    # ---------------------------------------------------------------- refresh
-    def refresh(self, state: dict[str, Any], grad2d: Any, step: int, group: dict[str, Any]) -> bool:
-        from lrgrad.projectors.svd import SVDProjector
-
-        if grad2d is None:  # a gradient-free projector (e.g. a seeded random basis)
-            return self.inner.refresh(state, None, step, group)
-        local = grad2d.to_local()
-        if type(self.inner) is SVDProjector and self.side == "right" and self.inner.options["svd"] == "exact":
-            if not self.ctx.all_finite(local):
-                state["proj_failures"] += 1
-                return False
-            try:
-                basis = gram_right_basis(local, self.rank, self.ctx)
-            except (RuntimeError, torch.linalg.LinAlgError):  # same on every rank: the Gram is shared
-                basis = None
-            if basis is None:
-                state["proj_failures"] += 1
-                return False
-            state["proj_basis"] = basis
-            state["proj_refreshes"] += 1
-            return True
-        refresh_sharded = getattr(self.inner, "refresh_sharded", None)
-        if refresh_sharded is not None:
-            result = refresh_sharded(state, local, step, group, self.ctx)
-            if result is not NotImplemented:
-                return result
-        # Fallback: all-gather this one gradient for the refresh (every rank computes the same basis).
-        return self.inner.refresh(state, grad2d.full_tensor(), step, group)
-
-    def carry_moments(self, rule: Any, state: dict[str, Any], old_state: dict[str, Any]) -> None:
-        """The inner projector's rule, applied to the local shards of the moments.
-
-        Transitions act on the rank axis, which is never sharded (right side: the
-        moments are row shards; left side: they are replicated), so this is exact.
-        """
-        dtensors = {k: v for k, v in state.items() if is_dtensor(v)}
-        local = {k: (v.to_local() if k in dtensors else v) for k, v in state.items()}
-        before = dict(local)
-        self.inner.carry_moments(rule, local, old_state)
-        for key, value in local.items():
-            if key in dtensors and value is not before[key]:  # a new tensor: wrap it like the old one
-                old = dtensors[key]
-                state[key] = _from_local(value, old, list(old.placements), tuple(old.shape))
-            elif key not in dtensors:
-                state[key] = value
-
-    def transition(self, old_state: dict[str, Any], new_state: dict[str, Any]) -> Any:
-        from torch.distributed.tensor import Replicate
-
-        t = self.inner.transition(old_state, new_state)
-        return _from_local(t, self.param, [Replicate()], tuple(t.shape))
-
-    # ---------------------------------------------------------------- maps
-    def _local_basis(self, state: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
-        basis = self.inner.basis(state).to(dtype)  # e.g. a dequantized INT4 basis comes back in fp32
-        return basis[self.ctx.row_offset:self.ctx.row_stop] if self.side == "left" else basis
-
-    def down(self, state: dict[str, Any], grad2d: Any) -> Any:
-        from torch.distributed.tensor import Replicate, Shard
-
-        local = grad2d.to_local()
-        m, n = self.ctx.global_shape
-        if self.side == "right":
-            low = self.inner.down(state, local)  # G_i Pᵀ: rows stay on their rank
-            placement = Shard(0) if self.ctx.sharded else Replicate()
-            return _from_local(low, self.param, [placement], (m, self.rank))
-        low = kernels.project_down(local, self._local_basis(state, local.dtype), "left")  # P_iᵀ G_i, summed over ranks
-        self.ctx.all_reduce(low)
-        return _from_local(low, self.param, [Replicate()], (self.rank, n))
-
-    def up(self, state: dict[str, Any], update: Any) -> torch.Tensor:
-        local = update.to_local()
-        if self.side == "right":
-            return self.inner.up(state, local)
-        return kernels.project_up(local, self._local_basis(state, local.dtype), "left")
-
-    def update_param_(self, state: dict[str, Any], param2d: Any, update: Any, alpha: float, decay: float) -> None:
-        local_param = param2d.to_local() if is_dtensor(param2d) else param2d
-        local_update = update.to_local() if is_dtensor(update) else update
-        if self.side == "right":
-            self.inner.update_param_(state, local_param, local_update, alpha, decay)
-        else:
-            kernels.lowrank_update_(local_param, local_update, self._local_basis(state, local_update.dtype), "left",
-                                    alpha=alpha, decay=decay)
-
-
-def nonfinite_flag(grad: Any) -> torch.Tensor:
-    """A 0-d bool tensor, identical on every rank: does this (possibly sharded) grad have a NaN/Inf?"""
-    if not is_dtensor(grad):
-        return ~torch.isfinite(grad).all()
-    ctx = ShardContext(grad)
-    return torch.tensor(not ctx.all_finite(grad.to_local()))
 
 
 # ---------------------------------------------------------------------------- wrapping a model
@@ -371,8 +144,6 @@ def ddp_layerwise(ddp_model: nn.Module, layerwise: Any) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from lrgrad.layerwise import LayerwiseOptimizer
-
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(f"Invalid ddp_model: expected DistributedDataParallel, got {type(ddp_model).__name__}")
     if not isinstance(layerwise, LayerwiseOptimizer):
@@ -391,7 +162,7 @@ def ddp_layerwise(ddp_model: nn.Module, layerwise: Any) -> None:
                 with torch.no_grad():
                     for p, g in zip(bucket.parameters(), bucket.gradients()):
                         p.grad = g  # a view of the reduced bucket
-                        layerwise._handle(p)
+                        layerwise.handle_grad(p)
             return reduced
 
         return work.get_future().then(step_bucket)
@@ -581,7 +352,5 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-__all__ = ["MANIFEST_NAME", "PARALLEL_MODES", "CheckpointError", "ShardContext", "ShardedProjector",
-           "canonical_signs", "ddp_layerwise", "gram_right_basis", "init_from_env", "is_dtensor", "load_checkpoint",
-           "low_rank_zeros", "nonfinite_flag", "row_range", "save_checkpoint", "setup_parallel", "verify_manifest",
-           "write_manifest"]
+__all__ = ["MANIFEST_NAME", "PARALLEL_MODES", "CheckpointError", "ddp_layerwise", "init_from_env", "load_checkpoint",
+           "save_checkpoint", "setup_parallel", "verify_manifest", "write_manifest"]

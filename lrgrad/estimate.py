@@ -37,7 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrgrad._checks import check_bool, check_choice, check_int
 from lrgrad.groups import DEFAULT_EXCLUDE, select_low_rank_modules
+from lrgrad.optim.registry import optimizer_class
+from lrgrad.rules import RULES
+from lrgrad.subspace import compute_dtype, matrix_shape
 
 #: LLaMA shapes of the GaLore / Q-GaLore pretraining runs (arXiv:2403.03507 Table 2; vocab 32000)
 LLAMA_CONFIGS: dict[str, dict[str, int]] = {
@@ -50,7 +54,8 @@ LLAMA_CONFIGS: dict[str, dict[str, int]] = {
 #: GaLore's ranks for those sizes
 LLAMA_RANKS = {"llama-60m": 128, "llama-130m": 256, "llama-350m": 256, "llama-1b": 512, "llama-7b": 1024}
 
-OPTIMIZER_NAMES = ("adamw", "galore", "galore8bit", "qgalore", "dct", "flora", "auon", "muon")
+#: the names the estimator documents; any class name or alias in ``lrgrad.OPTIMIZERS`` works too
+OPTIMIZER_NAMES = ("adamw", "galore", "galore8bit", "qgalore", "dct", "online_subspace", "flora", "auon", "muon")
 _CONFIG_KEYS = {
     "d": ("d", "hidden_size", "dim"),
     "layers": ("layers", "num_hidden_layers", "n_layers"),
@@ -190,11 +195,17 @@ def quantized_weight_bytes(numel: int, bits: int, group_size: int, handle_dtype:
 
 
 # ---------------------------------------------------------------------- optimizers
-def _groups(params: list[tuple[torch.Tensor, bool]], optimizer: str, rank: int | None,
+def _matrix_only(cls: type) -> bool:
+    """Whether ``cls`` runs a matrix-only rule (AuON, Muon): its 1-D params need the AdamW group."""
+    rule = cls([torch.empty(2, 2, device="meta")]).defaults.get("rule")
+    return bool(getattr(RULES.get(rule), "matrix_only", False))
+
+
+def _groups(params: list[tuple[torch.Tensor, bool]], cls: type, rank: int | None,
             **options: Any) -> list[dict[str, Any]]:
     low = [p for p, target in params if target]
     full = [p for p, target in params if not target]
-    if optimizer in ("auon", "muon"):  # normalized update for the matrices, AdamW for the rest
+    if _matrix_only(cls):  # normalized update for the matrices, AdamW for the rest
         groups = [{"params": low, "rank": None}]
         if full:
             groups.append({"params": full, "rank": None, "rule": "adamw"})
@@ -205,27 +216,15 @@ def _groups(params: list[tuple[torch.Tensor, bool]], optimizer: str, rank: int |
     return [g for g in groups if g["params"]]
 
 
-def optimizer_class(optimizer: str) -> type:
-    """The lrgrad class behind an estimator name (``"adamw"`` is ``torch.optim.AdamW``)."""
-    import lrgrad
-
-    names = {"adamw": torch.optim.AdamW, "galore": lrgrad.GaLoreAdamW, "galore8bit": lrgrad.GaLoreAdamW8bit,
-             "qgalore": lrgrad.QGaLoreAdamW, "dct": getattr(lrgrad, "DCTAdamW", None),
-             "flora": lrgrad.FloraAdamW, "auon": lrgrad.AuON, "muon": lrgrad.Muon}
-    if optimizer not in names or names[optimizer] is None:
-        raise ValueError(f"Invalid optimizer: {optimizer!r}; expected one of {OPTIMIZER_NAMES}")
-    return names[optimizer]
-
-
 def make_optimizer(model: nn.Module, optimizer: str, rank: int | None = None, lr: float = 1e-3,
                    **options: Any) -> torch.optim.Optimizer:
     """The optimizer :func:`estimate_memory` describes for ``model``: targeted linear weights
     (``lrgrad.param_groups``) projected with ``rank`` (or, for AuON/Muon, given the normalized
     update), everything else full-rank (AdamW for AuON/Muon). ``"adamw"``: ``torch.optim.AdamW``."""
     cls = optimizer_class(optimizer)
-    if optimizer == "adamw":
+    if cls is torch.optim.AdamW:
         return cls([p for p in model.parameters() if p.requires_grad], lr=lr, **options)
-    if optimizer not in ("auon", "muon") and rank is None:
+    if not _matrix_only(cls) and rank is None:
         raise ValueError(f"Invalid rank: None; optimizer {optimizer!r} needs a rank")
     targets = set(select_low_rank_modules(model, "all-linear", DEFAULT_EXCLUDE))
     params, seen = [], set()
@@ -234,45 +233,24 @@ def make_optimizer(model: nn.Module, optimizer: str, rank: int | None = None, lr
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 params.append((p, module_name in targets and pname == "weight"))
-    return cls(_groups(params, optimizer, rank, **options), lr=lr)
-
-
-def _basis_bytes(opt: Any, p: torch.Tensor, group: dict[str, Any]) -> int:
-    """Bytes the projector of ``p`` allocates at its first refresh (not created by ``init_state``)."""
-    from lrgrad.optim.lowrank import compute_dtype, matrix_shape
-    from lrgrad.projectors.base import basis_shape
-
-    projector = opt.projector_for(p, group)
-    rows, cols = basis_shape(matrix_shape(p), group["rank"], projector.side)
-    kind = group["projector"]
-    if kind == "svd":
-        return rows * cols * _dtype_size(compute_dtype(p.dtype))
-    if kind == "qgalore":
-        numel = rows * cols
-        codes = -(-numel // 2) if group["proj_bits"] == 4 else numel
-        return codes + 4 * -(-numel // group["proj_quant_group_size"])
-    if kind == "dct":
-        return 4 * group["rank"]  # int32 indices; the shared matrix is counted once below
-    if kind == "random":
-        return 0  # regenerated from the seed
-    raise ValueError(f"Invalid optimizer: no memory model for projector {kind!r}")
+    return cls(_groups(params, cls, rank, **options), lr=lr)
 
 
 def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options: dict[str, Any]) -> tuple[int, int]:
     """(optimizer-state bytes, projector-state bytes), built on meta tensors."""
     trainable = [s for s in specs if s.trainable]
-    if optimizer == "adamw":
+    if optimizer_class(optimizer) is torch.optim.AdamW:
         return sum(2 * s.numel * _dtype_size(s.dtype) + 4 for s in trainable), 0
     metas = [(torch.empty(s.shape, dtype=s.dtype, device="meta"), s.target) for s in trainable]
     cls = optimizer_class(optimizer)
-    if optimizer not in ("auon", "muon") and rank is None:
+    if not _matrix_only(cls) and rank is None:
         raise ValueError(f"Invalid rank: None; optimizer {optimizer!r} needs a rank")
-    opt = cls(_groups(metas, optimizer, rank, **options), lr=1e-3)
+    opt = cls(_groups(metas, cls, rank, **options), lr=1e-3)
     state_bytes = proj_bytes = 0
     for group in opt.param_groups:
         for p in group["params"]:
             state: dict[str, Any] = {}
-            opt._init_state(p, group, state)
+            opt.init_param_state(p, group, state)
             opt.state[p] = state
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
@@ -281,8 +259,8 @@ def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options:
                         proj_bytes += nbytes
                     else:
                         state_bytes += nbytes
-            if opt.is_projected(p, group):
-                proj_bytes += _basis_bytes(opt, p, group)
+            if opt.is_projected(p, group):  # what the first refresh will allocate
+                proj_bytes += opt.projector_for(p, group).basis_bytes(matrix_shape(p), compute_dtype(p.dtype))
     proj_bytes += opt.shared_state_bytes()
     return state_bytes, proj_bytes
 
@@ -308,13 +286,6 @@ def _infer_config(model: nn.Module) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------- entry point
-def _check_positive(name: str, value: Any, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an int > 0)")
-
-
 def estimate_memory(
     model_or_config: nn.Module | Mapping[str, Any] | Any,
     optimizer: str = "adamw",
@@ -335,7 +306,8 @@ def estimate_memory(
             ``layers``/``num_hidden_layers``, ``ffn``/``intermediate_size``, ``heads``/
             ``num_attention_heads``, ``vocab``/``vocab_size``), or a name in ``LLAMA_CONFIGS``
             (``"llama-7b"``, ``"7b"``, ...).
-        optimizer: one of ``OPTIMIZER_NAMES``.
+        optimizer: ``"adamw"`` (``torch.optim.AdamW``), an alias in ``OPTIMIZER_NAMES`` / ``lrgrad.ALIASES``,
+            or a class name in ``lrgrad.OPTIMIZERS``.
         rank: projection rank (needed by the projected optimizers; default for named LLaMA
             configs: GaLore's rank for that size).
         dtype: weight dtype (default: the module's own; bf16 for configs).
@@ -346,18 +318,15 @@ def estimate_memory(
         batch_size, seq_len: for the activation term (LLaMA models only); 0 bytes when absent.
         **optimizer_options: passed to the optimizer (e.g. ``proj_bits=8``, ``moment_min_size``).
     """
-    if optimizer not in OPTIMIZER_NAMES:
-        raise ValueError(f"Invalid optimizer: {optimizer!r}; expected one of {OPTIMIZER_NAMES}")
-    _check_positive("rank", rank)
-    _check_positive("batch_size", batch_size)
-    _check_positive("seq_len", seq_len)
-    _check_positive("weight_group_size", weight_group_size, allow_none=False)
-    if weight_bits not in (None, 4, 8):
-        raise ValueError(f"Invalid weight_bits: {weight_bits!r}; expected None, 4 or 8")
+    optimizer_class(optimizer)  # raises ValueError naming the valid names
+    check_int("rank", rank, 1, allow_none=True)
+    check_int("batch_size", batch_size, 1, allow_none=True)
+    check_int("seq_len", seq_len, 1, allow_none=True)
+    check_int("weight_group_size", weight_group_size, 1)
+    check_choice("weight_bits", weight_bits, (None, 4, 8))
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"Invalid dtype: expected a floating torch.dtype, got {dtype!r}")
-    if not isinstance(layerwise, bool):
-        raise TypeError(f"Invalid layerwise: expected a bool, got {layerwise!r}")
+    check_bool("layerwise", layerwise)
     if (batch_size is None) != (seq_len is None):
         raise ValueError("Invalid batch_size/seq_len: give both or neither")
     buffer_bytes = 0
@@ -374,7 +343,7 @@ def estimate_memory(
         for s in specs:
             if s.target and s.bits is None:
                 s.bits, s.group_size = weight_bits, weight_group_size
-    if optimizer == "adamw" and any(s.bits for s in specs):
+    if optimizer_class(optimizer) is torch.optim.AdamW and any(s.bits for s in specs):
         raise ValueError("Invalid optimizer: 'adamw' (torch.optim.AdamW) cannot update quantized weights; "
                          "use an lrgrad optimizer")
     weights = buffer_bytes

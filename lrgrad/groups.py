@@ -21,7 +21,7 @@ from torch import nn
 DEFAULT_EXCLUDE = ("lm_head", "embed_tokens", "embed_in", "embed_out", "wte", "wpe", "output", "classifier")
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
+def matches(name: str, patterns: Sequence[str]) -> bool:
     """A pattern matches a module name exactly, as a dotted suffix, or as a glob."""
     for pattern in patterns:
         if name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern):
@@ -47,9 +47,9 @@ def select_low_rank_modules(
         raise TypeError("Invalid target_modules: expected 'all-linear' or a list of str patterns")
     selected = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or _matches(name, exclude):
+        if not isinstance(module, nn.Linear) or matches(name, exclude):
             continue
-        if target_modules == "all-linear" or _matches(name, target_modules):
+        if target_modules == "all-linear" or matches(name, target_modules):
             selected.append(name)
     return selected
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from lrgrad._checks import check_int, check_positive
 from lrgrad.optim.lowrank import LowRankOptimizer
 
 
@@ -51,12 +52,8 @@ class LayerwiseOptimizer:
     ):
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(f"Invalid optimizer: expected an lrgrad optimizer, got {type(optimizer).__name__}")
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
-            raise TypeError(f"Invalid accumulation_steps: expected an int, got {accumulation_steps!r}")
-        if accumulation_steps < 1:
-            raise ValueError(f"Invalid accumulation_steps: {accumulation_steps} (must be >= 1)")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0 or None)")
+        check_int("accumulation_steps", accumulation_steps, 1)
+        check_positive("max_grad_norm", max_grad_norm, allow_none=True)
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
@@ -87,14 +84,16 @@ class LayerwiseOptimizer:
     @torch.no_grad()
     def _hook(self, param: torch.Tensor) -> None:
         if self.last_micro_batch and param.grad is not None:
-            self._handle(param)
+            self.handle_grad(param)
 
-    def _handle(self, param: torch.Tensor) -> None:
+    def handle_grad(self, param: torch.Tensor) -> None:
+        """Process ``param.grad`` now (its last micro-batch's gradient is complete): step it, or
+        with clipping project it and keep it until the window's global norm is known."""
         opt = self.optimizer
         group = self._group_of[id(param)]
         grad = param.grad
         self._handled.add(id(param))
-        opt._check_grad(grad)
+        opt.check_grad(grad)
         if self.max_grad_norm is None:
             opt.step_param(param, group, grad)
             param.grad = None
@@ -104,7 +103,7 @@ class LayerwiseOptimizer:
         if not opt.is_projected(param, group):
             self._pending_full.append((param, grad))  # full-rank grads are kept until step()
             return
-        nonfinite = group["skip_nonfinite"] and not bool(torch.isfinite(grad).all())
+        nonfinite = group["skip_nonfinite"] and opt.nonfinite_flags([grad])[0]
         prepared = opt.prepare_grad(param, group, grad, nonfinite=nonfinite)
         low = opt.project_grad(param, group, prepared) if prepared is not None else None
         if low is not None:
@@ -123,13 +122,12 @@ class LayerwiseOptimizer:
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None and id(p) not in self._handled:
-                    self._handle(p)
+                    self.handle_grad(p)
         if self.max_grad_norm is not None:
             self._apply_clipped()
         self._reset_window()
-        # The optimizer was stepped (parameter by parameter); tell LR schedulers so,
-        # as torch.optim.Optimizer.step's wrapper would.
-        self.optimizer._opt_called = True  # type: ignore[attr-defined]
+        # The optimizer was stepped parameter by parameter: tell LR schedulers so.
+        self.optimizer.mark_stepped()
         if self.scheduler is not None:
             self.scheduler.step()
 

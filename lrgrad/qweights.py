@@ -35,27 +35,22 @@ from __future__ import annotations
 import copy
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lrgrad.groups import _matches
+from lrgrad._checks import check_int
+from lrgrad.groups import matches
 from lrgrad.kernels import stochastic_round
-from lrgrad.quant import ZERO_LIMIT, pack_int4, unpack_int4
-from lrgrad.rules.base import check_int
+from lrgrad.quant import ZERO_LIMIT, fp16_round_up, pack_int4, unpack_int4
 
 #: fraction of a group's range added on each side when a grid is (re)built
 HEADROOM = 1.0 / 16.0
 ROUNDING_MODES = ("stochastic", "nearest")
-
-
-def _fp16_round_up(value: torch.Tensor) -> torch.Tensor:
-    half = value.to(torch.float16)
-    below = half.float() < value
-    return torch.where(below, torch.nextafter(half, torch.full_like(half, math.inf)), half)
 
 
 def build_grid(groups: torch.Tensor, levels: int, headroom: float = HEADROOM) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +63,7 @@ def build_grid(groups: torch.Tensor, levels: int, headroom: float = HEADROOM) ->
     pad = (hi - lo) * headroom
     lo, hi = lo - pad, hi + pad
     scale = torch.maximum((hi - lo) / levels, torch.maximum(lo.abs(), hi.abs()) / ZERO_LIMIT)
-    scale = _fp16_round_up(torch.where(scale > 0, scale, torch.ones_like(scale)))
+    scale = fp16_round_up(torch.where(scale > 0, scale, torch.ones_like(scale)))
     zero = torch.round(-lo / scale.float()).clamp_(-ZERO_LIMIT - levels, ZERO_LIMIT + levels)
     return scale, zero.to(torch.float16)
 
@@ -401,13 +396,13 @@ def quantize_weights(
             owners[id(p)] = owners.get(id(p), 0) + 1
     chosen: list[tuple[str, nn.Linear]] = []
     for name, module in model.named_modules():
-        if not name or _matches(name, exclude) or isinstance(module, QuantizedLinear):
+        if not name or matches(name, exclude) or isinstance(module, QuantizedLinear):
             continue
         if target_modules == "all-linear":
             if isinstance(module, nn.Linear) and owners.get(id(module.weight), 0) == 1:
                 chosen.append((name, module))
             continue
-        if not _matches(name, target_modules):
+        if not matches(name, target_modules):
             continue
         if not isinstance(module, nn.Linear):
             if not any(isinstance(m, nn.Linear) for m in module.modules()):
@@ -444,4 +439,38 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
 
 
-__all__ = ["QuantizedLinear", "QuantizedWeight", "dequantize_weights", "quantize_weights", "quantized_modules"]
+# ---------------------------------------------------------------------------- the optimizers' write path
+@contextmanager
+def update_targets(params: Sequence[torch.Tensor], contiguous: bool = False) -> Iterator[list[torch.Tensor]]:
+    """The tensors an optimizer writes its update into, one per param, written back on exit.
+
+    * a quantized weight (``weight.lrgrad_codec``): an fp32 (fp64) dequantized work copy,
+      requantized with the codec's rounding on exit;
+    * with ``contiguous=True``, a non-contiguous param: a contiguous work copy, copied back
+      (so the optimizer may ``view`` it as a matrix);
+    * any other param: the param itself.
+
+    On an exception inside the block nothing is written back.
+    """
+    targets: list[torch.Tensor] = []
+    for p in params:
+        codec = getattr(p, "lrgrad_codec", None)
+        if codec is not None:
+            targets.append(codec.dequantize_for_update())
+        elif contiguous and not p.is_contiguous():
+            targets.append(p.clone(memory_format=torch.contiguous_format))
+        else:
+            targets.append(p)
+    yield targets
+    for p, target in zip(params, targets):
+        if target is p:
+            continue
+        codec = getattr(p, "lrgrad_codec", None)
+        if codec is not None:
+            codec.requantize_(target)
+        else:
+            p.copy_(target)
+
+
+__all__ = ["QuantizedLinear", "QuantizedWeight", "dequantize_weights", "quantize_weights", "quantized_modules",
+           "update_targets"]

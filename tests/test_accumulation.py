@@ -7,8 +7,7 @@ import torch
 from tiny_model import TinyLM, lm_loss, make_batch
 
 import lrgrad
-from lrgrad.optim.lowrank import matrix_shape
-from lrgrad.projectors.base import low_rank_shape
+from lrgrad.subspace import low_rank_shape, matrix_shape
 
 MICRO = 3
 

@@ -1,21 +1,18 @@
-"""Optimizers: the generic ``LowRankOptimizer`` and its named presets."""
+"""Optimizers: the generic ``LowRankOptimizer``, its presets grouped by family, and the name registry."""
 
+from lrgrad.optim.dct import DCTAdafactor, DCTAdamW
+from lrgrad.optim.flora import FloraAdafactor, FloraAdamW
+from lrgrad.optim.galore import GaLoreAdafactor, GaLoreAdamW
+from lrgrad.optim.generic import LowRankAdafactor, LowRankAdamW, LowRankLion
 from lrgrad.optim.lowrank import LowRankOptimizer
-from lrgrad.optim.presets import (
-    GaLoreAdafactor,
-    GaLoreAdamW,
-    LowRankAdafactor,
-    LowRankAdamW,
-    LowRankLion,
-)
-from lrgrad.optim.presets_dct_osd import DCTAdafactor, DCTAdamW, OnlineSubspaceAdamW, OnlineSubspaceLion
-from lrgrad.optim.presets_flora import FloraAdafactor, FloraAdamW
-from lrgrad.optim.presets_normalized import AuON, DCTAuON, GaLoreAuON, GaLoreMuon, HybridAuON, Muon
-from lrgrad.optim.presets_qgalore import GaLoreAdamW8bit, QGaLoreAdamW
+from lrgrad.optim.normalized import AuON, DCTAuON, GaLoreAuON, GaLoreMuon, HybridAuON, Muon
+from lrgrad.optim.online_subspace import OnlineSubspaceAdamW, OnlineSubspaceLion
+from lrgrad.optim.qgalore import GaLoreAdamW8bit, QGaLoreAdamW
+from lrgrad.optim.registry import ALIASES, OPTIMIZERS, optimizer_class, register_optimizer
 
-__all__ = ["DCTAdafactor", "DCTAdamW", "OnlineSubspaceAdamW", "OnlineSubspaceLion",
+__all__ = ["ALIASES", "OPTIMIZERS", "DCTAdafactor", "DCTAdamW", "OnlineSubspaceAdamW", "OnlineSubspaceLion",
            "FloraAdafactor", "FloraAdamW",
            "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdafactor", "LowRankAdamW", "LowRankLion",
            "QGaLoreAdamW",
            "AuON", "DCTAuON", "GaLoreAuON", "GaLoreMuon", "HybridAuON", "Muon",
-           "LowRankOptimizer"]
+           "LowRankOptimizer", "optimizer_class", "register_optimizer"]

@@ -21,18 +21,19 @@ dtype and rounded once per step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from lrgrad.distributed import ShardedProjector, is_dtensor, low_rank_zeros
-from lrgrad.projectors import MOMENT_POLICIES, PROJECTORS, Projector, projection_side
-from lrgrad.projectors.base import low_rank_shape
+from lrgrad._checks import check_bool, check_choice, check_float, check_int, check_nonnegative
+from lrgrad.dtensor import is_dtensor, low_rank_zeros
+from lrgrad.projectors import PROJECTORS, Projector
+from lrgrad.projectors.sharded import ShardedProjector
+from lrgrad.qweights import update_targets
 from lrgrad.rules import RULES, UpdateRule
-from lrgrad.rules.base import check_int, check_nonnegative
+from lrgrad.subspace import MOMENT_POLICIES, PROJ_TYPES, compute_dtype, low_rank_shape, matrix_shape, projection_side
 
 #: group keys that define the *structure* of the state; a state_dict saved with
 #: other values cannot be loaded into this optimizer.
@@ -50,18 +51,6 @@ BASE_DEFAULTS: dict[str, Any] = {
     "skip_nonfinite": True,
     "seed": 0,
 }
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 math for fp32/bf16/fp16 params, fp64 for fp64 params."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def matrix_shape(param: torch.Tensor) -> tuple[int, int]:
-    """The 2-D view a projector sees: ``(shape[0], numel // shape[0])``."""
-    m = param.shape[0]
-    return (m, param.numel() // m if m else 0)
-
 
 
 class LowRankOptimizer(Optimizer):
@@ -147,17 +136,12 @@ class LowRankOptimizer(Optimizer):
         check_int("rank", group["rank"], 1, allow_none=True)
         check_int("update_proj_gap", group["update_proj_gap"], 1)
         check_int("seed", group["seed"], 0)
-        scale = group["scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise TypeError(f"Invalid scale: expected a finite float, got {scale!r}")
-        projection_side((2, 1), group["proj_type"])  # raises on an unknown proj_type
-        if group["moment_policy"] not in MOMENT_POLICIES:
-            raise ValueError(f"Invalid moment_policy: {group['moment_policy']!r}; expected one of {MOMENT_POLICIES}")
-        for key in ("maximize", "skip_nonfinite"):
-            if not isinstance(group[key], bool):
-                raise TypeError(f"Invalid {key}: expected a bool, got {group[key]!r}")
-        if group["foreach"] not in (None, True, False):
-            raise TypeError(f"Invalid foreach: expected None or a bool, got {group['foreach']!r}")
+        check_float("scale", group["scale"])
+        check_choice("proj_type", group["proj_type"], PROJ_TYPES)
+        check_choice("moment_policy", group["moment_policy"], MOMENT_POLICIES)
+        check_bool("maximize", group["maximize"])
+        check_bool("skip_nonfinite", group["skip_nonfinite"])
+        check_bool("foreach", group["foreach"], allow_none=True)
         RULES[group["rule"]].validate_options(group)
         PROJECTORS[group["projector"]].validate_options(group)
         for p in group["params"]:
@@ -203,7 +187,9 @@ class LowRankOptimizer(Optimizer):
         index = self._param_index.get(id(param), 0)
         return (group["seed"] * 1_000_003 + index * 7919 + 1) % (2**31 - 1)
 
-    def _init_state(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+    def init_param_state(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Fill an empty per-parameter ``state`` as the first step would (the memory estimator
+        calls it on meta tensors; per-layer and compressed updates before their first step)."""
         dtype = compute_dtype(param.dtype)
         rule = self.rule_for(group)
         state["step"] = 0
@@ -235,7 +221,7 @@ class LowRankOptimizer(Optimizer):
         return loss
 
     @staticmethod
-    def _nonfinite_flags(tensors: list[torch.Tensor]) -> list[bool]:
+    def nonfinite_flags(tensors: list[torch.Tensor]) -> list[bool]:
         """Which tensors hold a NaN/Inf, with one device sync per device.
 
         ``isfinite(sum(t))`` is one fast reduction instead of a bool tensor the
@@ -256,7 +242,8 @@ class LowRankOptimizer(Optimizer):
                 flags[i] = not ok
         return flags
 
-    def _check_grad(self, grad: torch.Tensor) -> None:
+    def check_grad(self, grad: torch.Tensor) -> None:
+        """Refuse gradients no lrgrad optimizer can use (sparse) with a ``ValueError``."""
         if grad.is_sparse:
             raise ValueError("Invalid grad: lrgrad optimizers do not support sparse gradients")
 
@@ -265,7 +252,7 @@ class LowRankOptimizer(Optimizer):
         if not params:
             return
         for g in grads:
-            self._check_grad(g)
+            self.check_grad(g)
         rule = self.rule_for(group)
         full_params, full_grads, low_items = [], [], []
         for p, g in zip(params, grads):
@@ -281,22 +268,28 @@ class LowRankOptimizer(Optimizer):
             # A NaN/Inf anywhere in G reaches R = down(G) (IEEE propagation through the
             # matmul), so projected params are checked on the small low-rank gradient;
             # a refresh has already refused to build a basis from a non-finite G.
-            bad_low = self._nonfinite_flags([low for _, low in low_items])
+            bad_low = self.nonfinite_flags([low for _, low in low_items])
             for (p, _), bad in zip(low_items, bad_low):
                 if bad:
-                    self._count_skip(p, undo_step=True)
+                    self.count_skip(p, undo_step=True)
             low_items = [item for item, bad in zip(low_items, bad_low) if not bad]
-            bad_full = self._nonfinite_flags(full_grads)
+            bad_full = self.nonfinite_flags(full_grads)
             for p, bad in zip(full_params, bad_full):
                 if bad:
-                    self._count_skip(p)
+                    self.count_skip(p)
             full_params = [p for p, bad in zip(full_params, bad_full) if not bad]
             full_grads = [g for g, bad in zip(full_grads, bad_full) if not bad]
         for p, low in low_items:
             self.apply_low_rank(p, group, low, rule)
         self.apply_full_rank(group, full_params, full_grads, rule)
 
-    def _count_skip(self, param: torch.Tensor, undo_step: bool = False) -> None:
+    def mark_stepped(self) -> None:
+        """Tell LR schedulers the optimizer stepped, as ``Optimizer.step``'s wrapper does, when the
+        update ran parameter by parameter (per-layer updates) instead of through :meth:`step`."""
+        self._opt_called = True  # type: ignore[attr-defined]
+
+    def count_skip(self, param: torch.Tensor, undo_step: bool = False) -> None:
+        """Record that ``param`` skipped this step (a non-finite gradient)."""
         state = self.state[param]
         state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
         if undo_step:
@@ -310,9 +303,9 @@ class LowRankOptimizer(Optimizer):
         when the step must be skipped because the gradient is not finite."""
         state = self.state[param]
         if not state:
-            self._init_state(param, group, state)
+            self.init_param_state(param, group, state)
         if nonfinite:
-            self._count_skip(param)
+            self.count_skip(param)
             return None
         grad = grad.to(compute_dtype(param.dtype))
         return -grad if group["maximize"] else grad
@@ -335,14 +328,9 @@ class LowRankOptimizer(Optimizer):
         states = [self.state[p] for p in params]
         for state in states:
             state["step"] += 1
-        # quantized weights (lrgrad.quantize_weights): step fp32 work copies, then requantize them
-        codecs = [getattr(p, "lrgrad_codec", None) for p in params]
-        targets = [p if c is None else c.dequantize_for_update() for p, c in zip(params, codecs)]
-        rule.apply_full_rank(targets, grads, states, [s["step"] for s in states], lr=float(group["lr"]),
-                             weight_decay=group["weight_decay"])
-        for codec, target in zip(codecs, targets):
-            if codec is not None:
-                codec.requantize_(target)
+        with update_targets(params) as targets:  # quantized weights: fp32 work copies, requantized after
+            rule.apply_full_rank(targets, grads, states, [s["step"] for s in states], lr=float(group["lr"]),
+                                 weight_decay=group["weight_decay"])
 
     def project_grad(self, param: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> torch.Tensor | None:
         """Refresh the subspace if due, then return the low-rank gradient (None: skip this step).
@@ -398,17 +386,8 @@ class LowRankOptimizer(Optimizer):
         lr = float(group["lr"])
         alpha = -lr * group["scale"]
         decay = 1 - lr * group["weight_decay"]
-        codec = getattr(param, "lrgrad_codec", None)
-        if codec is not None:  # a quantized weight: update an fp32 work copy, then requantize it
-            work = codec.dequantize_for_update()
-            projector.update_param_(state, work.view(matrix_shape(param)), update, alpha, decay)
-            codec.requantize_(work)
-        elif param.is_contiguous():
-            projector.update_param_(state, param.view(matrix_shape(param)), update, alpha, decay)
-        else:
-            work = param.reshape(matrix_shape(param)).clone()
-            projector.update_param_(state, work, update, alpha, decay)
-            param.copy_(work.view_as(param))
+        with update_targets([param], contiguous=True) as (target,):
+            projector.update_param_(state, target.view(matrix_shape(param)), update, alpha, decay)
 
     def step_param(self, param: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> None:
         """Step one parameter with ``grad`` (used by per-layer updates)."""
@@ -481,7 +460,7 @@ class LowRankOptimizer(Optimizer):
 
     def _check_state_shapes(self, index: int, p: torch.Tensor, group: dict[str, Any], pstate: dict) -> None:
         expected: dict[str, Any] = {}
-        self._init_state(torch.empty_like(p, device="meta"), group, expected)
+        self.init_param_state(torch.empty_like(p, device="meta"), group, expected)
         for key, value in pstate.items():
             ref = expected.get(key)
             if isinstance(ref, torch.Tensor) and isinstance(value, torch.Tensor) and ref.shape != value.shape:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from lrgrad.projectors.base import MOMENT_POLICIES, PROJ_TYPES, Projector, projection_side
+from lrgrad.projectors.base import Projector
 from lrgrad.projectors.dct import DCTProjector
 from lrgrad.projectors.online_pca import OnlinePCAProjector
-from lrgrad.projectors.quantized import QuantizedProjector
+from lrgrad.projectors.qgalore import QGaLoreProjector
 from lrgrad.projectors.random import RandomProjector
 from lrgrad.projectors.svd import SVDProjector
+from lrgrad.subspace import MOMENT_POLICIES, PROJ_TYPES, projection_side
 
 PROJECTORS: dict[str, type[Projector]] = {}
 
@@ -19,12 +20,11 @@ def register_projector(cls: type[Projector]) -> type[Projector]:
 
 
 register_projector(SVDProjector)
-register_projector(QuantizedProjector)
-PROJECTORS["quantized"] = QuantizedProjector  # alias of "qgalore"
+register_projector(QGaLoreProjector)
 register_projector(RandomProjector)
 register_projector(DCTProjector)
 register_projector(OnlinePCAProjector)
 
 __all__ = ["DCTProjector", "OnlinePCAProjector",
-           "MOMENT_POLICIES", "PROJECTORS", "PROJ_TYPES", "Projector", "QuantizedProjector", "RandomProjector",
+           "MOMENT_POLICIES", "PROJECTORS", "PROJ_TYPES", "Projector", "QGaLoreProjector", "RandomProjector",
            "SVDProjector", "projection_side", "register_projector"]

@@ -30,46 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from lrgrad import kernels
-
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
-MOMENT_POLICIES = ("keep", "project", "reset")
-
-
-def projection_side(shape2d: tuple[int, int], proj_type: str) -> str:
-    """Return ``"left"`` or ``"right"`` for a (m, n) matrix under ``proj_type``."""
-    m, n = shape2d
-    if proj_type == "std":
-        return "right" if m >= n else "left"
-    if proj_type == "reverse_std":
-        return "left" if m >= n else "right"
-    if proj_type in ("left", "right"):
-        return proj_type
-    raise ValueError(f"Invalid proj_type: {proj_type!r}; expected one of {PROJ_TYPES}")
-
-
-def low_rank_shape(shape2d: tuple[int, int], rank: int, side: str) -> tuple[int, int]:
-    m, n = shape2d
-    return (m, rank) if side == "right" else (rank, n)
-
-
-def basis_shape(shape2d: tuple[int, int], rank: int, side: str) -> tuple[int, int]:
-    m, n = shape2d
-    return (rank, n) if side == "right" else (m, rank)
-
-
-def apply_transition(x: torch.Tensor, transition: torch.Tensor, side: str, quadratic: bool = False) -> torch.Tensor:
-    """Move low-rank coordinates ``x`` into a new subspace.
-
-    ``transition`` is r_old x r_new for ``side="right"`` (``x_new = x T``) and
-    r_new x r_old for ``side="left"`` (``x_new = T x``). Second moments are
-    non-negative averages of squares, so ``quadratic=True`` uses ``T∘T``: exact
-    for a permutation (DCT reselection), a convex-like reweighting for a rotation,
-    and never negative.
-    """
-    t = transition * transition if quadratic else transition
-    t = t.to(x.dtype)
-    # works for matrices and for 1-D factored statistics along the projected axis
-    return x @ t if side == "right" else t @ x
+from lrgrad.subspace import basis_shape
 
 
 class Projector:
@@ -119,6 +80,14 @@ class Projector:
         """
         raise NotImplementedError
 
+    def refresh_sharded(self, state: dict[str, Any], grad_local: torch.Tensor, step: int,
+                        group: dict[str, Any], ctx: Any) -> Any:
+        """FSDP2 hook: refresh from this rank's row shard ``grad_local`` of G, using the
+        collectives of ``ctx`` (a :class:`lrgrad.dtensor.ShardContext`), so every rank ends
+        with the same subspace. Return ``NotImplemented`` (the default) to have the
+        gradient all-gathered and :meth:`refresh` called on it instead."""
+        return NotImplemented
+
     # ---------------------------------------------------------------- maps
     def basis(self, state: dict[str, Any]) -> torch.Tensor:
         return state["proj_basis"]
@@ -152,7 +121,14 @@ class Projector:
         need another treatment (e.g. the random projector)."""
         rule.change_basis(state, self.transition(old_state, state), self.side)
 
-    # ---------------------------------------------------------------- helpers
+    # ---------------------------------------------------------------- memory
+    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
+        """Bytes of per-parameter state this projector allocates at its first refresh, beyond
+        :meth:`init_state` (the memory estimator calls it on shapes alone). A dense basis
+        in the compute ``dtype`` by default."""
+        rows, cols = basis_shape(shape2d, self.rank, self.side)
+        return rows * cols * torch.empty((), dtype=dtype).element_size()
+
     def state_bytes(self, state: dict[str, Any]) -> int:
         return sum(v.numel() * v.element_size() for k, v in state.items()
                    if k.startswith("proj_") and isinstance(v, torch.Tensor))

@@ -43,7 +43,9 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
+from lrgrad._checks import check_choice
 from lrgrad.projectors.base import Projector, is_finite
+from lrgrad.subspace import state_like
 
 DCT_SCORES = ("auto", "matmul", "fft")
 
@@ -141,8 +143,7 @@ class DCTProjector(Projector):
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
-        if group["dct_scores"] not in DCT_SCORES:
-            raise ValueError(f"Invalid dct_scores: {group['dct_scores']!r}; expected one of {DCT_SCORES}")
+        check_choice("dct_scores", group["dct_scores"], DCT_SCORES)
 
     def has_basis(self, state: dict[str, Any]) -> bool:
         return "proj_indices" in state
@@ -168,6 +169,10 @@ class DCTProjector(Projector):
         coeffs = dct_coefficients(grad_local, "right", self.options["dct_scores"])
         return self._select(state, ctx.all_reduce(coeffs.square().sum(dim=0)))
 
+    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
+        """r int32 indices; the shared DCT matrix is counted once per size (``shared_buffers``)."""
+        return 4 * self.rank
+
     def _select(self, state: dict[str, Any], scores: torch.Tensor) -> bool:
         indices = select_indices(scores, self.rank)
         old = state.get("proj_indices")
@@ -187,7 +192,7 @@ class DCTProjector(Projector):
         return shape2d[1] if self.side == "right" else shape2d[0]
 
     def basis(self, state: dict[str, Any]) -> torch.Tensor:
-        cols = self._columns(state, _state_like(state), int(state["proj_dim"]))
+        cols = self._columns(state, state_like(state), int(state["proj_dim"]))
         return cols.T if self.side == "right" else cols
 
     def down(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
@@ -208,7 +213,7 @@ class DCTProjector(Projector):
     def transition(self, old_state: dict[str, Any], new_state: dict[str, Any]) -> torch.Tensor:
         """The selection matrix ``[idx_old[a] == idx_new[b]]`` (= ``P_old P_newᵀ`` exactly)."""
         old, new = old_state["proj_indices"], new_state["proj_indices"]
-        like = _state_like(new_state)
+        like = state_like(new_state)
         t = (old.unsqueeze(1) == new.to(old.device).unsqueeze(0)).to(device=like.device, dtype=like.dtype)
         return t if self.side == "right" else t.T  # left: r_new x r_old
 
@@ -218,14 +223,6 @@ class DCTProjector(Projector):
 
     def shared_buffers(self, state: dict[str, Any]) -> dict[tuple, int]:
         """The shared basis this param uses: ``{(kind, d, device, dtype): bytes}`` (counted once per key)."""
-        like = _state_like(state)
+        like = state_like(state)
         d = int(state["proj_dim"])
         return {("dct", d, str(like.device), like.dtype): d * d * like.element_size()}
-
-
-def _state_like(state: dict[str, Any]) -> torch.Tensor:
-    """A floating tensor of the parameter's state (device and compute dtype of the moments)."""
-    for value in state.values():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type != "meta":
-            return value
-    return torch.empty(0)

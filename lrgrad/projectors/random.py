@@ -70,7 +70,9 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
+from lrgrad._checks import check_choice
 from lrgrad.projectors.base import Projector
+from lrgrad.subspace import state_like
 
 RANDOM_BASES = ("gaussian", "orthonormal")
 RANDOM_DEVICES = ("param", "cpu")
@@ -137,14 +139,6 @@ def random_matrix(
     return basis.to(device=device).contiguous()
 
 
-def _state_like(state: dict[str, Any]) -> tuple[torch.device, torch.dtype]:
-    """Device and compute dtype of a parameter's state (its rule moments)."""
-    for value in state.values():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type != "meta":
-            return value.device, value.dtype
-    return torch.device("cpu"), torch.float32
-
-
 class RandomProjector(Projector):
     """Flora's seeded random projection, resampled every ``update_proj_gap`` steps."""
 
@@ -162,8 +156,11 @@ class RandomProjector(Projector):
     def validate_options(cls, group: dict[str, Any]) -> None:
         for key, allowed in (("random_basis", RANDOM_BASES), ("random_device", RANDOM_DEVICES),
                              ("random_v_transfer", RANDOM_V_TRANSFERS)):
-            if group[key] not in allowed:
-                raise ValueError(f"Invalid {key}: {group[key]!r}; expected one of {allowed}")
+            check_choice(key, group[key], allowed)
+
+    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
+        """Nothing: the matrix is regenerated from ``proj_seed``."""
+        return 0
 
     # ---------------------------------------------------------------- lifecycle
     def init_state(self, state: dict[str, Any], shape2d: tuple[int, int], seed: int) -> None:
@@ -208,7 +205,8 @@ class RandomProjector(Projector):
         return basis
 
     def basis(self, state: dict[str, Any]) -> torch.Tensor:
-        device, dtype = _state_like(state)
+        like = state_like(state)
+        device, dtype = like.device, like.dtype
         return self.matrix(state, device, dtype)
 
     def down(self, state: dict[str, Any], grad: torch.Tensor, draw: int | None = None) -> torch.Tensor:
@@ -225,7 +223,8 @@ class RandomProjector(Projector):
 
     def transition(self, old_state: dict[str, Any], new_state: dict[str, Any]) -> torch.Tensor:
         """``down_new(up_old(·))`` as an r x r matrix, both draws regenerated from their seeds."""
-        device, dtype = _state_like(new_state)
+        like = state_like(new_state)
+        device, dtype = like.device, like.dtype
         p_old = self.matrix(old_state, device, dtype)
         p_new = self.matrix(new_state, device, dtype)
         return p_old @ p_new.T if self.side == "right" else p_new.T @ p_old

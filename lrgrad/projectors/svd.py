@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from lrgrad._checks import check_choice, check_int
+from lrgrad.dtensor import ShardContext
 from lrgrad.projectors.base import Projector, guarded_basis
-from lrgrad.rules.base import check_int
 
 SVD_METHODS = ("exact", "randomized")
 
@@ -64,6 +65,30 @@ def randomized_basis(
     return right_vectors if side == "right" else right_vectors.T.contiguous()
 
 
+def canonical_signs(right_vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each row so its largest-magnitude entry is positive (a deterministic sign choice)."""
+    idx = right_vectors.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(right_vectors.gather(1, idx))
+    signs[signs == 0] = 1
+    return right_vectors * signs
+
+
+def gram_right_basis(grad_local: torch.Tensor, rank: int, ctx: ShardContext) -> torch.Tensor | None:
+    """Top-``rank`` right singular vectors of the row-sharded ``G`` from ``Σ_i G_iᵀ G_i`` (r x n).
+
+    One n x n all-reduce instead of an m x n all-gather. The eigen-decomposition
+    runs in fp64: squaring the singular values squares the condition number.
+    Returns ``None`` when the result is not finite.
+    """
+    gram = grad_local.T @ grad_local
+    ctx.all_reduce(gram)
+    _, vectors = torch.linalg.eigh(gram.to(torch.float64))
+    basis = canonical_signs(vectors[:, -rank:].flip(1).T.contiguous())
+    if not bool(torch.isfinite(basis).all()):
+        return None
+    return basis.to(grad_local.dtype).contiguous()
+
+
 class SVDProjector(Projector):
     """Top-r SVD subspace, refreshed every ``update_proj_gap`` steps."""
 
@@ -73,8 +98,7 @@ class SVDProjector(Projector):
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
-        if group["svd"] not in SVD_METHODS:
-            raise ValueError(f"Invalid svd: {group['svd']!r}; expected one of {SVD_METHODS}")
+        check_choice("svd", group["svd"], SVD_METHODS)
         for key in ("svd_oversample", "svd_power_iters"):
             check_int(key, group[key], 0)
 
@@ -92,6 +116,27 @@ class SVDProjector(Projector):
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
         basis = guarded_basis(state, grad, lambda: self.compute_basis(state, grad, step))
         if basis is None:
+            return False
+        state["proj_basis"] = basis
+        state["proj_refreshes"] += 1
+        return True
+
+    def refresh_sharded(self, state: dict[str, Any], grad_local: torch.Tensor, step: int,
+                        group: dict[str, Any], ctx: ShardContext) -> Any:
+        """FSDP2, right side, exact SVD: the basis from the all-reduced n x n Gram matrix
+        ``Σ_i G_iᵀ G_i`` (:func:`gram_right_basis`) instead of all-gathering the m x n G.
+        Other cases return ``NotImplemented`` (the all-gather fallback)."""
+        if self.side != "right" or self.options["svd"] != "exact":
+            return NotImplemented
+        if not ctx.all_finite(grad_local):
+            state["proj_failures"] += 1
+            return False
+        try:
+            basis = gram_right_basis(grad_local, self.rank, ctx)
+        except (RuntimeError, torch.linalg.LinAlgError):  # same on every rank: the Gram is shared
+            basis = None
+        if basis is None:
+            state["proj_failures"] += 1
             return False
         state["proj_basis"] = basis
         state["proj_refreshes"] += 1

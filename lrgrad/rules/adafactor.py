@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from lrgrad.projectors.base import apply_transition
-from lrgrad.rules.base import UpdateRule, check_beta, check_nonnegative
+from lrgrad._checks import check_beta, check_nonnegative
+from lrgrad.rules.base import UpdateRule
+from lrgrad.subspace import apply_transition
 
 
 class AdafactorRule(UpdateRule):

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from lrgrad import kernels, quant
-from lrgrad.distributed import is_dtensor
-from lrgrad.projectors.base import apply_transition
+from lrgrad._checks import check_int
+from lrgrad.dtensor import is_dtensor
 from lrgrad.rules.adamw import AdamWRule
-from lrgrad.rules.base import UpdateRule, check_int
+from lrgrad.rules.base import UpdateRule
+from lrgrad.subspace import apply_transition
 
 #: (state key prefix, signed code map)
 QUANTIZED_MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))

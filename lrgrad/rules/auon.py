@@ -30,11 +30,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from lrgrad._checks import check_bool, check_coefficients, check_int, check_positive
 from lrgrad.kernels import auon_normalize, newton_schulz
-from lrgrad.rules.base import check_int
-from lrgrad.rules.muon import MatrixRule, check_bool, check_coefficients, check_positive
-
-MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+from lrgrad.kernels.newton_schulz import MUON_COEFFICIENTS
+from lrgrad.rules.matrix import MatrixRule
 
 
 class AuONRule(MatrixRule):

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lrgrad.projectors.base import apply_transition
+from lrgrad.subspace import apply_transition
 
 
 class UpdateRule:
@@ -75,36 +75,3 @@ class UpdateRule:
         for key in self.linear_keys + self.quadratic_keys:
             if key in state:
                 state[key].zero_()
-
-
-def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    """An int (not a bool) >= ``minimum``; ``None`` too when ``allow_none``."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Invalid {name}: expected an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"Invalid {name}: {value} (must be >= {minimum})")
-
-
-def check_beta(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Invalid {name}: expected a float, got {type(value).__name__}")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
-
-
-def check_betas(value: Any, count: int = 2) -> None:
-    if not isinstance(value, (tuple, list)) or len(value) != count:
-        raise TypeError(f"Invalid betas: expected a tuple of {count} floats, got {value!r}")
-    for i, beta in enumerate(value):
-        check_beta(f"beta parameter at index {i}", beta)
-
-
-def check_nonnegative(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Invalid {name}: expected a float, got {type(value).__name__}")
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"Invalid {name} value: {value}")

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from lrgrad.rules.base import UpdateRule, check_betas
+from lrgrad._checks import check_betas
+from lrgrad.rules.base import UpdateRule
 
 
 class LionRule(UpdateRule):

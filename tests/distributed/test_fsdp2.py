@@ -13,7 +13,8 @@ import torch
 from harness import STEPS, available, full_state, make_model, make_optimizer, run_distributed, train_steps
 
 import lrgrad
-from lrgrad.distributed import canonical_signs, load_checkpoint, save_checkpoint, setup_parallel
+from lrgrad.distributed import load_checkpoint, save_checkpoint, setup_parallel
+from lrgrad.projectors.svd import canonical_signs
 
 NAMES = available()
 SAVE_AT = 3
@@ -162,7 +163,7 @@ def test_fsdp2_checkpoint_loads_into_single_process(fsdp_results):
 
 
 def test_shard_context_row_ranges_cover_uneven_rows():
-    from lrgrad.distributed import row_range
+    from lrgrad.dtensor import row_range
 
     for rows in (1, 2, 7, 35):
         ranges = [row_range(rows, 2, r) for r in range(2)]
@@ -173,7 +174,7 @@ def test_shard_context_row_ranges_cover_uneven_rows():
 
 def test_gram_basis_equals_svd_subspace():
     """Single-rank Gram path == exact SVD right vectors up to sign (canonical on both sides)."""
-    from lrgrad.distributed import gram_right_basis
+    from lrgrad.projectors.svd import gram_right_basis
 
     class Ctx:
         def all_reduce(self, t, op="sum"):

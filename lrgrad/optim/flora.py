@@ -25,9 +25,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lrgrad.optim.presets import LowRankAdafactor, LowRankAdamW, ParamsT
+from lrgrad.optim.generic import LowRankAdafactor, LowRankAdamW, ParamsT
+from lrgrad.optim.registry import register_optimizer
 
 
+@register_optimizer("flora")
 class FloraAdamW(LowRankAdamW):
     """AdamW on Flora-compressed gradients (arXiv:2402.03293).
 
@@ -59,6 +61,7 @@ class FloraAdamW(LowRankAdamW):
                          moment_policy=moment_policy, random_basis=random_basis, seed=seed, **options)
 
 
+@register_optimizer("flora_adafactor")
 class FloraAdafactor(LowRankAdafactor):
     """Adafactor on Flora-compressed gradients, as in Flora's reference (arXiv:2402.03293).
 

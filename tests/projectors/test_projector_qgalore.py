@@ -1,4 +1,4 @@
-"""Q-GaLore's QuantizedProjector and the QGaLoreAdamW preset."""
+"""Q-GaLore's QGaLoreProjector and the QGaLoreAdamW preset."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from tiny_model import TinyLM, train
 
 import lrgrad
 from lrgrad import quant
-from lrgrad.projectors import PROJECTORS, QuantizedProjector
-from lrgrad.projectors.quantized import subspace_overlap
+from lrgrad.projectors import PROJECTORS, QGaLoreProjector
+from lrgrad.projectors.qgalore import subspace_overlap
 from lrgrad.projectors.svd import top_singular_basis
 
 
 def make_projector(rank=4, gap=2, side="right", **options):
-    opts = dict(QuantizedProjector.option_defaults)
+    opts = dict(QGaLoreProjector.option_defaults)
     opts.update(options)
-    return QuantizedProjector(rank, gap, side, opts)
+    return QGaLoreProjector(rank, gap, side, opts)
 
 
 def orthonormal_rows(r, d, seed=0):
@@ -164,7 +164,7 @@ def test_adaptive_gap_off_keeps_fixed_schedule():
 
 # ------------------------------------------------------------------ the preset
 def test_projector_names_registered():
-    assert PROJECTORS["qgalore"] is QuantizedProjector and PROJECTORS["quantized"] is QuantizedProjector
+    assert PROJECTORS["qgalore"] is QGaLoreProjector and list(PROJECTORS.values()).count(QGaLoreProjector) == 1
 
 
 def test_qgalore_state_has_no_fp32_basis_and_trains():

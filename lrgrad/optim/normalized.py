@@ -26,13 +26,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from lrgrad.kernels.newton_schulz import MUON_COEFFICIENTS
+from lrgrad.optim.generic import ParamsT
 from lrgrad.optim.lowrank import LowRankOptimizer
-from lrgrad.optim.presets import ParamsT
-from lrgrad.rules.muon import ADAMW_FALLBACK_DEFAULTS
+from lrgrad.optim.registry import register_optimizer
+from lrgrad.rules.matrix import ADAMW_FALLBACK_DEFAULTS
 
 _FALLBACK = ADAMW_FALLBACK_DEFAULTS
 
 
+@register_optimizer("auon")
 class AuON(LowRankOptimizer):
     r"""AuON: normalized momentum with a cosh brake, O(mn) per matrix (arXiv:2509.24320).
 
@@ -74,6 +77,7 @@ class AuON(LowRankOptimizer):
                          **options)
 
 
+@register_optimizer("hybrid_auon")
 class HybridAuON(AuON):
     """Hybrid-AuON: ``ns_steps`` quintic Newton–Schulz iterations, then AuON's cosh scaling
     (arXiv:2509.24320; one iteration by default, as in the paper)."""
@@ -91,13 +95,14 @@ class HybridAuON(AuON):
         normalize_numerator: bool = True,
         *,
         ns_steps: int = 1,
-        ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+        ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
         **options: Any,
     ):
         super().__init__(params, lr, momentum, nesterov, weight_decay, eps, rms_eps, gamma, normalize_numerator,
                          rule="hybrid_auon", ns_steps=ns_steps, ns_coefficients=ns_coefficients, **options)
 
 
+@register_optimizer("muon")
 class Muon(LowRankOptimizer):
     r"""Muon: momentum orthogonalized by 5 quintic Newton–Schulz steps (Jordan et al. 2024).
 
@@ -120,7 +125,7 @@ class Muon(LowRankOptimizer):
         ns_steps: int = 5,
         *,
         match_rms_adamw: bool = False,
-        ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+        ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
         eps: float = 1e-7,
         adamw_lr: float | None = _FALLBACK["adamw_lr"],
         adamw_betas: tuple[float, float] = _FALLBACK["adamw_betas"],
@@ -138,6 +143,7 @@ class Muon(LowRankOptimizer):
                          **options)
 
 
+@register_optimizer("galore_muon")
 class GaLoreMuon(Muon):
     """Muon on GaLore's top-r SVD subspace: r x n (or m x r) momentum, Newton–Schulz on the
     low-rank matrix (arXiv:2403.03507 × Jordan et al. 2024). ``rank`` projects every matrix
@@ -149,6 +155,7 @@ class GaLoreMuon(Muon):
                          proj_type=proj_type, **options)
 
 
+@register_optimizer("galore_auon")
 class GaLoreAuON(AuON):
     """AuON on GaLore's top-r SVD subspace (arXiv:2509.24320 × arXiv:2403.03507): the momentum
     is low-rank and the normalization costs O(r·max(m, n))."""
@@ -159,6 +166,7 @@ class GaLoreAuON(AuON):
                          proj_type=proj_type, **options)
 
 
+@register_optimizer("dct_auon")
 class DCTAuON(AuON):
     """AuON in the r DCT-II directions that carry most of the gradient (arXiv:2509.24320 ×
     arXiv:2505.17967): r x n (or m x r) momentum plus r int32 indices per matrix, no stored basis,

@@ -44,9 +44,10 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
-from lrgrad.projectors.base import basis_shape, guarded_basis
+from lrgrad._checks import check_bool, check_choice, check_float, check_int
+from lrgrad.projectors.base import Projector, guarded_basis
 from lrgrad.projectors.svd import SVDProjector
-from lrgrad.rules.base import check_int
+from lrgrad.subspace import basis_shape
 
 PROJ_BITS = (4, 8)
 
@@ -65,7 +66,7 @@ def subspace_overlap(p1: torch.Tensor, p2: torch.Tensor, side: str) -> float:
 
 
 
-class QuantizedProjector(SVDProjector):
+class QGaLoreProjector(SVDProjector):
     """SVD subspace stored as INT4 (or INT8) codes, with Q-GaLore's adaptive refresh gap."""
 
     name = "qgalore"
@@ -83,17 +84,10 @@ class QuantizedProjector(SVDProjector):
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
         super().validate_options(group)
-        bits = group["proj_bits"]
-        if isinstance(bits, bool) or bits not in PROJ_BITS:
-            raise ValueError(f"Invalid proj_bits: {bits!r}; expected one of {PROJ_BITS}")
+        check_choice("proj_bits", group["proj_bits"], PROJ_BITS)
         check_int("proj_quant_group_size", group["proj_quant_group_size"], 1)
-        if not isinstance(group["adaptive_gap"], bool):
-            raise TypeError(f"Invalid adaptive_gap: expected a bool, got {group['adaptive_gap']!r}")
-        threshold = group["adaptive_threshold"]
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"Invalid adaptive_threshold: expected a float, got {threshold!r}")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"Invalid adaptive_threshold: {threshold} (must be in [0, 1])")
+        check_bool("adaptive_gap", group["adaptive_gap"])
+        check_float("adaptive_threshold", group["adaptive_threshold"], minimum=0.0, maximum=1.0)
         check_int("adaptive_window", group["adaptive_window"], 1)
         cap = group["max_proj_gap"]
         if cap is not None:
@@ -154,6 +148,17 @@ class QuantizedProjector(SVDProjector):
         state["proj_overlaps"] = history
 
     # ---------------------------------------------------------------- quantized storage
+    # The Gram-matrix sharded refresh of the SVD projector writes a dense basis; codes need the
+    # quantizing refresh, so sharded Q-GaLore refreshes through the all-gather fallback.
+    refresh_sharded = Projector.refresh_sharded
+
+    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
+        """Packed codes (two INT4 codes a byte, or one INT8) + an fp16 scale and zero per group."""
+        rows, cols = basis_shape(shape2d, self.rank, self.side)
+        numel = rows * cols
+        codes = -(-numel // 2) if self.options["proj_bits"] == 4 else numel
+        return codes + 4 * -(-numel // self.options["proj_quant_group_size"])
+
     def quantize(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         group_size = self.options["proj_quant_group_size"]
         if self.options["proj_bits"] == 4:
@@ -184,4 +189,4 @@ class QuantizedProjector(SVDProjector):
         kernels.lowrank_update_(param2d, update, basis, self.side, alpha=alpha, decay=decay)
 
 
-__all__ = ["PROJ_BITS", "QuantizedProjector", "subspace_overlap"]
+__all__ = ["PROJ_BITS", "QGaLoreProjector", "subspace_overlap"]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from lrgrad.optim.generic import ParamsT
 from lrgrad.optim.lowrank import LowRankOptimizer
-from lrgrad.optim.presets import ParamsT
+from lrgrad.optim.registry import register_optimizer
 
 
+@register_optimizer("qgalore")
 class QGaLoreAdamW(LowRankOptimizer):
     r"""Q-GaLore: AdamW with 8-bit moments inside an INT4-quantized SVD subspace.
 
@@ -66,6 +68,7 @@ class QGaLoreAdamW(LowRankOptimizer):
         )
 
 
+@register_optimizer("galore8bit")
 class GaLoreAdamW8bit(LowRankOptimizer):
     """GaLore (fp32 SVD basis, fixed gap) with 8-bit blockwise Adam moments.
 

@@ -1,78 +1,18 @@
-"""Named optimizers: each is a (projector, rule) preset of ``LowRankOptimizer``.
+"""GaLore presets: a rule inside the SVD projector.
 
-The argument names follow ``torch.optim.AdamW`` (``lr, betas, eps, weight_decay,
-maximize, foreach``) and galore-torch's group keys (``rank, update_proj_gap,
-scale, proj_type``) so migrating is a change of import.
+"GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+Zhao et al. 2024, arXiv:2403.03507.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
-
-from lrgrad.optim.lowrank import LowRankOptimizer
-
-ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+from lrgrad.optim.generic import LowRankAdafactor, LowRankAdamW, ParamsT
+from lrgrad.optim.registry import register_optimizer
 
 
-class LowRankAdamW(LowRankOptimizer):
-    """AdamW inside any projector: ``LowRankAdamW(params, projector="dct", rank=128)``."""
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        projector: str = "svd",
-        **options: Any,
-    ):
-        super().__init__(params, lr, rule="adamw", projector=projector, betas=betas, eps=eps,
-                         weight_decay=weight_decay, **options)
-
-
-class LowRankAdafactor(LowRankOptimizer):
-    """Adafactor (factored second moment) inside any projector."""
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-2,
-        beta1: float | None = None,
-        beta2_decay: float = -0.8,
-        eps: float = 1e-30,
-        clip_threshold: float = 1.0,
-        weight_decay: float = 0.0,
-        *,
-        projector: str = "svd",
-        **options: Any,
-    ):
-        super().__init__(params, lr, rule="adafactor", projector=projector, beta1=beta1,
-                         beta2_decay=beta2_decay, eps=eps, clip_threshold=clip_threshold,
-                         weight_decay=weight_decay, **options)
-
-
-class LowRankLion(LowRankOptimizer):
-    """Lion inside any projector."""
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
-        *,
-        projector: str = "svd",
-        **options: Any,
-    ):
-        super().__init__(params, lr, rule="lion", projector=projector, betas=betas,
-                         weight_decay=weight_decay, **options)
-
-
+@register_optimizer("galore")
 class GaLoreAdamW(LowRankAdamW):
     r"""GaLore: AdamW on gradients projected onto their top-r SVD subspace.
 
@@ -113,6 +53,7 @@ class GaLoreAdamW(LowRankAdamW):
                          update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, **options)
 
 
+@register_optimizer("galore_adafactor")
 class GaLoreAdafactor(LowRankAdafactor):
     """GaLore with Adafactor's factored second moment in the low-rank space (arXiv:2403.03507)."""
 

@@ -12,7 +12,7 @@ from tiny_model import TinyLM, lm_loss, make_batch, train
 
 import lrgrad
 from lrgrad.kernels import newton_schulz
-from lrgrad.optim.presets_normalized import AuON, DCTAuON, GaLoreAuON, GaLoreMuon, HybridAuON, Muon
+from lrgrad.optim.normalized import AuON, DCTAuON, GaLoreAuON, GaLoreMuon, HybridAuON, Muon
 
 LR = {"AuON": 5e-2, "HybridAuON": 5e-2, "Muon": 2e-2, "GaLoreAuON": 5e-2, "GaLoreMuon": 2e-2}
 FULL = [AuON, HybridAuON, Muon]

@@ -1,0 +1,101 @@
+"""Misuse gets a clear ValueError/TypeError naming the argument; exact state bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrgrad
+from lrgrad.optim.lowrank import LowRankOptimizer
+
+# ---------------------------------------------------------------- bad input
+
+
+def _param():
+    return [torch.nn.Parameter(torch.randn(10, 10))]
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"rank": 0}, ValueError, "rank"),
+        ({"rank": -3}, ValueError, "rank"),
+        ({"rank": 2.5}, TypeError, "rank"),
+        ({"rank": True}, TypeError, "rank"),
+        ({"rank": "8"}, TypeError, "rank"),
+        ({"lr": -1.0}, ValueError, "learning rate"),
+        ({"eps": -1e-8}, ValueError, "epsilon"),
+        ({"betas": (1.0, 0.999)}, ValueError, "beta"),
+        ({"betas": (0.9, -0.1)}, ValueError, "beta"),
+        ({"betas": (0.9,)}, TypeError, "betas"),
+        ({"weight_decay": -0.1}, ValueError, "weight_decay"),
+        ({"proj_type": "diag"}, ValueError, "proj_type"),
+        ({"moment_policy": "rotate"}, ValueError, "moment_policy"),
+        ({"update_proj_gap": 0}, ValueError, "update_proj_gap"),
+        ({"scale": "big"}, TypeError, "scale"),
+        ({"svd": "qr"}, ValueError, "svd"),
+        ({"maximize": "yes"}, TypeError, "maximize"),
+        ({"not_an_option": 1}, TypeError, "not_an_option"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lrgrad.GaLoreAdamW(_param(), **kwargs)
+
+
+def test_bad_param_group_is_rejected_and_not_added():
+    opt = lrgrad.GaLoreAdamW(_param(), rank=4)
+    with pytest.raises(ValueError, match="rank"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(4, 4))], "rank": 0})
+    assert len(opt.param_groups) == 1
+
+
+def test_complex_params_rejected():
+    with pytest.raises(ValueError, match="complex"):
+        lrgrad.GaLoreAdamW([torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))])
+
+
+def test_unknown_rule_and_projector():
+    with pytest.raises(ValueError, match="rule"):
+        LowRankOptimizer(_param(), rule="sgdx")
+    with pytest.raises(ValueError, match="projector"):
+        LowRankOptimizer(_param(), projector="magic")
+
+
+def test_sparse_grad_rejected():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = lrgrad.GaLoreAdamW(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+
+
+def test_state_dict_from_another_optimizer_or_rank_rejected():
+    p = _param()
+    torch_opt = torch.optim.AdamW(p)
+    p[0].grad = torch.randn(10, 10)
+    torch_opt.step()
+    with pytest.raises(ValueError, match="lrgrad"):
+        lrgrad.GaLoreAdamW(p, rank=4).load_state_dict(torch_opt.state_dict())
+    ours = lrgrad.GaLoreAdamW(p, rank=4)
+    ours.step()
+    with pytest.raises(ValueError, match="rank"):
+        lrgrad.GaLoreAdamW(p, rank=3).load_state_dict(ours.state_dict())
+    with pytest.raises(ValueError, match="rule"):
+        lrgrad.GaLoreAdafactor(p, rank=4).load_state_dict(ours.state_dict())
+    # same config, but the state was saved for a differently shaped model
+    other = [torch.nn.Parameter(torch.randn(12, 10))]
+    with pytest.raises(ValueError, match="shape"):
+        lrgrad.GaLoreAdamW(other, rank=4).load_state_dict(ours.state_dict())
+
+
+def test_state_bytes_are_what_plain_galore_needs():
+    """Moments 2·max(m, n)·r + one r·min(m, n) basis per projected matrix, fp32; full-rank rest 2·numel."""
+    shapes = [(64, 24), (24, 64), (40, 40)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes] + [torch.nn.Parameter(torch.randn(7))]
+    opt = lrgrad.GaLoreAdamW(params, rank=4)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    expected = sum(4 * (2 * max(s) * 4 + min(s) * 4) for s in shapes) + 4 * 2 * 7
+    assert lrgrad.optimizer_state_bytes(opt) == expected

@@ -1,0 +1,38 @@
+"""A projector written the way CONTRIBUTING.md says a new one is: one class + one registry line.
+
+The "coordinate" projector keeps the r coordinates (columns on the right side, rows on
+the left) where the gradient has the most energy: its basis is r rows of the identity.
+Nothing else in lrgrad knows about it; tests/projectors/test_new_projector.py proves the
+estimator, every rule and FSDP2 reach it through the protocol alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lrgrad.projectors import register_projector
+from lrgrad.projectors.base import Projector, guarded_basis
+
+
+class CoordinateProjector(Projector):
+    name = "toy_coordinates"
+    orthonormal = True
+
+    def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
+        def compute() -> torch.Tensor:
+            energy = grad.square().sum(dim=0 if self.side == "right" else 1)
+            keep = torch.topk(energy, self.rank).indices.sort().values
+            eye = torch.eye(energy.numel(), dtype=grad.dtype, device=grad.device)[keep]  # r x d
+            return eye if self.side == "right" else eye.T.contiguous()
+
+        basis = guarded_basis(state, grad, compute)
+        if basis is None:
+            return False
+        state["proj_basis"] = basis
+        state["proj_refreshes"] += 1
+        return True
+
+
+register_projector(CoordinateProjector)
