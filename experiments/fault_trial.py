@@ -64,8 +64,9 @@ def fingerprint(summary: dict[str, Any], out: Path) -> str:
 def _run(out: Path, *extra: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
-    try:
-        return run(parse_args([*TINY, "--out-dir", str(out), *extra]))
+    try:  # (the "removed temporaries" notes of resumed runs are expected here)
+        with contextlib.redirect_stderr(io.StringIO()):
+            return run(parse_args([*TINY, "--out-dir", str(out), *extra]))
     finally:
         for k, v in saved.items():
             if v is None:
