@@ -218,6 +218,8 @@ def _opt_args(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------- building blocks: schedule, loss,
+# evaluation, memory, wandb, signals
 def lr_lambda_factory(max_steps: int, warmup_ratio: float, min_lr_ratio: float):
     """Linear warmup over ``warmup_ratio`` of the steps, then cosine decay to ``min_lr_ratio``."""
     warmup = int(round(warmup_ratio * max_steps))
