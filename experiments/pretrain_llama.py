@@ -611,6 +611,10 @@ def choose_checkpoint(args: argparse.Namespace, env: Environment,
     else:
         choice = ()
     choice = env.broadcast(choice)
+    legacy = Path(args.out_dir) / run_dir.LEGACY[0]
+    if choice[0] == "error" and choice[1] == "NoCheckpointError" and legacy.is_file():
+        raise CheckpointError(legacy, "a checkpoint of an earlier pretrain_llama.py (one file, no manifest, no "
+                                      "step folder): resume it with that version, or start over with --overwrite")
     if choice[0] == "error":
         kind = ckpt.NoCheckpointError if choice[1] == "NoCheckpointError" else CheckpointError
         raise kind(choice[2], choice[3])
@@ -625,6 +629,10 @@ def resume_run(args: argparse.Namespace, env: Environment, store: CheckpointStor
     if state.get("format") != STATE_FORMAT or not isinstance(state.get("args"), dict):
         raise CheckpointError(state_path, f"not a state file of this script (format {state.get('format')!r}, "
                                           f"expected {STATE_FORMAT})")
+    named = folder.name.removeprefix("step-")
+    if named.isdigit() and int(named) != state.get("step"):
+        raise CheckpointError(state_path, f"holds step {state.get('step')!r} but its folder is {folder.name} "
+                                          "(renamed or mixed up)")
     fresh = training_args(args, training)
     changed = compare_resume_args(state["args"], fresh, state_path)
     _load_model_and_optimizer(args, state, folder, training)

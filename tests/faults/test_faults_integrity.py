@@ -121,6 +121,28 @@ def test_each_damage_exits_2_with_one_line_naming_the_file(tmp_path, capsys, dam
     assert cause in err[0]
 
 
+def test_a_renamed_checkpoint_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(tiny_args(out))
+    root = out / "checkpoints"
+    (root / "step-00000004").rename(root / "step-00000006")
+    code, err = _main(out, capsys, "--resume")
+    assert code == 2 and len(err) == 1
+    assert err[0] == (f"error: {root / 'step-00000006' / 'state.pt'}: holds step 4 but its folder is "
+                      "step-00000006 (renamed or mixed up)")
+
+
+def test_a_checkpoint_of_the_earlier_single_file_layout_is_named(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"step": 3}, out / "checkpoint.pt")
+    code, err = _main(out, capsys, "--resume")
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: {out / 'checkpoint.pt'}: a checkpoint of an earlier pretrain_llama.py")
+    code, err = _main(out, capsys)  # and it is a run: not overwritten without asking
+    assert code == 2 and "already holds a run (checkpoint.pt)" in err[0]
+
+
 def test_resume_with_layerwise_added_is_refused_in_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     run(tiny_args(out, "--max-steps", "2"))
