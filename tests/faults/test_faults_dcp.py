@@ -11,6 +11,9 @@ import torch.distributed.checkpoint as dcp
 import lrgrad
 from lrgrad.distributed import MANIFEST_NAME, CheckpointError, load_checkpoint, save_checkpoint
 
+# DCP in one process without a process group is what these tests mean to do
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
 
 def _model_and_opt(seed: int = 0):
     torch.manual_seed(seed)
