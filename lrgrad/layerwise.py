@@ -72,7 +72,7 @@ class LayerwiseOptimizer:
 
     def _reset_window(self) -> None:
         self._handled: set[int] = set()
-        self._pending_low: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending_low: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
         self._pending_full: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sq_norm: torch.Tensor | None = None
 
@@ -105,9 +105,10 @@ class LayerwiseOptimizer:
             return
         nonfinite = group["skip_nonfinite"] and opt.nonfinite_flags([grad])[0]
         prepared = opt.prepare_grad(param, group, grad, nonfinite=nonfinite)
+        snapshot = opt.snapshot_state(param)  # the window may still be skipped (a non-finite global norm)
         low = opt.project_grad(param, group, prepared) if prepared is not None else None
         if low is not None:
-            self._pending_low.append((param, low))
+            self._pending_low.append((param, low, snapshot))
         param.grad = None
 
     @torch.no_grad()
@@ -137,11 +138,13 @@ class LayerwiseOptimizer:
         self.last_grad_norm = norm
         if not math.isfinite(norm):
             self.skipped_steps += 1
+            for p, _, snapshot in self._pending_low:  # no refresh, no counter moves on a skipped step
+                opt.restore_state(p, snapshot)
             for p, _ in self._pending_full:
                 p.grad = None
             return
         coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
-        for p, low in self._pending_low:
+        for p, low, _ in self._pending_low:
             opt.apply_low_rank(p, self._group_of[id(p)], low * coef if coef < 1.0 else low)
         for p, grad in self._pending_full:
             opt.step_param(p, self._group_of[id(p)], grad * coef if coef < 1.0 else grad)

@@ -140,6 +140,7 @@ class DCTProjector(Projector):
     name = "dct"
     orthonormal = True
     option_defaults: dict[str, Any] = {"dct_scores": "auto"}
+    structural_state_keys = ("proj_dim",)
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
@@ -169,9 +170,11 @@ class DCTProjector(Projector):
         coeffs = dct_coefficients(grad_local, "right", self.options["dct_scores"])
         return self._select(state, ctx.all_reduce(coeffs.square().sum(dim=0)))
 
-    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
+    def refresh_state_spec(
+        self, shape2d: tuple[int, int], dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """r int32 indices; the shared DCT matrix is counted once per size (``shared_buffers``)."""
-        return 4 * self.rank
+        return {"proj_indices": ((self.rank,), torch.int32)}
 
     def _select(self, state: dict[str, Any], scores: torch.Tensor) -> bool:
         indices = select_indices(scores, self.rank)

@@ -105,9 +105,12 @@ class OnlinePCAProjector(Projector):
         check_int("pca_qr_every", group["pca_qr_every"], 0)  # 0 disables the periodic QR
         check_positive("pca_ortho_tol", group["pca_ortho_tol"], allow_none=True)
 
-    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
-        """The basis and the two Adam moments of its own optimizer (``proj_exp_avg[_sq]``)."""
-        return 3 * super().basis_bytes(shape2d, dtype)
+    def refresh_state_spec(
+        self, shape2d: tuple[int, int], dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The basis and the two Adam moments of its own optimizer, all shaped like the basis."""
+        basis = super().refresh_state_spec(shape2d, dtype)["proj_basis"]
+        return {"proj_basis": basis, "proj_exp_avg": basis, "proj_exp_avg_sq": basis}
 
     # ---------------------------------------------------------------- lifecycle
     def initial_basis(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,7 @@ class QGaLoreProjector(SVDProjector):
     """SVD subspace stored as INT4 (or INT8) codes, with Q-GaLore's adaptive refresh gap."""
 
     name = "qgalore"
+    structural_state_keys = ("proj_rows", "proj_cols")
     orthonormal = False  # orthonormal up to the quantization error
     option_defaults: dict[str, Any] = {
         **SVDProjector.option_defaults,
@@ -152,12 +153,17 @@ class QGaLoreProjector(SVDProjector):
     # quantizing refresh, so sharded Q-GaLore refreshes through the all-gather fallback.
     refresh_sharded = Projector.refresh_sharded
 
-    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
-        """Packed codes (two INT4 codes a byte, or one INT8) + an fp16 scale and zero per group."""
+    def refresh_state_spec(
+        self, shape2d: tuple[int, int], dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Packed codes (two INT4 codes a byte as uint8, or one INT8 each) + an fp16 scale and zero
+        per group of ``proj_quant_group_size`` elements."""
         rows, cols = basis_shape(shape2d, self.rank, self.side)
         numel = rows * cols
-        codes = -(-numel // 2) if self.options["proj_bits"] == 4 else numel
-        return codes + 4 * -(-numel // self.options["proj_quant_group_size"])
+        four = self.options["proj_bits"] == 4
+        codes = ((-(-numel // 2),), torch.uint8) if four else ((numel,), torch.int8)
+        groups = (-(-numel // self.options["proj_quant_group_size"]),)
+        return {"proj_codes": codes, "proj_scale": (groups, torch.float16), "proj_zero": (groups, torch.float16)}
 
     def quantize(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         group_size = self.options["proj_quant_group_size"]

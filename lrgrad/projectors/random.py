@@ -146,6 +146,7 @@ class RandomProjector(Projector):
     orthonormal = False  # True only with random_basis="orthonormal"
     #: the subspace never depends on the gradient: the next basis is known in advance
     gradient_free = True
+    structural_state_keys = ("proj_dim",)
     option_defaults: dict[str, Any] = {
         "random_basis": "gaussian",
         "random_device": "param",
@@ -158,9 +159,11 @@ class RandomProjector(Projector):
                              ("random_v_transfer", RANDOM_V_TRANSFERS)):
             check_choice(key, group[key], allowed)
 
-    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
+    def refresh_state_spec(
+        self, shape2d: tuple[int, int], dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Nothing: the matrix is regenerated from ``proj_seed``."""
-        return 0
+        return {}
 
     # ---------------------------------------------------------------- lifecycle
     def init_state(self, state: dict[str, Any], shape2d: tuple[int, int], seed: int) -> None:
