@@ -192,8 +192,42 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
+    check_checkpoint_shapes(path, state)
     dcp.load(state, checkpoint_id=os.fspath(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-__all__ = ["PARALLEL_MODES", "ddp_layerwise", "init_from_env", "load_checkpoint", "save_checkpoint", "setup_parallel"]
+def _tensor_leaves(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of a nested state dict keyed as DCP flattens them (``a.b.c``)."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(_tensor_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(tree, torch.Tensor):
+        out[prefix] = tree
+    return out
+
+
+def check_checkpoint_shapes(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors have other global shapes than this run's, naming them.
+
+    DCP reshards a tensor across world sizes only when its global shape is the same.
+    8-bit moments of FSDP2-sharded params keep one block-maxima row per shard
+    (``lrgrad.dtensor.shard_block_state``), so they are the usual case: such a
+    checkpoint loads into the world size it was saved from.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
+    for key, tensor in _tensor_leaves(state).items():
+        meta = saved.get(key)
+        size = getattr(meta, "size", None)
+        if size is not None and tuple(size) != tuple(tensor.shape):
+            hint = (" - 8-bit moments of FSDP2-sharded params are quantized per row shard, so they load only "
+                    "into the world size that saved them (resume there, or train with fp32 moments)"
+                    if key.endswith("_absmax") else "")
+            raise ValueError(f"Invalid checkpoint: {key} was saved with shape {tuple(size)}, this run expects "
+                             f"{tuple(tensor.shape)}{hint}")
+
+
+__all__ = ["PARALLEL_MODES", "check_checkpoint_shapes", "ddp_layerwise", "init_from_env", "load_checkpoint", "save_checkpoint", "setup_parallel"]

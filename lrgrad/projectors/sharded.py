@@ -49,8 +49,8 @@ class ShardedProjector:
 
     # ---------------------------------------------------------------- refresh
     def refresh(self, state: dict[str, Any], grad2d: Any, step: int, group: dict[str, Any]) -> bool:
-        if grad2d is None:  # a gradient-free projector (e.g. a seeded random basis)
-            return self.inner.refresh(state, None, step, group)
+        if grad2d is None or getattr(self.inner, "gradient_free", False):
+            return self.inner.refresh(state, None, step, group)  # e.g. a seeded random basis: no G needed
         # The projector's own sharded refresh (small all-reduces), when it has one for this case.
         result = self.inner.refresh_sharded(state, grad2d.to_local(), step, group, self.ctx)
         if result is not NotImplemented:
@@ -65,7 +65,7 @@ class ShardedProjector:
         moments are row shards; left side: they are replicated), so this is exact.
         """
         dtensors = {k: v for k, v in state.items() if is_dtensor(v)}
-        local = {k: (v.to_local() if k in dtensors else v) for k, v in state.items()}
+        local = rule.local_state(state)
         before = dict(local)
         self.inner.carry_moments(rule, local, old_state)
         for key, value in local.items():
