@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from lrgrad.dtensor import is_dtensor
 from lrgrad.optim.lowrank import LowRankOptimizer
 
 
@@ -58,14 +57,6 @@ class LayerwiseOptimizer:
             raise ValueError(f"Invalid accumulation_steps: {accumulation_steps} (must be >= 1)")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0 or None)")
-        if any(is_dtensor(p) for group in optimizer.param_groups for p in group["params"]):
-            # FSDP2 writes each sharded .grad after its reduce-scatter, outside autograd: a
-            # post-accumulate-grad hook on a sharded parameter never fires (tests/distributed).
-            raise ValueError(
-                "Invalid optimizer: per-layer updates (LayerwiseOptimizer) do not run on FSDP2-sharded "
-                "(DTensor) parameters - FSDP2 sets their gradients outside autograd, so the per-parameter "
-                "hooks would never fire; call optimizer.step() instead (FSDP2 already frees each block's "
-                "unsharded gradients after its reduce-scatter)")
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm

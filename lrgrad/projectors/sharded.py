@@ -83,7 +83,7 @@ class ShardedProjector:
 
     # ---------------------------------------------------------------- maps
     def _local_basis(self, state: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
-        basis = self.inner.basis(state).to(dtype)  # e.g. a dequantized INT4 basis comes back in fp32
+        basis = self.inner.basis_like(state, torch.empty(0, dtype=dtype, device=self.param.to_local().device))
         return basis[self.ctx.row_offset:self.ctx.row_stop] if self.side == "left" else basis
 
     def down(self, state: dict[str, Any], grad2d: Any) -> Any:
