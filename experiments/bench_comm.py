@@ -1,12 +1,13 @@
 """Bytes communicated per subspace refresh under FSDP2, counted from the collectives issued.
 
-Part 1 (traffic). ``--world`` gloo processes on the CPU hold one transformer block of
-LLaMA shapes (default LLaMA-1B: d 2048, ffn 5461, GaLore rank 512) as ``Shard(0)``
-DTensors with random fp32 gradients and run one optimizer step per method - the
-refresh - under :func:`lrgrad.dtensor.count_collectives` (every collective a
-``ShardContext`` issues) with ``DTensor.full_tensor`` wrapped to record the all-gather
-fallback. A second step without refresh measures the per-step traffic (the left
-side's r x n all-reduce of R), which is subtracted. Bytes *sent per rank* with ring
+Part 1 (traffic). One transformer block of LLaMA shapes (default LLaMA-1B: d 2048,
+ffn 5461, GaLore rank 512) as ``Shard(0)`` DTensors of rank 0 in a ``--world``-rank
+run (torch's fake process group, see :func:`measure_traffic`), random fp32 gradients,
+one optimizer step per method - the refresh - under
+:func:`lrgrad.dtensor.count_collectives` (every collective a ``ShardContext`` issues)
+with ``DTensor.full_tensor`` wrapped to record the all-gather fallback. A second step
+without refresh measures the per-step traffic (the left side's r x n all-reduce of R),
+which is subtracted. Bytes *sent per rank* with ring
 algorithms: ``2(W-1)/W · B`` for an all-reduce of B bytes, ``(W-1)/W · B`` for an
 all-gather of a B-byte result. Methods (``projector="svd"`` unless noted):
 
@@ -35,10 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -87,16 +85,23 @@ def recorded_gathers(log: list[dict[str, Any]], world: int):
         DTensor.full_tensor = original
 
 
-def traffic_worker(rank: int, world: int, port: int, shapes: list, r: int, out: str) -> None:
+def measure_traffic(world: int, dim: int, ffn: int, r: int) -> dict[str, dict[str, float]]:
+    """Rank 0's bytes per refresh in a ``world``-rank run, per method and matrix.
+
+    Runs in this process as rank 0 of torch's fake process group (collectives are issued with
+    their real shapes but move nothing), so LLaMA-1B shapes fit a laptop: the refresh is SPMD -
+    every rank issues the same collectives - so rank 0's log is every rank's. The
+    tests (tests/distributed) check the same counts on 2 real gloo processes.
+    """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import lrgrad
     from lrgrad.dtensor import count_collectives
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
     results: dict[str, dict[str, float]] = {}
     try:
@@ -104,38 +109,31 @@ def traffic_worker(rank: int, world: int, port: int, shapes: list, r: int, out: 
             options = dict(options)
             projector = options.pop("projector")
             per_matrix: dict[str, float] = {}
-            for name, m, n in shapes:
+            for name, m, n in matrices(dim, ffn):
                 torch.manual_seed(0)
                 param = torch.nn.Parameter(distribute_tensor(torch.zeros(m, n), mesh, [Shard(0)]))
+                if method == BASELINE:  # the fallback's collective, without its exact SVD's compute
+                    log: list[dict[str, Any]] = []
+                    with recorded_gathers(log, world):
+                        distribute_tensor(torch.randn(m, n), mesh, [Shard(0)]).full_tensor()
+                    per_matrix[name] = sum(e["sent"] for e in log)
+                    continue
                 opt = lrgrad.LowRankOptimizer([param], lr=1e-3, rank=r, update_proj_gap=2, projector=projector,
                                               **options)
                 sent = []
-                steps = 3 if projector == "online_pca" else 2  # online PCA: its first refresh is an SVD
+                steps = 3 if projector == "online_pca" else 2  # online PCA: its first refresh is a sketch
                 for _ in range(steps):
                     param.grad = distribute_tensor(torch.randn(m, n), mesh, [Shard(0)])
-                    log: list[dict[str, Any]] = []
+                    log = []
                     with count_collectives() as issued, recorded_gathers(log, world):
                         opt.step()
                     sent.append(sum(e["sent"] for e in issued + log))
-                # refresh step minus a plain step (online PCA refreshes every gap: steps 1 and 3)
-                per_matrix[name] = sent[-1] - sent[1] if projector == "online_pca" else sent[0] - sent[1]
+                # a refresh step minus a plain step (online PCA refreshes every gap: steps 1 and 3)
+                per_matrix[name] = (sent[2] if projector == "online_pca" else sent[0]) - sent[1]
             results[method] = per_matrix
-        if rank == 0:
-            torch.save(results, os.path.join(out, "traffic.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def measure_traffic(world: int, dim: int, ffn: int, rank: int) -> dict[str, dict[str, float]]:
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    shapes = matrices(dim, ffn)
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(traffic_worker, args=(world, port, shapes, rank, out), nprocs=world, join=True)
-        return torch.load(os.path.join(out, "traffic.pt"))
+    return results
 
 
 def traffic_table(traffic: dict[str, dict[str, float]], dim: int, ffn: int, layers: int, world: int,

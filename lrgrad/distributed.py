@@ -230,4 +230,5 @@ def check_checkpoint_shapes(path: str | os.PathLike, state: dict[str, Any]) -> N
                              f"{tuple(tensor.shape)}{hint}")
 
 
-__all__ = ["PARALLEL_MODES", "check_checkpoint_shapes", "ddp_layerwise", "init_from_env", "load_checkpoint", "save_checkpoint", "setup_parallel"]
+__all__ = ["PARALLEL_MODES", "check_checkpoint_shapes",
+           "ddp_layerwise", "init_from_env", "load_checkpoint", "save_checkpoint", "setup_parallel"]

@@ -201,7 +201,7 @@ class ShardContext:
         chunk = math.ceil(m / self.world)
         padded = local.new_zeros((chunk, *local.shape[1:]))
         padded[:local.shape[0]] = local
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        parts = [torch.zeros_like(padded) for _ in range(self.world)]
         _record("all_gather", padded.new_empty((chunk * self.world, *local.shape[1:])), self.world)
         dist.all_gather(parts, padded, group=self.group)
         rows = [part[: b - a] for part, (a, b) in zip(parts, (row_range(m, self.world, r)
@@ -214,5 +214,6 @@ class ShardContext:
         return not bool(self.all_reduce(bad, op="max").item())
 
 
-__all__ = ["LocalContext", "ShardContext", "count_collectives", "shard_block_state", "check_row_sharded", "from_local", "is_dtensor", "is_row_sharded", "low_rank_zeros",
+__all__ = ["LocalContext", "ShardContext", "count_collectives", "shard_block_state",
+           "check_row_sharded", "from_local", "is_dtensor", "is_row_sharded", "low_rank_zeros",
            "row_range"]

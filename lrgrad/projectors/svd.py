@@ -4,11 +4,14 @@
 Zhao et al. 2024, arXiv:2403.03507.
 
 ``svd="exact"``: ``torch.linalg.svd`` in fp32 (fp64 for fp64 params).
-``svd="randomized"``: a range finder warm-started from the previous basis
-(plus ``svd_oversample`` seeded Gaussian columns) with ``svd_power_iters``
-subspace iterations, then an exact SVD of the small (r+p) x n sketch (Halko,
-Martinsson & Tropp 2011). Warm starting makes one power iteration enough once
-the subspace has settled.
+``svd="randomized"``: :func:`sketch_basis` - a seeded n x (r + ``svd_oversample``)
+test matrix (warm-started from the previous basis on the right side), ``svd_power_iters
++ 1`` products with GᵀG (default 1: one pass), and the Nyström approximation's
+eigenvectors (Halko, Martinsson & Tropp 2011, arXiv:0909.4061; Tropp et al. 2017,
+arXiv:1706.05736). The same function refreshes FSDP2 row shards, where each product is
+one n x k all-reduce: ``svd_sharded="sketch"`` (default) uses it even for
+``svd="exact"``; ``"gram"`` keeps the exact right-side basis from the n x n Gram
+all-reduce, ``"gather"`` all-gathers G (see ``lrgrad.projectors.sharded``).
 
 Robustness (GaLore issue #58): a non-finite gradient or a failed/non-finite SVD
 keeps the previous basis and increments ``state["proj_failures"]``; NaN never
