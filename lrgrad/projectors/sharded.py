@@ -13,7 +13,8 @@ row ``i`` of the gradient ``G`` lives on one rank only.
   hook computes the new subspace from the local rows with the collectives of
   :class:`lrgrad.dtensor.ShardContext`; a projector without one for the case at
   hand returns ``NotImplemented`` and the gradient is all-gathered for the
-  refresh only (``DTensor.full_tensor``) - correct for every projector.
+  refresh only (``DTensor.full_tensor``) - correct for every projector. A
+  ``gradient_free`` projector refreshes without reading G at all.
 
 Projector state (bases, indices, seeds) stays plain tensors, identical on
 every rank; low-rank gradients, rule states and updates are DTensors.
