@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--synthetic-size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-energy", action="store_true", help="only the traffic table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -255,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     print(traffic_table(traffic, args.dim, args.ffn, args.layers, args.world, args.rank))
     base = sum(traffic[BASELINE].values())
     print(f"\nDefault sharded refresh: {sum(traffic[DEFAULT].values()) / base:.2f}x the all-gather "
-          f"(goal <= 0.5x); Gram: {sum(traffic['Gram'].values()) / base:.2f}x.\n")
+          f"(goal <= 0.5x); Gram: {sum(traffic['Gram'].values()) / base:.2f}x.\n", flush=True)
+    if args.skip_energy:
+        return 0
     grads, earlier, rank = llama_gradients(args.energy_config, args.energy_steps, args.energy_gap, args.seq_len,
                                            args.batch_size)
     sets = [(f"{args.energy_config} step {args.energy_steps}", energy_rows(grads, earlier, rank))]
