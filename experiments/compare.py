@@ -43,7 +43,8 @@ def _train_args(opts: argparse.Namespace, optimizer: str, steps: int, out: Path)
     argv = ["--config", opts.config, "--optimizer", optimizer, "--max-steps", str(steps),
             "--batch-size", str(opts.batch_size), "--seq-len", str(opts.seq_len),
             "--eval-every", str(max(1, steps // opts.n_evals)), "--eval-batches", str(opts.eval_batches),
-            "--seed", str(opts.seed), "--out-dir", str(out / optimizer), "--quiet"]
+            "--seed", str(opts.seed), "--out-dir", str(out / optimizer), "--quiet",
+            "--overwrite"]  # `make demo` reruns replace the previous demo's runs
     if not opts.progress:
         argv.append("--no-progress")
     if opts.max_bytes:

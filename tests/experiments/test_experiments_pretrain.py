@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import lrgrad  # noqa: E402
@@ -77,7 +77,7 @@ def test_resume_is_bit_identical(tmp_path, name, extra):
 
     part = run(_args(tmp_path / "part", *common), on_step=kill_at_3)
     assert part["stopped_by_signal"] == signal.SIGTERM and part["steps"] == 3
-    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["step"] == 3
+    assert load_checkpoint(tmp_path / "part" / "checkpoints" / "step-00000003" / "state.pt")["step"] == 3
     resumed = run(_args(tmp_path / "part", *common, "--resume"))
     assert resumed["steps"] == 6
     a, b = _weights(full["model"]), _weights(resumed["model"])

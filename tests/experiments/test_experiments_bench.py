@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lrgrad  # noqa: E402
 from experiments import bench_memory, bench_step, compare  # noqa: E402
@@ -60,9 +60,14 @@ def test_bench_step_and_memory(tmp_path):
     # GaLore state = AdamW's on full-rank params + max(m,n) x r moments x2 + one basis per projected matrix
     assert rows["galore_adamw"]["state_bytes"] < rows["adamw_foreach"]["state_bytes"]
     assert all(r["step_s"] > 0 for r in rows.values())
+    # the family's floor is timed in the same run; floors hold no optimizer state
+    assert rows["galore_adamw"]["floor"] == "floor_adamw" and rows["floor_adamw"]["state_bytes"] is None
+    assert set(res["refresh"]) >= {"exact", "randomized"}
+    assert all(r["first_step_s"] > 0 for r in res["refresh"].values())
     bench_step.write([res], tmp_path, "test")
     md = (tmp_path / "bench_step.md").read_text()
     assert "| torch AdamW (foreach) |" in md and "| 1.00x |" in md
+    assert "| floor: projection GEMMs + fused AdamW |" in md and "svd=\"randomized\"" in md
     assert (tmp_path / "bench_step.png").exists()
 
     mem = bench_memory.measure("llama_test", ["adamw_foreach", "galore_adamw"], vocab=256)
