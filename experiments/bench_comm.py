@@ -1,20 +1,33 @@
-"""Bytes communicated per subspace refresh under FSDP2: shard-aware vs all-gathering G.
+"""Bytes communicated per subspace refresh under FSDP2, counted from the collectives issued.
 
-LLaMA-1B shapes (GaLore's config: d2048, ffn 5461, 24 layers, rank 512), fp32
-gradients, row-sharded (``Shard(0)``) over ``--world`` ranks. Per projected
-matrix G (m x n) and refresh:
+Part 1 (traffic). One transformer block of LLaMA shapes (default LLaMA-1B: d 2048,
+ffn 5461, GaLore rank 512) as ``Shard(0)`` DTensors of rank 0 in a ``--world``-rank
+run (torch's fake process group, see :func:`measure_traffic`), random fp32 gradients,
+one optimizer step per method - the refresh - under
+:func:`lrgrad.dtensor.count_collectives` (every collective a ``ShardContext`` issues)
+with ``DTensor.full_tensor`` wrapped to record the all-gather fallback. A second step
+without refresh measures the per-step traffic (the left side's r x n all-reduce of R),
+which is subtracted. Bytes *sent per rank* with ring
+algorithms: ``2(W-1)/W · B`` for an all-reduce of B bytes, ``(W-1)/W · B`` for an
+all-gather of a B-byte result. Methods (``projector="svd"`` unless noted):
 
-* all-gather:  every rank receives the other shards of G: (W-1)/W · m·n elements
-  (what a projector that needs the full gradient costs).
-* SVD, right side (lrgrad's Gram path): all-reduce of Gᵀ G, n x n.
-* SVD, left side: all-gather of G (see lrgrad/distributed.py), plus an r x n
-  all-reduce of R = Σ P_iᵀ G_i on *every* step.
-* DCT (column scores): all-reduce of n norms (right side).
-* Flora (seeded): 0.
-* n x k sketch (randomized SVD, k = r + 8): all-reduce of Gᵀ(GΩ), n x k.
+* ``all-gather G``: ``svd_sharded="gather"``, the fallback every projector had;
+* ``Gram``: ``svd_sharded="gram"``, the n x n Gram all-reduce (right side; left gathers);
+* ``sketch, 1 pass`` (default): ``svd_power_iters=0`` - one n x k all-reduce (k = r + 8);
+* ``sketch, 2 passes``: ``svd_power_iters=1``;
+* ``online PCA step``: an ``online_pca`` refresh after its first.
 
-A ring all-reduce of B bytes moves 2(W-1)/W · B per rank, an all-gather of a
-tensor of B bytes (W-1)/W · B; the table reports bytes sent per rank.
+Traffic does not depend on the values, so the numbers for all ``--layers`` blocks are one
+block's times ``--layers``.
+
+Part 2 (quality). The sketch is one function for one process and for row shards
+(``lrgrad.projectors.svd.sketch_basis``; tests/distributed checks they agree to 1e-6),
+so its subspace is measured in one process: the energy ``‖G Pᵀ‖²`` (``‖Pᵀ G‖²`` on the
+left) it captures over the exact top-r SVD's, on real gradients of a small LLaMA
+(``--energy-config``, its GaLore rank, d/4 as at 1B) trained a few AdamW steps on the
+Python stdlib bytes, cold (first refresh) and warm (started from the basis of a
+gradient ``--energy-gap`` steps earlier), plus synthetic power-law spectra
+``σ_i = i^-α`` (a harder case than real gradients).
 
     python experiments/bench_comm.py --world 8
 """
@@ -22,66 +35,241 @@ tensor of B bytes (W-1)/W · B; the table reports bytes sent per rank.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LLAMA_1B = {"dim": 2048, "ffn": 5461, "layers": 24, "rank": 512}
+METHODS: dict[str, dict[str, Any]] = {
+    "all-gather G": {"projector": "svd", "svd_sharded": "gather"},
+    "Gram": {"projector": "svd", "svd_sharded": "gram"},
+    "sketch, 1 pass (default)": {"projector": "svd"},
+    "sketch, 2 passes": {"projector": "svd", "svd_power_iters": 1},
+    "online PCA step": {"projector": "online_pca"},
+}
+DEFAULT = "sketch, 1 pass (default)"
+BASELINE = "all-gather G"
 
 
 def matrices(dim: int, ffn: int) -> list[tuple[str, int, int]]:
     """(name, m, n) of one block's projected weights (nn.Linear: out x in)."""
-    return [("q/k/v/o_proj", dim, dim)] * 4 + [("gate_proj", ffn, dim), ("up_proj", ffn, dim),
-                                               ("down_proj", dim, ffn)]
+    return [("q_proj", dim, dim), ("k_proj", dim, dim), ("v_proj", dim, dim), ("o_proj", dim, dim),
+            ("gate_proj", ffn, dim), ("up_proj", ffn, dim), ("down_proj", dim, ffn)]
 
 
-def per_rank_bytes(m: int, n: int, rank: int, world: int, elem: int = 4) -> dict[str, float]:
-    ar = 2 * (world - 1) / world  # ring all-reduce factor
-    ag = (world - 1) / world
-    right = m >= n  # GaLore's "std" side
-    gather = ag * m * n * elem
-    return {
-        "all-gather G": gather,
-        "SVD (Gram / fallback)": ar * n * n * elem if right else gather,
-        "SVD per-step R": 0.0 if right else ar * rank * n * elem,
-        "sketch n x k": ar * (n if right else m) * (rank + 8) * elem,
-        "DCT scores": ar * (n if right else m) * elem,
-        "Flora": 0.0,
-    }
+# ---------------------------------------------------------------------------- part 1: traffic
+@contextlib.contextmanager
+def recorded_gathers(log: list[dict[str, Any]], world: int):
+    """Record ``DTensor.full_tensor`` (the all-gather fallback) like ``count_collectives`` does."""
+    from torch.distributed.tensor import DTensor
+
+    original = DTensor.full_tensor
+
+    def recording(self, *args, **kwargs):
+        if self.dim() >= 2:
+            nbytes = self.numel() * self.element_size()
+            log.append({"op": "all_gather", "numel": self.numel(), "bytes": nbytes, "world": world,
+                        "sent": (world - 1) / world * nbytes})
+        return original(self, *args, **kwargs)
+
+    DTensor.full_tensor = recording
+    try:
+        yield
+    finally:
+        DTensor.full_tensor = original
 
 
-def main() -> None:
+def measure_traffic(world: int, dim: int, ffn: int, r: int) -> dict[str, dict[str, float]]:
+    """Rank 0's bytes per refresh in a ``world``-rank run, per method and matrix.
+
+    Runs in this process as rank 0 of torch's fake process group (collectives are issued with
+    their real shapes but move nothing), so LLaMA-1B shapes fit a laptop: the refresh is SPMD -
+    every rank issues the same collectives - so rank 0's log is every rank's. The
+    tests (tests/distributed) check the same counts on 2 real gloo processes.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import lrgrad
+    from lrgrad.dtensor import count_collectives
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for method, options in METHODS.items():
+            options = dict(options)
+            projector = options.pop("projector")
+            per_matrix: dict[str, float] = {}
+            for name, m, n in matrices(dim, ffn):
+                torch.manual_seed(0)
+                param = torch.nn.Parameter(distribute_tensor(torch.zeros(m, n), mesh, [Shard(0)]))
+                if method == BASELINE:  # the fallback's collective, without its exact SVD's compute
+                    log: list[dict[str, Any]] = []
+                    with recorded_gathers(log, world):
+                        distribute_tensor(torch.randn(m, n), mesh, [Shard(0)]).full_tensor()
+                    per_matrix[name] = sum(e["sent"] for e in log)
+                    continue
+                opt = lrgrad.LowRankOptimizer([param], lr=1e-3, rank=r, update_proj_gap=2, projector=projector,
+                                              **options)
+                sent = []
+                steps = 3 if projector == "online_pca" else 2  # online PCA: its first refresh is a sketch
+                for _ in range(steps):
+                    param.grad = distribute_tensor(torch.randn(m, n), mesh, [Shard(0)])
+                    log = []
+                    with count_collectives() as issued, recorded_gathers(log, world):
+                        opt.step()
+                    sent.append(sum(e["sent"] for e in issued + log))
+                # a refresh step minus a plain step (online PCA refreshes every gap: steps 1 and 3)
+                per_matrix[name] = (sent[2] if projector == "online_pca" else sent[0]) - sent[1]
+            results[method] = per_matrix
+    finally:
+        dist.destroy_process_group()
+    return results
+
+
+def traffic_table(traffic: dict[str, dict[str, float]], dim: int, ffn: int, layers: int, world: int,
+                  rank: int) -> str:
+    mib = 2**20
+    names = [name for name, _, _ in matrices(dim, ffn)]
+    shapes = {name: (m, n) for name, m, n in matrices(dim, ffn)}
+    shown = ["q_proj", "gate_proj", "down_proj"]  # q/k/v/o share a shape, as do gate/up
+    lines = [f"## Bytes sent per rank per refresh, fp32, world={world}, rank={rank}, d={dim}, ffn={ffn}, "
+             f"{layers} layers (counted from the collectives issued)\n",
+             "| method | " + " | ".join(f"{k} {shapes[k][0]}x{shapes[k][1]}" for k in shown)
+             + f" | all {layers} layers | vs all-gather |",
+             "|---|" + "---|" * (len(shown) + 2)]
+    base = sum(traffic[BASELINE].values()) * layers
+    for method, per in traffic.items():
+        total = sum(per[k] for k in names) * layers
+        lines.append(f"| {method} | " + " | ".join(f"{per[k] / mib:.2f} MiB" for k in shown)
+                     + f" | {total / mib:.1f} MiB | {total / base:.2f}x |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- part 2: quality
+def captured(g: torch.Tensor, basis: torch.Tensor, side: str) -> float:
+    return float((g @ basis.T).square().sum() if side == "right" else (basis.T @ g).square().sum())
+
+
+def energy_rows(grads: dict[str, torch.Tensor], earlier: dict[str, torch.Tensor], rank: int) -> list[tuple]:
+    from lrgrad.projectors.svd import sketch_basis, top_singular_basis
+    from lrgrad.subspace import projection_side
+
+    rows = []
+    for name, g in grads.items():
+        side = projection_side(tuple(g.shape), "std")
+        exact = captured(g, top_singular_basis(g, rank, side), side)
+        previous = top_singular_basis(earlier[name], rank, side) if name in earlier else None
+        ratios = []
+        for passes in (1, 2):
+            for warm in (None, previous):
+                generator = torch.Generator().manual_seed(0)
+                basis = sketch_basis(g, rank, side, warm, 8, passes - 1, generator)
+                ratios.append(captured(g, basis, side) / exact)
+        rows.append((name, tuple(g.shape), side, ratios))
+    return rows
+
+
+def llama_gradients(config: str, steps: int, gap: int, seq_len: int, batch: int) -> tuple[dict, dict, int]:
+    """Gradients of one middle block's matrices after ``steps`` AdamW steps, and ``gap`` steps earlier."""
+    from experiments.configs import build_model, get_config
+    from experiments.data import load_stdlib
+
+    torch.manual_seed(0)
+    rank = get_config(config)["rank"]
+    model = build_model(config, vocab_size=256, max_seq_len=seq_len)
+    block = f"layers.{model.config.num_hidden_layers // 2}."
+    tokens = torch.from_numpy(load_stdlib(max_bytes=1_000_000).train.astype("int64"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+    for step in range(1, steps + 1):
+        starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,))
+        x = torch.stack([tokens[s:s + seq_len + 1] for s in starts])
+        logits = model(x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        if step in (steps - gap, steps):
+            kept[step] = {n.split(block)[1]: p.grad.detach().clone() for n, p in model.named_parameters()
+                          if block in n and p.dim() == 2}
+        opt.step()
+    return kept[steps], kept.get(steps - gap, {}), rank
+
+
+def synthetic_gradients(size: int, rank: int) -> list[tuple[str, dict, dict]]:
+    out = []
+    for alpha in (0.5, 1.0):
+        torch.manual_seed(0)
+        grads, earlier = {}, {}
+        for name, m, n in (("square", size, size), ("tall (right)", 3 * size, size), ("wide (left)", size, 3 * size)):
+            u, _ = torch.linalg.qr(torch.randn(m, min(m, n)))
+            v, _ = torch.linalg.qr(torch.randn(n, min(m, n)))
+            s = torch.arange(1, min(m, n) + 1, dtype=torch.float32) ** -alpha
+            g = (u * s) @ v.T
+            grads[name] = g
+            earlier[name] = g + 0.3 * g.norm() / (m * n) ** 0.5 * torch.randn(m, n)  # a drifted earlier gradient
+        out.append((f"σ_i = i^-{alpha}", grads, earlier))
+    return out
+
+
+def energy_table(sets: list[tuple[str, list[tuple]]], rank_note: str) -> str:
+    lines = [f"## Energy captured by the sketch / by the exact top-r SVD ({rank_note})\n",
+             "| gradients | matrix | m x n | side | 1 pass, cold | 1 pass, warm | 2 passes, cold | 2 passes, warm |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, rows in sets:
+        for name, shape, side, ratios in rows:
+            cells = [f"{x:.4f}" for x in ratios]
+            if side == "left":  # the left side is always cold-started (see sketch_basis)
+                cells[1], cells[3] = "(cold)", "(cold)"
+            lines.append(f"| {label} | {name} | {shape[0]}x{shape[1]} | {side} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=8)
     parser.add_argument("--dim", type=int, default=LLAMA_1B["dim"])
     parser.add_argument("--ffn", type=int, default=LLAMA_1B["ffn"])
     parser.add_argument("--layers", type=int, default=LLAMA_1B["layers"])
     parser.add_argument("--rank", type=int, default=LLAMA_1B["rank"])
-    args = parser.parse_args()
-    totals: dict[str, float] = {}
-    rows = []
-    for name, m, n in matrices(args.dim, args.ffn):
-        b = per_rank_bytes(m, n, args.rank, args.world)
-        for k, v in b.items():
-            totals[k] = totals.get(k, 0.0) + v * args.layers
-        rows.append((name, m, n, b))
-    mib = 2**20
-    keys = list(rows[0][3])
-    print(f"## Bytes sent per rank per refresh, LLaMA-1B shapes, fp32, world={args.world}, rank={args.rank}\n")
-    print("| matrix | m x n | " + " | ".join(keys) + " |")
-    print("|---|---|" + "---|" * len(keys))
-    seen = set()
-    for name, m, n, b in rows:
-        if name in seen:
-            continue
-        seen.add(name)
-        print(f"| {name} | {m}x{n} | " + " | ".join(f"{b[k] / mib:.2f} MiB" for k in keys) + " |")
-    print(f"| **all {args.layers} layers** | | " + " | ".join(f"**{totals[k] / mib:.1f} MiB**" for k in keys)
-          + " |")
-    gram_total = totals["SVD (Gram / fallback)"]
-    ag, sk = totals["all-gather G"], totals["sketch n x k"]
-    print(f"\nPer refresh: exact SVD via the Gram matrix {gram_total / mib:.1f} MiB, all-gathering every "
-          f"gradient {ag / mib:.1f} MiB (ratio {gram_total / ag:.2f}); an n x k sketch would be {sk / mib:.1f} MiB "
-          f"({ag / sk:.1f}x less than all-gather). The Gram all-reduce only wins on bytes when m > 2n "
-          f"(gate/up_proj); its advantage is memory: n x n instead of the m x n full gradient on every rank. "
-          f"The left-side down_proj adds {totals['SVD per-step R'] / mib:.1f} MiB of R all-reduce every step.")
+    parser.add_argument("--energy-config", default="llama_20m")
+    parser.add_argument("--energy-steps", type=int, default=6)
+    parser.add_argument("--energy-gap", type=int, default=3)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--synthetic-size", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-energy", action="store_true", help="only the traffic table")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    traffic = measure_traffic(args.world, args.dim, args.ffn, args.rank)
+    print(traffic_table(traffic, args.dim, args.ffn, args.layers, args.world, args.rank))
+    base = sum(traffic[BASELINE].values())
+    print(f"\nDefault sharded refresh: {sum(traffic[DEFAULT].values()) / base:.2f}x the all-gather "
+          f"(goal <= 0.5x); Gram: {sum(traffic['Gram'].values()) / base:.2f}x.\n", flush=True)
+    if args.skip_energy:
+        return 0
+    grads, earlier, rank = llama_gradients(args.energy_config, args.energy_steps, args.energy_gap, args.seq_len,
+                                           args.batch_size)
+    sets = [(f"{args.energy_config} step {args.energy_steps}", energy_rows(grads, earlier, rank))]
+    synthetic_rank = max(1, args.synthetic_size // 4)
+    for label, g, e in synthetic_gradients(args.synthetic_size, synthetic_rank):
+        sets.append((label, energy_rows(g, e, synthetic_rank)))
+    print(energy_table(sets, f"{args.energy_config}: rank {rank}; synthetic: rank {synthetic_rank}, "
+                             f"oversample 8"))
+    print(f"\n({time.time() - started:.0f} s)")
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

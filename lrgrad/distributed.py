@@ -21,25 +21,27 @@ routing lives in ``LowRankOptimizer.projector_for``; the DTensor helpers in
 
 * ``side="right"`` (P is r x n, the unsharded side): ``R_i = G_i Pᵀ`` is local,
   the moments ``R`` are ``Shard(0)`` DTensors (m x r, sharded like the weight),
-  the update ``W_i += α U_i P`` is local. The exact SVD basis comes from the
-  n x n Gram matrix ``Σ_i G_iᵀ G_i`` (``SVDProjector.refresh_sharded``: one
-  all-reduce per refresh, eigh in fp64) instead of all-gathering the m x n gradient.
+  the update ``W_i += α U_i P`` is local.
 * ``side="left"`` (P is m x r, along the sharded side): ``R = Σ_i P_iᵀ G_i`` is
   all-reduced (r x n per step), the rule state is replicated, ``W_i += α P_i U``
-  is local. The left SVD basis all-gathers ``G`` once per refresh (``G Gᵀ``
-  has cross-shard blocks, and ``Gᵀ G`` is n x n with n > m on that side).
-* Every projector may implement ``refresh_sharded(state, grad_local, step,
-  group, ctx)`` with a ``lrgrad.dtensor.ShardContext`` (``all_reduce``,
-  ``row_offset``, ...); where it returns ``NotImplemented`` the gradient is all-gathered for the refresh
-  only (``DTensor.full_tensor``) - correct for every projector, and documented
-  as the fallback.
+  is local.
+* Refresh: each projector's ``refresh_sharded(state, grad_local, step, group, ctx)``
+  with a ``lrgrad.dtensor.ShardContext`` (``all_reduce``, ``all_gather_rows``, row
+  ranges). The SVD and Q-GaLore projectors run the seeded sketch
+  (``lrgrad.projectors.svd.sketch_basis``: n x k all-reduces, both sides), online
+  PCA all-reduces its row sums, DCT its column scores (right side). Where a
+  projector returns ``NotImplemented`` (DCT's left side, ``svd_sharded="gather"``)
+  the gradient is all-gathered for the refresh only (``DTensor.full_tensor``).
 * Update rules run on ``DTensor`` low-rank gradients and states, so element-wise
-  rules (AdamW, Lion) are shard-local and rules with reductions (Adafactor's
+  rules (AdamW, Lion) are shard-local, rules with reductions (Adafactor's
   row/column factors) get exactly the collectives they need from DTensor's
-  sharding propagation.
+  sharding propagation, and ``adamw8bit`` quantizes each shard's rows in its own
+  blocks (``lrgrad.dtensor.shard_block_state``).
+* Per-layer updates (``LayerwiseOptimizer``) work: FSDP2 runs post-accumulate-grad
+  hooks on the sharded params after the reduce-scatter.
 
-**Sign convention.** A singular vector is defined up to its sign; the Gram path
-makes the largest-magnitude entry of every right singular vector positive.
+**Sign convention.** A singular vector is defined up to its sign; the sketch and
+the Gram path make the largest-magnitude entry of every right singular vector positive.
 ``moment_policy="project"``/``"reset"`` are sign-invariant, so sharded and
 unsharded runs agree to float tolerance; with ``"keep"`` a direction whose
 LAPACK sign differs keeps moments of the opposite sign (GaLore's own behaviour
@@ -48,7 +50,9 @@ across LAPACK builds), so there they agree up to those signs.
 **Checkpoints.** :func:`save_checkpoint` / :func:`load_checkpoint` go through
 ``torch.distributed.checkpoint.state_dict.get_state_dict`` and DCP, keyed by
 parameter names, so an FSDP2 checkpoint loads into a single-process run (and
-back) with resharding done by DCP. Each save ends with a sha256 manifest that a load
+back) with resharding done by DCP. 8-bit moments of sharded params have a per-shard
+block layout: they resume in the same world size, and :func:`check_checkpoint_shapes`
+refuses another by name. Each save ends with a sha256 manifest that a load
 verifies before ``dcp.load`` unpickles DCP's ``.metadata``: trust a DCP folder as you would
 any pickle (see :func:`load_checkpoint`).
 """
@@ -348,9 +352,44 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         _verify_on_rank0(os.fspath(path))
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
+    check_checkpoint_shapes(path, state)
     dcp.load(state, checkpoint_id=os.fspath(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-__all__ = ["MANIFEST_NAME", "PARALLEL_MODES", "CheckpointError", "ddp_layerwise", "init_from_env", "load_checkpoint",
-           "save_checkpoint", "setup_parallel", "verify_manifest", "write_manifest"]
+def _tensor_leaves(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of a nested state dict keyed as DCP flattens them (``a.b.c``)."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(_tensor_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(tree, torch.Tensor):
+        out[prefix] = tree
+    return out
+
+
+def check_checkpoint_shapes(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors have other global shapes than this run's, naming them.
+
+    DCP reshards a tensor across world sizes only when its global shape is the same.
+    8-bit moments of FSDP2-sharded params keep one block-maxima row per shard
+    (``lrgrad.dtensor.shard_block_state``), so they are the usual case: such a
+    checkpoint loads into the world size it was saved from.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
+    for key, tensor in _tensor_leaves(state).items():
+        meta = saved.get(key)
+        size = getattr(meta, "size", None)
+        if size is not None and tuple(size) != tuple(tensor.shape):
+            hint = (" - 8-bit moments of FSDP2-sharded params are quantized per row shard, so they load only "
+                    "into the world size that saved them (resume there, or train with fp32 moments)"
+                    if key.endswith("_absmax") else "")
+            raise ValueError(f"Invalid checkpoint: {key} was saved with shape {tuple(size)}, this run expects "
+                             f"{tuple(tensor.shape)}{hint}")
+
+
+__all__ = ["MANIFEST_NAME", "PARALLEL_MODES", "CheckpointError", "check_checkpoint_shapes", "ddp_layerwise",
+           "init_from_env", "load_checkpoint", "save_checkpoint", "setup_parallel", "verify_manifest",
+           "write_manifest"]

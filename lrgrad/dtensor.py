@@ -8,7 +8,9 @@ the collectives a sharded refresh needs.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -73,6 +75,96 @@ def low_rank_zeros(param: Any, shape: tuple[int, int], side: str, dtype: torch.d
     return from_local(torch.zeros(shape, dtype=dtype, device=device), param, [Replicate()], shape)
 
 
+def shard_block_state(like: Any, block: int, moments: tuple[tuple[str, bool], ...]) -> dict[str, Any]:
+    """Zero 8-bit blockwise state for a DTensor moment ``like`` (FSDP2): ``{key}_codes`` are
+    DTensors laid out like ``like`` (int8 for signed maps, uint8 otherwise) and
+    ``{key}_absmax`` hold the fp32 maximum of each block of ``block`` consecutive *local*
+    elements, so blocks never cross a shard and each rank quantizes alone.
+
+    For a ``Shard(0)`` moment the block maxima are a ``Shard(0)`` DTensor of shape
+    ``(world, B)``, one row per shard, ``B`` = the block count of the largest shard
+    (``torch.chunk`` makes rank 0's the largest; a shorter shard leaves its tail at 0).
+    DCP saves and loads them into the same world size; any other layout (another world
+    size, one process: a 1-D tensor) has another shape, and
+    :func:`lrgrad.distributed.load_checkpoint` refuses it by name.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    check_row_sharded(like)
+    local = like.to_local()
+    placements = list(like.placements)
+    if is_row_sharded(like):
+        world = like.device_mesh.size()
+        row_numel = like.numel() // like.shape[0] if like.shape[0] else 0
+        per_rank = -(-math.ceil(like.shape[0] / world) * row_numel // block)
+        absmax_shape, absmax_local = (world, per_rank), (1, per_rank)
+    else:
+        absmax_shape = absmax_local = (-(-like.numel() // block),)
+        placements = [Replicate()]
+    out: dict[str, Any] = {}
+    for key, signed in moments:
+        codes = torch.zeros(local.shape, dtype=torch.int8 if signed else torch.uint8, device=local.device)
+        out[f"{key}_codes"] = from_local(codes, like, placements, tuple(like.shape))
+        absmax = torch.zeros(absmax_local, dtype=torch.float32, device=local.device)
+        out[f"{key}_absmax"] = from_local(absmax, like, [Shard(0)] if is_row_sharded(like) else placements,
+                                          absmax_shape)
+    return out
+
+
+#: active collective logs (see :func:`count_collectives`)
+_TRAFFIC_LOGS: list[list[dict[str, Any]]] = []
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[list[dict[str, Any]]]:
+    """Record every collective a :class:`ShardContext` issues inside the block.
+
+    Each entry is ``{"op", "numel", "bytes", "world", "sent"}`` where ``sent`` is the
+    bytes one rank sends for it with ring algorithms: ``2(W-1)/W · bytes`` for an
+    all-reduce, ``(W-1)/W · bytes`` (of the gathered result) for an all-gather.
+    Used by ``experiments/bench_comm.py`` and the tests to count real traffic.
+    """
+    log: list[dict[str, Any]] = []
+    _TRAFFIC_LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _TRAFFIC_LOGS.remove(log)
+
+
+def _record(op: str, tensor: torch.Tensor, world: int) -> None:
+    if not _TRAFFIC_LOGS:
+        return
+    nbytes = tensor.numel() * tensor.element_size()
+    factor = 2 * (world - 1) / world if op == "all_reduce" else (world - 1) / world
+    entry = {"op": op, "numel": tensor.numel(), "bytes": nbytes, "world": world, "sent": factor * nbytes}
+    for log in _TRAFFIC_LOGS:
+        log.append(entry)
+
+
+class LocalContext:
+    """The single-shard :class:`ShardContext`: all rows are local and collectives are no-ops.
+
+    Lets one implementation of a sharded algorithm serve the single-process path too
+    (e.g. :func:`lrgrad.projectors.svd.sketch_basis`), so both compute the same thing.
+    """
+
+    sharded = False
+    world = 1
+
+    def __init__(self, num_rows: int):
+        self.row_offset, self.row_stop = 0, num_rows
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def all_gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        return local
+
+    def all_finite(self, local: torch.Tensor) -> bool:
+        return bool(torch.isfinite(local).all())
+
+
 class ShardContext:
     """What a projector needs to refresh from a row shard ``G_i`` of ``G`` (m x n)."""
 
@@ -93,9 +185,28 @@ class ShardContext:
         if self.sharded and self.world > 1:
             import torch.distributed as dist
 
+            _record("all_reduce", tensor, self.world)
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
                             group=self.group)
         return tensor
+
+    def all_gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """The full ``(m, ...)`` tensor from every rank's rows ``[row_offset, row_stop)``
+        (uneven shards: each rank pads to ``ceil(m / W)`` rows for the collective)."""
+        if not (self.sharded and self.world > 1):
+            return local
+        import torch.distributed as dist
+
+        m = self.global_shape[0]
+        chunk = math.ceil(m / self.world)
+        padded = local.new_zeros((chunk, *local.shape[1:]))
+        padded[:local.shape[0]] = local
+        parts = [torch.zeros_like(padded) for _ in range(self.world)]
+        _record("all_gather", padded.new_empty((chunk * self.world, *local.shape[1:])), self.world)
+        dist.all_gather(parts, padded, group=self.group)
+        rows = [part[: b - a] for part, (a, b) in zip(parts, (row_range(m, self.world, r)
+                                                              for r in range(self.world)))]
+        return torch.cat(rows)
 
     def all_finite(self, local: torch.Tensor) -> bool:
         """True on every rank iff no shard has a NaN/Inf (all ranks take the same branch)."""
@@ -103,5 +214,6 @@ class ShardContext:
         return not bool(self.all_reduce(bad, op="max").item())
 
 
-__all__ = ["ShardContext", "check_row_sharded", "from_local", "is_dtensor", "is_row_sharded", "low_rank_zeros",
+__all__ = ["LocalContext", "ShardContext", "count_collectives", "shard_block_state",
+           "check_row_sharded", "from_local", "is_dtensor", "is_row_sharded", "low_rank_zeros",
            "row_range"]

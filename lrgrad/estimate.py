@@ -42,7 +42,7 @@ from lrgrad._checks import check_bool, check_choice, check_int
 from lrgrad.groups import DEFAULT_EXCLUDE, select_low_rank_modules
 from lrgrad.optim.registry import optimizer_class
 from lrgrad.rules import RULES
-from lrgrad.subspace import compute_dtype, matrix_shape
+from lrgrad.subspace import compute_dtype, low_rank_shape, matrix_shape
 
 #: LLaMA shapes of the GaLore / Q-GaLore pretraining runs (arXiv:2403.03507 Table 2; vocab 32000)
 LLAMA_CONFIGS: dict[str, dict[str, int]] = {
@@ -238,11 +238,38 @@ def make_optimizer(model: nn.Module, optimizer: str, rank: int | None = None, lr
     return cls(_groups(params, cls, rank, **options), lr=lr)
 
 
-def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options: dict[str, Any]) -> tuple[int, int]:
-    """(optimizer-state bytes, projector-state bytes), built on meta tensors."""
+def _rows_on_rank0(shape: tuple[int, ...], world_size: int) -> int:
+    """Rows of the largest ``Shard(0)`` shard (rank 0's under ``torch.chunk``'s rule)."""
+    return -(-shape[0] // world_size) if shape else 0
+
+
+def _shard_fraction(shape: tuple[int, ...], world_size: int) -> float:
+    return _rows_on_rank0(shape, world_size) / shape[0] if shape and shape[0] else 1.0
+
+
+def _sharded_rule_bytes(opt: Any, p: torch.Tensor, group: dict[str, Any], world_size: int) -> int:
+    """Rank 0's rule-state bytes under FSDP2: the rule's state for its local moment - right-side
+    low-rank and full-rank moments are row shards, left-side ones replicated (as
+    ``lrgrad.dtensor.low_rank_zeros`` lays them out); 8-bit blocks count per shard."""
+    rows = _rows_on_rank0(tuple(p.shape), world_size)
+    if opt.is_projected(p, group):
+        side = opt.projector_for(p, group).side
+        shape = low_rank_shape(matrix_shape(p), group["rank"], side)
+        local, rule = ((rows, shape[1]) if side == "right" else shape), opt.rule_for(group)
+    else:
+        local, rule = (rows, *p.shape[1:]), opt.rule_for_param(p, group)
+    state: dict[str, Any] = {}
+    rule.init_state(state, torch.empty(local, dtype=compute_dtype(p.dtype), device="meta"))
+    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options: dict[str, Any],
+                 world_size: int = 1) -> tuple[int, int]:
+    """(optimizer-state bytes, projector-state bytes) of rank 0, built on meta tensors."""
     trainable = [s for s in specs if s.trainable]
     if optimizer_class(optimizer) is torch.optim.AdamW:
-        return sum(2 * s.numel * _dtype_size(s.dtype) + 4 for s in trainable), 0
+        return sum(int(2 * s.numel * _shard_fraction(s.shape, world_size)) * _dtype_size(s.dtype) + 4
+                   for s in trainable), 0
     metas = [(torch.empty(s.shape, dtype=s.dtype, device="meta"), s.target) for s in trainable]
     cls = optimizer_class(optimizer)
     if not _matrix_only(cls) and rank is None:
@@ -257,10 +284,12 @@ def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options:
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     nbytes = value.numel() * value.element_size()
-                    if key.startswith("proj_"):
+                    if key.startswith("proj_"):  # projector state is replicated under FSDP2
                         proj_bytes += nbytes
-                    else:
+                    elif world_size == 1:
                         state_bytes += nbytes
+            if world_size > 1:
+                state_bytes += _sharded_rule_bytes(opt, p, group, world_size)
             if opt.is_projected(p, group):  # what the first refresh will allocate
                 proj_bytes += opt.projector_for(p, group).basis_bytes(matrix_shape(p), compute_dtype(p.dtype))
     proj_bytes += opt.shared_state_bytes()
@@ -298,6 +327,7 @@ def estimate_memory(
     batch_size: int | None = None,
     seq_len: int | None = None,
     weight_group_size: int = 256,
+    world_size: int = 1,
     **optimizer_options: Any,
 ) -> MemoryEstimate:
     """Estimate the training memory of ``model_or_config`` with ``optimizer``.
@@ -318,6 +348,10 @@ def estimate_memory(
             stores them (``weight_group_size`` elements of a row per scale/zero; a row length it does
             not divide is counted with a shorter last group).
         batch_size, seq_len: for the activation term (LLaMA models only); 0 bytes when absent.
+        world_size: FSDP2 ranks: per-rank bytes of rank 0 (the largest ``Shard(0)`` shards) - weights,
+            gradients, row-sharded moments (full-rank and right-side low-rank; 8-bit blocks per shard)
+            divided, left-side low-rank moments and projector state (bases) replicated.
+            Activations are per rank as given (``batch_size`` is the per-rank batch).
         **optimizer_options: passed to the optimizer (e.g. ``proj_bits=8``, ``moment_min_size``).
     """
     optimizer_class(optimizer)  # raises ValueError naming the valid names
@@ -325,6 +359,7 @@ def estimate_memory(
     check_int("batch_size", batch_size, 1, allow_none=True)
     check_int("seq_len", seq_len, 1, allow_none=True)
     check_int("weight_group_size", weight_group_size, 1)
+    check_int("world_size", world_size, 1)
     check_choice("weight_bits", weight_bits, (None, 4, 8))
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"Invalid dtype: expected a floating torch.dtype, got {dtype!r}")
@@ -354,12 +389,14 @@ def estimate_memory(
             # groups run along rows; a row length the group size does not divide (quantize_weights
             # refuses it) is counted with a shorter last group per row
             groups = s.shape[0] * -(-(s.numel // s.shape[0]) // s.group_size)
-            weights += quantized_weight_bytes(s.numel, s.bits, s.group_size, s.dtype, groups)
+            nbytes = quantized_weight_bytes(s.numel, s.bits, s.group_size, s.dtype, groups)
         else:
-            weights += s.numel * _dtype_size(s.dtype)
-    grads = [s.numel * _dtype_size(s.dtype) for s in specs if s.trainable]
+            nbytes = s.numel * _dtype_size(s.dtype)
+        weights += int(nbytes * _shard_fraction(s.shape, world_size))  # FSDP2: rows shard, buffers do not
+    grads = [int(s.numel * _shard_fraction(s.shape, world_size)) * _dtype_size(s.dtype) for s in specs
+             if s.trainable]
     gradients = (max(grads) if grads else 0) if layerwise else sum(grads)
-    state, projector = _state_bytes(specs, optimizer, rank, optimizer_options)
+    state, projector = _state_bytes(specs, optimizer, rank, optimizer_options, world_size)
     activations = 0
     if batch_size is not None:
         if cfg is None:
@@ -370,7 +407,7 @@ def estimate_memory(
         weights=weights, gradients=gradients, optimizer_state=state, projector_state=projector,
         activations=activations, optimizer=optimizer,
         details={"rank": rank, "layerwise": layerwise, "weight_bits": weight_bits, "batch_size": batch_size,
-                 "seq_len": seq_len, "params": sum(s.numel for s in specs)},
+                 "seq_len": seq_len, "params": sum(s.numel for s in specs), "world_size": world_size},
     )
 
 

@@ -152,3 +152,25 @@ def test_bad_input():
         lrgrad.estimate_memory(3)
     with pytest.raises(TypeError, match="dtype"):
         lrgrad.estimate_memory(model, dtype=torch.int8)
+
+
+def test_world_size_counts_rank0_shards():
+    """FSDP2 (``Shard(0)``, rank 0 holds ceil(rows / 3)): weights, gradients, full-rank and right-side
+    moments shard by rows, left-side moments and bases are replicated; 8-bit blocks count per shard."""
+    model = torch.nn.ModuleDict({"up": torch.nn.Linear(40, 96, bias=False),  # 96 x 40: right side
+                                 "down": torch.nn.Linear(96, 40, bias=False),  # 40 x 96: left side
+                                 "embed": torch.nn.Embedding(64, 40)})  # full rank
+    est = lrgrad.estimate_memory(model, "galore", rank=8, world_size=3)
+    rows = {"up": 32, "down": 14, "embed": 22}  # ceil(96/3), ceil(40/3), ceil(64/3)
+    assert est.weights == est.gradients == 4 * (32 * 40 + 14 * 96 + 22 * 40)
+    assert est.optimizer_state == 4 * 2 * (rows["up"] * 8 + 8 * 96 + rows["embed"] * 40)
+    assert est.projector_state == 4 * (8 * 40 + 40 * 8)
+    q = lrgrad.estimate_memory(model, "galore8bit", rank=8, world_size=3, moment_min_size=0,
+                               moment_block_size=64)
+    # the options reach the projected group; the embedding keeps fp32 moments (880 < 4096 elements)
+    codes = 32 * 8 + 8 * 96
+    blocks = -(-32 * 8 // 64) + -(-8 * 96 // 64)
+    assert q.optimizer_state == 2 * (codes + 4 * blocks) + 4 * 2 * 22 * 40
+    assert lrgrad.estimate_memory(model, "galore", rank=8).weights == 4 * (96 * 40 + 40 * 96 + 64 * 40)
+    with pytest.raises(ValueError, match="world_size"):
+        lrgrad.estimate_memory(model, "galore", rank=8, world_size=0)

@@ -95,6 +95,13 @@ class Projector:
     def basis(self, state: dict[str, Any]) -> torch.Tensor:
         return state["proj_basis"]
 
+    def basis_like(self, state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+        """The basis in ``like``'s device and dtype (what the FSDP2 wrapper slices rows from).
+        Projectors whose basis is generated (a seeded draw, DCT columns) override it to build
+        it in that dtype directly: a state's own dtype need not be the compute dtype (8-bit
+        moments keep only codes and fp32 block maxima)."""
+        return self.basis(state).to(device=like.device, dtype=like.dtype)
+
     def down(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
         return kernels.project_down(grad, self.basis(state), self.side)
 

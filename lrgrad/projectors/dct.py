@@ -198,6 +198,10 @@ class DCTProjector(Projector):
         cols = self._columns(state, state_like(state), int(state["proj_dim"]))
         return cols.T if self.side == "right" else cols
 
+    def basis_like(self, state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+        cols = self._columns(state, like, int(state["proj_dim"]))
+        return cols.T if self.side == "right" else cols
+
     def down(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
         cols = self._columns(state, grad, self._dim(grad.shape))
         return grad @ cols if self.side == "right" else cols.T @ grad

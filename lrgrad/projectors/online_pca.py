@@ -45,9 +45,11 @@ import torch
 
 from lrgrad._checks import check_betas, check_choice, check_int, check_nonnegative, check_positive
 from lrgrad.projectors.base import Projector, guarded_basis
-from lrgrad.projectors.svd import top_singular_basis
+from lrgrad.projectors.svd import sketch_basis, top_singular_basis
 
-PCA_INITS = ("svd", "random")
+PCA_INITS = ("svd", "random", "randomized")
+#: the randomized initial SVD (and the FSDP2 one): oversampling and power iterations
+INIT_SKETCH = {"oversample": 8, "power_iters": 1}
 
 
 def pca_loss(a: torch.Tensor, p: torch.Tensor, side: str = "right") -> torch.Tensor:
@@ -62,10 +64,14 @@ def pca_loss_grad(a: torch.Tensor, p: torch.Tensor, side: str = "right") -> torc
     if side == "left":
         return pca_loss_grad(a.T, p.T, "right").T
     b = a @ p.T  # m x r
-    c = b.T @ a  # r x n
-    k = b.T @ b  # r x r
-    m = p @ p.T  # r x r
-    return 2 * (m @ c + k @ p - 2 * c)
+    return pca_grad_from_sums(p, b.T @ a, b.T @ b)
+
+
+def pca_grad_from_sums(p: torch.Tensor, c: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``2 (M C + K P − 2 C)`` from ``C = BᵀÂ`` (r x n) and ``K = BᵀB`` (r x r), ``M = P Pᵀ``
+    (right-side form). ``C`` and ``K`` are sums over the rows of ``Â``, so under FSDP2 they
+    are all-reduced from the row shards (:meth:`OnlinePCAProjector.refresh_sharded`)."""
+    return 2 * ((p @ p.T) @ c + k @ p - 2 * c)
 
 
 def pca_loss_grad_scaled(grad: torch.Tensor, scale: float | torch.Tensor, p: torch.Tensor,
@@ -127,12 +133,18 @@ class OnlinePCAProjector(Projector):
         return {"proj_basis": basis, "proj_exp_avg": basis, "proj_exp_avg_sq": basis}
 
     # ---------------------------------------------------------------- lifecycle
-    def initial_basis(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
-        if self.options["pca_init"] == "svd":
-            return top_singular_basis(grad, self.rank, self.side)
-        d = grad.shape[1] if self.side == "right" else grad.shape[0]
+    def initial_basis(self, state: dict[str, Any], grad: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        """The first basis from ``grad`` (or, with ``ctx``, from this rank's rows of G)."""
         generator = torch.Generator(device=grad.device)
         generator.manual_seed(int(state["proj_seed"]))
+        init = self.options["pca_init"]
+        if init == "svd" and ctx is None:
+            return top_singular_basis(grad, self.rank, self.side)
+        if init != "random":  # "randomized", and "svd" under FSDP2: the seeded sketch, no all-gather
+            return sketch_basis(grad, self.rank, self.side, None, INIT_SKETCH["oversample"],
+                                INIT_SKETCH["power_iters"], generator, ctx)
+        m, n = ctx.global_shape if ctx is not None else grad.shape
+        d = n if self.side == "right" else m
         draw = torch.randn(d, self.rank, generator=generator, device=grad.device, dtype=grad.dtype)
         return orthonormalize(draw.T if self.side == "right" else draw, self.side)
 
@@ -141,22 +153,76 @@ class OnlinePCAProjector(Projector):
             basis = guarded_basis(state, grad, lambda: self.initial_basis(state, grad))
             if basis is None:
                 return False
-            state["proj_basis"] = basis
-            state["proj_exp_avg"] = torch.zeros_like(basis)
-            state["proj_exp_avg_sq"] = torch.zeros_like(basis)
-            state["proj_step"] = 0
-            state["proj_lr0"] = float(group.get("initial_lr", group["lr"]))
-            state["proj_refreshes"] += 1
+            self.start(state, basis, group)
             return True
         return self.pca_step(state, grad, group)  # a non-finite grad is caught by its drift check
 
+    def start(self, state: dict[str, Any], basis: torch.Tensor, group: dict[str, Any]) -> None:
+        state["proj_basis"] = basis
+        state["proj_exp_avg"] = torch.zeros_like(basis)
+        state["proj_exp_avg_sq"] = torch.zeros_like(basis)
+        state["proj_step"] = 0
+        state["proj_lr0"] = float(group.get("initial_lr", group["lr"]))
+        state["proj_refreshes"] += 1
+
+    def refresh_sharded(self, state: dict[str, Any], grad_local: torch.Tensor, step: int,
+                        group: dict[str, Any], ctx: Any) -> bool:
+        """FSDP2: online PCA from the row shards ``G_i`` of G, with no all-gather.
+
+        The loss gradient needs only sums over the rows of Â = G / ‖G‖_F:
+
+        * right side (P r x n): ``C = Σ_i B_iᵀ G_i`` and ``K = Σ_i B_iᵀ B_i`` with
+          ``B_i = G_i Pᵀ``, and ``‖G‖²`` - one all-reduce of r x (n + r) + 1;
+        * left side (P m x r, the right side for Gᵀ): ``B' = Σ_i G_iᵀ P_i`` (n x r) and
+          ``‖G‖²`` are all-reduced, then the rows ``G_i B'`` of ``C'ᵀ`` are gathered (m x r).
+
+        The first basis is :func:`lrgrad.projectors.svd.sketch_basis` (``pca_init="svd"`` and
+        ``"randomized"``: the seeded sketch, n x k all-reduces) or the seeded random draw.
+        """
+        if "proj_basis" not in state:
+            if not ctx.all_finite(grad_local):
+                state["proj_failures"] += 1
+                return False
+            try:
+                basis = self.initial_basis(state, grad_local, ctx)
+            except (RuntimeError, torch.linalg.LinAlgError):
+                basis = None
+            if basis is None or not bool(torch.isfinite(basis).all()):
+                state["proj_failures"] += 1
+                return False
+            self.start(state, basis, group)
+            return True
+        p = state["proj_basis"]
+        g = grad_local.to(p.dtype)
+        r = self.rank
+        if self.side == "right":
+            b = g @ p.T  # m_i x r
+            sums = torch.cat([(b.T @ g).reshape(-1), (b.T @ b).reshape(-1), g.square().sum().reshape(1)])
+            ctx.all_reduce(sums)
+            n = g.shape[1]
+            norm_sq = sums[-1].clamp_min(torch.finfo(p.dtype).tiny)
+            c, k = sums[:r * n].view(r, n) / norm_sq, sums[r * n:-1].view(r, r) / norm_sq
+            return self.adam_step(state, pca_grad_from_sums(p, c, k), group)
+        rows = p[ctx.row_offset:ctx.row_stop]  # this rank's rows of P (m_i x r)
+        sums = torch.cat([(g.T @ rows).reshape(-1), g.square().sum().reshape(1)])
+        ctx.all_reduce(sums)
+        norm = sums[-1].clamp_min(torch.finfo(p.dtype).tiny).sqrt()
+        b = sums[:-1].view(g.shape[1], r) / norm  # B' = ÂᵀP (n x r)
+        c_t = ctx.all_gather_rows((g / norm) @ b)  # C'ᵀ = Â B' (m x r)
+        return self.adam_step(state, pca_grad_from_sums(p.T, c_t.T, b.T @ b).T, group)
+
     def pca_step(self, state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any]) -> bool:
-        """One Adam step on L(P); assigns a new ``proj_basis`` (the old one is never written)."""
+        """One Adam step on L(P) from the parameter's gradient ``grad``."""
         p = state["proj_basis"]
         a = grad.to(p.dtype)
         # Â = G / ‖G‖_F enters only through two small products: scale those, not an m x n copy
         scale = torch.linalg.vector_norm(a).clamp_min(torch.finfo(a.dtype).tiny).reciprocal()
-        g = pca_loss_grad_scaled(a, scale, p, self.side)
+        return self.adam_step(state, pca_loss_grad_scaled(a, scale, p, self.side), group)
+
+    def adam_step(self, state: dict[str, Any], g: torch.Tensor, group: dict[str, Any]) -> bool:
+        """One Adam step on P with the loss gradient ``g``; assigns a new ``proj_basis``
+        (the old one is never written)."""
+        p = state["proj_basis"]
 
         beta1, beta2 = self.options["pca_betas"]
         t = state["proj_step"] + 1

@@ -45,7 +45,6 @@ import torch
 
 from lrgrad import kernels
 from lrgrad._checks import check_bool, check_choice, check_float, check_int
-from lrgrad.projectors.base import Projector, guarded_basis
 from lrgrad.projectors.svd import SVDProjector
 from lrgrad.subspace import basis_shape
 
@@ -117,22 +116,20 @@ class QGaLoreProjector(SVDProjector):
         # a cap below a group's base gap (one max_proj_gap for groups with different gaps) means "never grow"
         return 8 * self.update_proj_gap if cap is None else max(cap, self.update_proj_gap)
 
-    def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
-        old = self.basis(state) if self.has_basis(state) else None
-        # the randomized SVD warm-starts from the (dequantized) previous basis
-        view = {"proj_seed": state["proj_seed"]}
-        if old is not None:
-            view["proj_basis"] = old.to(grad.dtype)
-        dense = guarded_basis(state, grad, lambda: self.compute_basis(view, grad, step))
-        if dense is None:
-            return False
+    def previous_basis(self, state: dict[str, Any]) -> torch.Tensor | None:
+        """The randomized SVD warm-starts from the (dequantized) previous basis."""
+        return self.basis(state) if self.has_basis(state) else None
+
+    def store_basis(self, state: dict[str, Any], dense: torch.Tensor, step: int) -> None:
+        """Quantize the new dense basis (one refresh path for one process and for FSDP2 row
+        shards, whose sharded refresh is the SVD projector's) and adapt the gap."""
+        old = self.previous_basis(state)
         # new tensors, never in place: the optimizer's shallow copy keeps the old subspace
         state["proj_codes"], state["proj_scale"], state["proj_zero"] = self.quantize(dense)
         state["proj_refreshes"] += 1
         state["proj_last_refresh"] = step
         if old is not None and self.options["adaptive_gap"]:
             self._adapt_gap(state, subspace_overlap(old, self.basis(state), self.side))
-        return True
 
     def _adapt_gap(self, state: dict[str, Any], overlap: float) -> None:
         history = state["proj_overlaps"]
@@ -149,10 +146,6 @@ class QGaLoreProjector(SVDProjector):
         state["proj_overlaps"] = history
 
     # ---------------------------------------------------------------- quantized storage
-    # The Gram-matrix sharded refresh of the SVD projector writes a dense basis; codes need the
-    # quantizing refresh, so sharded Q-GaLore refreshes through the all-gather fallback.
-    refresh_sharded = Projector.refresh_sharded
-
     def refresh_state_spec(
         self, shape2d: tuple[int, int], dtype: torch.dtype
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

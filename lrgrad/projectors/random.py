@@ -215,6 +215,9 @@ class RandomProjector(Projector):
         device, dtype = like.device, like.dtype
         return self.matrix(state, device, dtype)
 
+    def basis_like(self, state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+        return self.matrix(state, like.device, like.dtype)
+
     def down(self, state: dict[str, Any], grad: torch.Tensor, draw: int | None = None) -> torch.Tensor:
         return kernels.project_down(grad, self.matrix(state, grad.device, grad.dtype, draw), self.side)
 

@@ -13,7 +13,8 @@ row ``i`` of the gradient ``G`` lives on one rank only.
   hook computes the new subspace from the local rows with the collectives of
   :class:`lrgrad.dtensor.ShardContext`; a projector without one for the case at
   hand returns ``NotImplemented`` and the gradient is all-gathered for the
-  refresh only (``DTensor.full_tensor``) - correct for every projector.
+  refresh only (``DTensor.full_tensor``) - correct for every projector. A
+  ``gradient_free`` projector refreshes without reading G at all.
 
 Projector state (bases, indices, seeds) stays plain tensors, identical on
 every rank; low-rank gradients, rule states and updates are DTensors.
@@ -49,8 +50,8 @@ class ShardedProjector:
 
     # ---------------------------------------------------------------- refresh
     def refresh(self, state: dict[str, Any], grad2d: Any, step: int, group: dict[str, Any]) -> bool:
-        if grad2d is None:  # a gradient-free projector (e.g. a seeded random basis)
-            return self.inner.refresh(state, None, step, group)
+        if grad2d is None or getattr(self.inner, "gradient_free", False):
+            return self.inner.refresh(state, None, step, group)  # e.g. a seeded random basis: no G needed
         # The projector's own sharded refresh (small all-reduces), when it has one for this case.
         result = self.inner.refresh_sharded(state, grad2d.to_local(), step, group, self.ctx)
         if result is not NotImplemented:
@@ -65,7 +66,7 @@ class ShardedProjector:
         moments are row shards; left side: they are replicated), so this is exact.
         """
         dtensors = {k: v for k, v in state.items() if is_dtensor(v)}
-        local = {k: (v.to_local() if k in dtensors else v) for k, v in state.items()}
+        local = rule.local_state(state)
         before = dict(local)
         self.inner.carry_moments(rule, local, old_state)
         for key, value in local.items():
@@ -83,7 +84,7 @@ class ShardedProjector:
 
     # ---------------------------------------------------------------- maps
     def _local_basis(self, state: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
-        basis = self.inner.basis(state).to(dtype)  # e.g. a dequantized INT4 basis comes back in fp32
+        basis = self.inner.basis_like(state, torch.empty(0, dtype=dtype, device=self.param.to_local().device))
         return basis[self.ctx.row_offset:self.ctx.row_stop] if self.side == "left" else basis
 
     def down(self, state: dict[str, Any], grad2d: Any) -> Any:

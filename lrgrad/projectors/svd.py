@@ -4,11 +4,14 @@
 Zhao et al. 2024, arXiv:2403.03507.
 
 ``svd="exact"``: ``torch.linalg.svd`` in fp32 (fp64 for fp64 params).
-``svd="randomized"``: a range finder warm-started from the previous basis
-(plus ``svd_oversample`` seeded Gaussian columns) with ``svd_power_iters``
-subspace iterations, then an exact SVD of the small (r+p) x n sketch (Halko,
-Martinsson & Tropp 2011). Warm starting makes one power iteration enough once
-the subspace has settled.
+``svd="randomized"``: :func:`sketch_basis` - a seeded n x (r + ``svd_oversample``)
+test matrix (warm-started from the previous basis on the right side), ``svd_power_iters
++ 1`` products with GᵀG (default 1: one pass), and the Nyström approximation's
+eigenvectors (Halko, Martinsson & Tropp 2011, arXiv:0909.4061; Tropp et al. 2017,
+arXiv:1706.05736). The same function refreshes FSDP2 row shards, where each product is
+one n x k all-reduce: ``svd_sharded="sketch"`` (default) uses it even for
+``svd="exact"``; ``"gram"`` keeps the exact right-side basis from the n x n Gram
+all-reduce, ``"gather"`` all-gathers G (see ``lrgrad.projectors.sharded``).
 
 Robustness (GaLore issue #58): a non-finite gradient or a failed/non-finite SVD
 keeps the previous basis and increments ``state["proj_failures"]``; NaN never
@@ -22,10 +25,12 @@ from typing import Any
 import torch
 
 from lrgrad._checks import check_choice, check_int
-from lrgrad.dtensor import ShardContext
+from lrgrad.dtensor import LocalContext, ShardContext
 from lrgrad.projectors.base import Projector, guarded_basis
 
 SVD_METHODS = ("exact", "randomized")
+#: how an exact-SVD projector refreshes from FSDP2 row shards
+SHARDED_SVD_METHODS = ("sketch", "gram", "gather")
 
 
 def top_singular_basis(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
@@ -34,6 +39,78 @@ def top_singular_basis(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor
     # clone: a slice would keep the whole min(m, n)-sized SVD factor alive in the state
     basis = vh[:rank] if side == "right" else u[:, :rank]
     return basis.clone(memory_format=torch.contiguous_format)
+
+
+def orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning ``a``'s (QR with ``diag(R) >= 0``: a deterministic sign)."""
+    q, r = torch.linalg.qr(a)
+    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+    return q * signs
+
+
+def nystrom_eigenvectors(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors (d x k, by decreasing eigenvalue) of the Nyström approximation
+    ``Y (QᵀY)⁻¹ Yᵀ`` of a PSD matrix ``A`` from ``Y = A Q`` (``Q`` orthonormal, d x k).
+
+    "Fixed-Rank Approximation of a Positive-Semidefinite Matrix from Streaming Data",
+    Tropp, Yurtsever, Udell & Cevher 2017, arXiv:1706.05736, Alg. 3 (with its small
+    shift ``ν``, so a rank-deficient ``A`` still has a Cholesky factor). One product
+    ``A Q`` gives a better basis than orthonormalizing ``Y`` (a Rayleigh–Ritz step would
+    need a second product), which is what makes a one-pass sharded refresh good enough.
+    """
+    tiny = torch.finfo(y.dtype)
+    shift = (tiny.eps * y.shape[0] ** 0.5 * torch.linalg.matrix_norm(y)).clamp_min(tiny.tiny ** 0.5)
+    y_shift = y + shift * q
+    b = q.T @ y_shift
+    chol = torch.linalg.cholesky((b + b.T) / 2)  # lower: B = C Cᵀ
+    f = torch.linalg.solve_triangular(chol, y_shift.T, upper=False).T  # Y C⁻ᵀ
+    u, _, _ = torch.linalg.svd(f, full_matrices=False)
+    return u
+
+
+def sketch_basis(
+    rows: torch.Tensor,
+    rank: int,
+    side: str,
+    previous: torch.Tensor | None,
+    oversample: int,
+    power_iters: int,
+    generator: torch.Generator,
+    ctx: Any = None,
+) -> torch.Tensor:
+    """Randomized top-``rank`` singular basis of ``G`` (m x n) from its rows ``rows = G[a:b]``.
+
+    One algorithm for one process (``ctx=None``: all rows, no collectives) and for
+    FSDP2 row shards (``ctx`` a :class:`lrgrad.dtensor.ShardContext`; every rank gets
+    the same basis). Only the n (column) space is ever communicated:
+
+    1. ``Q = orth(Ω)``, Ω n x k Gaussian from ``generator`` (k = rank + oversample), whose
+       first ``rank`` columns are the previous basis on the right side (warm start);
+    2. ``power_iters + 1`` products ``Y = GᵀG Q = Σ_i G_iᵀ(G_i Q)``: one n x k all-reduce
+       each (re-orthonormalizing ``Q = orth(Y)`` between them);
+    3. the top eigenvectors ``V`` of the Nyström approximation from ``(Q, Y)``
+       (:func:`nystrom_eigenvectors`, local on the replicated n x k pieces).
+
+    Right side: ``Vᵀ`` (r x n). Left side: ``U = orth(G V)`` - ``G_i V`` is local, and
+    the m x r result is gathered by rows (the basis is replicated state). The left side
+    is always cold-started: its previous basis lives in the m space, and moving it to
+    the n space would cost another n x k collective.
+    """
+    ctx = ctx if ctx is not None else LocalContext(rows.shape[0])
+    n = rows.shape[1]
+    width = min(rank + oversample, n)
+    omega = torch.randn(n, width, generator=generator, device=rows.device, dtype=rows.dtype)
+    if previous is not None and side == "right":
+        omega[:, :rank] = previous.T.to(rows.dtype)
+    q = orthonormal_columns(omega)
+    for it in range(power_iters + 1):
+        y = ctx.all_reduce(rows.T @ (rows @ q))
+        if it < power_iters:
+            q = orthonormal_columns(y)
+    right = canonical_signs(nystrom_eigenvectors(q, y)[:, :rank].T)  # r x n
+    if side == "right":
+        return right.contiguous()
+    return orthonormal_columns(ctx.all_gather_rows(rows @ right.T)).contiguous()  # m x r
 
 
 def randomized_basis(
@@ -45,24 +122,8 @@ def randomized_basis(
     power_iters: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Randomized top-r singular vectors, warm-started from ``previous``."""
-    # Work on the orientation where we want the *right* singular vectors of A.
-    a = grad if side == "right" else grad.T  # (k x d), we want the top-r right vectors (r x d)
-    d = a.shape[1]
-    width = min(rank + oversample, d)
-    omega = torch.randn(d, width, generator=generator, device=a.device, dtype=a.dtype)
-    if previous is not None:
-        warm = previous if side == "right" else previous.T  # r x d
-        omega[:, :rank] = warm.T
-    # Range of Aᵀ (d x width) via subspace iteration with re-orthonormalisation.
-    y = a.T @ (a @ omega)
-    q, _ = torch.linalg.qr(y)
-    for _ in range(power_iters):
-        q, _ = torch.linalg.qr(a.T @ (a @ q))
-    # A ≈ (A Q) Qᵀ; the top right singular vectors of A are Q times those of A Q.
-    _, _, vh_small = torch.linalg.svd(a @ q, full_matrices=False)
-    right_vectors = (vh_small[:rank] @ q.T).contiguous()  # r x d
-    return right_vectors if side == "right" else right_vectors.T.contiguous()
+    """Randomized top-r singular vectors of a whole ``grad`` (:func:`sketch_basis` in one process)."""
+    return sketch_basis(grad, rank, side, previous, oversample, power_iters, generator)
 
 
 def canonical_signs(right_vectors: torch.Tensor) -> torch.Tensor:
@@ -94,50 +155,73 @@ class SVDProjector(Projector):
 
     name = "svd"
     orthonormal = True
-    option_defaults: dict[str, Any] = {"svd": "exact", "svd_oversample": 8, "svd_power_iters": 1}
+    option_defaults: dict[str, Any] = {"svd": "exact", "svd_oversample": 8, "svd_power_iters": 0,
+                                       "svd_sharded": "sketch"}
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
         check_choice("svd", group["svd"], SVD_METHODS)
+        check_choice("svd_sharded", group["svd_sharded"], SHARDED_SVD_METHODS)
         for key in ("svd_oversample", "svd_power_iters"):
             check_int(key, group[key], 0)
+
+    def previous_basis(self, state: dict[str, Any]) -> torch.Tensor | None:
+        """The dense basis a randomized refresh warm-starts from (``None`` before the first)."""
+        return state.get("proj_basis")
+
+    def sketch(self, state: dict[str, Any], rows: torch.Tensor, step: int, ctx: Any = None) -> torch.Tensor:
+        """:func:`sketch_basis` seeded from (param seed, step): identical on every rank and after a resume."""
+        generator = torch.Generator(device=rows.device)
+        generator.manual_seed((state["proj_seed"] * 1_000_003 + step) % (2**63 - 1))
+        return sketch_basis(rows, self.rank, self.side, self.previous_basis(state), self.options["svd_oversample"],
+                            self.options["svd_power_iters"], generator, ctx)
 
     def compute_basis(self, state: dict[str, Any], grad: torch.Tensor, step: int) -> torch.Tensor:
         if self.options["svd"] == "exact":
             return top_singular_basis(grad, self.rank, self.side)
-        generator = torch.Generator(device=grad.device)
-        # Seed from (param seed, step): identical on every DDP rank and after a resume.
-        generator.manual_seed((state["proj_seed"] * 1_000_003 + step) % (2**63 - 1))
-        return randomized_basis(
-            grad, self.rank, self.side, state.get("proj_basis"),
-            self.options["svd_oversample"], self.options["svd_power_iters"], generator,
-        )
+        return self.sketch(state, grad, step)
+
+    def store_basis(self, state: dict[str, Any], basis: torch.Tensor, step: int) -> None:
+        """Put a freshly computed dense basis in place (a new tensor, never in place)."""
+        state["proj_basis"] = basis
+        state["proj_refreshes"] += 1
 
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
         basis = guarded_basis(state, grad, lambda: self.compute_basis(state, grad, step))
         if basis is None:
             return False
-        state["proj_basis"] = basis
-        state["proj_refreshes"] += 1
+        self.store_basis(state, basis, step)
         return True
+
+    def sharded_method(self) -> str:
+        """``"sketch"``, ``"gram"`` or ``"gather"``: how this projector refreshes from row shards."""
+        return "sketch" if self.options["svd"] == "randomized" else self.options["svd_sharded"]
 
     def refresh_sharded(self, state: dict[str, Any], grad_local: torch.Tensor, step: int,
                         group: dict[str, Any], ctx: ShardContext) -> Any:
-        """FSDP2, right side, exact SVD: the basis from the all-reduced n x n Gram matrix
-        ``Σ_i G_iᵀ G_i`` (:func:`gram_right_basis`) instead of all-gathering the m x n G.
-        Other cases return ``NotImplemented`` (the all-gather fallback)."""
-        if self.side != "right" or self.options["svd"] != "exact":
+        """FSDP2: the basis from this rank's rows of G, without all-gathering G.
+
+        * ``"sketch"`` (default; always for ``svd="randomized"``): :func:`sketch_basis`, the
+          same seeded randomized SVD a single process runs with ``svd="randomized"``:
+          ``svd_power_iters + 1`` all-reduces of n x k (+ an m x r row gather on the left).
+        * ``"gram"`` (exact, right side): the all-reduced n x n Gram matrix (:func:`gram_right_basis`).
+        * ``"gather"``, and ``"gram"`` on the left side: ``NotImplemented`` - the all-gather fallback.
+        """
+        method = self.sharded_method()
+        if method == "gather" or (method == "gram" and self.side != "right"):
             return NotImplemented
         if not ctx.all_finite(grad_local):
             state["proj_failures"] += 1
             return False
-        try:
-            basis = gram_right_basis(grad_local, self.rank, ctx)
-        except (RuntimeError, torch.linalg.LinAlgError):  # same on every rank: the Gram is shared
+        try:  # every collective precedes the local math, and that runs on replicated inputs: all ranks agree
+            if method == "gram":
+                basis = gram_right_basis(grad_local, self.rank, ctx)
+            else:
+                basis = self.sketch(state, grad_local, step, ctx)
+        except (RuntimeError, torch.linalg.LinAlgError):
             basis = None
-        if basis is None:
+        if basis is None or not bool(torch.isfinite(basis).all()):
             state["proj_failures"] += 1
             return False
-        state["proj_basis"] = basis
-        state["proj_refreshes"] += 1
+        self.store_basis(state, basis, step)
         return True

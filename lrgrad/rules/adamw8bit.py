@@ -23,14 +23,13 @@ basis and requantizes; ``"reset"`` zeroes codes and block maxima.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
 from lrgrad import kernels, quant
 from lrgrad._checks import check_int
-from lrgrad.dtensor import is_dtensor
+from lrgrad.dtensor import from_local, is_dtensor, shard_block_state
 from lrgrad.kernels.dispatch import backend_for
 from lrgrad.rules import blockwise8bit
 from lrgrad.rules.adamw import AdamWRule
@@ -70,18 +69,24 @@ class AdamW8bitRule(AdamWRule):
         if like.numel() < self.group["moment_min_size"]:
             super().init_state(state, like)
             return
-        if is_dtensor(like):
-            # FSDP2: blockwise codes do not follow a row-sharded layout yet, so sharded
-            # moments stay fp32 DTensors (correct and reshardable, without the 8-bit saving).
-            warnings.warn("adamw8bit: moments of FSDP2-sharded params are kept in fp32 (8-bit sharding is not "
-                          "implemented)", stacklevel=2)
-            super().init_state(state, like)
+        if is_dtensor(like):  # FSDP2: per-shard blocks (see shard_block_state)
+            state.update(shard_block_state(like, self.group["moment_block_size"], QUANTIZED_MOMENTS))
             return
         blocks = quant.num_groups(like.numel(), self.group["moment_block_size"])
         for key, signed in QUANTIZED_MOMENTS:
             state[f"{key}_codes"] = torch.zeros(like.shape, dtype=torch.int8 if signed else torch.uint8,
                                                 device=like.device)
             state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
+
+    def local_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """FSDP2: this rank's codes and the block maxima of its own blocks (views: in-place
+        writes land in the DTensors; the padding of a shard with fewer blocks is left out)."""
+        local = super().local_state(state)
+        if self.is_quantized(local):
+            for key, _ in QUANTIZED_MOMENTS:
+                blocks = quant.num_groups(local[f"{key}_codes"].numel(), self.group["moment_block_size"])
+                local[f"{key}_absmax"] = local[f"{key}_absmax"].view(-1)[:blocks]
+        return local
 
     def load_moment(self, state: dict[str, Any], key: str, signed: bool, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized moment ``key`` (``"exp_avg"`` / ``"exp_avg_sq"``) in ``dtype``."""
@@ -91,8 +96,11 @@ class AdamW8bitRule(AdamWRule):
         )
 
     def store_moment(self, state: dict[str, Any], key: str, signed: bool, value: torch.Tensor) -> None:
+        """Requantize ``value`` into the existing tensors (in place: under FSDP2 they are views
+        of this rank's part of the DTensors)."""
         codes, absmax = kernels.quantize_blockwise_8bit(value, self.group["moment_block_size"], signed=signed)
-        state[f"{key}_codes"], state[f"{key}_absmax"] = codes, absmax
+        state[f"{key}_codes"].copy_(codes)
+        state[f"{key}_absmax"].copy_(absmax)
 
     # ---------------------------------------------------------------- update
     def update(self, state: dict[str, Any], grad: torch.Tensor, step: int) -> torch.Tensor:
@@ -108,6 +116,9 @@ class AdamW8bitRule(AdamWRule):
         """
         if not self.is_quantized(state):
             return super().update(state, grad, step)
+        if is_dtensor(grad):  # FSDP2: every rank updates the blocks of its own rows
+            direction = self.update(self.local_state(state), grad.to_local(), step)
+            return from_local(direction, grad, list(grad.placements), tuple(grad.shape))
         if grad.dtype == torch.float32 and backend_for(grad) != "triton":
             return self.update_eager_fast(state, grad, step)
         return self.update_reference(state, grad, step)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lrgrad.dtensor import is_dtensor
 from lrgrad.subspace import apply_transition
 
 
@@ -60,6 +61,12 @@ class UpdateRule:
             work.add_(u, alpha=-lr)
             if work is not p:
                 p.copy_(work)
+
+    def local_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """FSDP2: ``state`` with each DTensor replaced by this rank's local tensor (the same
+        storage, so in-place writes land in the DTensor). Rules whose local layout needs
+        more (e.g. per-shard quantization blocks) override it."""
+        return {k: (v.to_local() if is_dtensor(v) else v) for k, v in state.items()}
 
     def change_basis(self, state: dict[str, Any], transition: torch.Tensor, side: str) -> None:
         """Carry the moments into a new subspace (``moment_policy="project"``)."""

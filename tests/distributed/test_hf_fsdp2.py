@@ -47,7 +47,9 @@ def set_torchrun_env(rank: int, world: int) -> None:
 
 # ---------------------------------------------------------------------------- Accelerate
 def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
-    groups = lrgrad.param_groups(model, rank=RANK, update_proj_gap=GAP, moment_policy="project")
+    # svd="randomized": FSDP2 refreshes with the seeded sketch, so the single process runs it too
+    sketch = {"svd": "randomized"} if name.startswith("GaLore") else {}
+    groups = lrgrad.param_groups(model, rank=RANK, update_proj_gap=GAP, moment_policy="project", **sketch)
     return lrgrad.OPTIMIZERS[name](groups, lr=1e-2)
 
 
@@ -101,7 +103,7 @@ def trainer_args(out: str, world: int, **overrides):
                    save_steps=TRAINER_SAVE_AT, logging_steps=100, report_to="none", use_cpu=True, seed=0,
                    disable_tqdm=True, dataloader_num_workers=0, train_sampling_strategy="sequential",
                    optim="galore_adamw", optim_target_modules=["self_attn", "mlp"],
-                   optim_args=f"rank={RANK}, update_proj_gap={GAP}, moment_policy=project")
+                   optim_args=f"rank={RANK}, update_proj_gap={GAP}, moment_policy=project, svd=randomized")
     options.update(overrides)
     return TrainingArguments(**options)
 

@@ -18,8 +18,9 @@ SCRIPT = ROOT / "experiments" / "pretrain_llama.py"
 COMMON = ["--config", "llama_9m", "--optimizer", "galore_adamw", "--batch-size", "4", "--seq-len", "32",
           "--max-steps", "4", "--eval-every", "2", "--eval-batches", "2", "--update-proj-gap", "2",
           "--rank", "8", "--threads", "1", "--no-progress", "--quiet",
-          # sign-invariant moment carry: FSDP2's Gram-matrix SVD fixes singular-vector signs its own way
-          "--opt-arg", "moment_policy=project"]
+          "--opt-arg", "moment_policy=project",
+          # FSDP2 refreshes with the seeded sketch; the single process runs the same one
+          "--opt-arg", "svd=randomized"]
 
 
 def launch(out: Path, *extra: str, world: int = 2) -> subprocess.CompletedProcess:

@@ -83,8 +83,11 @@ def test_randomized_svd_trains_and_is_deterministic():
     w0 = torch.randn(40, 24, dtype=torch.float64)
     # "project" carries moments by the subspace itself, so the per-vector sign
     # ambiguity of the two SVDs cannot change the result
-    a, _ = run_lrgrad(w0, grads, rank=6, update_proj_gap=2, svd="randomized", moment_policy="project")
-    b, _ = run_lrgrad(w0, grads, rank=6, update_proj_gap=2, svd="randomized", moment_policy="project")
+    # one power iteration: the default single pass is a little less accurate (see bench_comm)
+    a, _ = run_lrgrad(w0, grads, rank=6, update_proj_gap=2, svd="randomized", svd_power_iters=1,
+                      moment_policy="project")
+    b, _ = run_lrgrad(w0, grads, rank=6, update_proj_gap=2, svd="randomized", svd_power_iters=1,
+                      moment_policy="project")
     assert torch.equal(a, b)
     exact, _ = run_lrgrad(w0, grads, rank=6, update_proj_gap=2, moment_policy="project")
     torch.testing.assert_close(a, exact, atol=1e-6, rtol=0)
