@@ -22,6 +22,7 @@ dtype and rounded once per step.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,6 +31,8 @@ from torch.optim import Optimizer
 
 from lrgrad._checks import check_int, check_nonnegative
 from lrgrad.dtensor import is_dtensor, low_rank_zeros
+from lrgrad.groups import are_unnamed_tensors, route_named_params
+from lrgrad.optim.compile_guard import refuse_compiled_step
 from lrgrad.projectors import PROJECTORS, Projector
 from lrgrad.projectors.sharded import ShardedProjector
 from lrgrad.qweights import update_targets
@@ -44,7 +47,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "weight_decay": 1e-2,
     "rank": None,
     "update_proj_gap": 200,
-    "scale": 0.25,
+    "scale": None,
     "proj_type": "std",
     "moment_policy": "keep",
     "maximize": False,
@@ -64,7 +67,11 @@ class LowRankOptimizer(Optimizer):
         projector: projector name (see ``lrgrad.projectors.PROJECTORS``: ``"svd"``, ...).
         rank: subspace rank; ``None`` runs every param of the group full-rank.
         update_proj_gap: refresh the subspace on steps 1, gap+1, 2·gap+1, ...
-        scale: multiplier of the back-projected update (GaLore's α).
+        scale: multiplier of the back-projected update (GaLore's α). ``None`` (the default):
+            the projector's ``default_scale`` — sqrt(d / rank) for an orthonormal basis over a
+            side of size d, 1 for Flora's Gaussian draws — so the update has AdamW's RMS and
+            AdamW's lr carries over (README, "The one-liner"). A group that carries ``scale``
+            (galore-torch's groups always do) uses it as given.
         proj_type: ``"std"`` (project the smaller side), ``"reverse_std"``, ``"left"``, ``"right"``.
         moment_policy: what happens to the rule's moments when the subspace changes:
             ``"keep"`` (galore-torch's behaviour), ``"project"`` (carry them into the new
@@ -102,6 +109,15 @@ class LowRankOptimizer(Optimizer):
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s): {', '.join(unknown)}")
         defaults.update(options)
         self._param_index: dict[int, int] = {}
+        # (name, tensor) pairs with a rank: embeddings/head/norms go to a full-rank group
+        params = route_named_params(params, defaults["rank"])
+        if defaults["rank"] is not None and are_unnamed_tensors(params):
+            warnings.warn(
+                f"{type(self).__name__}(model.parameters(), rank={defaults['rank']}) projects every matrix, the "
+                "embeddings and the output head included (bare tensors carry no names); pass "
+                "model.named_parameters() or lrgrad.param_groups(model, rank) to keep them full-rank",
+                UserWarning, stacklevel=3,
+            )
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -138,8 +154,10 @@ class LowRankOptimizer(Optimizer):
         check_int("update_proj_gap", group["update_proj_gap"], 1)
         check_int("seed", group["seed"], 0)
         scale = group["scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise TypeError(f"Invalid scale: expected a finite float, got {scale!r}")
+        if scale is not None and (
+            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+        ):
+            raise TypeError(f"Invalid scale: expected a finite float or None (RMS-matched), got {scale!r}")
         projection_side((2, 1), group["proj_type"])  # raises on an unknown proj_type
         if group["moment_policy"] not in MOMENT_POLICIES:
             raise ValueError(f"Invalid moment_policy: {group['moment_policy']!r}; expected one of {MOMENT_POLICIES}")
@@ -217,6 +235,8 @@ class LowRankOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform one optimization step; ``closure`` re-evaluates the loss (under grad)."""
+        if torch.compiler.is_compiling():  # torch.compile(opt.step): one clear error (compile_guard.py)
+            refuse_compiled_step(type(self).__name__)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -390,7 +410,10 @@ class LowRankOptimizer(Optimizer):
         projector = self.projector_for(param, group)
         update = rule.update(state, low, state["step"])
         lr = float(group["lr"])
-        alpha = -lr * group["scale"]
+        scale = group["scale"]
+        if scale is None:
+            scale = projector.default_scale(matrix_shape(param))
+        alpha = -lr * scale
         decay = 1 - lr * group["weight_decay"]
         with update_targets([param], contiguous=True) as (target,):
             projector.update_param_(state, target.view(matrix_shape(param)), update, alpha, decay)
