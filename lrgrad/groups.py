@@ -28,7 +28,10 @@ of the signal, and they hold most of a small model's parameters):
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -207,6 +210,16 @@ def route_named_params(params: Any, rank: int | None) -> Any:
     return groups
 
 
-def are_unnamed_tensors(params: Any) -> bool:
-    """True for a non-empty list of bare tensors (``model.parameters()``): no names, no groups."""
-    return isinstance(params, list) and bool(params) and all(isinstance(p, torch.Tensor) for p in params)
+def is_module_parameters(params: Any) -> bool:
+    """True for the generator ``nn.Module.parameters()`` returns: a whole model's tensors, without
+    names (a hand-written list of tensors is taken as a deliberate choice of what to project)."""
+    return inspect.isgenerator(params) and params.gi_code is nn.Module.parameters.__code__
+
+
+def caller_stacklevel() -> int:
+    """``stacklevel`` for a warning raised inside lrgrad that points at the user's line."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level

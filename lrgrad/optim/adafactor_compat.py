@@ -21,7 +21,9 @@ from typing import Any
 TRANSFORMERS_ONLY = ("decay_rate", "scale_parameter", "relative_step", "warmup_init")
 
 
-def translate_adafactor_kwargs(lr: Any, eps: Any, beta2_decay: float, options: dict[str, Any]) -> tuple[Any, Any, float]:
+def translate_adafactor_kwargs(
+    lr: Any, eps: Any, beta2_decay: float, options: dict[str, Any]
+) -> tuple[Any, Any, float]:
     """Pop the transformers-only keys from ``options`` and return ``(lr, eps, beta2_decay)``;
     ``ValueError`` for a setting lrgrad does not implement, naming the replacement."""
     for key in ("scale_parameter", "relative_step", "warmup_init"):
@@ -41,7 +43,8 @@ def translate_adafactor_kwargs(lr: Any, eps: Any, beta2_decay: float, options: d
     if options.pop("warmup_init", False):
         raise ValueError(
             "Invalid warmup_init: True belongs to transformers' relative step, which is not supported; pass "
-            "warmup_init=False and use an LR scheduler with warmup (e.g. transformers.get_constant_schedule_with_warmup)"
+            "warmup_init=False and use an LR scheduler with warmup "
+            "(e.g. transformers.get_constant_schedule_with_warmup)"
         )
     if lr is None:
         raise ValueError(

@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 
 from lrgrad._checks import check_int, check_nonnegative
 from lrgrad.dtensor import is_dtensor, low_rank_zeros
-from lrgrad.groups import are_unnamed_tensors, route_named_params
+from lrgrad.groups import caller_stacklevel, is_module_parameters, route_named_params
 from lrgrad.optim.compile_guard import refuse_compiled_step
 from lrgrad.projectors import PROJECTORS, Projector
 from lrgrad.projectors.sharded import ShardedProjector
@@ -109,15 +109,15 @@ class LowRankOptimizer(Optimizer):
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s): {', '.join(unknown)}")
         defaults.update(options)
         self._param_index: dict[int, int] = {}
-        # (name, tensor) pairs with a rank: embeddings/head/norms go to a full-rank group
-        params = route_named_params(params, defaults["rank"])
-        if defaults["rank"] is not None and are_unnamed_tensors(params):
+        if defaults["rank"] is not None and is_module_parameters(params):
             warnings.warn(
                 f"{type(self).__name__}(model.parameters(), rank={defaults['rank']}) projects every matrix, the "
                 "embeddings and the output head included (bare tensors carry no names); pass "
                 "model.named_parameters() or lrgrad.param_groups(model, rank) to keep them full-rank",
-                UserWarning, stacklevel=3,
+                UserWarning, stacklevel=caller_stacklevel(),
             )
+        # (name, tensor) pairs with a rank: embeddings/head/norms go to a full-rank group
+        params = route_named_params(params, defaults["rank"])
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups

@@ -3,28 +3,40 @@
 
 from __future__ import annotations
 
-import copy
-import math
 import warnings
 
 import pytest
 import torch
 from galore_reference import gapped_gradients, reference_galore
-from tiny_model import TinyLM, lm_loss, make_batch
+from tiny_model import VOCAB, TinyLM, lm_loss
 
 import lrgrad
 
 PRESETS = ["GaLoreAdamW", "DCTAdamW", "FloraAdamW", "OnlineSubspaceAdamW", "QGaLoreAdamW", "GaLoreAdamW8bit"]
+LR, STEPS, RANK = 3e-3, 40, 16
+
+# A fixed random Markov chain over the vocabulary (entropy ~1.6 nats): learnable, but not to zero
+# loss in 40 steps, so loss ratios stay meaningful (a deterministic rule is learned perfectly).
+_TRANSITIONS = torch.softmax(3 * torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(0)), dim=-1)
 
 
-def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> float:
+def markov_batch(seed: int, batch: int = 16, seq: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    tokens = [torch.randint(0, VOCAB, (batch,), generator=g)]
+    for _ in range(seq - 1):
+        tokens.append(torch.multinomial(_TRANSITIONS[tokens[-1]], 1, generator=g).squeeze(1))
+    return torch.stack(tokens, dim=1)
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int = STEPS) -> float:
+    """Train on fresh batches, return the loss on 4 held-out batches."""
     for step in range(steps):
-        loss = lm_loss(model, make_batch(seed=step))
+        loss = lm_loss(model, markov_batch(step))
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return sum(float(lm_loss(model, make_batch(seed=10_000 + i))) for i in range(4)) / 4
+        return sum(float(lm_loss(model, markov_batch(10_000 + i))) for i in range(4)) / 4
 
 
 def fresh_model() -> TinyLM:
@@ -32,31 +44,31 @@ def fresh_model() -> TinyLM:
     return TinyLM(dim=64, hidden=128)
 
 
+@pytest.fixture(scope="module")
+def adamw_loss() -> float:
+    model = fresh_model()
+    return train(model, torch.optim.AdamW(model.parameters(), lr=LR))
+
+
 # ---------------------------------------------------------------- the regression test
-def test_one_liner_keeps_adamw_loss_and_old_defaults_do_not():
-    """40 steps at AdamW's lr: the one-liner ends near AdamW; the old behaviour (scale 0.25 and
-    embeddings/head projected) ends far above — the bound separates the two."""
-    lr, steps, rank = 3e-3, 40, 16
+def test_one_liner_keeps_adamw_loss_and_old_defaults_do_not(adamw_loss):
+    """40 steps at AdamW's lr: the one-liner ends within a few % of AdamW (measured +3.2%); the old
+    behaviour (scale 0.25, embeddings/head projected) ends ~75% above - the bound separates them."""
     model = fresh_model()
-    adamw = train(model, torch.optim.AdamW(model.parameters(), lr=lr), steps)
-    model = fresh_model()
-    one_liner = train(model, lrgrad.GaLoreAdamW(model.named_parameters(), rank=rank, lr=lr), steps)
+    one_liner = train(model, lrgrad.GaLoreAdamW(model.named_parameters(), rank=RANK, lr=LR))
     model = fresh_model()
     with pytest.warns(UserWarning, match="named_parameters"):
-        old = lrgrad.GaLoreAdamW(model.parameters(), rank=rank, lr=lr, scale=0.25)
-    old_loss = train(model, old, steps)
-    assert one_liner <= adamw * 1.10, (one_liner, adamw)
-    assert old_loss > adamw * 1.25, (old_loss, adamw)  # the test would catch a regression to it
+        old = lrgrad.GaLoreAdamW(model.parameters(), rank=RANK, lr=LR, scale=0.25)
+    old_loss = train(model, old)
+    assert one_liner <= adamw_loss * 1.08, (one_liner, adamw_loss)
+    assert old_loss > adamw_loss * 1.3, (old_loss, adamw_loss)  # the test would catch a regression to it
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_every_projected_preset_one_liner_trains_like_adamw(name):
-    lr, steps, rank = 3e-3, 30, 16
+@pytest.mark.parametrize("name", PRESETS[1:])
+def test_every_projected_preset_one_liner_trains_like_adamw(name, adamw_loss):
     model = fresh_model()
-    adamw = train(model, torch.optim.AdamW(model.parameters(), lr=lr), steps)
-    model = fresh_model()
-    ours = train(model, lrgrad.OPTIMIZERS[name](model.named_parameters(), rank=rank, lr=lr), steps)
-    assert ours <= adamw * 1.15, (name, ours, adamw)
+    ours = train(model, lrgrad.OPTIMIZERS[name](model.named_parameters(), rank=RANK, lr=LR))
+    assert ours <= adamw_loss * 1.08, (name, ours, adamw_loss)  # measured +2.7% .. +4.1%
 
 
 # ---------------------------------------------------------------- the default scale
@@ -143,16 +155,3 @@ def test_unnamed_parameters_warn_and_say_what_to_pass():
         warnings.simplefilter("error")
         lrgrad.GaLoreAdamW(model.parameters())  # no rank: nothing is projected, nothing to say
         lrgrad.GaLoreAdamW(lrgrad.param_groups(model, rank=16))
-
-
-def test_training_a_compiled_model_equals_eager():
-    """torch.compile(model) with lrgrad optimizers (eager backend: fast, same graph capture)."""
-    base = fresh_model()
-    runs = []
-    for compile_model in (False, True):
-        model = copy.deepcopy(base)
-        net = torch.compile(model, backend="eager") if compile_model else model
-        opt = lrgrad.GaLoreAdamW(net.named_parameters(), rank=16, lr=3e-3)
-        runs.append(train(net, opt, 5))
-    assert math.isfinite(runs[0])
-    assert runs[1] == pytest.approx(runs[0], rel=1e-5)
