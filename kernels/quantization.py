@@ -23,7 +23,7 @@ import torch
 
 from lrgrad import quant as reference
 from lrgrad.kernels.dispatch import backend_for
-from lrgrad.quant import _check_float, _check_group_size, _check_shape, num_groups
+from lrgrad.quant import check_codes_shape, check_float_tensor, check_group_size, num_groups
 
 _MAX_NUMEL = 2**31 - 1
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,8 +51,8 @@ def _resolve_seed(seed: int | None) -> int:
 
 def quantize_int4(x: torch.Tensor, group_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(packed uint8, scale fp16, zero fp16)``; see ``lrgrad.quant.quantize_int4``."""
-    _check_float(x)
-    _check_group_size("group_size", group_size)
+    check_float_tensor(x)
+    check_group_size("group_size", group_size)
     if _use_triton(x) and group_size % 2 == 0 and x.dtype in _FLOAT_DTYPES:
         from lrgrad.kernels import triton_quant
 
@@ -65,7 +65,7 @@ def dequantize_int4(
     group_size: int = 256, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_int4`; see ``lrgrad.quant.dequantize_int4``."""
-    _check_group_size("group_size", group_size)
+    check_group_size("group_size", group_size)
     shape = torch.Size(shape)
     numel = shape.numel()
     if _use_triton(packed) and dtype in _FLOAT_DTYPES:
@@ -96,7 +96,7 @@ def stochastic_round(x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
 
     Triton path: the Bernoulli draws are ``tl.rand(seed, i) < frac_i`` (Philox, element index ``i``).
     """
-    _check_float(x)
+    check_float_tensor(x)
     _check_seed(seed)
     if _use_triton(x) and x.dtype in _FLOAT_DTYPES:
         from lrgrad.kernels import triton_quant
@@ -113,8 +113,8 @@ def quantize_int8(
     ``stochastic=True`` rounds ``x / scale`` with the seeded Philox stream (INT8 weight
     requantization: small updates survive in expectation).
     """
-    _check_float(x)
-    _check_group_size("group_size", group_size)
+    check_float_tensor(x)
+    check_group_size("group_size", group_size)
     _check_seed(seed)
     if _use_triton(x) and x.dtype in _FLOAT_DTYPES:
         from lrgrad.kernels import triton_quant
@@ -132,11 +132,11 @@ def dequantize_int8(
     group_size: int = 256, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_int8`; see ``lrgrad.quant.dequantize_int8``."""
-    _check_group_size("group_size", group_size)
+    check_group_size("group_size", group_size)
     if _use_triton(codes) and dtype in _FLOAT_DTYPES:
         if codes.dtype != torch.int8:
             raise TypeError(f"Invalid codes: expected int8, got {codes.dtype}")
-        shape = codes.shape if shape is None else _check_shape(shape, codes.numel())
+        shape = codes.shape if shape is None else check_codes_shape(shape, codes.numel())
         _check_stats(scale, zero, codes.numel(), group_size)
         from lrgrad.kernels import triton_quant
 
@@ -150,8 +150,8 @@ def quantize_blockwise_8bit(
     x: torch.Tensor, block_size: int = 256, signed: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, absmax fp32)`` with the companded code map; see ``lrgrad.quant.quantize_blockwise_8bit``."""
-    _check_float(x)
-    _check_group_size("block_size", block_size)
+    check_float_tensor(x)
+    check_group_size("block_size", block_size)
     if _use_triton(x) and x.dtype in _FLOAT_DTYPES:
         from lrgrad.kernels import triton_quant
 
@@ -165,12 +165,12 @@ def dequantize_blockwise_8bit(
     block_size: int = 256, signed: bool = True, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise_8bit`; see ``lrgrad.quant.dequantize_blockwise_8bit``."""
-    _check_group_size("block_size", block_size)
+    check_group_size("block_size", block_size)
     if _use_triton(codes) and dtype in _FLOAT_DTYPES:
         expected = torch.int8 if signed else torch.uint8
         if codes.dtype != expected:
             raise TypeError(f"Invalid codes: expected {expected} for signed={signed}, got {codes.dtype}")
-        shape = codes.shape if shape is None else _check_shape(shape, codes.numel())
+        shape = codes.shape if shape is None else check_codes_shape(shape, codes.numel())
         if absmax.numel() != num_groups(codes.numel(), block_size):
             raise ValueError(f"Invalid absmax: expected {num_groups(codes.numel(), block_size)} blocks of "
                              f"{block_size} for {codes.numel()} elements, got {absmax.numel()}")

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrgrad._checks import check_bool, check_choice, check_int
 from lrgrad.groups import DEFAULT_EXCLUDE, select_low_rank_modules
 from lrgrad.optim.registry import optimizer_class
 from lrgrad.rules import RULES
@@ -285,13 +286,6 @@ def _infer_config(model: nn.Module) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------- entry point
-def _check_positive(name: str, value: Any, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an int > 0)")
-
-
 def estimate_memory(
     model_or_config: nn.Module | Mapping[str, Any] | Any,
     optimizer: str = "adamw",
@@ -325,16 +319,14 @@ def estimate_memory(
         **optimizer_options: passed to the optimizer (e.g. ``proj_bits=8``, ``moment_min_size``).
     """
     optimizer_class(optimizer)  # raises ValueError naming the valid names
-    _check_positive("rank", rank)
-    _check_positive("batch_size", batch_size)
-    _check_positive("seq_len", seq_len)
-    _check_positive("weight_group_size", weight_group_size, allow_none=False)
-    if weight_bits not in (None, 4, 8):
-        raise ValueError(f"Invalid weight_bits: {weight_bits!r}; expected None, 4 or 8")
+    check_int("rank", rank, 1, allow_none=True)
+    check_int("batch_size", batch_size, 1, allow_none=True)
+    check_int("seq_len", seq_len, 1, allow_none=True)
+    check_int("weight_group_size", weight_group_size, 1)
+    check_choice("weight_bits", weight_bits, (None, 4, 8))
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"Invalid dtype: expected a floating torch.dtype, got {dtype!r}")
-    if not isinstance(layerwise, bool):
-        raise TypeError(f"Invalid layerwise: expected a bool, got {layerwise!r}")
+    check_bool("layerwise", layerwise)
     if (batch_size is None) != (seq_len is None):
         raise ValueError("Invalid batch_size/seq_len: give both or neither")
     buffer_bytes = 0

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from lrgrad._checks import check_int, check_positive
 from lrgrad.optim.lowrank import LowRankOptimizer
 
 
@@ -51,12 +52,8 @@ class LayerwiseOptimizer:
     ):
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(f"Invalid optimizer: expected an lrgrad optimizer, got {type(optimizer).__name__}")
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
-            raise TypeError(f"Invalid accumulation_steps: expected an int, got {accumulation_steps!r}")
-        if accumulation_steps < 1:
-            raise ValueError(f"Invalid accumulation_steps: {accumulation_steps} (must be >= 1)")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0 or None)")
+        check_int("accumulation_steps", accumulation_steps, 1)
+        check_positive("max_grad_norm", max_grad_norm, allow_none=True)
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
@@ -75,7 +72,7 @@ class LayerwiseOptimizer:
 
     def _reset_window(self) -> None:
         self._handled: set[int] = set()
-        self._pending_low: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending_low: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
         self._pending_full: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sq_norm: torch.Tensor | None = None
 
@@ -108,9 +105,10 @@ class LayerwiseOptimizer:
             return
         nonfinite = group["skip_nonfinite"] and opt.nonfinite_flags([grad])[0]
         prepared = opt.prepare_grad(param, group, grad, nonfinite=nonfinite)
+        snapshot = opt.snapshot_state(param)  # the window may still be skipped (a non-finite global norm)
         low = opt.project_grad(param, group, prepared) if prepared is not None else None
         if low is not None:
-            self._pending_low.append((param, low))
+            self._pending_low.append((param, low, snapshot))
         param.grad = None
 
     @torch.no_grad()
@@ -140,11 +138,13 @@ class LayerwiseOptimizer:
         self.last_grad_norm = norm
         if not math.isfinite(norm):
             self.skipped_steps += 1
+            for p, _, snapshot in self._pending_low:  # no refresh, no counter moves on a skipped step
+                opt.restore_state(p, snapshot)
             for p, _ in self._pending_full:
                 p.grad = None
             return
         coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
-        for p, low in self._pending_low:
+        for p, low, _ in self._pending_low:
             opt.apply_low_rank(p, self._group_of[id(p)], low * coef if coef < 1.0 else low)
         for p, grad in self._pending_full:
             opt.step_param(p, self._group_of[id(p)], grad * coef if coef < 1.0 else grad)

@@ -39,6 +39,8 @@ import math
 
 import torch
 
+from lrgrad._checks import check_int
+
 #: fp16 holds every integer up to 2048 exactly; the scale is kept >= max|x| / ZERO_LIMIT
 ZERO_LIMIT = 1024.0
 
@@ -50,21 +52,18 @@ UNSIGNED_LEVELS = 255
 
 
 # ------------------------------------------------------------------ validation
-def _check_group_size(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Invalid {name}: expected an int, got {type(value).__name__} ({value!r})")
-    if value <= 0:
-        raise ValueError(f"Invalid {name}: {value} (must be > 0)")
+def check_group_size(name: str, value: int) -> None:
+    check_int(name, value, 1)
 
 
-def _check_float(x: torch.Tensor) -> None:
+def check_float_tensor(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"Invalid x: expected a Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"Invalid x: expected a floating-point tensor, got {x.dtype}")
 
 
-def _check_shape(shape: torch.Size | tuple[int, ...], numel: int, name: str = "shape") -> torch.Size:
+def check_codes_shape(shape: torch.Size | tuple[int, ...], numel: int, name: str = "shape") -> torch.Size:
     shape = torch.Size(shape)
     if shape.numel() != numel:
         raise ValueError(f"Invalid {name}: {tuple(shape)} has {shape.numel()} elements, the codes hold {numel}")
@@ -95,7 +94,7 @@ def _ungrouped_view(flat: torch.Tensor, group_size: int) -> torch.Tensor:
     return flat.view(-1, group_size)
 
 
-def _fp16_round_up(value: torch.Tensor) -> torch.Tensor:
+def fp16_round_up(value: torch.Tensor) -> torch.Tensor:
     """Smallest fp16 value >= ``value`` (fp32, positive)."""
     half = value.to(torch.float16)
     below = half.float() < value
@@ -113,7 +112,7 @@ def _minmax_params(groups: torch.Tensor, levels: int) -> tuple[torch.Tensor, tor
     scale = torch.maximum((hi - lo) / levels, magnitude / ZERO_LIMIT)
     # an all-zero group: any positive scale reproduces it exactly
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale = _fp16_round_up(scale)
+    scale = fp16_round_up(scale)
     zero = torch.round(-lo / scale.float())
     return scale, zero.to(torch.float16)
 
@@ -137,8 +136,8 @@ def quantize_int4(x: torch.Tensor, group_size: int = 256) -> tuple[torch.Tensor,
     ``zero`` are fp16 with one entry per group of ``group_size`` consecutive
     (flattened) elements. ``|x − dequantize_int4(...)| ≤ scale / 2`` per element.
     """
-    _check_float(x)
-    _check_group_size("group_size", group_size)
+    check_float_tensor(x)
+    check_group_size("group_size", group_size)
     flat = x.detach().reshape(-1).float()
     if flat.numel() == 0:
         empty16 = torch.empty(0, dtype=torch.float16, device=x.device)
@@ -187,7 +186,7 @@ def dequantize_int4(
     group_size: int = 256, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_int4`: a ``dtype`` tensor of ``shape``."""
-    _check_group_size("group_size", group_size)
+    check_group_size("group_size", group_size)
     shape = torch.Size(shape)
     numel = shape.numel()
     codes = unpack_int4(packed, numel)
@@ -202,7 +201,7 @@ def stochastic_round(x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
     the int ``seed``, so the result is a deterministic function of ``(x, seed)``
     (``seed=None`` draws from the global generator).
     """
-    _check_float(x)
+    check_float_tensor(x)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"Invalid seed: expected an int or None, got {type(seed).__name__}")
     generator = None
@@ -228,8 +227,8 @@ def quantize_int8(
     (see :func:`stochastic_round`), unbiased, ``|error| < scale``; small updates
     survive in expectation instead of being rounded away.
     """
-    _check_float(x)
-    _check_group_size("group_size", group_size)
+    check_float_tensor(x)
+    check_group_size("group_size", group_size)
     flat = x.detach().reshape(-1).float()
     if flat.numel() == 0:
         empty16 = torch.empty(0, dtype=torch.float16, device=x.device)
@@ -246,10 +245,10 @@ def dequantize_int8(
     group_size: int = 256, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_int8` (``shape`` defaults to ``codes.shape``)."""
-    _check_group_size("group_size", group_size)
+    check_group_size("group_size", group_size)
     if codes.dtype != torch.int8:
         raise TypeError(f"Invalid codes: expected int8, got {codes.dtype}")
-    shape = codes.shape if shape is None else _check_shape(shape, codes.numel())
+    shape = codes.shape if shape is None else check_codes_shape(shape, codes.numel())
     flat = codes.reshape(-1).to(torch.int16) + 128
     return _dequantize_groups(flat, scale, zero, flat.numel(), group_size).to(dtype).view(shape)
 
@@ -279,8 +278,8 @@ def quantize_blockwise_8bit(
     ``|y(x̂) − y(x)| ≤ 1 / (2 · levels)``; equivalently the relative error of an
     element is about ``p / (2 · levels · y)`` — 0.8 % at the block maximum for both maps.
     """
-    _check_float(x)
-    _check_group_size("block_size", block_size)
+    check_float_tensor(x)
+    check_group_size("block_size", block_size)
     flat = x.detach().reshape(-1).float()
     if flat.numel() == 0:
         dtype = torch.int8 if signed else torch.uint8
@@ -303,11 +302,11 @@ def dequantize_blockwise_8bit(
     block_size: int = 256, signed: bool = True, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise_8bit` (``shape`` defaults to ``codes.shape``)."""
-    _check_group_size("block_size", block_size)
+    check_group_size("block_size", block_size)
     expected = torch.int8 if signed else torch.uint8
     if codes.dtype != expected:
         raise TypeError(f"Invalid codes: expected {expected} for signed={signed}, got {codes.dtype}")
-    shape = codes.shape if shape is None else _check_shape(shape, codes.numel())
+    shape = codes.shape if shape is None else check_codes_shape(shape, codes.numel())
     numel = codes.numel()
     blocks = num_groups(numel, block_size)
     if absmax.numel() != blocks:

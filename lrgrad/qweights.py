@@ -46,17 +46,11 @@ from torch.nn import functional as F
 from lrgrad._checks import check_int
 from lrgrad.groups import matches
 from lrgrad.kernels import stochastic_round
-from lrgrad.quant import ZERO_LIMIT, pack_int4, unpack_int4
+from lrgrad.quant import ZERO_LIMIT, fp16_round_up, pack_int4, unpack_int4
 
 #: fraction of a group's range added on each side when a grid is (re)built
 HEADROOM = 1.0 / 16.0
 ROUNDING_MODES = ("stochastic", "nearest")
-
-
-def _fp16_round_up(value: torch.Tensor) -> torch.Tensor:
-    half = value.to(torch.float16)
-    below = half.float() < value
-    return torch.where(below, torch.nextafter(half, torch.full_like(half, math.inf)), half)
 
 
 def build_grid(groups: torch.Tensor, levels: int, headroom: float = HEADROOM) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +63,7 @@ def build_grid(groups: torch.Tensor, levels: int, headroom: float = HEADROOM) ->
     pad = (hi - lo) * headroom
     lo, hi = lo - pad, hi + pad
     scale = torch.maximum((hi - lo) / levels, torch.maximum(lo.abs(), hi.abs()) / ZERO_LIMIT)
-    scale = _fp16_round_up(torch.where(scale > 0, scale, torch.ones_like(scale)))
+    scale = fp16_round_up(torch.where(scale > 0, scale, torch.ones_like(scale)))
     zero = torch.round(-lo / scale.float()).clamp_(-ZERO_LIMIT - levels, ZERO_LIMIT + levels)
     return scale, zero.to(torch.float16)
 

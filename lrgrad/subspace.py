@@ -50,10 +50,40 @@ def apply_transition(x: torch.Tensor, transition: torch.Tensor, side: str, quadr
     for a permutation (DCT reselection), a convex-like reweighting for a rotation,
     and never negative.
     """
+    source = selection_source(transition, side)
+    if source is not None:
+        # A 0/1 selection (a DCT reselection): move entries by indexing, so an inf moment stays
+        # inf where it is kept and new directions start at exactly 0 - a matmul would make 0·inf = NaN.
+        return select_along(x, source, side)
     t = transition * transition if quadratic else transition
     t = t.to(x.dtype)
     # works for matrices and for 1-D factored statistics along the projected axis
     return x @ t if side == "right" else t @ x
+
+
+def selection_source(transition: torch.Tensor, side: str) -> torch.Tensor | None:
+    """For a transition that only selects (entries 0/1, at most one 1 per new coordinate):
+    the old index of each new coordinate, ``-1`` for a new one; ``None`` for any other matrix."""
+    t = transition if side == "right" else transition.T  # r_old x r_new either way
+    if t.dim() != 2 or t.numel() == 0 or not bool(((t == 0) | (t == 1)).all()):
+        return None
+    hits = t.sum(dim=0)
+    if bool((hits > 1).any()):
+        return None
+    return torch.where(hits > 0, t.argmax(dim=0), torch.full_like(hits, -1, dtype=torch.long))
+
+
+def select_along(x: torch.Tensor, source: torch.Tensor, side: str) -> torch.Tensor:
+    """New low-rank coordinates from old ones: ``new[j] = old[source[j]]`` along the rank axis
+    (columns for ``"right"``, rows for ``"left"``; a 1-D statistic along its only axis), zero
+    where ``source[j] == -1``."""
+    axis = -1 if side == "right" else 0
+    source = source.to(x.device)
+    picked = x.index_select(axis, source.clamp_min(0))
+    keep = (source >= 0).to(x.dtype)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return torch.where(keep.reshape(shape) > 0, picked, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -21,7 +21,6 @@ dtype and rounded once per step.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lrgrad._checks import check_int, check_nonnegative
+from lrgrad._checks import check_bool, check_choice, check_float, check_int, check_nonnegative
 from lrgrad.dtensor import is_dtensor, low_rank_zeros
 from lrgrad.groups import caller_stacklevel, is_module_parameters, route_named_params
 from lrgrad.optim.compile_guard import refuse_compiled_step
@@ -37,7 +36,7 @@ from lrgrad.projectors import PROJECTORS, Projector
 from lrgrad.projectors.sharded import ShardedProjector
 from lrgrad.qweights import update_targets
 from lrgrad.rules import RULES, UpdateRule
-from lrgrad.subspace import MOMENT_POLICIES, compute_dtype, low_rank_shape, matrix_shape, projection_side
+from lrgrad.subspace import MOMENT_POLICIES, PROJ_TYPES, compute_dtype, low_rank_shape, matrix_shape, projection_side
 
 #: group keys that define the *structure* of the state; a state_dict saved with
 #: other values cannot be loaded into this optimizer.
@@ -153,19 +152,12 @@ class LowRankOptimizer(Optimizer):
         check_int("rank", group["rank"], 1, allow_none=True)
         check_int("update_proj_gap", group["update_proj_gap"], 1)
         check_int("seed", group["seed"], 0)
-        scale = group["scale"]
-        if scale is not None and (
-            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
-        ):
-            raise TypeError(f"Invalid scale: expected a finite float or None (RMS-matched), got {scale!r}")
-        projection_side((2, 1), group["proj_type"])  # raises on an unknown proj_type
-        if group["moment_policy"] not in MOMENT_POLICIES:
-            raise ValueError(f"Invalid moment_policy: {group['moment_policy']!r}; expected one of {MOMENT_POLICIES}")
-        for key in ("maximize", "skip_nonfinite"):
-            if not isinstance(group[key], bool):
-                raise TypeError(f"Invalid {key}: expected a bool, got {group[key]!r}")
-        if group["foreach"] not in (None, True, False):
-            raise TypeError(f"Invalid foreach: expected None or a bool, got {group['foreach']!r}")
+        check_float("scale", group["scale"], allow_none=True)  # None: the projector's RMS-matched default
+        check_choice("proj_type", group["proj_type"], PROJ_TYPES)
+        check_choice("moment_policy", group["moment_policy"], MOMENT_POLICIES)
+        check_bool("maximize", group["maximize"])
+        check_bool("skip_nonfinite", group["skip_nonfinite"])
+        check_bool("foreach", group["foreach"], allow_none=True)
         RULES[group["rule"]].validate_options(group)
         PROJECTORS[group["projector"]].validate_options(group)
         for p in group["params"]:
@@ -284,20 +276,23 @@ class LowRankOptimizer(Optimizer):
         for p, g in zip(params, grads):
             g = self.prepare_grad(p, group, g)
             if self.is_projected(p, group):
+                snapshot = self.snapshot_state(p)  # a skipped step must leave the state as it was
                 low = self.project_grad(p, group, g)
                 if low is not None:
-                    low_items.append((p, low))
+                    low_items.append((p, low, snapshot))
             else:
                 full_params.append(p)
                 full_grads.append(g)
         if group["skip_nonfinite"]:
             # A NaN/Inf anywhere in G reaches R = down(G) (IEEE propagation through the
-            # matmul), so projected params are checked on the small low-rank gradient;
-            # a refresh has already refused to build a basis from a non-finite G.
-            bad_low = self.nonfinite_flags([low for _, low in low_items])
-            for (p, _), bad in zip(low_items, bad_low):
+            # matmul), so projected params are checked on the small low-rank gradient. A refresh
+            # may already have run (a gradient-free one, e.g. Flora's resample, even on a
+            # non-finite G): the snapshot puts every state entry and counter back.
+            bad_low = self.nonfinite_flags([low for _, low, _ in low_items])
+            for (p, _, snapshot), bad in zip(low_items, bad_low):
                 if bad:
-                    self.count_skip(p, undo_step=True)
+                    self.restore_state(p, snapshot)
+                    self.count_skip(p)
             low_items = [item for item, bad in zip(low_items, bad_low) if not bad]
             bad_full = self.nonfinite_flags(full_grads)
             for p, bad in zip(full_params, bad_full):
@@ -305,7 +300,7 @@ class LowRankOptimizer(Optimizer):
                     self.count_skip(p)
             full_params = [p for p, bad in zip(full_params, bad_full) if not bad]
             full_grads = [g for g, bad in zip(full_grads, bad_full) if not bad]
-        for p, low in low_items:
+        for p, low, _ in low_items:
             self.apply_low_rank(p, group, low, rule)
         self.apply_full_rank(group, full_params, full_grads, rule)
 
@@ -314,12 +309,24 @@ class LowRankOptimizer(Optimizer):
         update ran parameter by parameter (per-layer updates) instead of through :meth:`step`."""
         self._opt_called = True  # type: ignore[attr-defined]
 
-    def count_skip(self, param: torch.Tensor, undo_step: bool = False) -> None:
+    def count_skip(self, param: torch.Tensor) -> None:
         """Record that ``param`` skipped this step (a non-finite gradient)."""
         state = self.state[param]
         state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
-        if undo_step:
-            state["step"] -= 1  # project_grad advanced it; the skipped step does not count
+
+    def snapshot_state(self, param: torch.Tensor) -> dict[str, Any]:
+        """A shallow copy of ``param``'s state that :meth:`restore_state` can put back.
+
+        Shallow is enough: refreshes and moment transfers assign new tensors (the projector and
+        rule contracts), and the rule's in-place moment update runs only after a step is accepted.
+        """
+        return dict(self.state[param])
+
+    def restore_state(self, param: torch.Tensor, snapshot: dict[str, Any]) -> None:
+        """Undo everything :meth:`project_grad` did to ``param``'s state (refresh, counters)."""
+        state = self.state[param]
+        state.clear()
+        state.update(snapshot)
 
     def prepare_grad(
         self, param: torch.Tensor, group: dict[str, Any], grad: torch.Tensor, nonfinite: bool = False
@@ -354,6 +361,11 @@ class LowRankOptimizer(Optimizer):
         states = [self.state[p] for p in params]
         for state in states:
             state["step"] += 1
+        if any(p.numel() == 0 for p in params):  # an empty param is a no-op (as in torch.optim), not an error
+            keep = [i for i, p in enumerate(params) if p.numel()]
+            params, grads, states = [params[i] for i in keep], [grads[i] for i in keep], [states[i] for i in keep]
+            if not params:
+                return
         with update_targets(params) as targets:  # quantized weights: fp32 work copies, requantized after
             rule.apply_full_rank(targets, grads, states, [s["step"] for s in states], lr=float(group["lr"]),
                                  weight_decay=group["weight_decay"])
@@ -477,7 +489,7 @@ class LowRankOptimizer(Optimizer):
             if index not in index_to_param:
                 raise ValueError(f"Invalid state_dict: state for unknown param index {index}")
             p, group = index_to_param[index]
-            self._check_state_shapes(index, p, group, pstate)
+            self._check_param_state(index, p, group, pstate)
         super().load_state_dict(state_dict)
         # torch casts floating state to the param dtype; put back the exact saved tensors.
         for index, pstate in saved_state.items():
@@ -487,13 +499,44 @@ class LowRankOptimizer(Optimizer):
                 if isinstance(value, torch.Tensor):
                     target[key] = value.to(device=p.device, copy=True)
 
-    def _check_state_shapes(self, index: int, p: torch.Tensor, group: dict[str, Any], pstate: dict) -> None:
+    def _check_param_state(self, index: int, p: torch.Tensor, group: dict[str, Any], pstate: Any) -> None:
+        """Refuse a saved per-parameter state this optimizer would not have created: a missing key,
+        a tensor of another shape or dtype, a negative counter, a structural int that differs
+        (e.g. transposed Q-GaLore codes). One ``ValueError`` naming the param and the key."""
+        where = f"param {index}"
+        if not isinstance(pstate, dict):
+            raise ValueError(f"Invalid state_dict: the state of {where} is a {type(pstate).__name__}, not a dict")
+        meta = torch.empty_like(p, device="meta")
         expected: dict[str, Any] = {}
-        self.init_param_state(torch.empty_like(p, device="meta"), group, expected)
-        for key, value in pstate.items():
-            ref = expected.get(key)
-            if isinstance(ref, torch.Tensor) and isinstance(value, torch.Tensor) and ref.shape != value.shape:
-                raise ValueError(
-                    f"Invalid state_dict: state[{key!r}] of param {index} has shape {tuple(value.shape)}, "
-                    f"expected {tuple(ref.shape)} (saved with another rank or for another model?)"
-                )
+        self.init_param_state(meta, group, expected)
+        structural: tuple[str, ...] = ()
+        refreshes = pstate.get("proj_refreshes", 0)
+        if self.is_projected(p, group):
+            projector = self.projector_for(meta, group)
+            structural = projector.structural_state_keys
+            if isinstance(refreshes, int) and refreshes > 0:  # the first refresh added its tensors
+                spec = projector.refresh_state_spec(matrix_shape(p), compute_dtype(p.dtype))
+                expected.update({k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in spec.items()})
+        for key, ref in expected.items():
+            if key not in pstate:
+                raise ValueError(f"Invalid state_dict: state[{key!r}] of {where} is missing")
+            value = pstate[key]
+            if isinstance(ref, torch.Tensor):
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"Invalid state_dict: state[{key!r}] of {where} is a "
+                                     f"{type(value).__name__}, expected a tensor")
+                if value.shape != ref.shape:
+                    raise ValueError(
+                        f"Invalid state_dict: state[{key!r}] of {where} has shape {tuple(value.shape)}, "
+                        f"expected {tuple(ref.shape)} (saved with another rank or for another model?)"
+                    )
+                if value.dtype != ref.dtype:
+                    raise ValueError(f"Invalid state_dict: state[{key!r}] of {where} has dtype {value.dtype}, "
+                                     f"expected {ref.dtype}")
+            elif isinstance(ref, int) and not isinstance(ref, bool):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"Invalid state_dict: state[{key!r}] of {where} is {value!r}, "
+                                     f"expected an int >= 0")
+                if key in structural and value != ref:
+                    raise ValueError(f"Invalid state_dict: state[{key!r}] of {where} is {value}, expected {ref} "
+                                     f"(saved for another shape or side?)")

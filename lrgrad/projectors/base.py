@@ -46,6 +46,8 @@ class Projector:
     orthonormal: ClassVar[bool] = True
     #: projector-specific hyperparameters with their defaults; they live in the param group
     option_defaults: ClassVar[dict[str, Any]] = {}
+    #: int state entries fixed by the parameter's shape (``load_state_dict`` requires them equal)
+    structural_state_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, rank: int, update_proj_gap: int, side: str, options: dict[str, Any]):
         self.rank = rank
@@ -136,12 +138,18 @@ class Projector:
         return math.sqrt(self.projected_dim(shape2d) / self.rank)
 
     # ---------------------------------------------------------------- memory
+    def refresh_state_spec(
+        self, shape2d: tuple[int, int], dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The tensors the first refresh adds to the per-parameter state, beyond :meth:`init_state`:
+        ``{key: (shape, dtype)}`` for a ``shape2d`` gradient in the compute ``dtype``. A dense basis
+        by default. ``load_state_dict`` checks a saved state against it; the memory estimator sums it."""
+        return {"proj_basis": (basis_shape(shape2d, self.rank, self.side), dtype)}
+
     def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
-        """Bytes of per-parameter state this projector allocates at its first refresh, beyond
-        :meth:`init_state` (the memory estimator calls it on shapes alone). A dense basis
-        in the compute ``dtype`` by default."""
-        rows, cols = basis_shape(shape2d, self.rank, self.side)
-        return rows * cols * torch.empty((), dtype=dtype).element_size()
+        """Bytes of :meth:`refresh_state_spec` (what the first refresh allocates)."""
+        return sum(math.prod(shape) * torch.empty((), dtype=dt).element_size()
+                   for shape, dt in self.refresh_state_spec(shape2d, dtype).values())
 
     def state_bytes(self, state: dict[str, Any]) -> int:
         return sum(v.numel() * v.element_size() for k, v in state.items()

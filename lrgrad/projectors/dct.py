@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
+from lrgrad._checks import check_choice
 from lrgrad.projectors.base import Projector, is_finite
 from lrgrad.subspace import state_like
 
@@ -139,11 +140,11 @@ class DCTProjector(Projector):
     name = "dct"
     orthonormal = True
     option_defaults: dict[str, Any] = {"dct_scores": "auto"}
+    structural_state_keys = ("proj_dim",)
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
-        if group["dct_scores"] not in DCT_SCORES:
-            raise ValueError(f"Invalid dct_scores: {group['dct_scores']!r}; expected one of {DCT_SCORES}")
+        check_choice("dct_scores", group["dct_scores"], DCT_SCORES)
 
     def has_basis(self, state: dict[str, Any]) -> bool:
         return "proj_indices" in state
@@ -169,9 +170,11 @@ class DCTProjector(Projector):
         coeffs = dct_coefficients(grad_local, "right", self.options["dct_scores"])
         return self._select(state, ctx.all_reduce(coeffs.square().sum(dim=0)))
 
-    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
+    def refresh_state_spec(
+        self, shape2d: tuple[int, int], dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """r int32 indices; the shared DCT matrix is counted once per size (``shared_buffers``)."""
-        return 4 * self.rank
+        return {"proj_indices": ((self.rank,), torch.int32)}
 
     def _select(self, state: dict[str, Any], scores: torch.Tensor) -> bool:
         indices = select_indices(scores, self.rank)

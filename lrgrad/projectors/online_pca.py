@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from lrgrad._checks import check_betas, check_nonnegative
+from lrgrad._checks import check_betas, check_choice, check_int, check_nonnegative, check_positive
 from lrgrad.projectors.base import Projector, guarded_basis
 from lrgrad.projectors.svd import top_singular_basis
 
@@ -98,29 +98,19 @@ class OnlinePCAProjector(Projector):
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
-        if group["pca_init"] not in PCA_INITS:
-            raise ValueError(f"Invalid pca_init: {group['pca_init']!r}; expected one of {PCA_INITS}")
+        check_choice("pca_init", group["pca_init"], PCA_INITS)
         check_nonnegative("pca_lr", group["pca_lr"])
-        try:
-            check_betas(group["pca_betas"])
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(str(exc).replace("Invalid ", "Invalid pca_betas: ", 1)) from None
+        check_betas(group["pca_betas"], name="pca_betas")
         check_nonnegative("pca_eps", group["pca_eps"])
-        every = group["pca_qr_every"]
-        if isinstance(every, bool) or not isinstance(every, int):
-            raise TypeError(f"Invalid pca_qr_every: expected an int, got {type(every).__name__}")
-        if every < 0:
-            raise ValueError(f"Invalid pca_qr_every: {every} (must be >= 0; 0 disables the periodic QR)")
-        tol = group["pca_ortho_tol"]
-        if tol is not None:
-            if isinstance(tol, bool) or not isinstance(tol, (int, float)):
-                raise TypeError(f"Invalid pca_ortho_tol: expected a float or None, got {type(tol).__name__}")
-            if not tol > 0:
-                raise ValueError(f"Invalid pca_ortho_tol: {tol} (must be > 0)")
+        check_int("pca_qr_every", group["pca_qr_every"], 0)  # 0 disables the periodic QR
+        check_positive("pca_ortho_tol", group["pca_ortho_tol"], allow_none=True)
 
-    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
-        """The basis and the two Adam moments of its own optimizer (``proj_exp_avg[_sq]``)."""
-        return 3 * super().basis_bytes(shape2d, dtype)
+    def refresh_state_spec(
+        self, shape2d: tuple[int, int], dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The basis and the two Adam moments of its own optimizer, all shaped like the basis."""
+        basis = super().refresh_state_spec(shape2d, dtype)["proj_basis"]
+        return {"proj_basis": basis, "proj_exp_avg": basis, "proj_exp_avg_sq": basis}
 
     # ---------------------------------------------------------------- lifecycle
     def initial_basis(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:

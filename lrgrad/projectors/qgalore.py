@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
-from lrgrad._checks import check_int
+from lrgrad._checks import check_bool, check_choice, check_float, check_int
 from lrgrad.projectors.base import Projector, guarded_basis
 from lrgrad.projectors.svd import SVDProjector
 from lrgrad.subspace import basis_shape
@@ -70,6 +70,7 @@ class QGaLoreProjector(SVDProjector):
     """SVD subspace stored as INT4 (or INT8) codes, with Q-GaLore's adaptive refresh gap."""
 
     name = "qgalore"
+    structural_state_keys = ("proj_rows", "proj_cols")
     orthonormal = False  # orthonormal up to the quantization error
     option_defaults: dict[str, Any] = {
         **SVDProjector.option_defaults,
@@ -84,17 +85,10 @@ class QGaLoreProjector(SVDProjector):
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
         super().validate_options(group)
-        bits = group["proj_bits"]
-        if isinstance(bits, bool) or bits not in PROJ_BITS:
-            raise ValueError(f"Invalid proj_bits: {bits!r}; expected one of {PROJ_BITS}")
+        check_choice("proj_bits", group["proj_bits"], PROJ_BITS)
         check_int("proj_quant_group_size", group["proj_quant_group_size"], 1)
-        if not isinstance(group["adaptive_gap"], bool):
-            raise TypeError(f"Invalid adaptive_gap: expected a bool, got {group['adaptive_gap']!r}")
-        threshold = group["adaptive_threshold"]
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"Invalid adaptive_threshold: expected a float, got {threshold!r}")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"Invalid adaptive_threshold: {threshold} (must be in [0, 1])")
+        check_bool("adaptive_gap", group["adaptive_gap"])
+        check_float("adaptive_threshold", group["adaptive_threshold"], minimum=0.0, maximum=1.0)
         check_int("adaptive_window", group["adaptive_window"], 1)
         cap = group["max_proj_gap"]
         if cap is not None:
@@ -159,12 +153,17 @@ class QGaLoreProjector(SVDProjector):
     # quantizing refresh, so sharded Q-GaLore refreshes through the all-gather fallback.
     refresh_sharded = Projector.refresh_sharded
 
-    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
-        """Packed codes (two INT4 codes a byte, or one INT8) + an fp16 scale and zero per group."""
+    def refresh_state_spec(
+        self, shape2d: tuple[int, int], dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Packed codes (two INT4 codes a byte as uint8, or one INT8 each) + an fp16 scale and zero
+        per group of ``proj_quant_group_size`` elements."""
         rows, cols = basis_shape(shape2d, self.rank, self.side)
         numel = rows * cols
-        codes = -(-numel // 2) if self.options["proj_bits"] == 4 else numel
-        return codes + 4 * -(-numel // self.options["proj_quant_group_size"])
+        four = self.options["proj_bits"] == 4
+        codes = ((-(-numel // 2),), torch.uint8) if four else ((numel,), torch.int8)
+        groups = (-(-numel // self.options["proj_quant_group_size"]),)
+        return {"proj_codes": codes, "proj_scale": (groups, torch.float16), "proj_zero": (groups, torch.float16)}
 
     def quantize(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         group_size = self.options["proj_quant_group_size"]

@@ -70,6 +70,7 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
+from lrgrad._checks import check_choice
 from lrgrad.projectors.base import Projector
 from lrgrad.subspace import state_like
 
@@ -145,6 +146,7 @@ class RandomProjector(Projector):
     orthonormal = False  # True only with random_basis="orthonormal"
     #: the subspace never depends on the gradient: the next basis is known in advance
     gradient_free = True
+    structural_state_keys = ("proj_dim",)
     option_defaults: dict[str, Any] = {
         "random_basis": "gaussian",
         "random_device": "param",
@@ -155,12 +157,13 @@ class RandomProjector(Projector):
     def validate_options(cls, group: dict[str, Any]) -> None:
         for key, allowed in (("random_basis", RANDOM_BASES), ("random_device", RANDOM_DEVICES),
                              ("random_v_transfer", RANDOM_V_TRANSFERS)):
-            if group[key] not in allowed:
-                raise ValueError(f"Invalid {key}: {group[key]!r}; expected one of {allowed}")
+            check_choice(key, group[key], allowed)
 
-    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
+    def refresh_state_spec(
+        self, shape2d: tuple[int, int], dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Nothing: the matrix is regenerated from ``proj_seed``."""
-        return 0
+        return {}
 
     # ---------------------------------------------------------------- lifecycle
     def init_state(self, state: dict[str, Any], shape2d: tuple[int, int], seed: int) -> None:

@@ -91,4 +91,4 @@ class AdafactorRule(UpdateRule):
     def reset_state(self, state: dict[str, Any]) -> None:
         for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg"):
             if key in state:
-                state[key].zero_()
+                state[key] = torch.zeros_like(state[key])  # new tensors: a snapshot keeps the old

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
-from lrgrad._checks import check_betas, check_nonnegative
+from lrgrad._checks import check_betas, check_bool, check_nonnegative
 from lrgrad.rules.base import UpdateRule
 
 
@@ -34,8 +34,7 @@ class AdamWRule(UpdateRule):
     def validate_options(cls, group: dict[str, Any]) -> None:
         check_betas(group["betas"])
         check_nonnegative("epsilon", group["eps"])
-        if group["fused"] not in (None, True, False):
-            raise TypeError(f"Invalid fused: expected None or a bool, got {group['fused']!r}")
+        check_bool("fused", group["fused"], allow_none=True)
 
     def init_state(self, state: dict[str, Any], like: torch.Tensor) -> None:
         state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)

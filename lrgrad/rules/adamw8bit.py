@@ -158,9 +158,9 @@ class AdamW8bitRule(AdamWRule):
         if not self.is_quantized(state):
             super().reset_state(state)
             return
-        for key, _ in QUANTIZED_MOMENTS:
-            state[f"{key}_codes"].zero_()
-            state[f"{key}_absmax"].zero_()
+        for key, _ in QUANTIZED_MOMENTS:  # new tensors: a snapshot keeps the old
+            state[f"{key}_codes"] = torch.zeros_like(state[f"{key}_codes"])
+            state[f"{key}_absmax"] = torch.zeros_like(state[f"{key}_absmax"])
 
 
 __all__ = ["AdamW8bitRule"]

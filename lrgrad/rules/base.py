@@ -71,7 +71,8 @@ class UpdateRule:
                 state[key] = apply_transition(state[key], transition, side, quadratic=True)
 
     def reset_state(self, state: dict[str, Any]) -> None:
-        """Zero the moments (``moment_policy="reset"``)."""
+        """Zero the moments (``moment_policy="reset"``): new tensors, so a snapshot of the
+        state taken before keeps the old ones."""
         for key in self.linear_keys + self.quadratic_keys:
             if key in state:
-                state[key].zero_()
+                state[key] = torch.zeros_like(state[key])
