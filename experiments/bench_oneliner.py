@@ -81,8 +81,9 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     return loss
 
 
-def train(variant: str, shape: str, lr: float, steps: int, data: dict[str, Any], seed: int = 0) -> dict[str, Any]:
-    config, vocab, batch_size, seq_len = SHAPES[shape]
+def train(variant: str, shape: str, lr: float, steps: int, data: dict[str, Any], config: str,
+          seed: int = 0) -> dict[str, Any]:
+    _, vocab, batch_size, seq_len = SHAPES[shape]
     torch.manual_seed(seed)
     model = build_model(config, vocab_size=vocab, max_seq_len=seq_len)
     import warnings
@@ -109,9 +110,9 @@ def train(variant: str, shape: str, lr: float, steps: int, data: dict[str, Any],
             "seconds": time.perf_counter() - start}
 
 
-def load_data(shape: str, eval_n: int) -> dict[str, Any]:
+def load_data(shape: str, eval_n: int, max_bytes: int) -> dict[str, Any]:
     _, vocab, batch_size, seq_len = SHAPES[shape]
-    corpus = load_stdlib(max_bytes=6_000_000)
+    corpus = load_stdlib(max_bytes=max_bytes)
     train_tokens, val_tokens = corpus.train, corpus.val
     if vocab != 256:
         train_tokens, val_tokens = pair_tokens(train_tokens, vocab), pair_tokens(val_tokens, vocab)
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=None,
                         help="optimizers to run besides AdamW (default: every preset + the two reference rows)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--config", default=None, help="model shape instead of each shape's llama_9m (tests)")
+    parser.add_argument("--max-bytes", type=int, default=6_000_000, help="bytes of the corpus to read")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = args.variants or [*PRESETS, "GaLoreAdamW, model.parameters()",
@@ -147,17 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     start = time.time()
     for shape in args.shapes:
-        data = load_data(shape, args.eval_batches)
+        data = load_data(shape, args.eval_batches, args.max_bytes)
+        config = args.config or SHAPES[shape][0]
         for lr in args.lrs:
             for variant in ["AdamW", *variants]:
-                r = train(variant, shape, lr, args.steps, data)
+                r = train(variant, shape, lr, args.steps, data, config)
                 results.append(r)
                 print(f"{shape} lr={lr:g} {variant}: val {r['val_loss']:.4f} ({r['seconds']:.0f} s)", flush=True)
-    config = {s: SHAPES[s] for s in args.shapes}
+    shapes = {s: (args.config or SHAPES[s][0], *SHAPES[s][1:]) for s in args.shapes}
+    rank = get_config(args.config or "llama_9m")["rank"]
     command = " ".join(["python experiments/bench_oneliner.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"\n`{command}` — "
           f"{args.steps} steps, warmup 10% + cosine to 10%, clip 1.0, wd 0.01 (AdamW's default), rank = "
-          f"hidden/4 = 32, every other argument at its default; shapes (config, vocab, batch, seq) {config}; "
+          f"hidden/4 = {rank}, every other argument at its default; shapes (config, vocab, batch, seq) {shapes}; "
           f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), "
           f"{(time.time() - start) / 60:.1f} min.\n")
     print(table(results))
