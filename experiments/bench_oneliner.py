@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=None,
                         help="optimizers to run besides AdamW (default: every preset + the two reference rows)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-adamw", action="store_true",
+                        help="leave out the AdamW reference runs (to split a sweep over processes)")
     parser.add_argument("--config", default=None, help="model shape instead of each shape's llama_9m (tests)")
     parser.add_argument("--max-bytes", type=int, default=6_000_000, help="bytes of the corpus to read")
     args = parser.parse_args(argv)
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load_data(shape, args.eval_batches, args.max_bytes)
         config = args.config or SHAPES[shape][0]
         for lr in args.lrs:
-            for variant in ["AdamW", *variants]:
+            for variant in ([] if args.skip_adamw else ["AdamW"]) + variants:
                 r = train(variant, shape, lr, args.steps, data, config)
                 results.append(r)
                 print(f"{shape} lr={lr:g} {variant}: val {r['val_loss']:.4f} ({r['seconds']:.0f} s)", flush=True)
