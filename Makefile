@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.lrgrad-installed
 TORCH  ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench clean gpu-check aot
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,7 +20,18 @@ lint: $(STAMP)
 
 # Triton kernels run on the CPU through the interpreter: that is how CI checks them.
 test: $(STAMP) lint
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
+
+# On a CUDA machine: kernel tests on the GPU, benchmarks vs their goals, step time/memory, a 300-step
+# run -> results/gpu.md (about 10 minutes of an H100/H200). Without CUDA it says so and exits 0.
+# Uses .venv when it exists, else the python on PATH (a GPU box brings its own CUDA torch + triton).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	env -u TRITON_INTERPRET $(GPU_PY) experiments/gpu_check.py
+
+# Ahead-of-time compile of every kernel launch (full set) for sm_90, sm_80 and gfx90a; no GPU needed.
+aot: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m lrgrad.kernels.aot --set full
 
 demo: $(STAMP)
 	$(PY) experiments/compare.py

@@ -1,6 +1,6 @@
 """Benchmark the Triton kernels of ``lrgrad.kernels`` against their torch reference paths (CUDA only).
 
-    python experiments/bench_kernels.py [--size 4096] [--rank 512] [--peak-tbps 3.35]
+    python experiments/bench_kernels.py [--size 4096] [--rank 512] [--peak-tbps auto] [--json out.json]
 
 Times each operation with ``triton.testing.do_bench`` (median ms) on both backends and prints a
 markdown table: time, achieved TB/s for the memory-bound kernels (bytes the kernel must move,
@@ -8,13 +8,16 @@ the same numerator for both backends) and TFLOP/s for the matmul kernels (the FL
 formulation, so the symmetric kernel's saved FLOPs show up as speed). Without CUDA it prints a
 message and exits 0.
 
-Goals from issue 6 (H100): fused projection+update ≥ 1.2× torch at 4096², r = 512; Newton–Schulz
-≥ 1.3× torch at 4096 (bf16); quantization kernels ≥ 70 % of peak memory bandwidth.
+Goals (issues 6 and 16, H100/H200): fused projection+update ≥ 1.2× torch at 4096², r = 512;
+Newton–Schulz ≥ 1.3× torch at 4096 (bf16); quantization kernels ≥ 70 % of peak memory bandwidth.
+The ``goal`` column says whether each row meets its goal. ``--peak-tbps auto`` looks the peak HBM
+bandwidth up from the device name (H200 4.8, H100 SXM 3.35, H100 PCIe 2.0, A100 80GB 2.0, A100 40GB 1.55).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -28,13 +31,39 @@ def _bench(fn: Callable[[], object]) -> float:
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def main() -> int:
+#: peak HBM bandwidth (TB/s) by a substring of torch.cuda.get_device_name(), most specific first
+PEAK_TBPS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35), ("A100-SXM4-80GB", 2.04), ("A100 80GB", 2.0),
+             ("A100", 1.55), ("L40S", 0.864), ("A10", 0.6))
+#: speedup goals by operation prefix; quantization rows: share of peak bandwidth instead
+SPEEDUP_GOALS = {"lowrank_update_": 1.2, "newton_schulz": 1.3}
+BANDWIDTH_GOAL = 0.70
+
+
+def peak_bandwidth(name: str) -> float | None:
+    """Peak HBM bandwidth of a device by name, or None when unknown."""
+    return next((tbps for key, tbps in PEAK_TBPS if key in name), None)
+
+
+def goal(op: str, speedup: float, share_of_peak: float | None) -> str:
+    """'met (…)' / 'MISSED (…)' against the goal for ``op``, or '' when none applies."""
+    for prefix, target in SPEEDUP_GOALS.items():
+        if op.startswith(prefix):
+            return f"{'met' if speedup >= target else 'MISSED'} (≥ {target:.1f}×)"
+    if "quantize" in op or "stochastic_round" in op:
+        if share_of_peak is None:
+            return "unknown peak"
+        return f"{'met' if share_of_peak >= BANDWIDTH_GOAL else 'MISSED'} (≥ {BANDWIDTH_GOAL:.0%} BW)"
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=4096, help="m = n of the matrices (default 4096)")
     parser.add_argument("--rank", type=int, default=512, help="projection rank r (default 512)")
-    parser.add_argument("--peak-tbps", type=float, default=3.35,
-                        help="peak memory bandwidth for the %%-of-peak column (H100 SXM: 3.35)")
-    args = parser.parse_args()
+    parser.add_argument("--peak-tbps", default="auto",
+                        help="peak memory bandwidth (TB/s) for the %%-of-peak column; auto: from the device name")
+    parser.add_argument("--json", default=None, help="also write the rows (with goal verdicts) here")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device; the Triton kernels are benchmarked on GPUs only "
               "(run this script on a CUDA machine; CPU correctness is covered by tests/kernels).")
@@ -73,6 +102,12 @@ def main() -> int:
             lambda p=param, u=update, b=basis: reference.lowrank_update_(p, u, b, "right", -1e-3, 0.999),
             lambda p=param, u=update, b=basis: triton_projection.lowrank_update_(p, u, b, "right", -1e-3, 0.999),
             2.0 * n * n * r, "TFLOP/s")
+    # bf16 param with bf16 factors: the native bf16 tensor-core path
+    param, update, basis = (torch.randn(*s_, device=dev, dtype=torch.bfloat16) for s_ in ((n, n), (n, r), (r, n)))
+    add("lowrank_update_ (param bf16, bf16 factors)", f"{n}x{n}, r={r}",
+        lambda: reference.lowrank_update_(param, update, basis, "right", -1e-3, 0.999),
+        lambda: triton_projection.lowrank_update_(param, update, basis, "right", -1e-3, 0.999),
+        2.0 * n * n * r, "TFLOP/s")
     m_ = torch.zeros(r, n, device=dev)
     v_ = torch.zeros(r, n, device=dev)
     g_ = torch.randn(r, n, device=dev)
@@ -117,14 +152,28 @@ def main() -> int:
         lambda: triton_quant.blockwise_dequantize(codes, absmax, numel, 256, True, torch.float32),
         1.0 * numel + 4.0 * numel, "TB/s")
 
-    print(f"GPU: {torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__}\n")
-    print("| operation | shape | torch ms | triton ms | speedup | torch | triton | % of peak BW |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    name = torch.cuda.get_device_name()
+    peak_tbps = peak_bandwidth(name) if args.peak_tbps == "auto" else float(args.peak_tbps)
+    print(f"GPU: {name} · torch {torch.__version__} · triton {triton.__version__} · "
+          f"peak bandwidth {peak_tbps if peak_tbps else 'unknown'} TB/s\n")
+    print("| operation | shape | torch ms | triton ms | speedup | torch | triton | % of peak BW | goal |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    records = []
     for op, shape, t_ms, k_ms, unit, work in rows:
         rate_t, rate_k = work / (t_ms * 1e-3) / 1e12, work / (k_ms * 1e-3) / 1e12
-        peak = f"{100 * rate_k / args.peak_tbps:.0f} %" if unit == "TB/s" else ""
+        share = rate_k / peak_tbps if unit == "TB/s" and peak_tbps else None
+        verdict = goal(op, t_ms / k_ms, share)
+        peak = f"{100 * share:.0f} %" if share is not None else ""
         print(f"| {op} | {shape} | {t_ms:.3f} | {k_ms:.3f} | {t_ms / k_ms:.2f}x | "
-              f"{rate_t:.2f} {unit} | {rate_k:.2f} {unit} | {peak} |")
+              f"{rate_t:.2f} {unit} | {rate_k:.2f} {unit} | {peak} | {verdict} |")
+        records.append({"op": op, "shape": shape, "torch_ms": t_ms, "triton_ms": k_ms, "speedup": t_ms / k_ms,
+                        "unit": unit, "triton_rate": rate_k, "share_of_peak": share, "goal": verdict})
+    met = sum(r["goal"].startswith("met") for r in records)
+    judged = sum(r["goal"].startswith(("met", "MISSED")) for r in records)
+    print(f"\ngoals met: {met}/{judged}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": name, "peak_tbps": peak_tbps, "rows": records}, fh, indent=1)
     return 0
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -45,6 +49,12 @@ def warn_triton_unusable(reason: str) -> None:
                   UserWarning, stacklevel=3)
 
 
+def is_rocm() -> bool:
+    """True on a ROCm build of torch, where ``tensor.is_cuda`` is also true (HIP masquerades as
+    CUDA) but the Triton backend is AMD's: no TF32, other compile rules."""
+    return torch.version.hip is not None
+
+
 def backend_for(tensor: torch.Tensor) -> str:
     """``"triton"`` for CUDA tensors when triton imports (or when forced), else ``"torch"``.
 
@@ -77,3 +87,44 @@ def fp32_gemm_prefers_cublas(*tensors: torch.Tensor) -> bool:
     and where torch needs an fp32 copy of a bf16/fp16 parameter. Tests patch this to False so
     the fp32 kernels are checked too."""
     return all(t.dtype == torch.float32 for t in tensors) and not torch.backends.cuda.matmul.allow_tf32
+
+
+#: entry points whose Triton kernel failed to compile in this process (they stay on torch)
+_COMPILE_FAILED: set[str] = set()
+
+
+def _is_compile_failure(exc: BaseException) -> bool:
+    """Errors Triton raises while compiling (before anything is launched), never launch errors."""
+    try:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources, PTXASError
+    except Exception:  # pragma: no cover - triton layout changed
+        return False
+    if isinstance(exc, (CompilationError, PTXASError, OutOfResources)):
+        return True
+    # MLIR pass failures in the backend (e.g. an unsupported dot on one GPU architecture)
+    return isinstance(exc, RuntimeError) and "PassManager" in str(exc)
+
+
+def triton_or_torch(name: str, fast: Callable[[], T], reference: Callable[[], T]) -> T:
+    """Run the Triton path ``fast``; if its kernel fails to *compile* on this device, warn once and
+    run (now and from then on) the torch ``reference`` instead of raising in the middle of training.
+
+    Only compile failures are caught: they happen before any launch, so in-place outputs are
+    untouched and the reference starts from the same state. Runtime errors propagate.
+    """
+    if name in _COMPILE_FAILED:
+        return reference()
+    try:
+        return fast()
+    except Exception as exc:
+        if not _is_compile_failure(exc):
+            raise
+        _COMPILE_FAILED.add(name)
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        warnings.warn(
+            f"lrgrad.kernels.{name}: the Triton kernel failed to compile on this device "
+            f"({type(exc).__name__}: {first}); using the torch path for {name} from now on",
+            RuntimeWarning, stacklevel=3,
+        )
+        return reference()

@@ -89,5 +89,9 @@ def newton_schulz(
     ):
         from lrgrad.kernels import triton_newton_schulz
 
-        return triton_newton_schulz.newton_schulz(x, steps, coefficients, eps)
+        return dispatch.triton_or_torch(
+            "newton_schulz",
+            lambda: triton_newton_schulz.newton_schulz(x, steps, coefficients, eps),
+            lambda: newton_schulz_reference(x, steps, coefficients, eps),
+        )
     return newton_schulz_reference(x, steps, coefficients, eps)

@@ -46,6 +46,7 @@ def auon_normalize(m: torch.Tensor, eps: float = 1e-7, rms_eps: float = 1e-8) ->
     power sums, then one scale — with the cosh sum recovered from a Taylor series
     (``lrgrad.kernels.triton_normalize``); math in fp32, output in ``m.dtype``.
     """
+    from lrgrad.kernels import dispatch
     from lrgrad.kernels.dispatch import backend_for
 
     if (
@@ -54,5 +55,9 @@ def auon_normalize(m: torch.Tensor, eps: float = 1e-7, rms_eps: float = 1e-8) ->
     ):
         from lrgrad.kernels import triton_normalize
 
-        return triton_normalize.auon_normalize(m.contiguous(), eps, rms_eps)
+        return dispatch.triton_or_torch(
+            "auon_normalize",
+            lambda: triton_normalize.auon_normalize(m.contiguous(), eps, rms_eps),
+            lambda: auon_normalize_reference(m, eps, rms_eps),
+        )
     return auon_normalize_reference(m, eps, rms_eps)

@@ -8,13 +8,17 @@ Dettmers et al. 2021, arXiv:2110.02861.
 The Triton path returns exactly the reference's codes and statistics for the deterministic
 quantizers (round-to-nearest-even, IEEE division; the companded 8-bit codes may differ by one
 where torch's ``pow(x, 1/p)`` and the kernel's square roots round a tie differently) and
-bit-identical dequantized values up to one fp32 ulp. Stochastic rounding uses Triton's
+bit-identical dequantized values up to one fp32 ulp (the kernels run without FMA contraction,
+so this holds on hardware too, not only in the interpreter). NaN: a group holding a NaN gets NaN
+statistics (scale 1, zero point NaN / absmax NaN) and dequantizes to NaN; NaN elements get code 0
+— in both paths. Stochastic rounding uses Triton's
 Philox stream ``tl.rand(seed, index)`` instead of a ``torch.Generator``: deterministic given
 ``seed``, unbiased, but a different draw from the reference. ``seed=None`` draws the seed
 from torch's global generator (so ``torch.manual_seed`` still makes runs reproducible).
 
 Falls back to the reference for: non-Triton backends, INT4 with an odd ``group_size`` (a
-byte would straddle two groups), and tensors of 2³¹ elements or more (Philox offsets are int32).
+byte would straddle two groups), tensors of 2³¹ elements or more (Philox offsets are int32), and
+(with one warning, ``dispatch.triton_or_torch``) a kernel that fails to compile on the device.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from lrgrad import quant as reference
-from lrgrad.kernels.dispatch import backend_for
+from lrgrad.kernels.dispatch import backend_for, triton_or_torch
 from lrgrad.quant import check_codes_shape, check_float_tensor, check_group_size, num_groups
 
 _MAX_NUMEL = 2**31 - 1
@@ -56,7 +60,8 @@ def quantize_int4(x: torch.Tensor, group_size: int = 256) -> tuple[torch.Tensor,
     if _use_triton(x) and group_size % 2 == 0 and x.dtype in _FLOAT_DTYPES:
         from lrgrad.kernels import triton_quant
 
-        return triton_quant.minmax_quantize(_flat(x), group_size, int4=True)
+        return triton_or_torch("quantize_int4", lambda: triton_quant.minmax_quantize(_flat(x), group_size, int4=True),
+                               lambda: reference.quantize_int4(x, group_size))
     return reference.quantize_int4(x, group_size)
 
 
@@ -76,9 +81,12 @@ def dequantize_int4(
         _check_stats(scale, zero, numel, group_size)
         from lrgrad.kernels import triton_quant
 
-        out = triton_quant.minmax_dequantize(packed.contiguous(), scale.contiguous(), zero.contiguous(),
-                                             numel, group_size, int4=True, dtype=dtype)
-        return out.view(shape)
+        return triton_or_torch(
+            "dequantize_int4",
+            lambda: triton_quant.minmax_dequantize(packed.contiguous(), scale.contiguous(), zero.contiguous(),
+                                                   numel, group_size, int4=True, dtype=dtype).view(shape),
+            lambda: reference.dequantize_int4(packed, scale, zero, shape, group_size, dtype),
+        )
     return reference.dequantize_int4(packed, scale, zero, shape, group_size, dtype)
 
 
@@ -101,7 +109,10 @@ def stochastic_round(x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
     if _use_triton(x) and x.dtype in _FLOAT_DTYPES:
         from lrgrad.kernels import triton_quant
 
-        return triton_quant.stochastic_round(_flat(x), _resolve_seed(seed)).view(x.shape)
+        resolved = _resolve_seed(seed)
+        return triton_or_torch("stochastic_round",
+                               lambda: triton_quant.stochastic_round(_flat(x), resolved).view(x.shape),
+                               lambda: reference.stochastic_round(x, seed))
     return reference.stochastic_round(x, seed)
 
 
@@ -119,11 +130,15 @@ def quantize_int8(
     if _use_triton(x) and x.dtype in _FLOAT_DTYPES:
         from lrgrad.kernels import triton_quant
 
-        codes, scale, zero = triton_quant.minmax_quantize(
-            _flat(x), group_size, int4=False, stochastic=bool(stochastic),
-            seed=_resolve_seed(seed) if stochastic else 0,
-        )
-        return codes.view(x.shape), scale, zero
+        resolved = _resolve_seed(seed) if stochastic else 0
+
+        def fast() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            codes, scale, zero = triton_quant.minmax_quantize(
+                _flat(x), group_size, int4=False, stochastic=bool(stochastic), seed=resolved)
+            return codes.view(x.shape), scale, zero
+
+        return triton_or_torch("quantize_int8", fast,
+                               lambda: reference.quantize_int8(x, group_size, stochastic, seed))
     return reference.quantize_int8(x, group_size, stochastic, seed)
 
 
@@ -140,9 +155,12 @@ def dequantize_int8(
         _check_stats(scale, zero, codes.numel(), group_size)
         from lrgrad.kernels import triton_quant
 
-        out = triton_quant.minmax_dequantize(_flat(codes), scale.contiguous(), zero.contiguous(),
-                                             codes.numel(), group_size, int4=False, dtype=dtype)
-        return out.view(shape)
+        return triton_or_torch(
+            "dequantize_int8",
+            lambda: triton_quant.minmax_dequantize(_flat(codes), scale.contiguous(), zero.contiguous(),
+                                                   codes.numel(), group_size, int4=False, dtype=dtype).view(shape),
+            lambda: reference.dequantize_int8(codes, scale, zero, shape, group_size, dtype),
+        )
     return reference.dequantize_int8(codes, scale, zero, shape, group_size, dtype)
 
 
@@ -155,8 +173,12 @@ def quantize_blockwise_8bit(
     if _use_triton(x) and x.dtype in _FLOAT_DTYPES:
         from lrgrad.kernels import triton_quant
 
-        codes, absmax = triton_quant.blockwise_quantize(_flat(x), block_size, bool(signed))
-        return codes.view(x.shape), absmax
+        def fast() -> tuple[torch.Tensor, torch.Tensor]:
+            codes, absmax = triton_quant.blockwise_quantize(_flat(x), block_size, bool(signed))
+            return codes.view(x.shape), absmax
+
+        return triton_or_torch("quantize_blockwise_8bit", fast,
+                               lambda: reference.quantize_blockwise_8bit(x, block_size, signed))
     return reference.quantize_blockwise_8bit(x, block_size, signed)
 
 
@@ -176,9 +198,12 @@ def dequantize_blockwise_8bit(
                              f"{block_size} for {codes.numel()} elements, got {absmax.numel()}")
         from lrgrad.kernels import triton_quant
 
-        out = triton_quant.blockwise_dequantize(_flat(codes), absmax.float().contiguous(), codes.numel(),
-                                                block_size, bool(signed), dtype)
-        return out.view(shape)
+        return triton_or_torch(
+            "dequantize_blockwise_8bit",
+            lambda: triton_quant.blockwise_dequantize(_flat(codes), absmax.float().contiguous(), codes.numel(),
+                                                      block_size, bool(signed), dtype).view(shape),
+            lambda: reference.dequantize_blockwise_8bit(codes, absmax, shape, block_size, signed, dtype),
+        )
     return reference.dequantize_blockwise_8bit(codes, absmax, shape, block_size, signed, dtype)
 
 

@@ -13,6 +13,10 @@ Two kernels:
 Import this module only on the Triton path (``triton.jit`` decides at import time whether
 it runs in the interpreter).
 
+Offsets are int64 (row/column indices and the K index): ``k·stride`` passes 2³¹ on large
+matrices. Multiply-adds may be contracted into FMAs (``enable_fp_fusion=True``): the GEMM
+promises the fp32-accumulation error bound, not bit-identity with cuBLAS.
+
 Interpreter note: ``tl.dot`` on bf16 operands returns garbage in Triton 3.9's CPU
 interpreter, so under ``TRITON_INTERPRET=1`` the operands are upcast to fp32 before the
 dot. That is numerically the GPU computation: a bf16×bf16 product is exact in fp32, and
@@ -27,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lrgrad.kernels.dispatch import interpreting
-from lrgrad.kernels.triton_utils import fix_bf16, to_out
+from lrgrad.kernels.dispatch import interpreting, is_rocm
+from lrgrad.kernels.triton_utils import device_guard, fix_bf16, to_out
 
 #: dtypes the Triton GEMMs take (fp64 stays on the torch path)
 GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -45,16 +49,29 @@ def _config(m: int, n: int) -> dict[str, int]:
 
 
 def _precision(a: torch.Tensor, b: torch.Tensor) -> str:
-    """fp32 operands (also mixed ones, upcast in-kernel) follow torch's own matmul setting: full
-    fp32 unless TF32 is allowed. For bf16/fp16 operands the setting is moot ("tf32" is tl.dot's default)."""
-    if a.dtype == torch.float32 or b.dtype == torch.float32 or a.dtype != b.dtype:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreting() else "ieee"
-    return "tf32"
+    """``tl.dot``'s input precision. fp32 operands follow torch's own matmul setting: TF32 only when
+    ``torch.backends.cuda.matmul.allow_tf32`` (and never under the interpreter or on ROCm, whose
+    Triton backend has no TF32). 16-bit operands: "ieee", which on NVIDIA compiles to the same
+    native bf16/fp16 MMA as "tf32" (the setting only concerns fp32 operands) and is the only value
+    AMD's backend accepts for them (``input_precision="tf32"`` fails to compile on gfx90a)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        allowed = torch.backends.cuda.matmul.allow_tf32 and not interpreting() and not is_rocm()
+        return "tf32" if allowed else "ieee"
+    return "ieee"
 
 
-def _upcast(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Cast both operands to fp32 in-kernel: always under the interpreter, and for mixed dtypes."""
-    return interpreting() or a.dtype != b.dtype
+def _same_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixed operand dtypes (fp32 × bf16) are cast to fp32 on the host before the launch. The
+    operands here are the low-rank factors (m×r, r×n), so the copy is small; upcasting in-kernel
+    instead made the 128×128 IEEE config spill 20–25 KB per thread (found by the AOT compile)."""
+    if a.dtype != b.dtype:
+        return a.float(), b.float()
+    return a, b
+
+
+def _upcast() -> bool:
+    """Cast both operands to fp32 in-kernel: only under the interpreter (its bf16 ``tl.dot`` is broken)."""
+    return interpreting()
 
 
 @triton.jit
@@ -80,7 +97,8 @@ def _gemm_epilogue_kernel(
     rk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        kk = k0 + rk
+        # int64: kk·stride wraps in int32 once K·stride ≥ 2³¹ (Newton–Schulz: B X with stride n, K = m)
+        kk = k0 + rk.to(tl.int64)
         a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
@@ -111,18 +129,20 @@ def gemm_epilogue(
     N = b.shape[1]
     if M == 0 or N == 0:
         return out
+    a, b = _same_dtype(a, b)
     cfg = _config(M, N)
     has_c = c is not None
     c_arg = c if has_c else out
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
-    _gemm_epilogue_kernel[grid](
-        a, b, c_arg, out, M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_arg.stride(0), c_arg.stride(1),
-        out.stride(0), out.stride(1), float(alpha), float(beta),
-        HAS_C=has_c, UPCAST=_upcast(a, b), PRECISION=_precision(a, b),
-        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=8, FIX_BF16=fix_bf16(),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with device_guard(out):
+        _gemm_epilogue_kernel[grid](
+            a, b, c_arg, out, M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_arg.stride(0), c_arg.stride(1),
+            out.stride(0), out.stride(1), float(alpha), float(beta),
+            HAS_C=has_c, UPCAST=_upcast(), PRECISION=_precision(a, b),
+            BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=8, FIX_BF16=fix_bf16(),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True,
+        )
     return out
 
 
@@ -149,7 +169,7 @@ def _syrk_kernel(
     rk = tl.arange(0, BK)
     acc = tl.zeros((BM, BM), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        kk = k0 + rk
+        kk = k0 + rk.to(tl.int64)  # int64 offsets, as in the GEMM
         a = tl.load(x_ptr + ri[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=(ri[:, None] < M) & (kk[None, :] < K), other=0.0)
         # Xᵀ block read straight from X through its strides (no transposed copy)
@@ -189,11 +209,12 @@ def syrk(
     pairs = _upper_pairs(triton.cdiv(M, block), x.device)
     has_c = c is not None
     c_arg = c if has_c else out
-    _syrk_kernel[(pairs.shape[0],)](
-        x, c_arg, out, pairs, M, K,
-        x.stride(0), x.stride(1), c_arg.stride(0), c_arg.stride(1), out.stride(0), out.stride(1),
-        float(alpha), float(beta),
-        HAS_C=has_c, UPCAST=_upcast(x, x), PRECISION=_precision(x, x), BM=block, BK=cfg["BK"], FIX_BF16=fix_bf16(),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with device_guard(out):
+        _syrk_kernel[(pairs.shape[0],)](
+            x, c_arg, out, pairs, M, K,
+            x.stride(0), x.stride(1), c_arg.stride(0), c_arg.stride(1), out.stride(0), out.stride(1),
+            float(alpha), float(beta),
+            HAS_C=has_c, UPCAST=_upcast(), PRECISION=_precision(x, x), BM=block, BK=cfg["BK"],
+            FIX_BF16=fix_bf16(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True,
+        )
     return out

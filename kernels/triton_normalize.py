@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from lrgrad.kernels.dispatch import interpreting
-from lrgrad.kernels.triton_utils import fix_bf16, to_out
+from lrgrad.kernels.triton_utils import device_guard, fix_bf16, to_out
 
 #: Taylor terms of cosh² kept (see the module docstring for the truncation bound)
 TERMS = 8
@@ -86,8 +86,9 @@ def auon_normalize(m: torch.Tensor, eps: float, rms_eps: float) -> torch.Tensor:
     block = _block()
     blocks = triton.cdiv(n, block)
     part = torch.empty(blocks, TERMS + 1, dtype=torch.float32, device=m.device)
-    _auon_partials_kernel[(blocks,)](flat, part, n, BLOCK=block, TERMS_=TERMS)
-    factor = _combine(part, n, eps, rms_eps)
-    out = torch.empty_like(flat)
-    _scale_kernel[(blocks,)](flat, factor, out, n, BLOCK=block, FIX_BF16=fix_bf16())
+    with device_guard(flat):
+        _auon_partials_kernel[(blocks,)](flat, part, n, BLOCK=block, TERMS_=TERMS, enable_fp_fusion=True)
+        factor = _combine(part, n, eps, rms_eps)
+        out = torch.empty_like(flat)
+        _scale_kernel[(blocks,)](flat, factor, out, n, BLOCK=block, FIX_BF16=fix_bf16(), enable_fp_fusion=True)
     return out.view(m.shape)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from lrgrad.kernels.dispatch import interpreting
 from lrgrad.kernels.triton_matmul import gemm_epilogue
-from lrgrad.kernels.triton_utils import fix_bf16, to_out
+from lrgrad.kernels.triton_utils import device_guard, fix_bf16, to_out
 
 
 def lowrank_update_(
@@ -29,7 +29,7 @@ def lowrank_update_(
 @triton.jit
 def _adam_direction_kernel(
     m_ptr, v_ptr, g_ptr, u_ptr, n,
-    beta1, beta2, bias_correction1, bias_correction2_sqrt, eps,
+    one_minus_beta1, beta2, one_minus_beta2, bias_correction1, bias_correction2_sqrt, eps,
     BLOCK: tl.constexpr, FIX_BF16: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -37,10 +37,13 @@ def _adam_direction_kernel(
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # Same operation order as the torch rule: m.lerp_(g, 1-β1) (weight < 0.5: m + w(g−m)),
-    # v·β2 + (1−β2)·g·g, then (m / bc1) / (sqrt(v) / sqrt(bc2) + eps).
-    m = m + (1.0 - beta1) * (g - m)
-    v = v * beta2 + (1.0 - beta2) * (g * g)
+    # The torch rule's formulas: m.lerp_(g, 1-β1) (weight < 0.5: m + w(g−m)), v·β2 + (1−β2)·g²,
+    # then (m / bc1) / (sqrt(v) / sqrt(bc2) + eps); each operation rounded once (no contraction:
+    # the launch sets enable_fp_fusion=False). 1−β comes from the host, rounded once from double
+    # as torch's scalar weights are (1.0 − β1 in-kernel would be an fp32 subtraction: 0.100000024
+    # instead of 0.1f for β1 = 0.9).
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * (g * g)
     denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     u = tl.div_rn(tl.div_rn(m, bias_correction1), denom)
     tl.store(m_ptr + offs, to_out(m, m_ptr.dtype.element_ty, FIX_BF16), mask=mask)
@@ -60,8 +63,12 @@ def adam_direction_(
     block = 256 if interpreting() else 1024
     bias_correction1 = 1.0 - beta1**step
     bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
-    _adam_direction_kernel[(triton.cdiv(n, block),)](
-        exp_avg, exp_avg_sq, grad, out, n, float(beta1), float(beta2),
-        float(bias_correction1), float(bias_correction2_sqrt), float(eps), BLOCK=block, FIX_BF16=fix_bf16(),
-    )
+    with device_guard(grad):
+        # enable_fp_fusion=False: one rounding per operation, as torch's unfused sequence; with
+        # contraction Triton would fuse m + (1-β1)(g-m) and v·β2 + (1-β2)g² into FMAs.
+        _adam_direction_kernel[(triton.cdiv(n, block),)](
+            exp_avg, exp_avg_sq, grad, out, n, float(1.0 - beta1), float(beta2), float(1.0 - beta2),
+            float(bias_correction1), float(bias_correction2_sqrt), float(eps), BLOCK=block, FIX_BF16=fix_bf16(),
+            enable_fp_fusion=False,
+        )
     return out

@@ -11,6 +11,11 @@ are IEEE-rounded (``div_rn``/``sqrt_rn``) and rounding is half-to-even, as in to
 deterministic codes equal the reference's exactly. Stochastic rounding draws from Triton's
 Philox generator, ``tl.rand(seed, flat_index)``: deterministic given the seed and independent of
 the launch configuration, but a different stream from the reference's ``torch.Generator``.
+
+NaN: a group (block) holding a NaN gets NaN statistics (min/max zero point, absmax), so it
+dequantizes to NaN everywhere, and NaN elements get code 0 — the same in both paths (hardware
+min/max drop NaN, so the kernels count NaNs explicitly). Contraction is off
+(``enable_fp_fusion=False``): one rounding per operation, as torch's.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import triton
 import triton.language as tl
 
 from lrgrad.kernels.dispatch import interpreting
-from lrgrad.kernels.triton_utils import fix_bf16, to_out
+from lrgrad.kernels.triton_utils import device_guard, fix_bf16, to_out
 from lrgrad.quant import SIGNED_LEVELS, SIGNED_POWER, UNSIGNED_LEVELS, UNSIGNED_POWER, ZERO_LIMIT
 
 assert SIGNED_POWER == 2.0 and UNSIGNED_POWER == 4.0, "the kernels hard-code sqrt and sqrt∘sqrt"
@@ -59,6 +64,7 @@ def _minmax_quant_kernel(
     # loop-carried scalars typed up front (fp32 tensors, not Python floats)
     lo = tl.full([], float("inf"), tl.float32)
     hi = tl.full([], float("-inf"), tl.float32)
+    nans = tl.full([], 0, tl.int32)
     for c0 in range(0, group_size, CHUNK):
         idx = c0 + local
         offs = start + idx
@@ -66,6 +72,11 @@ def _minmax_quant_kernel(
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         lo = tl.minimum(lo, tl.min(tl.min(tl.where(mask, x, float("inf")), axis=1), axis=0))
         hi = tl.maximum(hi, tl.max(tl.max(tl.where(mask, x, float("-inf")), axis=1), axis=0))
+        nans += tl.sum(tl.sum((mask & (x != x)).to(tl.int32), axis=1), axis=0)
+    # tl.min/tl.max/tl.minimum/tl.maximum drop NaN on hardware (min.f32/max.f32); torch's amin/amax
+    # propagate it. Count NaNs explicitly so a NaN group gets NaN statistics, as in the reference.
+    lo = tl.where(nans > 0, float("nan"), lo)
+    hi = tl.where(nans > 0, float("nan"), hi)
     magnitude = tl.maximum(tl.abs(lo), tl.abs(hi))
     scale = tl.maximum(tl.div_rn(hi - lo, LEVELS * 1.0), tl.div_rn(magnitude, ZERO_LIM))
     scale = tl.where(scale > 0, scale, 1.0)
@@ -90,7 +101,9 @@ def _minmax_quant_kernel(
             rounded = floor + (draw < scaled - floor).to(tl.float32)
         else:
             rounded = _round_half_even(scaled)
-        q = tl.minimum(tl.maximum(rounded + zero_f, 0.0), LEVELS * 1.0)
+        q = rounded + zero_f
+        q = tl.where(q != q, 0.0, q)  # NaN (a NaN group's zero point) → code 0, as the reference
+        q = tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0)
         if INT4:
             q = tl.where(mask, q, 0.0).to(tl.int32)
             nibble = tl.arange(0, 2)[None, :]
@@ -116,11 +129,12 @@ def minmax_quantize(
         codes = torch.empty(numel, dtype=torch.int8, device=flat.device)
     scale = torch.empty(groups, dtype=torch.float16, device=flat.device)
     zero = torch.empty(groups, dtype=torch.float16, device=flat.device)
-    _minmax_quant_kernel[(groups,)](
-        flat, codes, scale, zero, numel, group_size, int(seed),
-        LEVELS=15 if int4 else 255, ZERO_LIM=ZERO_LIMIT, INT4=int4, STOCHASTIC=stochastic,
-        CHUNK=_chunk(group_size),
-    )
+    with device_guard(flat):
+        _minmax_quant_kernel[(groups,)](
+            flat, codes, scale, zero, numel, group_size, int(seed),
+            LEVELS=15 if int4 else 255, ZERO_LIM=ZERO_LIMIT, INT4=int4, STOCHASTIC=stochastic,
+            CHUNK=_chunk(group_size), enable_fp_fusion=False,
+        )
     return codes, scale, zero
 
 
@@ -149,9 +163,11 @@ def minmax_dequantize(
     out = torch.empty(numel, dtype=dtype, device=codes.device)
     if numel:
         block = _elementwise_block()
-        _minmax_dequant_kernel[(triton.cdiv(numel, block),)](
-            codes, scale, zero, out, numel, group_size, INT4=int4, BLOCK=block, FIX_BF16=fix_bf16(),
-        )
+        with device_guard(codes):
+            _minmax_dequant_kernel[(triton.cdiv(numel, block),)](
+                codes, scale, zero, out, numel, group_size, INT4=int4, BLOCK=block, FIX_BF16=fix_bf16(),
+                enable_fp_fusion=False,
+            )
     return out
 
 
@@ -164,12 +180,15 @@ def _blockwise_quant_kernel(
     start = b * block_size
     local = tl.arange(0, CHUNK)
     amax = tl.zeros([], tl.float32)
+    nans = tl.full([], 0, tl.int32)
     for c0 in range(0, block_size, CHUNK):
         idx = c0 + local
         offs = start + idx
         mask = (idx < block_size) & (offs < numel)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+        nans += tl.sum((mask & (x != x)).to(tl.int32), axis=0)
+    amax = tl.where(nans > 0, float("nan"), amax)  # hardware max drops NaN; torch's amax propagates it
     tl.store(absmax_ptr + b, amax)
     safe = tl.where(amax > 0, amax, 1.0)
     for c0 in range(0, block_size, CHUNK):
@@ -177,13 +196,16 @@ def _blockwise_quant_kernel(
         offs = start + idx
         mask = (idx < block_size) & (offs < numel)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        normalized = tl.minimum(tl.div_rn(tl.abs(x), safe), 1.0)
+        ratio = tl.div_rn(tl.abs(x), safe)
+        normalized = tl.where(ratio != ratio, ratio, tl.minimum(ratio, 1.0))  # clamp that keeps NaN, as torch's
         if SIGNED:
             code = _round_half_even(tl.sqrt_rn(normalized) * LEVELS)
+            code = tl.where(code != code, 0.0, code)  # NaN elements → code 0, as the reference
             code = tl.where(x > 0, code, tl.where(x < 0, -code, 0.0))
             tl.store(q_ptr + offs, code.to(tl.int8), mask=mask)
         else:
             code = _round_half_even(tl.sqrt_rn(tl.sqrt_rn(normalized)) * LEVELS)
+            code = tl.where(code != code, 0.0, code)
             tl.store(q_ptr + offs, code.to(tl.uint8), mask=mask)
 
 
@@ -192,10 +214,12 @@ def blockwise_quantize(flat: torch.Tensor, block_size: int, signed: bool) -> tup
     blocks = triton.cdiv(numel, block_size)
     codes = torch.empty(numel, dtype=torch.int8 if signed else torch.uint8, device=flat.device)
     absmax = torch.empty(blocks, dtype=torch.float32, device=flat.device)
-    _blockwise_quant_kernel[(blocks,)](
-        flat, codes, absmax, numel, block_size,
-        SIGNED=signed, LEVELS=SIGNED_LEVELS if signed else UNSIGNED_LEVELS, CHUNK=_chunk(block_size),
-    )
+    with device_guard(flat):
+        _blockwise_quant_kernel[(blocks,)](
+            flat, codes, absmax, numel, block_size,
+            SIGNED=signed, LEVELS=SIGNED_LEVELS if signed else UNSIGNED_LEVELS, CHUNK=_chunk(block_size),
+            enable_fp_fusion=False,
+        )
     return codes, absmax
 
 
@@ -223,10 +247,12 @@ def blockwise_dequantize(
     out = torch.empty(numel, dtype=dtype, device=codes.device)
     if numel:
         block = _elementwise_block()
-        _blockwise_dequant_kernel[(triton.cdiv(numel, block),)](
-            codes, absmax, out, numel, block_size,
-            SIGNED=signed, LEVELS=SIGNED_LEVELS if signed else UNSIGNED_LEVELS, BLOCK=block, FIX_BF16=fix_bf16(),
-        )
+        with device_guard(codes):
+            _blockwise_dequant_kernel[(triton.cdiv(numel, block),)](
+                codes, absmax, out, numel, block_size,
+                SIGNED=signed, LEVELS=SIGNED_LEVELS if signed else UNSIGNED_LEVELS, BLOCK=block, FIX_BF16=fix_bf16(),
+                enable_fp_fusion=False,
+            )
     return out
 
 
@@ -247,5 +273,7 @@ def stochastic_round(flat: torch.Tensor, seed: int) -> torch.Tensor:
     if numel:
         block = _elementwise_block()
         grid = (triton.cdiv(numel, block),)
-        _stochastic_round_kernel[grid](flat, out, numel, int(seed), BLOCK=block, FIX_BF16=fix_bf16())
+        with device_guard(flat):
+            _stochastic_round_kernel[grid](flat, out, numel, int(seed), BLOCK=block, FIX_BF16=fix_bf16(),
+                                           enable_fp_fusion=False)
     return out

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
 
@@ -12,6 +15,18 @@ def fix_bf16() -> bool:
     """Whether kernels must round bf16 stores themselves: Triton 3.9's CPU interpreter converts
     fp32 → bf16 by truncation, where the GPU (and torch) round to nearest even."""
     return interpreting()
+
+
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s GPU the current device for a launch.
+
+    Triton launches on the *current* device and stream; without this, a tensor on cuda:1 with
+    cuda:0 current would run on the wrong GPU (wrong results or an illegal address). CPU tensors
+    (the interpreter) need no guard.
+    """
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 @triton.jit

@@ -124,7 +124,10 @@ def _quantize_with(
     """Codes in [0, levels] (float tensor of integers), shape of ``groups``."""
     scaled = groups / scale.float()[:, None]
     rounded = stochastic_round(scaled, seed) if stochastic else torch.round(scaled)
-    return (rounded + zero.float()[:, None]).clamp_(0, levels)
+    # NaN (every code of a group holding a NaN: its zero point is NaN) → code 0, defined as in the
+    # Triton kernel instead of an undefined float→int cast; the NaN zero point still makes the
+    # whole group dequantize to NaN.
+    return (rounded + zero.float()[:, None]).clamp_(0, levels).nan_to_num_(nan=0.0)
 
 
 def quantize_int4(x: torch.Tensor, group_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -290,10 +293,11 @@ def quantize_blockwise_8bit(
     normalized = (blocks.abs() / safe[:, None]).clamp_(max=1.0)
     if signed:
         codes = torch.round(normalized.pow_(1.0 / SIGNED_POWER).mul_(SIGNED_LEVELS)) * torch.sign(blocks)
-        codes = codes.reshape(-1)[: flat.numel()].to(torch.int8)
+        # NaN elements → code 0 (a defined value, as in the Triton kernel); absmax carries the NaN
+        codes = codes.nan_to_num_(nan=0.0).reshape(-1)[: flat.numel()].to(torch.int8)
     else:
         codes = torch.round(normalized.pow_(1.0 / UNSIGNED_POWER).mul_(UNSIGNED_LEVELS))
-        codes = codes.reshape(-1)[: flat.numel()].to(torch.uint8)
+        codes = codes.nan_to_num_(nan=0.0).reshape(-1)[: flat.numel()].to(torch.uint8)
     return codes.view(x.shape), absmax
 
 

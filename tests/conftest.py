@@ -21,3 +21,13 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the AOT compile summary of tests/kernels/test_kernels_aot.py (compiled count, registers,
+    spills). Here, not in tests/kernels/conftest.py: under xdist only this conftest is loaded by the
+    controller; user_properties travel back from the workers with the reports."""
+    for report in terminalreporter.stats.get("passed", []):
+        for name, value in getattr(report, "user_properties", []):
+            if name == "aot_summary":
+                terminalreporter.write_line(f"AOT compile (tests/kernels/test_kernels_aot.py): {value}")

@@ -42,6 +42,16 @@ from lrgrad.subspace import MOMENT_POLICIES, PROJ_TYPES, compute_dtype, low_rank
 #: other values cannot be loaded into this optimizer.
 STRUCTURAL_KEYS = ("rule", "projector", "rank", "proj_type")
 
+#: where low-rank training works beyond one device (docs/distributed.md has the table)
+SUPPORTED_ROUTES = (
+    "Use FSDP2 (torchrun + lrgrad.distributed.setup_parallel(model, 'fsdp2'), or Accelerate / the Hugging Face "
+    "Trainer with fsdp_version=2) or DDP instead; see docs/distributed.md."
+)
+ZERO_PARTITIONED_MESSAGE = (
+    "a param group with a rank holds DeepSpeed ZeRO-3 partitioned params (they carry `ds_id`): ZeRO flattens "
+    "and partitions them, so no projector can see a matrix. " + SUPPORTED_ROUTES
+)
+
 BASE_DEFAULTS: dict[str, Any] = {
     "weight_decay": 1e-2,
     "rank": None,
@@ -167,6 +177,8 @@ class LowRankOptimizer(Optimizer):
                 raise ValueError("Invalid params: complex parameters are not supported by lrgrad optimizers")
             if not p.is_floating_point():
                 raise ValueError(f"Invalid params: expected floating-point parameters, got {p.dtype}")
+        if group["rank"] is not None and any(hasattr(p, "ds_id") for p in group["params"]):
+            raise ValueError(f"Invalid params: {ZERO_PARTITIONED_MESSAGE}")
 
     # ------------------------------------------------------------------ routing
     def is_projected(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -199,8 +211,13 @@ class LowRankOptimizer(Optimizer):
 
     def _param_seed(self, param: torch.Tensor, group: dict[str, Any]) -> int:
         # Depends only on the construction order of params, so every DDP rank
-        # and every resumed run derives the same seed.
-        index = self._param_index.get(id(param), 0)
+        # and every resumed run derives the same seed. Accelerate's FSDP2 prepare swaps
+        # the group's params for DTensors after construction (same positions), so a param
+        # not indexed by identity is looked up by its position in the groups.
+        index = getattr(self, "_param_index", {}).get(id(param))  # a deepcopy carries no index
+        if index is None:
+            flat = [p for g in self.param_groups for p in g["params"]]
+            index = next((i for i, p in enumerate(flat) if p is param), 0)
         return (group["seed"] * 1_000_003 + index * 7919 + 1) % (2**31 - 1)
 
     def init_param_state(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -269,6 +286,7 @@ class LowRankOptimizer(Optimizer):
         """Step ``params`` of ``group`` with the given gradients (never modified)."""
         if not params:
             return
+        self.check_projectable(group)
         for g in grads:
             self.check_grad(g)
         rule = self.rule_for(group)
@@ -308,6 +326,41 @@ class LowRankOptimizer(Optimizer):
         """Tell LR schedulers the optimizer stepped, as ``Optimizer.step``'s wrapper does, when the
         update ran parameter by parameter (per-layer updates) instead of through :meth:`step`."""
         self._opt_called = True  # type: ignore[attr-defined]
+
+    def check_projectable(self, group: dict[str, Any]) -> None:
+        """Once per group with a ``rank``: make sure it does not silently run full-rank.
+
+        DeepSpeed ZeRO (stages 1-3) replaces a group's params by one flattened 1-D
+        partition after the optimizer is built, so no projector ever sees a matrix and
+        the "GaLore" run is plain AdamW with AdamW's memory. Params swapped for 1-D
+        tensors after construction (DeepSpeed's signature) raise a ``ValueError``; a
+        group in which nothing can be projected (all 1-D or all ``min(m, n) <= rank``)
+        warns once.
+        """
+        checked = self.__dict__.setdefault("_projectable_checked", set())
+        if group["rank"] is None or id(group) in checked:
+            return
+        checked.add(id(group))
+        if any(hasattr(p, "ds_id") for p in group["params"]):  # ZeRO-3 leaves these with no data
+            raise ValueError(f"Invalid params: {ZERO_PARTITIONED_MESSAGE}")
+        params = [p for p in group["params"] if p.numel()]  # empty params are a no-op, not a fallback
+        if not params or any(self.is_projected(p, group) for p in params):
+            return
+        built_on = getattr(self, "_param_index", None)  # None after a deepcopy: cannot tell
+        if built_on is not None and all(p.dim() == 1 and id(p) not in built_on for p in params):
+            raise ValueError(
+                "Invalid params: a param group with rank="
+                f"{group['rank']} now holds flattened 1-D tensors that replaced its params after the "
+                f"optimizer was built, which is what DeepSpeed ZeRO stages 1-3 do. {SUPPORTED_ROUTES}"
+            )
+        warnings.warn(
+            f"lrgrad: no param of a group with rank={group['rank']} can be projected (all are 1-D or have "
+            f"min(m, n) <= rank), so the group runs its rule full-rank with full-rank memory. If the params "
+            f"arrived flattened (DeepSpeed ZeRO, FSDP1 without use_orig_params), this is not low-rank training. "
+            f"{SUPPORTED_ROUTES}",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def count_skip(self, param: torch.Tensor) -> None:
         """Record that ``param`` skipped this step (a non-finite gradient)."""

@@ -4,12 +4,20 @@ tests/conftest.py before triton is imported) with LRGRAD_KERNELS=triton forced."
 import os
 
 import pytest
+import torch
 
 from lrgrad.kernels import dispatch
 
 
 @pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
+def _triton_backend(request, monkeypatch):
+    if request.node.get_closest_marker("cuda") is not None:
+        # GPU-only tests (test_kernels_cuda.py): compiled kernels on a CUDA device, real routing rule
+        if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1":
+            pytest.skip("GPU-only: needs CUDA and TRITON_INTERPRET unset (make gpu-check runs it)")
+        monkeypatch.setenv("LRGRAD_KERNELS", "triton")
+        yield
+        return
     # These tests must never silently test the reference against itself.
     assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET=1"
     assert dispatch.triton_available(), "triton is a test dependency (pip install -e '.[dev]')"
@@ -30,5 +38,3 @@ def forbid(monkeypatch):
             monkeypatch.setattr(module, name, _raise)
 
     return _forbid
-
-

@@ -169,3 +169,79 @@ def test_bad_input():
         kq.dequantize_int4(packed, scale[:-1], zero[:-1], (10,), 4)
     with pytest.raises(TypeError, match="codes"):
         kq.dequantize_blockwise_8bit(torch.zeros(4, dtype=torch.uint8), torch.ones(1), block_size=4, signed=True)
+
+
+# ---------------------------------------------------------------- NaN inputs: both paths agree
+def _with_nan(group: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    x = _data((groups * group,), dtype, seed=group + 5)
+    x[group + 3] = float("nan")  # one NaN in group 1; every other group is finite
+    return x
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_minmax_nan_group_propagates_in_both_paths(bits, dtype, no_reference):
+    # Hardware min/max drop NaN (the interpreter's reductions do too): without an explicit NaN count
+    # the kernel would return finite statistics for a group whose torch statistics are NaN.
+    group, groups = 16, 4
+    x = _with_nan(group, groups, dtype)
+    finite = x.clone()
+    finite[group + 3] = 0.0
+    if bits == 4:
+        codes, scale, zero = kq.quantize_int4(x, group)
+        deq = kq.dequantize_int4(codes, scale, zero, x.shape, group)
+        lanes = torch.stack([codes & 0x0F, codes >> 4], dim=1).reshape(-1)  # one code per element
+        codes_f, scale_f, zero_f = kq.quantize_int4(finite, group)
+        lanes_f = torch.stack([codes_f & 0x0F, codes_f >> 4], dim=1).reshape(-1)
+        code_zero = 0
+    else:
+        codes, scale, zero = kq.quantize_int8(x, group)
+        deq = kq.dequantize_int8(codes, scale, zero, group_size=group)
+        lanes = codes.reshape(-1)
+        codes_f, scale_f, zero_f = kq.quantize_int8(finite, group)
+        lanes_f = codes_f.reshape(-1)
+        code_zero = -128  # code 0 stored as 0 − 128
+    nan_group = slice(group, 2 * group)
+    # the NaN group: scale 1, zero point NaN, every code 0, every dequantized value NaN
+    assert scale[1].item() == 1.0 and math.isnan(zero[1].item())
+    assert bool((lanes[nan_group] == code_zero).all()) and bool(deq[nan_group].isnan().all())
+    # the other groups are untouched by the NaN next door
+    keep = torch.ones(groups, dtype=torch.bool)
+    keep[1] = False
+    assert torch.equal(scale[keep], scale_f[keep]) and torch.equal(zero[keep], zero_f[keep])
+    element_keep = keep.repeat_interleave(group)
+    assert torch.equal(lanes[element_keep], lanes_f[element_keep])
+    assert not deq[element_keep].isnan().any()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_minmax_nan_reference_agrees_with_kernel(bits, monkeypatch):
+    group = 16
+    x = _with_nan(group, 4, torch.float32)
+    quant, dequant = (("quantize_int4", "dequantize_int4") if bits == 4 else ("quantize_int8", "dequantize_int8"))
+    kernel = getattr(kq, quant)(x, group)
+    reference = getattr(ref, quant)(x, group)
+    assert all(_same(a, b) for a, b in zip(kernel, reference))
+    args = (x.shape, group) if bits == 4 else (None, group)
+    assert _same(getattr(kq, dequant)(*kernel, *args), getattr(ref, dequant)(*reference, *args))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_blockwise_nan_and_inf_agree_in_both_paths(signed, forbid):
+    group = 16
+    x = _data((4 * group,), torch.float32, seed=9).abs()
+    x = x if not signed else x * torch.where(torch.arange(4 * group) % 3 == 0, -1.0, 1.0)
+    x[group + 2] = float("nan")  # block 1: a NaN
+    x[2 * group + 5] = float("inf")  # block 2: an inf (|x| / absmax = inf / inf = NaN)
+    codes_r, absmax_r = ref.quantize_blockwise_8bit(x, group, signed)
+    forbid(ref, "quantize_blockwise_8bit", "dequantize_blockwise_8bit")
+    codes, absmax = kq.quantize_blockwise_8bit(x, group, signed)
+    assert math.isnan(absmax[1].item()) and _same(absmax, absmax_r)
+    assert codes[group + 2].item() == 0 and codes[2 * group + 5].item() == 0  # NaN / inf/inf → code 0
+    assert torch.equal(codes, codes_r)
+    deq = kq.dequantize_blockwise_8bit(codes, absmax, None, group, signed)
+    assert bool(deq[group:2 * group].isnan().all()) and not deq[:group].isnan().any()

@@ -1,0 +1,1 @@
+"""Glue to training frameworks (Hugging Face transformers, Accelerate); each imports its framework lazily."""

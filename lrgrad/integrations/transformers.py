@@ -1,0 +1,235 @@
+"""lrgrad optimizers for the Hugging Face ``Trainer``, built from ``TrainingArguments``.
+
+Users of ``TrainingArguments(optim="galore_adamw", optim_target_modules=[...],
+optim_args="rank=128, update_proj_gap=200, scale=0.25")`` (which needs galore-torch)
+keep their arguments and get lrgrad's optimizer instead::
+
+    from lrgrad.integrations.transformers import optimizer_cls_and_kwargs
+
+    trainer = Trainer(model, args, train_dataset=data,
+                      optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, args))
+
+What is read from ``args``: ``optim`` (``galore_adamw``, ``galore_adamw_8bit``,
+``galore_adafactor`` map to the lrgrad class of the same method; anything else means
+``GaLoreAdamW``), ``optim_target_modules`` (``lrgrad.param_groups``' patterns;
+``None`` means ``"all-linear"``), ``optim_args`` (``"rank=..., update_proj_gap=...,
+scale=..., proj_type=..."``), ``learning_rate``, ``weight_decay`` and, for the AdamW
+rules, ``adam_beta1``/``adam_beta2``/``adam_epsilon``. Keyword arguments of the
+functions below override all of these.
+
+Weight decay follows the Trainer's default optimizer: it applies to matrices
+(projected ones and the embeddings/head), not to 1-D params (biases, norms).
+
+``optimizer_cls_and_kwargs`` is the route that works with FSDP2 in the Trainer (the
+Trainer builds the optimizer and Accelerate swaps its params for the sharded
+DTensors); ``Trainer(optimizers=(opt, scheduler))`` is refused by the Trainer under
+FSDP. DeepSpeed is refused here: ZeRO flattens the params, so nothing could be
+projected (see docs/distributed.md).
+
+This module imports ``transformers`` only inside functions that need it, and
+``import lrgrad`` never imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrgrad.groups import param_groups
+from lrgrad.optim.lowrank import SUPPORTED_ROUTES
+from lrgrad.optim.registry import OPTIMIZERS, optimizer_class
+
+#: transformers' ``optim`` names for galore-torch -> the lrgrad class of the same method
+HF_OPTIM_NAMES = {
+    "galore_adamw": "GaLoreAdamW",
+    "galore_adamw_8bit": "GaLoreAdamW8bit",
+    "galore_adafactor": "GaLoreAdafactor",
+}
+#: galore-torch's per-step layerwise variants need hooks the Trainer does not drive
+HF_LAYERWISE_NAMES = ("galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise")
+#: what transformers' GaLore path uses when ``optim_args`` does not say
+HF_LOW_RANK_DEFAULTS: dict[str, Any] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+ADAM_RULES = ("adamw", "adamw8bit")
+
+
+def parse_optim_args(text: str | None) -> dict[str, Any]:
+    """``"rank=64, update_proj_gap=100, scale=0.25, proj_type=std"`` -> a dict of typed values."""
+    if text is None or not text.strip():
+        return {}
+    if not isinstance(text, str):
+        raise TypeError(f"Invalid optim_args: expected a str like 'rank=64, scale=0.25', got {type(text).__name__}")
+    out: dict[str, Any] = {}
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Invalid optim_args: {item!r} is not key=value (in {text!r})")
+        out[key] = _parse_value(value)
+    return out
+
+
+def _parse_value(value: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    if value in ("True", "true", "False", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _optim_name(args: Any) -> str:
+    optim = getattr(args, "optim", None)
+    return str(getattr(optim, "value", optim) or "")
+
+
+def resolve_optimizer(optimizer: str | type[torch.optim.Optimizer] | None, args: Any) -> type[torch.optim.Optimizer]:
+    """The lrgrad class to build: given explicitly, else from ``args.optim``, else ``GaLoreAdamW``."""
+    if optimizer is None:
+        name = _optim_name(args)
+        if name in HF_LAYERWISE_NAMES:
+            raise ValueError(
+                f"Invalid optim: {name!r} (per-layer updates) cannot be driven by the Trainer's step; use "
+                f"{name.removesuffix('_layerwise')!r} here, or lrgrad.LayerwiseOptimizer in your own loop"
+            )
+        optimizer = HF_OPTIM_NAMES.get(name, "GaLoreAdamW")
+    if isinstance(optimizer, str):
+        optimizer = HF_OPTIM_NAMES.get(optimizer, optimizer)
+        cls = optimizer_class(optimizer)
+        if cls is torch.optim.AdamW:
+            raise ValueError("Invalid optimizer: 'adamw' is torch.optim.AdamW; the Trainer builds that without lrgrad")
+        return cls
+    if isinstance(optimizer, type) and optimizer in OPTIMIZERS.values():
+        return optimizer
+    raise TypeError(f"Invalid optimizer: expected an lrgrad optimizer class or name, got {optimizer!r}")
+
+
+def _rule_of(cls: type[torch.optim.Optimizer]) -> str:
+    """The update rule a preset runs (built once on a dummy param: presets fix it in ``__init__``)."""
+    return cls([torch.zeros(1, requires_grad=True)]).defaults["rule"]
+
+
+def _check_not_deepspeed(args: Any) -> None:
+    if getattr(args, "deepspeed", None):
+        raise ValueError(
+            "Invalid args: TrainingArguments(deepspeed=...) is set. DeepSpeed ZeRO flattens every param "
+            "group into one 1-D partition, so an lrgrad optimizer could not project anything (it would run "
+            f"full-rank AdamW with AdamW's memory). {SUPPORTED_ROUTES}"
+        )
+
+
+def build_param_groups(
+    model: nn.Module,
+    args: Any,
+    target_modules: str | Sequence[str] | None = None,
+    **low_rank_options: Any,
+) -> list[dict[str, Any]]:
+    """``lrgrad.param_groups`` from ``args.optim_target_modules`` and ``args.optim_args``, with the
+    full-rank group split into decayed matrices and undecayed 1-D params (the Trainer's rule)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
+    if target_modules is None:
+        target_modules = getattr(args, "optim_target_modules", None) or "all-linear"
+    if isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear":
+        target_modules = "all-linear"
+    options = {**HF_LOW_RANK_DEFAULTS, **parse_optim_args(getattr(args, "optim_args", None)), **low_rank_options}
+    rank = options.pop("rank")
+    weight_decay = options.pop("weight_decay", float(getattr(args, "weight_decay", 0.0)))
+    low, *rest = param_groups(model, rank=rank, target_modules=target_modules, **options)
+    low["weight_decay"] = weight_decay
+    groups = [low]
+    for group in rest:  # the full-rank group: matrices decay, biases and norms do not
+        matrices = [item for item in group["params"] if _tensor(item).dim() >= 2]
+        vectors = [item for item in group["params"] if _tensor(item).dim() < 2]
+        if matrices:
+            groups.append({**group, "params": matrices, "weight_decay": weight_decay})
+        if vectors:
+            groups.append({**group, "params": vectors, "weight_decay": 0.0})
+    return groups
+
+
+def _tensor(item: Any) -> torch.Tensor:
+    """A group entry is a tensor or a ``(name, tensor)`` pair (torch's named params)."""
+    return item[1] if isinstance(item, tuple) else item
+
+
+def optimizer_cls_and_kwargs(
+    model: nn.Module,
+    args: Any,
+    optimizer: str | type[torch.optim.Optimizer] | None = None,
+    target_modules: str | Sequence[str] | None = None,
+    **options: Any,
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """``(cls, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``: ``kwargs["params"]`` holds the
+    groups (the Trainer uses them instead of its own). ``options`` go to the projected group (``rank``,
+    ``update_proj_gap``, ``scale``, ``proj_type``, ...) or, for ``lr``/``betas``/``eps``, to the optimizer."""
+    _check_not_deepspeed(args)
+    cls = resolve_optimizer(optimizer, args)
+    kwargs: dict[str, Any] = {"lr": float(args.learning_rate)}
+    if _rule_of(cls) in ADAM_RULES:
+        kwargs.update(betas=(float(args.adam_beta1), float(args.adam_beta2)), eps=float(args.adam_epsilon))
+    for key in ("lr", "betas", "eps"):
+        if key in options:
+            kwargs[key] = options.pop(key)
+    kwargs["params"] = build_param_groups(model, args, target_modules, **options)
+    return cls, kwargs
+
+
+def create_optimizer(
+    model: nn.Module,
+    args: Any,
+    optimizer: str | type[torch.optim.Optimizer] | None = None,
+    target_modules: str | Sequence[str] | None = None,
+    **options: Any,
+) -> torch.optim.Optimizer:
+    """The lrgrad optimizer ``optimizer_cls_and_kwargs`` describes, built."""
+    cls, kwargs = optimizer_cls_and_kwargs(model, args, optimizer, target_modules, **options)
+    return cls(kwargs.pop("params"), **kwargs)
+
+
+def create_optimizer_and_scheduler(
+    model: nn.Module,
+    args: Any,
+    num_training_steps: int | None = None,
+    optimizer: str | type[torch.optim.Optimizer] | None = None,
+    target_modules: str | Sequence[str] | None = None,
+    **options: Any,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """``(optimizer, scheduler)`` for ``Trainer(optimizers=...)`` (not under FSDP: use
+    :func:`optimizer_cls_and_kwargs`). The scheduler is the Trainer's own
+    (``args.lr_scheduler_type``, warmup, ``lr_scheduler_kwargs``) over ``num_training_steps``
+    (default ``args.max_steps``)."""
+    from transformers import get_scheduler
+
+    if num_training_steps is None:
+        num_training_steps = int(getattr(args, "max_steps", -1))
+    if isinstance(num_training_steps, bool) or not isinstance(num_training_steps, int) or num_training_steps < 1:
+        raise ValueError(
+            f"Invalid num_training_steps: {num_training_steps!r}; pass it (or set TrainingArguments.max_steps)"
+        )
+    opt = create_optimizer(model, args, optimizer, target_modules, **options)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=opt,
+        num_warmup_steps=args.get_warmup_steps(num_training_steps),
+        num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    return opt, scheduler
+
+
+__all__ = [
+    "HF_OPTIM_NAMES",
+    "build_param_groups",
+    "create_optimizer",
+    "create_optimizer_and_scheduler",
+    "optimizer_cls_and_kwargs",
+    "parse_optim_args",
+    "resolve_optimizer",
+]
+

@@ -1,0 +1,69 @@
+"""experiments/gpu_check.py (make gpu-check) on a machine without CUDA: a clean exit, and the
+report plumbing (sections → results/gpu.md) with stubbed subprocess results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from experiments import gpu_check  # noqa: E402
+
+
+def test_exits_cleanly_without_cuda_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "gpu.md"
+    assert gpu_check.no_cuda_reason() is not None  # this machine: no CUDA (or interpreted kernels)
+    assert gpu_check.main(["--out", str(out)]) == 0
+    assert "nothing to do on this machine" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def _result(cmd, stdout="", code=0, seconds=1.0):
+    return {"cmd": " ".join(cmd), "returncode": code, "stdout": stdout, "stderr": "boom" if code else "",
+            "seconds": seconds}
+
+
+def test_run_all_writes_every_section(tmp_path, monkeypatch):
+    bench_out = ("GPU: H200 · torch x · triton y\n\n| operation | goal |\n|---|---|\n"
+                 "| lowrank_update_ (param bf16) | met (≥ 1.2×) |\n\ngoals met: 1/1\n")
+    step_rows = [{"config": "llama_130m", "optimizer": "adamw_fused", "first_step_s": 0.5, "step_s": 0.1,
+                  "peak_bytes": 4 * 2**30, "loss": 10.0},
+                 {"config": "llama_130m", "optimizer": "galore_adamw", "first_step_s": 2.0, "step_s": 0.12,
+                  "peak_bytes": 3 * 2**30, "loss": 10.0},
+                 {"config": "llama_130m", "optimizer": "galore_torch", "error": "not installed"}]
+
+    def fake_run(cmd, timeout, env=None):
+        assert env == {"TRITON_INTERPRET": "0"} and timeout > 0
+        if "pytest" in cmd:
+            return _result(cmd, "....\n12 passed, 1 skipped in 30.0s\n")
+        if "experiments/bench_kernels.py" in cmd:
+            return _result(cmd, bench_out)
+        if "--section" in cmd:
+            return _result(cmd, json.dumps({"rows": step_rows}) + "\n")
+        out_dir = Path(cmd[cmd.index("--out-dir") + 1])
+        out_dir.mkdir(parents=True)
+        losses = {"adamw": (5.0, 4.0, 3.5), "galore_adamw": (5.1, 4.2, 3.7)}[cmd[cmd.index("--optimizer") + 1]]
+        (out_dir / "eval.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": v}) + "\n"
+                                                    for s, v in zip((100, 200, 300), losses)))
+        return _result(cmd, json.dumps({"step_time_s": 0.03}) + "\n", code=0 if "adamw" == cmd[5] else 3)
+
+    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    monkeypatch.setattr(gpu_check, "machine_lines", lambda: ["- GPU 0: stub"])
+    out = tmp_path / "gpu.md"
+    assert gpu_check.run_all(out, 600.0, []) == 1  # the GaLore run "failed" (exit 3)
+    text = out.read_text()
+    assert "`12 passed, 1 skipped in 30.0s`" in text
+    assert "| lowrank_update_ (param bf16) | met (≥ 1.2×) |" in text and "goals met: 1/1" in text
+    assert "| llama_130m | galore_adamw | 120.0 | 2000 | 3.00 | 1.20× time, 0.75× memory |" in text
+    assert "| llama_130m | galore_torch | – | – | – | not installed |" in text
+    assert "| adamw | 5.0000 | 4.0000 | 3.5000 | 30 | ok |" in text
+    assert "| galore_adamw | 5.1000 | 4.2000 | 3.7000 | 30 | FAILED (exit 3) |" in text
+    assert "- GPU 0: stub" in text
+
+
+def test_pytest_summary_line():
+    assert gpu_check.pytest_summary("x\n==== 3 failed, 70 passed in 12.1s ====\n") == "3 failed, 70 passed in 12.1s"
+    assert gpu_check.pytest_summary("no summary") == ""

@@ -1,0 +1,62 @@
+"""A tiny LLaMA built from a config (no hub download) and a token dataset, for the Trainer/Accelerate tests.
+
+FFN width 35 (not divisible by 2) gives uneven FSDP2 shards, like tests/distributed's TinyLM;
+every attention/MLP matrix has min side 32 > rank 8. fp64 so sharded and single-process runs
+can be compared at the tolerance tests/distributed uses.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+VOCAB = 64
+SEQ = 16
+RANK = 8
+GAP = 2  # subspace refreshes on steps 1, 3, 5, ...
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=35, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(torch.float64)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Rows of the learnable rule next = 5 * current + 3 (mod VOCAB); labels = input_ids (HF shifts them)."""
+
+    def __init__(self, rows: int = 32):
+        from tiny_model import make_batch
+
+        self.tokens = make_batch(batch=rows, seq=SEQ, seed=1234, vocab=VOCAB)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokens[i], "labels": self.tokens[i]}
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters by name as plain full tensors (FSDP2 DTensors all-gathered)."""
+    out = {}
+    for name, p in model.named_parameters():
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = p.detach().clone()
+    return out
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide singletons (a Trainer or Accelerator from an earlier test)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -1,0 +1,130 @@
+"""lrgrad.integrations.transformers: the lrgrad optimizer from TrainingArguments, in the Trainer.
+
+Single process, tiny LLaMA from a config (no hub), a few steps. The claim users need most:
+``resume_from_checkpoint`` continues bit-identically (across a subspace refresh).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hf_tiny import GAP, RANK, TokenDataset, reset_accelerate, tiny_llama, weights
+
+import lrgrad
+from lrgrad.integrations.transformers import (
+    create_optimizer,
+    create_optimizer_and_scheduler,
+    optimizer_cls_and_kwargs,
+    parse_optim_args,
+)
+
+STEPS = 6
+SAVE_AT = 3
+TARGETS = ["self_attn", "mlp"]
+
+
+def make_args(out, **overrides):
+    from transformers import TrainingArguments
+
+    options = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-2,
+                   weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=1, save_strategy="steps",
+                   save_steps=SAVE_AT, logging_steps=100, report_to="none", use_cpu=True, seed=0,
+                   disable_tqdm=True, dataloader_num_workers=0, optim="galore_adamw",
+                   optim_target_modules=TARGETS,
+                   optim_args=f"rank={RANK}, update_proj_gap={GAP}, scale=0.5, proj_type=std")
+    options.update(overrides)
+    return TrainingArguments(**options)
+
+
+def test_import_lrgrad_does_not_import_transformers_or_accelerate():
+    code = ("import sys, lrgrad, lrgrad.integrations, lrgrad.integrations.transformers; "
+            "print(sorted(m for m in ('transformers', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_parse_optim_args_types_values():
+    assert parse_optim_args("rank=64, update_proj_gap=100, scale=0.25, proj_type=reverse_std") == {
+        "rank": 64, "update_proj_gap": 100, "scale": 0.25, "proj_type": "reverse_std"}
+    assert parse_optim_args(None) == {} and parse_optim_args("  ") == {}
+    with pytest.raises(ValueError, match="optim_args.*'rank64'"):
+        parse_optim_args("rank64")
+
+
+def test_args_become_the_galore_optimizer(tmp_path):
+    model = tiny_llama()
+    opt = create_optimizer(model, make_args(tmp_path, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7))
+    assert type(opt) is lrgrad.GaLoreAdamW
+    # independent oracle: the attention/MLP nn.Linear weights by name
+    want = {f"{n}.weight" for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and (".self_attn." in n or ".mlp." in n)}
+    low = opt.param_groups[0]
+    assert set(low["param_names"]) == want and len(want) == 14
+    assert (low["rank"], low["update_proj_gap"], low["scale"], low["proj_type"]) == (RANK, GAP, 0.5, "std")
+    for group in opt.param_groups:
+        assert group["lr"] == 1e-2 and group["betas"] == (0.8, 0.95) and group["eps"] == 1e-7
+        # the Trainer's decay rule: matrices decay, 1-D params (norms) do not
+        dims = {p.dim() for p in group["params"]}
+        assert group["weight_decay"] == (0.0 if dims == {1} else 0.1)
+    assert {n for g in opt.param_groups[1:] for n in g["param_names"]} == {
+        n for n, _ in model.named_parameters()} - want
+
+
+def test_optim_names_and_overrides(tmp_path):
+    model = tiny_llama()
+    opt = create_optimizer(model, make_args(tmp_path, optim="galore_adafactor"), rank=4)
+    assert type(opt) is lrgrad.GaLoreAdafactor and opt.param_groups[0]["rank"] == 4
+    assert "betas" not in opt.defaults  # Adam's betas/eps are not Adafactor's
+    cls, kwargs = optimizer_cls_and_kwargs(model, make_args(tmp_path, optim="adamw_torch"), optimizer="dct", lr=3e-3)
+    assert cls is lrgrad.DCTAdamW and kwargs["lr"] == 3e-3 and kwargs["params"][0]["rank"] == RANK
+
+
+def test_refusals_name_the_argument(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="deepspeed.*flattens"):
+        create_optimizer(model, SimpleNamespace(deepspeed="ds_config.json", learning_rate=1e-3))
+    with pytest.raises(ValueError, match="optim.*galore_adamw_layerwise.*LayerwiseOptimizer"):
+        create_optimizer(model, make_args(tmp_path, optim="galore_adamw_layerwise"))
+    with pytest.raises(ValueError, match="num_training_steps"):
+        create_optimizer_and_scheduler(model, make_args(tmp_path, max_steps=-1, num_train_epochs=1))
+    with pytest.raises(TypeError, match="optimizer"):
+        create_optimizer(model, make_args(tmp_path), optimizer=torch.optim.SGD)
+
+
+def run_trainer(args, route: str, resume: str | None = None):
+    from transformers import Trainer
+
+    reset_accelerate()
+    model = tiny_llama()
+    if route == "optimizer_cls_and_kwargs":
+        trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(),
+                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, args))
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(),
+                          optimizers=create_optimizer_and_scheduler(model, args))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("route", ["optimizer_cls_and_kwargs", "optimizers"])
+def test_trainer_resume_from_checkpoint_is_bit_identical(tmp_path, route):
+    start = weights(tiny_llama())
+    args = make_args(tmp_path)
+    full = run_trainer(args, route)
+    opt = full.optimizer.optimizer  # Accelerate's wrapper around the lrgrad optimizer
+    assert type(opt) is lrgrad.GaLoreAdamW
+    projected = [s for s in opt.state.values() if "proj_basis" in s]
+    assert len(projected) == 14 and all(s["step"] == STEPS for s in projected)
+    assert full.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # cosine ran to its end
+    want = weights(full.model)
+    assert any(not torch.equal(want[k], start[k]) for k in want)
+
+    resumed = run_trainer(args, route, resume=str(tmp_path / f"checkpoint-{SAVE_AT}"))
+    got = weights(resumed.model)
+    assert resumed.state.global_step == STEPS
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
