@@ -126,7 +126,10 @@ def random_matrix(
     gen_device = torch.device(device if generator_device is None else generator_device)
     generator = torch.Generator(device=gen_device)
     generator.manual_seed(seed)
-    draw = torch.randn(dim, rank, generator=generator, device=gen_device, dtype=dtype)
+    # Drawn in fp32 whatever ``dtype``: the subspace is a function of the seed alone, so a state
+    # whose compute dtype cannot be read back (fp64 params with 8-bit moments hold only int8 codes
+    # and fp32 block maxima) still regenerates the matrix its gradients were projected with.
+    draw = torch.randn(dim, rank, generator=generator, device=gen_device, dtype=torch.float32).to(dtype)
     if kind == "gaussian":
         draw.mul_(rank ** -0.5)
     elif kind == "orthonormal":

@@ -78,9 +78,16 @@ def test_model_parameters_directly(name):
     assert {id(p) for p in projected} == {id(p) for p in expected}
 
 
+#: param dtypes of the checkpoint tests: low-precision params keep fp32 (int, fp16 ...) state, and
+#: torch.optim's load_state_dict would cast it to the param dtype (lrgrad must not)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", NAMES)
-def test_state_dict_weights_only_roundtrip(name):
-    model = TinyLM()
+def test_state_dict_weights_only_roundtrip(name, dtype):
+    """Every state tensor comes back with its saved dtype, shape and value."""
+    model = TinyLM().to(dtype)
     opt = make(name, model)
     train(model, opt, steps=4)
     saved = roundtrip(opt.state_dict())
@@ -90,22 +97,23 @@ def test_state_dict_weights_only_roundtrip(name):
     assert opt.state_dict()["param_groups"] == fresh.state_dict()["param_groups"]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", NAMES)
-def test_resume_is_bit_identical(name):
+def test_resume_is_bit_identical(name, dtype):
     """6 steps straight == 3 steps + save/load (weights_only) + 3 steps, across refreshes (gap 2)."""
     torch.manual_seed(1)
-    reference = TinyLM()
+    reference = TinyLM().to(dtype)
     start = copy.deepcopy(reference.state_dict())
     opt = make(name, reference, update_proj_gap=2)
     train(reference, opt, steps=6)
 
-    first = TinyLM()
+    first = TinyLM().to(dtype)
     first.load_state_dict(start)
     opt_first = make(name, first, update_proj_gap=2)
     train(first, opt_first, steps=3)
     checkpoint = roundtrip({"model": first.state_dict(), "opt": opt_first.state_dict()})
 
-    resumed = TinyLM()
+    resumed = TinyLM().to(dtype)
     resumed.load_state_dict(checkpoint["model"])
     opt_resumed = make(name, resumed, update_proj_gap=2)
     opt_resumed.load_state_dict(checkpoint["opt"])

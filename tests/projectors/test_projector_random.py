@@ -97,6 +97,27 @@ def test_matrix_is_a_pure_function_of_seed_and_draw():
     assert torch.equal(proj.matrix(fresh_state(proj, (6, 16), seed=3, draw=2), "cpu", torch.float32), a)
 
 
+def test_draw_does_not_depend_on_the_compute_dtype():
+    """An fp64 param with 8-bit moments keeps no fp64 tensor in its state (int8 codes, fp32 block
+    maxima), so ``basis``/``transition`` regenerate the matrix in fp32: it must be the same draw as
+    the fp64 one ``down`` projects with, or ``moment_policy="project"`` carries the moments with
+    another subspace's matrix."""
+    for kind in ("gaussian", "orthonormal"):
+        torch.testing.assert_close(random_matrix(5, 3, 12, "right", kind, torch.float64),
+                                   random_matrix(5, 3, 12, "right", kind, torch.float32).double(),
+                                   rtol=0, atol=1e-6)
+    w = torch.nn.Parameter(torch.randn(20, 12, dtype=torch.float64))
+    opt = lrgrad.LowRankOptimizer([w], rule="adamw8bit", projector="random", rank=4, update_proj_gap=2,
+                                  moment_min_size=0, moment_policy="project")
+    w.grad = torch.randn(20, 12, dtype=torch.float64)
+    opt.step()
+    state = opt.state[w]
+    proj = opt.projector_for(w, opt.param_groups[0])
+    old, new = dict(state), {**state, "proj_refreshes": state["proj_refreshes"] + 1}
+    p_old, p_new = (proj.matrix(s, "cpu", torch.float64) for s in (old, new))  # what down/up use
+    torch.testing.assert_close(proj.transition(old, new).double(), p_old @ p_new.T, rtol=0, atol=1e-5)
+
+
 def test_invalid_options():
     w = torch.nn.Parameter(torch.randn(8, 12))
     with pytest.raises(ValueError, match="random_basis"):
@@ -220,7 +241,7 @@ def test_mean_v_transfer_estimates_new_second_moment():
     """Why "mean": for a fixed gradient the new draw's coordinates have E[R²] equal to the old
     coordinates' mean (isotropy of the draw), while T∘T inflates it by about n/r."""
     torch.manual_seed(0)
-    m, n, r = 4, 64, 4
+    m, n, r = 32, 64, 4  # 32 rows: v_old (one draw) has m·r = 128 chi-square terms, so its sum is not luck
     g = torch.randn(m, n, dtype=torch.float64)
     proj = projector("right", rank=r)
     old = fresh_state(proj, (m, n), seed=9, draw=1)

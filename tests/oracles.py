@@ -1,0 +1,192 @@
+"""Independent oracles: every update rule written again from its paper's equations.
+
+Nothing here imports lrgrad. Each function is the textbook form of a rule (plain
+torch, the math in the dtype of the inputs — tests pass fp64), written without
+looking at the fused, foreach, in-place or chunked forms the library uses, so a
+test comparing the library with these formulas checks the library, never itself.
+
+A rule is ``direction(rule, state, g, t, options) -> u`` with ``state`` a plain
+dict the oracle owns; the optimizer step around it is AdamW's decoupled order:
+
+    full rank:  p <- p (1 - lr wd) - lr u(g)
+    projected:  p <- p (1 - lr wd) - lr scale up(u(down(g)))
+                right: down(G) = G Pᵀ, up(U) = U P;  left: down(G) = Pᵀ G, up(U) = P U
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+#: the rules that update whole matrices and give 1-D params AdamW (with the ``adamw_*`` options)
+MATRIX_RULES = ("muon", "auon", "hybrid_auon")
+
+
+# ---------------------------------------------------------------- the rules
+def adamw(state: dict, g: torch.Tensor, t: int, betas: tuple[float, float], eps: float) -> torch.Tensor:
+    """Loshchilov & Hutter, arXiv:1711.05101, with torch.optim.AdamW's eps placement."""
+    b1, b2 = betas
+    m = state["m"] = b1 * state.get("m", torch.zeros_like(g)) + (1 - b1) * g
+    v = state["v"] = b2 * state.get("v", torch.zeros_like(g)) + (1 - b2) * g * g
+    m_hat = m / (1 - b1**t)
+    return m_hat / ((v / (1 - b2**t)).sqrt() + eps)
+
+
+def adafactor(state: dict, g: torch.Tensor, t: int, beta1: float | None, beta2_decay: float, eps: float,
+              clip_threshold: float) -> torch.Tensor:
+    """Shazeer & Stern, arXiv:1804.04235: factored second moment (Alg. 4), update clipping, optional β1."""
+    beta2 = 1 - t**beta2_decay
+    sq = g * g + eps
+    if g.dim() == 2:
+        row = state["row"] = beta2 * state.get("row", torch.zeros(g.shape[0], dtype=g.dtype)) + (1 - beta2) * sq.mean(1)
+        col = state["col"] = beta2 * state.get("col", torch.zeros(g.shape[1], dtype=g.dtype)) + (1 - beta2) * sq.mean(0)
+        v_hat = torch.outer(row, col) / row.mean()
+    else:
+        v_hat = state["v"] = beta2 * state.get("v", torch.zeros_like(g)) + (1 - beta2) * sq
+    u = g / v_hat.sqrt()
+    rms = u.pow(2).mean().sqrt().item()
+    u = u / max(1.0, rms / clip_threshold)
+    if beta1 is not None:
+        u = state["m"] = beta1 * state.get("m", torch.zeros_like(g)) + (1 - beta1) * u
+    return u
+
+
+def lion(state: dict, g: torch.Tensor, betas: tuple[float, float]) -> torch.Tensor:
+    """Chen et al., arXiv:2302.06675, Alg. 2: u = sign(β1 m + (1-β1) g), then m = β2 m + (1-β2) g."""
+    b1, b2 = betas
+    m = state.get("m", torch.zeros_like(g))
+    u = torch.sign(b1 * m + (1 - b1) * g)
+    state["m"] = b2 * m + (1 - b2) * g
+    return u
+
+
+def momentum(state: dict, g: torch.Tensor, beta: float, nesterov: bool) -> torch.Tensor:
+    """EMA momentum M = β M + (1-β) g; the Nesterov direction (1-β) g + β M, else M."""
+    m = state["m"] = beta * state.get("m", torch.zeros_like(g)) + (1 - beta) * g
+    return (1 - beta) * g + beta * m if nesterov else m
+
+
+def quintic(x: torch.Tensor, steps: int, coefficients=(3.4445, -4.7750, 2.0315), eps: float = 1e-7) -> torch.Tensor:
+    """Muon's Newton–Schulz iteration on X = V / (‖V‖_F + eps), on the wide orientation."""
+    a, b, c = coefficients
+    tall = x.shape[0] > x.shape[1]
+    y = x.T if tall else x
+    y = y / (y.norm() + eps)
+    for _ in range(steps):
+        gram = y @ y.T
+        y = a * y + (b * gram + c * gram @ gram) @ y
+    return y.T if tall else y
+
+
+def auon_brake(v: torch.Tensor, eps: float, rms_eps: float, gamma: float = 1.0,
+               normalize_numerator: bool = True) -> torch.Tensor:
+    """AuON, arXiv:2509.24320: X = V/(‖V‖+eps), rms = ‖cosh(γX)‖/√N, u = X (or V) / (rms + rms_eps)."""
+    x = v / (v.norm() + eps)
+    rms = torch.cosh(gamma * x).pow(2).mean().sqrt()
+    return (x if normalize_numerator else v) / (rms + rms_eps)
+
+
+def muon_factor(rows: int, cols: int, match_rms_adamw: bool) -> float:
+    return 0.2 * math.sqrt(max(rows, cols)) if match_rms_adamw else math.sqrt(max(1.0, rows / cols))
+
+
+# ---------------------------------------------------------------- 8-bit blockwise moments
+def quantize_8bit(x: torch.Tensor, block: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dettmers et al., arXiv:2110.02861, with a companded map: codes of (|x|/absmax)^(1/p) on a linear grid.
+
+    Signed (first moments): p = 2, codes round(127 y)·sign(x); unsigned (second moments): p = 4,
+    codes round(255 y). Computed in fp32, as the moments are stored.
+    """
+    flat = x.reshape(-1).float()
+    codes = torch.zeros_like(flat)
+    absmax = []
+    for start in range(0, flat.numel(), block):
+        chunk = flat[start:start + block]
+        top = chunk.abs().max()
+        absmax.append(top)
+        if top > 0:
+            y = (chunk.abs() / top).clamp(max=1.0)
+            codes[start:start + block] = (torch.round(127 * y.sqrt()) * torch.sign(chunk) if signed
+                                          else torch.round(255 * y.sqrt().sqrt()))
+    return codes.reshape(x.shape), torch.stack(absmax)
+
+
+def dequantize_8bit(codes: torch.Tensor, absmax: torch.Tensor, block: int, signed: bool) -> torch.Tensor:
+    flat = codes.reshape(-1).float()
+    scale = absmax.repeat_interleave(block)[: flat.numel()]
+    values = torch.sign(flat) * (flat.abs() / 127) ** 2 if signed else (flat / 255) ** 4
+    return (values * scale).reshape(codes.shape)
+
+
+def adamw8bit(state: dict, g: torch.Tensor, t: int, betas: tuple[float, float], eps: float,
+              block: int) -> torch.Tensor:
+    """AdamW whose moments are stored as 8-bit blockwise codes between steps: dequantize the old
+    moments, take the exact AdamW step (the direction uses the unrounded new moments), store the
+    new moments quantized."""
+    b1, b2 = betas
+    if "m_codes" in state:
+        m_old = dequantize_8bit(state["m_codes"], state["m_absmax"], block, True).to(g.dtype)
+        v_old = dequantize_8bit(state["v_codes"], state["v_absmax"], block, False).to(g.dtype)
+    else:
+        m_old, v_old = torch.zeros_like(g), torch.zeros_like(g)
+    m = b1 * m_old + (1 - b1) * g
+    v = b2 * v_old + (1 - b2) * g * g
+    state["m_codes"], state["m_absmax"] = quantize_8bit(m, block, True)
+    state["v_codes"], state["v_absmax"] = quantize_8bit(v, block, False)
+    return (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+
+
+# ---------------------------------------------------------------- dispatch
+def direction(rule: str, state: dict, g: torch.Tensor, t: int, options: dict[str, Any]) -> torch.Tensor:
+    """The direction ``u`` of ``rule`` for gradient ``g`` at 1-based step ``t`` (``state`` advanced)."""
+    o = options
+    if rule == "adamw":
+        return adamw(state, g, t, o["betas"], o["eps"])
+    if rule == "adamw8bit":
+        if g.numel() < o["moment_min_size"]:
+            return adamw(state, g, t, o["betas"], o["eps"])
+        return adamw8bit(state, g, t, o["betas"], o["eps"], o["moment_block_size"])
+    if rule == "adafactor":
+        return adafactor(state, g, t, o["beta1"], o["beta2_decay"], o["eps"], o["clip_threshold"])
+    if rule == "lion":
+        return lion(state, g, o["betas"])
+    if rule in MATRIX_RULES:
+        v = momentum(state, g, o["momentum"], o["nesterov"])
+        if rule == "muon":
+            return quintic(v, o["ns_steps"], o["ns_coefficients"], o["eps"]) * muon_factor(
+                *v.shape, o["match_rms_adamw"])
+        if rule == "hybrid_auon":
+            v = quintic(v, o["ns_steps"], o["ns_coefficients"], o["eps"])
+        return auon_brake(v, o["eps"], o["rms_eps"], o["gamma"], o["normalize_numerator"])
+    raise KeyError(rule)
+
+
+def full_rank_step(rule: str, p: torch.Tensor, g: torch.Tensor, state: dict, t: int, lr: float, wd: float,
+                   options: dict[str, Any]) -> torch.Tensor:
+    """The new value of a full-rank param; matrix rules give 1-D params AdamW with the ``adamw_*`` options."""
+    if rule in MATRIX_RULES and p.dim() < 2:
+        lr = options["adamw_lr"]
+        if options["adamw_weight_decay"] is not None:
+            wd = options["adamw_weight_decay"]
+        u = adamw(state, g, t, options["adamw_betas"], options["adamw_eps"])
+    else:
+        u = direction(rule, state, g, t, options)
+    return p * (1 - lr * wd) - lr * u
+
+
+def projected_step(rule: str, p: torch.Tensor, g: torch.Tensor, basis: torch.Tensor, side: str, state: dict,
+                   t: int, lr: float, wd: float, scale: float, options: dict[str, Any]) -> torch.Tensor:
+    """The new value of a param projected on ``basis`` (``side`` as in the module docstring)."""
+    low = g @ basis.T if side == "right" else basis.T @ g
+    u = direction(rule, state, low, t, options)
+    back = u @ basis if side == "right" else basis @ u
+    return p * (1 - lr * wd) - lr * scale * back
+
+
+def top_subspace(g: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+    """The orthogonal projector onto the top-``rank`` singular subspace of ``g`` on ``side`` (sign-free)."""
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    q = vh[:rank].T if side == "right" else u[:, :rank]
+    return q @ q.T
