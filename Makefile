@@ -5,14 +5,20 @@ STAMP  := $(VENV)/.lrgrad-installed
 # torch is pinned to the CPU build that lies on this machine's disk: an unpinned
 # torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# The APOLLO reference the float64 equivalence test compares against
+# (tests/optim/test_apollo_torch_equivalence.py). Installed with --no-deps: its metadata
+# requires bitsandbytes (a 43 MB wheel of CUDA binaries, only for its 8-bit optimizer, which the
+# test does not use) and transformers (already in the experiments extra); torch is pinned above.
+APOLLO_TORCH ?= apollo-torch==1.0.3
 PYTEST_WORKERS ?= 2
 
-.PHONY: test demo lint bench clean gpu-check aot
+.PHONY: test demo lint bench bench-deps clean gpu-check aot
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev,experiments]'
+	$(PY) -m pip install --quiet --no-deps $(APOLLO_TORCH)
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -35,6 +41,14 @@ aot: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) experiments/compare.py
+
+# Optional peers timed by experiments/bench_step.py (never library deps). --no-deps: their
+# `torch` requirement must not replace the pinned CPU torch with another (CUDA) build.
+bench-deps: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps bitsandbytes galore-torch
+
+bench: bench-deps
+	$(PY) experiments/bench_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: registry name -> lrgrad.estimate_memory's optimizer name
 ESTIMATOR_NAMES = {"adamw_foreach": "adamw", "galore_adamw": "galore", "qgalore_adamw": "qgalore",
-                   "dct_adamw": "dct", "flora_adamw": "flora", "auon": "auon", "muon": "muon"}
+                   "dct_adamw": "dct", "flora_adamw": "flora", "auon": "auon", "muon": "muon",
+                   "apollo_adamw": "apollo", "apollo_mini_adamw": "apollo_mini", "fira_adamw": "fira"}
 
 #: rows of the estimated table: (label, estimator optimizer, options)
 ESTIMATE_ROWS = [

@@ -1,20 +1,28 @@
-"""Optimizer step time and state bytes for every optimizer, as ratios to torch AdamW (foreach and fused).
+"""Optimizer step time against its floor and its fastest peer, all measured in one run.
 
     python experiments/bench_step.py                                  # llama_9m, llama_20m, llama_60m shapes
-    python experiments/bench_step.py --configs llama_60m --steps 10   # the core issue's measurement
+    python experiments/bench_step.py --configs llama_60m --steps 10   # the issue's measurement
 
 For each model size (LLaMA shapes, vocab 32000 as in the GaLore paper, rank = the config's
 GaLore rank on the attention/MLP matrices) one ``LlamaForCausalLM`` is built and given fixed
 random gradients; every optimizer is built over it and stepped. The subspace refresh gap is set
 beyond the run, so the timed steps are the *steady state* (no SVD); the first step (state
-allocation + the first refresh) is reported on its own. Timing is round-robin — step 1 of every
-optimizer, then step 2 of every optimizer, ... — so load changes on a shared machine hit all of
-them alike; the median per optimizer is reported. Ratios are to ``torch.optim.AdamW`` foreach
-and fused measured in the same run.
+allocation + the first refresh) is reported on its own.
 
-``galore target`` is the lower bound named in the core issue: the two projection matmuls of each
-projected matrix (R = G Pᵀ and the back-projection) plus one fused AdamW step over the full-rank
-params and the low-rank moments' shapes.
+Beside the lrgrad optimizers the same round-robin times (``experiments/step_floors.py``):
+
+* each family's *floor* — the projection GEMMs + the fastest elementwise rule (fused AdamW,
+  torch Adafactor, bitsandbytes AdamW8bit) over the full-rank params and tensors shaped like
+  the low-rank moments; for Muon / Hybrid-AuON the bare fp32 Newton–Schulz GEMMs;
+* each family's *anchor* — galore-torch ``GaLoreAdamW``, ``torch.optim.Adafactor``,
+  bitsandbytes ``AdamW8bit``, ``torch.optim.Muon`` on the same block matrices;
+* GaLore's refresh: lrgrad (exact and warm-started randomized SVD) and galore-torch at
+  ``update_proj_gap=2``; refresh cost = median refresh step − median plain step.
+
+Timing is round-robin — step 1 of every row, then step 2 of every row, ... — with one torch
+thread, so load changes on a shared machine hit all rows alike; the median per row is reported
+and ratios (``x floor``, ``x anchor``) are taken inside the run. Peers that are not installed
+are left out (``make bench-deps`` = ``pip install --no-deps bitsandbytes galore-torch``).
 
 Writes ``results/bench_step.md``, ``results/bench_step.png`` and ``results/bench_step.json``.
 """
@@ -36,6 +44,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lrgrad  # noqa: E402
+from experiments import step_floors  # noqa: E402
 from experiments.configs import build_model, get_config  # noqa: E402
 from experiments.optimizers import REGISTRY, available_optimizers, build_optimizer, get_spec  # noqa: E402
 
@@ -49,77 +58,90 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def make_optimizer(name: str, model: torch.nn.Module, rank: int) -> torch.optim.Optimizer:
+#: lrgrad presets timed beside the experiments registry's (class name, scale): the 8-bit and
+#: Adafactor variants of the GaLore family
+EXTRA_OPTIMIZERS: dict[str, tuple[str, float, str]] = {
+    "galore_adamw8bit": ("GaLoreAdamW8bit", 0.25, "GaLore-AdamW8bit"),
+    "dct_adafactor": ("DCTAdafactor", 0.25, "DCT-Adafactor"),
+    "flora_adafactor": ("FloraAdafactor", 1.0, "Flora-Adafactor"),
+}
+
+
+def make_optimizer(name: str, model: torch.nn.Module, rank: int, gap: int | None = None) -> torch.optim.Optimizer:
     if name in BASELINES:
         return build_optimizer("adamw", model, adamw_impl=name.split("_")[1])
+    if name in EXTRA_OPTIMIZERS:
+        cls_name, scale, _ = EXTRA_OPTIMIZERS[name]
+        groups = lrgrad.param_groups(model, rank=rank, update_proj_gap=gap or NO_REFRESH, scale=scale)
+        return lrgrad.OPTIMIZERS[cls_name](groups, lr=1e-2, weight_decay=0.0)
     spec = get_spec(name)
     if spec.kind == "lowrank":
         # steady state: no refresh inside the timed steps (online subspace descent updates P every
         # step by design, so it keeps its own gap)
-        gap = None if name == "online_subspace_adamw" else NO_REFRESH
+        if gap is None:
+            gap = None if name == "online_subspace_adamw" else NO_REFRESH
         return build_optimizer(name, model, rank=rank, update_proj_gap=gap)
     return build_optimizer(name, model)
 
 
-def galore_target(model: torch.nn.Module, rank: int, steps: int) -> float:
-    """Seconds: projection matmuls of every projected matrix + fused AdamW on full-rank params and low-rank moments."""
-    groups = lrgrad.param_groups(model, rank=rank)
-    mats = [p for _, p in groups[0]["params"]]
-    full = [p for _, p in groups[1]["params"]] if len(groups) > 1 else []
-    bases, lows = [], []
-    for p in mats:
-        m, n = p.shape
-        if m >= n:  # right: P r x n, R = G P^T (m x r), back = N P
-            bases.append(torch.randn(rank, n, device=p.device))
-            lows.append(torch.zeros(m, rank, device=p.device, requires_grad=True))
-        else:  # left: P m x r, R = P^T G (r x n), back = P N
-            bases.append(torch.randn(m, rank, device=p.device))
-            lows.append(torch.zeros(rank, n, device=p.device, requires_grad=True))
-    proxies = [torch.zeros_like(p, requires_grad=True) for p in full] + lows
-    for t in proxies:
-        t.grad = torch.randn_like(t)
-    adam = torch.optim.AdamW(proxies, lr=1e-3, fused=True)
-    times = []
-    for _ in range(steps + 1):
-        _sync()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for p, P in zip(mats, bases):
-                if p.shape[0] >= p.shape[1]:
-                    r = p.grad @ P.T
-                    p.add_(r @ P, alpha=-1e-12)
-                else:
-                    r = P.T @ p.grad
-                    p.add_(P @ r, alpha=-1e-12)
-        adam.step()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+def refresh_runners(model: torch.nn.Module, rank: int) -> dict[str, step_floors.Runner]:
+    """GaLore refreshing on every second step (gap 2): lrgrad exact SVD, lrgrad randomized, galore-torch."""
+    runners = {}
+    for svd in ("exact", "randomized"):
+        opt = lrgrad.GaLoreAdamW(lrgrad.param_groups(model, rank=rank, update_proj_gap=2), lr=1e-2,
+                                 weight_decay=0.0, svd=svd)
+        runners[f"refresh_{svd}"] = step_floors.Runner(opt.step)
+    peer = step_floors.galore_torch_refresh(model, rank)
+    if peer is not None:
+        runners["refresh_galore_torch"] = peer
+    return runners
 
 
-def bench_size(config: str, names: list[str], steps: int, vocab: int, seed: int = 0) -> dict[str, Any]:
+def bench_size(config: str, names: list[str], steps: int, vocab: int, seed: int = 0,
+               references: bool = True, refresh: bool = True) -> dict[str, Any]:
+    """Time ``names`` (+ their floors/anchors and the refresh runners) round-robin on one model.
+
+    Every runner is stepped once per round, in the same order, for ``steps + 1`` rounds; the
+    first round (state allocation + first refresh) is reported on its own and the median of the
+    others is the step time.
+    """
     rank = get_config(config)["rank"]
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(config, vocab_size=vocab, max_seq_len=256).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    opts = {n: make_optimizer(n, model, rank) for n in names}
+    runners: dict[str, step_floors.Runner] = {}
+    for n in names:
+        opt = make_optimizer(n, model, rank)
+        runners[n] = step_floors.Runner(opt.step, lambda opt=opt: lrgrad.optimizer_state_bytes(opt))
+    missing: list[str] = []
+    if references and device == "cpu":
+        wanted = {ref for n in names for ref in step_floors.FAMILIES.get(n, (None, None)) if ref}
+        for ref in sorted(wanted - set(runners)):
+            if ref in step_floors.LABELS:
+                runner = step_floors.build_reference(ref, model, rank)
+                if runner is None:
+                    missing.append(ref)
+                else:
+                    runners[ref] = runner
+    if refresh and device == "cpu":
+        runners.update(refresh_runners(model, rank))
     first: dict[str, float] = {}
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in runners}
     errors: dict[str, str] = {}
     for i in range(steps + 1):
-        for n, opt in list(opts.items()):
+        for n, runner in list(runners.items()):
             _sync()
             t0 = time.perf_counter()
             try:
-                opt.step()
+                runner.step()
             except Exception as exc:  # a broken optimizer is reported, not allowed to stop the benchmark
                 if n in BASELINES:
                     raise
                 errors[n] = f"{type(exc).__name__}: {exc}"
                 print(f"{config} {n}: step failed ({errors[n]}); skipped", flush=True)
-                del opts[n]
+                del runners[n]
                 continue
             _sync()
             dt = time.perf_counter() - t0
@@ -127,46 +149,114 @@ def bench_size(config: str, names: list[str], steps: int, vocab: int, seed: int 
                 first[n] = dt
             else:
                 times[n].append(dt)
-    rows = {}
-    for n, opt in opts.items():
+    rows: dict[str, dict[str, Any]] = {}
+    refreshes: dict[str, dict[str, float]] = {}
+    for n, runner in runners.items():
+        if n.startswith("refresh_"):
+            # rounds 1, 2, ... are optimizer steps 2, 3, ...: odd steps refresh (gap 2)
+            on = [t for k, t in enumerate(times[n], start=2) if k % 2 == 1]
+            off = [t for k, t in enumerate(times[n], start=2) if k % 2 == 0]
+            refreshes[n[len("refresh_"):]] = {
+                "first_step_s": first[n],
+                "refresh_s": statistics.median(on) - statistics.median(off) if on and off else float("nan"),
+            }
+            continue
+        floor, anchor = step_floors.FAMILIES.get(n, (None, None))
         rows[n] = {"step_s": statistics.median(times[n]), "first_step_s": first[n],
-                   "state_bytes": lrgrad.optimizer_state_bytes(opt)}
-    rows["galore_target"] = {"step_s": galore_target(model, rank, steps), "first_step_s": float("nan"),
-                             "state_bytes": 0}
+                   "state_bytes": runner.state_bytes() if runner.state_bytes else None,
+                   "floor": floor, "anchor": anchor}
     params = sum(p.numel() for p in model.parameters())
-    del opts, model
-    return {"config": config, "rank": rank, "vocab": vocab, "params": params, "rows": rows, "errors": errors}
+    del runners, model
+    return {"config": config, "rank": rank, "vocab": vocab, "params": params, "rows": rows, "errors": errors,
+            "refresh": refreshes, "missing": missing, "steps": steps}
 
 
 def label(name: str) -> str:
-    return {"adamw_foreach": "torch AdamW (foreach)", "adamw_fused": "torch AdamW (fused)",
-            "galore_target": "galore target (2 matmuls + fused Adam)"}.get(name, REGISTRY.get(name, None)
-                                                                          and REGISTRY[name].label or name)
+    if name in ("adamw_foreach", "adamw_fused"):
+        return {"adamw_foreach": "torch AdamW (foreach)", "adamw_fused": "torch AdamW (fused)"}[name]
+    if name in step_floors.LABELS:
+        return step_floors.LABELS[name]
+    if name in EXTRA_OPTIMIZERS:
+        return EXTRA_OPTIMIZERS[name][2]
+    return REGISTRY[name].label if name in REGISTRY else name
+
+
+def _ms(seconds: float | None) -> str:
+    return "—" if seconds is None or seconds != seconds else f"{seconds * 1e3:.1f}"
+
+
+def table(res: dict[str, Any]) -> list[str]:
+    """The markdown table of one size: every row with its floor and anchor and the two ratios."""
+    rows = res["rows"]
+    fe, fu = rows["adamw_foreach"], rows["adamw_fused"]
+    lines = ["| optimizer | state MiB | state vs AdamW | step ms | vs fused AdamW | floor ms | x floor "
+             "| anchor | anchor ms | x anchor | first step ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, r in rows.items():
+        sb = r["state_bytes"]
+        state = "—" if sb is None else f"{sb / 2**20:.1f}"
+        ratio = "—" if sb is None else f"{sb / fe['state_bytes']:.3f}"
+        floor = rows.get(r.get("floor") or "")
+        anchor = rows.get(r.get("anchor") or "")
+        cells = [label(n), state, ratio, _ms(r["step_s"]), f"{r['step_s'] / fu['step_s']:.2f}x"]
+        cells += [_ms(floor["step_s"]), f"{r['step_s'] / floor['step_s']:.2f}x"] if floor else ["—", "—"]
+        if anchor:
+            cells += [label(r["anchor"]), _ms(anchor["step_s"]), f"{r['step_s'] / anchor['step_s']:.2f}x"]
+        else:
+            cells += ["—", "—", "—"]
+        cells.append(f"{r['first_step_s'] * 1e3:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    for n, err in res.get("errors", {}).items():
+        lines.append(f"| {label(n)} | failed: {err} |" + " |" * 9)
+    return lines
+
+
+def refresh_table(res: dict[str, Any]) -> list[str]:
+    """First step and warm refresh of GaLore-AdamW (exact / randomized SVD) against galore-torch."""
+    ref = res.get("refresh") or {}
+    if not ref:
+        return []
+    peer = ref.get("galore_torch")
+    steady = res["rows"].get("galore_adamw", {}).get("step_s")
+    lines = ["| GaLore-AdamW refresh | first step ms | vs galore-torch first step | refresh ms | "
+             "amortised at gap 200 (% of GaLore-AdamW step) |", "|---|---|---|---|---|"]
+    for name in ("exact", "randomized", "galore_torch"):
+        if name not in ref:
+            continue
+        r = ref[name]
+        vs = f"{r['first_step_s'] / peer['first_step_s']:.2f}x" if peer else "—"
+        amort = f"{100 * r['refresh_s'] / 200 / steady:.2f}%" if steady else "—"
+        who = {"exact": "lrgrad, svd=\"exact\"", "randomized": "lrgrad, svd=\"randomized\" (warm-started)",
+               "galore_torch": "galore-torch"}[name]
+        lines.append(f"| {who} | {_ms(r['first_step_s'])} | {vs} | {_ms(r['refresh_s'])} | {amort} |")
+    return lines
 
 
 def write(results: list[dict[str, Any]], out: Path, command: str, stem: str = "bench_step") -> None:
     out.mkdir(parents=True, exist_ok=True)
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    lines = ["# Optimizer step time and state bytes vs torch AdamW\n",
+        f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
+    lines = ["# Optimizer step time against its floor and its fastest peer\n",
              f"`{command}` — {machine}, torch {torch.__version__}. Steady-state `optimizer.step()` "
-             "(no subspace refresh), median of round-robin steps; fixed random gradients; "
-             "rank = the config's GaLore rank on attention/MLP matrices.\n"]
+             "(no subspace refresh), fixed random gradients, rank = the config's GaLore rank on the "
+             "attention/MLP matrices. Every optimizer, floor and anchor is stepped round-robin in one run "
+             "(step 1 of all, then step 2 of all, ...) and the median per row is reported, so machine load "
+             "hits all rows alike: read the ratios, not the absolute times.\n",
+             "*floor*: the least work of the family with the fastest pieces (projection GEMMs + the peer's "
+             "elementwise rule on the full-rank params and on tensors shaped like the low-rank moments; "
+             "for Muon, the bare fp32 Newton–Schulz GEMMs on the same block matrices). *anchor*: the peer "
+             "a user would run instead. `x floor` and `x anchor` are step ms over theirs.\n"]
     for res in results:
-        rows = res["rows"]
-        fe, fu = rows["adamw_foreach"], rows["adamw_fused"]
-        lines += [f"## {res['config']} ({res['params'] / 1e6:.1f}M params, vocab {res['vocab']}, rank {res['rank']})\n",
-                  "| optimizer | state MiB | state vs AdamW | step ms | vs foreach | vs fused | first step ms |",
-                  "|---|---|---|---|---|---|---|"]
-        for n, r in rows.items():
-            state = f"{r['state_bytes'] / 2**20:.1f}" if n != "galore_target" else "—"
-            ratio = f"{r['state_bytes'] / fe['state_bytes']:.3f}" if n != "galore_target" else "—"
-            first = f"{r['first_step_s'] * 1e3:.0f}" if r["first_step_s"] == r["first_step_s"] else "—"
-            lines.append(f"| {label(n)} | {state} | {ratio} | {r['step_s'] * 1e3:.1f} "
-                         f"| {r['step_s'] / fe['step_s']:.2f}x | {r['step_s'] / fu['step_s']:.2f}x | {first} |")
-        for n, err in res.get("errors", {}).items():
-            lines.append(f"| {label(n)} | failed: {err} | | | | | |")
+        lines += [f"## {res['config']} ({res['params'] / 1e6:.1f}M params, vocab {res['vocab']}, rank {res['rank']})\n"]
+        lines += table(res)
         lines.append("")
+        if res.get("missing"):
+            lines.append("Not installed (rows left out): " + ", ".join(label(n) for n in res["missing"]) +
+                         " — `pip install --no-deps bitsandbytes galore-torch`.\n")
+        refresh = refresh_table(res)
+        if refresh:
+            lines += ["Subspace refresh (GaLore-AdamW with `update_proj_gap=2` in the same round-robin; "
+                      "refresh ms = median refresh step − median plain step):\n", *refresh, ""]
     (out / f"{stem}.md").write_text("\n".join(lines))
     (out / f"{stem}.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
 
@@ -176,7 +266,8 @@ def write(results: list[dict[str, Any]], out: Path, command: str, stem: str = "b
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=100)
-    names = [n for n in results[0]["rows"] if n != "galore_target" and all(n in r["rows"] for r in results)]
+    names = [n for n in results[0]["rows"] if results[0]["rows"][n]["state_bytes"] is not None
+             and all(n in r["rows"] for r in results)]
     width = 0.8 / len(results)
     for k, res in enumerate(results):
         rows = res["rows"]
@@ -204,20 +295,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared CPU)")
     p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--no-references", action="store_true", help="leave out the floors and anchors")
+    p.add_argument("--no-refresh", action="store_true", help="leave out the refresh measurement")
     opts = p.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    names = [n for n in (opts.optimizers.split(",") if opts.optimizers else available_optimizers()) if n != "adamw"]
+    default = available_optimizers() + list(EXTRA_OPTIMIZERS)
+    names = [n for n in (opts.optimizers.split(",") if opts.optimizers else default) if n != "adamw"]
     for n in names:
-        get_spec(n)
+        if n not in EXTRA_OPTIMIZERS:
+            get_spec(n)
     names = list(BASELINES) + names
     results = []
     for config in opts.configs.split(","):
-        res = bench_size(config, names, opts.steps, opts.vocab)
+        res = bench_size(config, names, opts.steps, opts.vocab, references=not opts.no_references,
+                         refresh=not opts.no_refresh)
         results.append(res)
-        for n, r in res["rows"].items():
-            print(f"{config:10s} {n:24s} step {r['step_s'] * 1e3:8.1f} ms  state {r['state_bytes'] / 2**20:8.2f} MiB",
-                  flush=True)
+        print("\n".join(table(res) + [""] + refresh_table(res)), flush=True)
     shown = sys.argv[1:] if argv is None else argv
     write(results, Path(opts.out), "python experiments/bench_step.py" + (" " + " ".join(shown) if shown else ""))
     return 0

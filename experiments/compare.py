@@ -43,7 +43,8 @@ def _train_args(opts: argparse.Namespace, optimizer: str, steps: int, out: Path)
     argv = ["--config", opts.config, "--optimizer", optimizer, "--max-steps", str(steps),
             "--batch-size", str(opts.batch_size), "--seq-len", str(opts.seq_len),
             "--eval-every", str(max(1, steps // opts.n_evals)), "--eval-batches", str(opts.eval_batches),
-            "--seed", str(opts.seed), "--out-dir", str(out / optimizer), "--quiet"]
+            "--seed", str(opts.seed), "--out-dir", str(out / optimizer), "--quiet",
+            "--overwrite"]  # `make demo` reruns replace the previous demo's runs
     if not opts.progress:
         argv.append("--no-progress")
     if opts.max_bytes:
@@ -108,13 +109,21 @@ def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out_dir: P
     ]
     for r in results:
         rel = r["final_val_loss"] / base["final_val_loss"] - 1
+        if r.get("separate_run"):  # merged from another run: its times met another machine load
+            times = (f"| {r['step_time_s'] * 1e3:.0f} ms† | — | {r['opt_step_time_s'] * 1e3:.1f} ms† | — |")
+        else:
+            times = (f"| {r['step_time_s'] * 1e3:.0f} ms | {r['step_time_s'] / base['step_time_s']:.2f}x "
+                     f"| {r['opt_step_time_s'] * 1e3:.1f} ms | {r['opt_step_time_s'] / base['opt_step_time_s']:.1f}x |")
         lines.append(
             f"| {REGISTRY[r['optimizer']].label} (`{r['optimizer']}`) | {r['lr']:g} | {r['final_val_loss']:.4f} "
             f"| {rel:+.1%} | {r['final_val_bpb']:.3f} | {_fmt_bytes(r['state_bytes'])} "
-            f"| {r['state_bytes'] / base['state_bytes']:.2f}x | {r['step_time_s'] * 1e3:.0f} ms "
-            f"| {r['step_time_s'] / base['step_time_s']:.2f}x | {r['opt_step_time_s'] * 1e3:.1f} ms "
-            f"| {r['opt_step_time_s'] / base['opt_step_time_s']:.1f}x |"
+            f"| {r['state_bytes'] / base['state_bytes']:.2f}x " + times
         )
+    separate = sorted({r["separate_run"] for r in results if r.get("separate_run")})
+    if separate:
+        lines += ["", "† Rows merged (`--merge`) from a separate run with the same tokens, seed and schedule: "
+                  + "; ".join(f"`{c}`" for c in separate) + ". Their losses and state compare directly; "
+                  "their times met another load on the shared machine, so no time ratio is given."]
     lines += [
         "",
         "State bytes are `lrgrad.optimizer_state_bytes` after the run (every tensor in `optimizer.state`, "
@@ -159,6 +168,22 @@ def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out_dir: P
     plt.close(fig)
 
 
+def merge_reports(extra_json: Path, out_dir: Path) -> int:
+    """Rewrite ``out_dir``'s report with the runs of ``extra_json`` added (replacing same-named ones):
+    adding optimizers to the demo without rerunning all of them. Both runs must share the recipe."""
+    base, extra = json.loads((out_dir / "demo.json").read_text()), json.loads(extra_json.read_text())
+    keys = ("config", "steps", "batch_size", "seq_len", "seed", "gap")
+    if any(base["meta"][k] != extra["meta"][k] for k in keys):
+        raise SystemExit(f"--merge: the runs differ in {[k for k in keys if base['meta'][k] != extra['meta'][k]]}")
+    added = {r["optimizer"] for r in extra["results"]}
+    results = [r for r in base["results"] if r["optimizer"] not in added]
+    results += [{**r, "separate_run": extra["meta"]["command"]} for r in extra["results"]]
+    meta = {**base["meta"], "wall_s": base["meta"]["wall_s"] + extra["meta"]["wall_s"]}
+    write_report(results, meta, out_dir)
+    print(f"merged {sorted(added)} into {out_dir / 'demo.md'}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="llama_9m")
@@ -177,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "demo"))
     p.add_argument("--progress", action="store_true", help="tqdm bar per run")
+    p.add_argument("--merge", default=None, metavar="DEMO_JSON",
+                   help="no training: add the runs of another report (same --steps/--config) to --out's report")
     opts = p.parse_args(argv)
+    if opts.merge:
+        return merge_reports(Path(opts.merge), Path(opts.out))
 
     names = available_optimizers() if opts.optimizers is None else opts.optimizers.split(",")
     for n in names:

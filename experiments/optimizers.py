@@ -10,6 +10,8 @@ Defaults (the papers' recipes; see docs/experiments.md):
   arXiv:2403.03507; short runs pass a smaller gap), rank per model config.
 * ``flora_adamw``: the same lr/rank, scale 1 (its unbiased random projection), resampling
   every ``update_proj_gap`` steps.
+* ``apollo_adamw`` (scale 1), ``apollo_mini_adamw`` (rank 1 whatever the config's rank, tensor-wise
+  scale, α = √128), ``fira_adamw`` (scale 0.25): lr 0.01 as GaLore (arXiv:2412.05270, arXiv:2410.01623).
 * ``auon`` / ``hybrid_auon``: lr 0.055, ``muon``: lr 0.01 — on the matrices of the
   transformer blocks; embeddings, head and norms get AdamW at 0.003 (arXiv:2509.24320).
 * ``adamw``: ``torch.optim.AdamW``, lr 0.003 (the AuON paper's AdamW lr for small LLaMAs;
@@ -52,6 +54,10 @@ REGISTRY: dict[str, OptimizerSpec] = {
                                            label="OnlineSubspace-AdamW"),
     "qgalore_adamw": OptimizerSpec("qgalore_adamw", "QGaLoreAdamW", 1e-2, "lowrank", 0.25, label="Q-GaLore-AdamW"),
     "flora_adamw": OptimizerSpec("flora_adamw", "FloraAdamW", 1e-2, "lowrank", 1.0, label="Flora-AdamW"),
+    "apollo_adamw": OptimizerSpec("apollo_adamw", "APOLLOAdamW", 1e-2, "lowrank", 1.0, label="APOLLO-AdamW"),
+    "apollo_mini_adamw": OptimizerSpec("apollo_mini_adamw", "APOLLOMiniAdamW", 1e-2, "lowrank", 128**0.5,
+                                       extra={"rank": 1}, label="APOLLO-Mini"),
+    "fira_adamw": OptimizerSpec("fira_adamw", "FiraAdamW", 1e-2, "lowrank", 0.25, label="Fira-AdamW"),
     "auon": OptimizerSpec("auon", "AuON", 0.055, "normalized", label="AuON"),
     "hybrid_auon": OptimizerSpec("hybrid_auon", "HybridAuON", 0.055, "normalized", label="Hybrid-AuON"),
     "muon": OptimizerSpec("muon", "Muon", 1e-2, "normalized", label="Muon"),
@@ -106,6 +112,7 @@ def build_optimizer(
         impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[adamw_impl]
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **impl, **options)
     if spec.kind == "lowrank":
+        rank = spec.extra.get("rank", rank)  # a preset whose rank is part of the method (APOLLO-Mini: 1)
         if rank is None:
             raise ValueError(f"Invalid rank: optimizer {name!r} needs a rank")
         low = {"update_proj_gap": update_proj_gap} if update_proj_gap is not None else {}

@@ -1,7 +1,7 @@
 """Pretrain a LLaMA model with any lrgrad optimizer (or torch AdamW), the GaLore paper's recipe.
 
     python experiments/pretrain_llama.py --config llama_9m --optimizer galore_adamw --max-steps 200
-    python experiments/pretrain_llama.py --config llama_60m --optimizer galore_adamw --data c4 \
+    python experiments/pretrain_llama.py --config llama_60m --optimizer galore_adamw --data c4 \\
         --seq-len 256 --batch-size 128 --grad-accum 4 --max-steps 10000 --update-proj-gap 200 --bf16 on
 
 Recipe (arXiv:2403.03507): cosine schedule with 10% linear warmup down to 10% of the peak lr,
@@ -11,14 +11,19 @@ autocast where supported (CUDA with bf16; off on CPU unless ``--bf16 on``).
 Data: the embedded corpus (Python standard library sources, byte-level) by default, a folder
 or a pre-tokenized ``.bin`` with ``--data PATH``, or C4 with ``--data c4`` (see ``data.py``).
 
-Reliability: ``--save-every N`` writes ``OUT/checkpoint.pt`` atomically (model, optimizer,
-scheduler, data position, RNG states); ``--resume`` continues from it bit-identically (a run
-of 2N steps equals N steps + resume + N steps). SIGINT/SIGTERM finish the current step,
-write a checkpoint and stop.
+Reliability: checkpoints are step folders under ``OUT/checkpoints/`` (``checkpoint.py``), each
+published by one atomic rename after its sha256 manifest; ``--keep-checkpoints K`` keeps the
+last K. ``--resume`` continues bit-identically from the newest checkpoint that verifies (and
+says which); a kill at any moment, even mid-write, loses at most the steps since the last
+checkpoint. SIGINT/SIGTERM finish the current step, write a checkpoint, print the command that
+resumes, and stop. An out-dir that holds a run is not overwritten without ``--overwrite``.
 
-Feedback: a tqdm bar (loss, tokens/s, memory), ``OUT/eval.jsonl`` (one line per evaluation:
-validation loss, perplexity, bits per byte), and ``--wandb`` (offline when the wandb server
-is unreachable; wandb is imported only when asked).
+Feedback: a tqdm bar (loss, tokens/s, memory), evaluation results on the terminal and in
+``OUT/eval.jsonl`` (validation loss, perplexity, bits per byte), ``OUT/run.json`` (arguments,
+resumes), and ``--wandb`` (offline when the wandb server is unreachable; imported only when asked).
+
+The code reads top to bottom as the run goes: arguments, environment, data, model, optimizer,
+checkpoint (save / resume), the training loop, and ``run()`` tying them together.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import signal
 import socket
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,60 +52,83 @@ if __package__ in (None, ""):  # run as a script: make `experiments` importable
 import lrgrad  # noqa: E402
 from experiments import checkpoint as ckpt  # noqa: E402
 from experiments import data as data_mod  # noqa: E402
+from experiments import run_dir  # noqa: E402
+from experiments.checkpoint import DCP_NAME, STATE_NAME, CheckpointError, CheckpointStore  # noqa: E402
 from experiments.configs import MODEL_CONFIGS, build_model, count_params, get_config  # noqa: E402
 from experiments.optimizers import REGISTRY, build_optimizer, get_spec, optimizer_class, uses_lrgrad  # noqa: E402
 
-CHECKPOINT_NAME = "checkpoint.pt"
-DCP_NAME = "dcp"  # torch.distributed.checkpoint folder of a --parallel run
+STATE_FORMAT = 2  # state.pt layout; 1 was the single OUT/checkpoint.pt of earlier versions
+
+# ---------------------------------------------------------------------------- arguments
+#: arguments a resume may change: honoured from the resumed step on, printed and recorded in run.json
+RESUME_MAY_CHANGE = {
+    "lr": "every param group's peak lr takes the new value; the schedule continues from the resumed step",
+    "max_steps": "the cosine schedule is recomputed for the new length from the resumed step",
+    "eval_every": "", "eval_batches": "", "save_every": "", "keep_checkpoints": "",
+}
+#: how this process runs, not what it trains: never compared on resume
+RUNTIME_ONLY = ("out_dir", "resume", "overwrite", "stop_after", "threads", "device", "no_progress", "quiet", "wandb",
+                "wandb_project")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--config", default="llama_9m", help=f"model size: {', '.join(MODEL_CONFIGS)}")
-    a("--optimizer", default="galore_adamw", help=f"one of: {', '.join(REGISTRY)}")
-    a("--lr", type=float, default=None, help="peak lr (default: the method's paper lr)")
-    a("--rank", type=int, default=None, help="projection rank (default: the config's paper rank)")
-    a("--update-proj-gap", type=int, default=None,
-      help="steps between subspace refreshes / resamples (default: the method's: GaLore 200, Flora 1000, ...)")
-    a("--scale", type=float, default=None, help="GaLore scale alpha (default: the method's)")
-    a("--weight-decay", type=float, default=0.0)
-    a("--opt-arg", action="append", default=[], metavar="KEY=VALUE",
-      help="extra optimizer option (value parsed as JSON when possible), repeatable")
-    a("--adamw-impl", default="foreach", choices=["foreach", "fused", "for-loop"], help="torch AdamW variant")
-    a("--max-steps", type=int, default=100, help="optimizer steps")
-    a("--batch-size", type=int, default=16, help="sequences per micro-batch")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--seq-len", type=int, default=256)
-    a("--warmup-ratio", type=float, default=0.1)
-    a("--min-lr-ratio", type=float, default=0.1)
-    a("--grad-clip", type=float, default=1.0, help="global-norm clipping; 0 disables")
-    a("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: CUDA with bf16 only)")
-    a("--layerwise", action="store_true", help="per-layer updates from gradient hooks (lrgrad.LayerwiseOptimizer)")
-    a("--weight-bits", type=int, default=None, choices=[8], help="INT8 weights (lrgrad.quantize_weights)")
-    a("--data", default="stdlib", help="'stdlib' (embedded), 'c4', a folder of text files or a .bin token file")
-    a("--data-dtype", default="uint16", choices=["uint16", "uint8"], help="token dtype of a .bin file")
-    a("--vocab-size", type=int, default=None, help="vocabulary of a .bin file (default: max id + 1)")
-    a("--bytes-per-token", type=float, default=1.0, help="text bytes per token of a .bin file (bits per byte)")
-    a("--val-percent", type=float, default=5.0, help="share of files (or tokens of a .bin) for validation")
-    a("--max-bytes", type=int, default=None, help="cap on the corpus size read from a folder")
-    a("--eval-every", type=int, default=50)
-    a("--eval-batches", type=int, default=8)
-    a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end / on signal)")
-    a("--out-dir", default="runs/pretrain")
-    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    a("--stop-after", type=int, default=0,
-      help="stop with a checkpoint after N steps of this invocation (preemptible jobs; 0: run to --max-steps)")
-    a("--seed", type=int, default=0)
-    a("--threads", type=int, default=None, help="torch CPU threads")
-    a("--device", default="auto", help="auto, cpu or cuda")
-    a("--parallel", default="none", choices=["none", "ddp", "fsdp2"],
-      help="data parallelism under torchrun (lrgrad.distributed); --batch-size is the global batch")
-    a("--no-progress", action="store_true", help="no tqdm bar")
-    a("--wandb", action="store_true", help="log to Weights & Biases (offline without network)")
-    a("--wandb-project", default="lrgrad")
-    a("--quiet", action="store_true")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    def a(flag: str, help: str, default: Any = None, shown: str | None = None, **kw: Any) -> None:
+        """Every option's help ends with its default, exactly once (``shown`` words a None default)."""
+        if kw.get("action") == "store_true":
+            text, default = shown or "off", False
+        elif shown is not None:
+            text = shown
+        else:
+            text = "%(default)s"
+        p.add_argument(flag, default=default, help=f"{help} (default: {text})", **kw)
+
+    a("--config", f"model size: {', '.join(MODEL_CONFIGS)}", "llama_9m")
+    a("--optimizer", f"one of: {', '.join(REGISTRY)}", "galore_adamw")
+    a("--lr", "peak lr", type=float, shown="the method's paper lr")
+    a("--rank", "projection rank", type=int, shown="the config's paper rank")
+    a("--update-proj-gap", "steps between subspace refreshes / resamples", type=int,
+      shown="the method's: GaLore 200, Flora 1000, ...")
+    a("--scale", "GaLore scale alpha", type=float, shown="the method's")
+    a("--weight-decay", "decoupled weight decay", 0.0, type=float)
+    a("--opt-arg", "extra optimizer option (value parsed as JSON when possible), repeatable", [],
+      shown="none", action="append", metavar="KEY=VALUE")
+    a("--adamw-impl", "torch AdamW variant", "foreach", choices=["foreach", "fused", "for-loop"])
+    a("--max-steps", "optimizer steps", 100, type=int)
+    a("--batch-size", "sequences per micro-batch (the global batch under --parallel)", 16, type=int)
+    a("--grad-accum", "micro-batches per optimizer step", 1, type=int)
+    a("--seq-len", "tokens per sequence", 256, type=int)
+    a("--warmup-ratio", "share of the steps with linear warmup", 0.1, type=float)
+    a("--min-lr-ratio", "the cosine ends at this share of the peak lr", 0.1, type=float)
+    a("--grad-clip", "global-norm clipping; 0 disables", 1.0, type=float)
+    a("--bf16", "bf16 autocast (auto: CUDA with bf16 only)", "auto", choices=["auto", "on", "off"])
+    a("--layerwise", "per-layer updates from gradient hooks (lrgrad.LayerwiseOptimizer)", action="store_true")
+    a("--weight-bits", "INT8 weights (lrgrad.quantize_weights)", type=int, choices=[8], shown="full-precision")
+    a("--data", "'stdlib' (embedded), 'c4', a folder of text files or a .bin token file", "stdlib")
+    a("--data-dtype", "token dtype of a .bin file", "uint16", choices=["uint16", "uint8"])
+    a("--vocab-size", "vocabulary of a .bin file", type=int, shown="max id + 1")
+    a("--bytes-per-token", "text bytes per token of a .bin file (bits per byte)", 1.0, type=float)
+    a("--val-percent", "share of files (or tokens of a .bin) for validation, in percent", 5.0, type=float)
+    a("--max-bytes", "cap on the corpus size read from a folder", type=int, shown="no cap")
+    a("--eval-every", "evaluate every N steps (and at the last step)", 50, type=int)
+    a("--eval-batches", "validation batches per evaluation", 8, type=int)
+    a("--save-every", "checkpoint every N steps; 0: only at the end and on a signal", 0, type=int)
+    a("--keep-checkpoints", "keep the newest K checkpoint folders", 2, type=int)
+    a("--out-dir", "run folder: checkpoints/, eval.jsonl, run.json", "runs/pretrain")
+    a("--resume", "continue from the newest checkpoint that verifies, or from CHECKPOINT (step-N, N or a "
+      "folder)", False, shown="off", nargs="?", const=True, metavar="CHECKPOINT")
+    a("--overwrite", "delete the run already in --out-dir and start over", action="store_true")
+    a("--stop-after", "stop with a checkpoint after N steps of this invocation (preemptible jobs); 0: run to "
+      "--max-steps", 0, type=int)
+    a("--seed", "seed of the model init and the data order", 0, type=int)
+    a("--threads", "torch CPU threads", type=int, shown="torch's")
+    a("--device", "auto, cpu or cuda", "auto")
+    a("--parallel", "data parallelism under torchrun (lrgrad.distributed)", "none", choices=["none", "ddp", "fsdp2"])
+    a("--no-progress", "no tqdm bar", action="store_true")
+    a("--wandb", "log to Weights & Biases (offline without network)", action="store_true")
+    a("--wandb-project", "wandb project", "lrgrad")
+    a("--quiet", "print only errors, warnings and the stop message", action="store_true")
     return p
 
 
@@ -115,7 +145,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if optimizer_class(args.optimizer) is None:
         raise RuntimeError(f"Optimizer {args.optimizer!r} needs lrgrad.{get_spec(args.optimizer).class_name}, "
                            "which this lrgrad does not provide")
-    for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "update_proj_gap", "eval_batches", "eval_every"):
+    for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "update_proj_gap", "eval_batches", "eval_every",
+                 "keep_checkpoints"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"Invalid {name}: {getattr(args, name)} (must be >= 1)")
     if args.rank is not None and args.rank < 1:
@@ -124,6 +155,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"Invalid lr: {args.lr} (must be > 0)")
     if not 0 <= args.warmup_ratio < 1 or not 0 <= args.min_lr_ratio <= 1:
         raise ValueError(f"Invalid warmup_ratio/min_lr_ratio: {args.warmup_ratio}/{args.min_lr_ratio}")
+    if args.resume and args.overwrite:
+        raise ValueError("Invalid --resume with --overwrite: continue the run in --out-dir, or replace it, not both")
     if args.data not in ("stdlib", "c4") and not Path(args.data).exists():
         raise ValueError(f"Invalid data path: {args.data!r} does not exist (expected 'stdlib', 'c4', a folder "
                          "or a .bin token file)")
@@ -147,6 +180,31 @@ def validate_args(args: argparse.Namespace) -> None:
                              "use an lrgrad optimizer (e.g. qgalore_adamw)")
 
 
+def resume_command(args: argparse.Namespace, world: int = 1) -> str:
+    """The exact command line that resumes this run: every non-default argument, then ``--resume``."""
+    argv: list[str] = []
+    for action in build_parser()._actions:
+        if not action.option_strings or action.dest in ("help", "resume", "overwrite"):
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # store_true
+            argv.append(flag)
+        elif isinstance(value, list):  # append
+            for v in value:
+                argv += [flag, str(v)]
+        else:
+            argv += [flag, str(value)]
+    script = Path(__file__).resolve()
+    with contextlib.suppress(ValueError):
+        script = script.relative_to(Path.cwd())
+    launcher = [sys.executable or "python", str(script)] if world == 1 else [
+        "torchrun", f"--nproc_per_node={world}", str(script)]
+    return shlex.join([*launcher, *argv, "--resume"])
+
+
 def _opt_args(pairs: list[str]) -> dict[str, Any]:
     out = {}
     for pair in pairs:
@@ -160,6 +218,8 @@ def _opt_args(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------- building blocks: schedule, loss,
+# evaluation, memory, wandb, signals
 def lr_lambda_factory(max_steps: int, warmup_ratio: float, min_lr_ratio: float):
     """Linear warmup over ``warmup_ratio`` of the steps, then cosine decay to ``min_lr_ratio``."""
     warmup = int(round(warmup_ratio * max_steps))
@@ -248,50 +308,107 @@ class _StopFlag:
         return False
 
 
-def run(args: argparse.Namespace, on_step: Any = None) -> dict[str, Any]:
-    """Train as ``args`` say; returns a summary (final validation loss, bits per byte, timings, history).
+# ---------------------------------------------------------------------------- environment
+@dataclass
+class Environment:
+    """Where this process runs: device, its place in a ``--parallel`` run, bf16 autocast."""
 
-    ``on_step(step)``, if given, is called after every optimizer step (tests use it to send a signal).
-    """
-    validate_args(args)
+    device: torch.device
+    process_rank: int = 0  # (not the projection rank)
+    world: int = 1
+    use_bf16: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.process_rank == 0
+
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a decision taken once: which checkpoint, an error)."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup_environment(args: argparse.Namespace) -> Environment:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    process_rank, world = 0, 1  # (``rank`` below is the projection rank)
+    env = Environment(device)
     if args.parallel != "none":
         from lrgrad.distributed import init_from_env
 
-        process_rank, world, device = init_from_env()
-    main_process = process_rank == 0
-    use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda"
-                                     and torch.cuda.is_bf16_supported())
+        env.process_rank, env.world, env.device = init_from_env()
+    env.use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and env.device.type == "cuda"
+                                         and torch.cuda.is_bf16_supported())
+    return env
 
-    def autocast():
-        if use_bf16:
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
+def prepare_out_dir(args: argparse.Namespace, env: Environment, store: CheckpointStore) -> None:
+    """Refuse to overwrite a run by accident, honour ``--overwrite``, clean what killed writes left."""
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT_NAME
+    found = run_dir.check_out_dir(out_dir, bool(args.resume), args.overwrite)  # same files, same verdict everywhere
+    env.barrier()
+    if env.main:
+        if args.overwrite and found:
+            run_dir.remove_run(out_dir)
+            _say(args, env, f"--overwrite: removed the previous run in {out_dir} ({', '.join(found)})")
+        count, size = store.clean_temporaries()
+        if count:
+            _say(args, env, f"removed {count} temporary file(s)/folder(s) ({size / 2**20:.1f} MiB) left by an "
+                            f"interrupted write in {out_dir}", always=True)
+    env.barrier()
+    ckpt.arm_faults(out_dir, env.process_rank)
 
-    # ---- data
+
+def _say(args: argparse.Namespace, env: Environment, line: str, always: bool = False) -> None:
+    if env.main and (always or not args.quiet):
+        print(line, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    loader: Any  # .next() -> a (batch x seq_len+1) tensor; state_dict/load_state_dict
+    val_batches: list[torch.Tensor]
+    vocab_size: int
+    bytes_per_token: float
+
+
+def build_data(args: argparse.Namespace) -> Data:
     if args.data == "c4":
         loader = data_mod.C4Stream(args.batch_size, args.seq_len, seed=args.seed)
         val_stream = data_mod.C4Stream(args.batch_size, args.seq_len, seed=args.seed, split="validation")
         val_batches = [val_stream.next() for _ in range(args.eval_batches)]
-        vocab_size, bytes_per_token = loader.vocab_size, args.bytes_per_token
-    else:
-        corpus = data_mod.load_corpus(args.data, args.val_percent, args.max_bytes, args.data_dtype,
-                                      args.vocab_size, args.bytes_per_token)
-        loader = data_mod.BatchLoader(corpus.train, args.batch_size, args.seq_len, seed=args.seed)
-        val_batches = data_mod.eval_batches(corpus.val, args.batch_size, args.seq_len, args.eval_batches)
-        vocab_size, bytes_per_token = corpus.vocab_size, corpus.bytes_per_token
+        return Data(loader, val_batches, loader.vocab_size, args.bytes_per_token)
+    corpus = data_mod.load_corpus(args.data, args.val_percent, args.max_bytes, args.data_dtype,
+                                  args.vocab_size, args.bytes_per_token)
+    loader = data_mod.BatchLoader(corpus.train, args.batch_size, args.seq_len, seed=args.seed)
+    val_batches = data_mod.eval_batches(corpus.val, args.batch_size, args.seq_len, args.eval_batches)
+    return Data(loader, val_batches, corpus.vocab_size, corpus.bytes_per_token)
 
-    # ---- model and optimizer
+
+# ---------------------------------------------------------------------------- model
+def build_run_model(args: argparse.Namespace, env: Environment, vocab_size: int) -> torch.nn.Module:
+    """The LLaMA of ``--config``, wrapped for ``--parallel``, with INT8 weights for ``--weight-bits``."""
     torch.manual_seed(args.seed)
-    model = build_model(args.config, vocab_size=vocab_size, max_seq_len=args.seq_len).to(device)
+    model = build_model(args.config, vocab_size=vocab_size, max_seq_len=args.seq_len).to(env.device)
     if args.parallel != "none":
         from lrgrad.distributed import setup_parallel
 
@@ -304,6 +421,29 @@ def run(args: argparse.Namespace, on_step: Any = None) -> dict[str, Any]:
         while group_size > 1 and any(w % group_size for w in widths):
             group_size //= 2
         model = lrgrad.quantize_weights(model, bits=args.weight_bits, group_size=group_size, seed=args.seed)
+    model.train()
+    return model
+
+
+# ---------------------------------------------------------------------------- optimizer
+@dataclass
+class Training:
+    """What a step changes: model, optimizer, lr schedule, and the per-layer wrapper if any."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    layerwise: Any  # lrgrad.LayerwiseOptimizer or None
+    clip: float | None
+    rank: int  # projection rank
+
+    @property
+    def stepper(self) -> Any:
+        """What owns the optimizer state: the per-layer wrapper when there is one."""
+        return self.layerwise or self.optimizer
+
+
+def build_training(args: argparse.Namespace, model: torch.nn.Module) -> Training:
     rank = args.rank if args.rank is not None else get_config(args.config)["rank"]
     spec = get_spec(args.optimizer)
     opt_kwargs: dict[str, Any] = dict(lr=args.lr, weight_decay=args.weight_decay, **_opt_args(args.opt_arg))
@@ -325,161 +465,374 @@ def run(args: argparse.Namespace, on_step: Any = None) -> dict[str, Any]:
             from lrgrad.distributed import ddp_layerwise
 
             ddp_layerwise(model, layerwise)
+    return Training(model, optimizer, scheduler, layerwise, clip, rank)
 
-    # ---- resume
-    step, history, train_losses = 0, [], []
-    if args.resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"Invalid resume: no checkpoint at {str(ckpt_path)!r}")
-        state = ckpt.load_checkpoint(ckpt_path)
-        if state["config"] != args.config or state["optimizer_name"] != args.optimizer:
-            raise ValueError(f"Invalid resume: checkpoint is {state['config']}/{state['optimizer_name']}, "
-                             f"not {args.config}/{args.optimizer}")
+
+def training_args(args: argparse.Namespace, training: Training) -> dict[str, Any]:
+    """What this run trains with, resolved (a None default replaced by the value in use): compared on resume."""
+    out = {k: v for k, v in vars(args).items() if k not in RUNTIME_ONLY}
+    groups = training.optimizer.param_groups
+    out["rank"] = training.rank
+    out["lr"] = [float(g["initial_lr"]) for g in groups]
+    for key in ("update_proj_gap", "scale"):
+        values = sorted({g[key] for g in groups if g.get(key) is not None and g.get("rank") is not None})
+        if values:
+            out[key] = values
+    return out
+
+
+# ---------------------------------------------------------------------------- checkpoint
+@dataclass
+class Progress:
+    """Where the run is: what a checkpoint saves besides model, optimizer, schedule and data position."""
+
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # evaluation records
+    train_losses: list[float] = field(default_factory=list)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    last_saved: int = -1
+    step_times: list[float] = field(default_factory=list)
+    opt_times: list[float] = field(default_factory=list)
+
+
+def save_run_checkpoint(args: argparse.Namespace, env: Environment, store: CheckpointStore, data: Data,
+                        training: Training, progress: Progress) -> Path:
+    """Write ``step-N`` (every rank its DCP shards under --parallel; rank 0 the rest) and publish it."""
+    step = progress.step
+    published = store.root / ckpt.step_dir_name(step)
+    if progress.last_saved == step:
+        return published
+    tmp = store.temporary(step)
+    if env.main:
+        store.begin(step)
+    env.barrier()
+    if args.parallel == "none":
+        model_state, optimizer_state = training.model.state_dict(), training.stepper.state_dict()
+    else:  # model and optimizer: every rank writes its shards (reshardable); the counters go to state.pt
+        from lrgrad.distributed import save_checkpoint as save_distributed
+
+        ckpt.write_point(DCP_NAME)
+        save_distributed(tmp / DCP_NAME, training.model, training.optimizer, manifest=False)
+        layerwise = training.layerwise
+        model_state = None
+        optimizer_state = {"micro_step": layerwise.micro_step if layerwise else 0,
+                           "skipped_steps": layerwise.skipped_steps if layerwise else 0}
+    if env.main:
+        ckpt.write_point(STATE_NAME)
+        ckpt.save_checkpoint({
+            "format": STATE_FORMAT, "step": step, "args": training_args(args, training),
+            "config": args.config, "optimizer_name": args.optimizer, "parallel": args.parallel,
+            "model": model_state, "optimizer": optimizer_state,
+            "scheduler": training.scheduler.state_dict(), "data": data.loader.state_dict(), "rng": ckpt.rng_state(),
+            "history": progress.history, "train_losses": progress.train_losses, "resumes": progress.resumes,
+        }, tmp / STATE_NAME)
+        store.publish(tmp, step)
+    env.barrier()  # every rank sees the published folder before it goes on (or exits)
+    progress.last_saved = step
+    return published
+
+
+class ResumeMismatchError(ValueError):
+    """Resuming with an argument that would be silently reinterpreted (refused)."""
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def compare_resume_args(saved: dict[str, Any], now: dict[str, Any], path: Path) -> dict[str, list[Any]]:
+    """The honoured changes ``{arg: [old, new]}``; refuse every other difference in one message."""
+    changed = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v}
+    refused = {k: ov for k, ov in changed.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
+        diffs = "; ".join(f"{_flag(k)} was {old!r}, now {new!r}" for k, (old, new) in sorted(refused.items()))
+        allowed = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE)
+        raise ResumeMismatchError(
+            f"Invalid resume from {path}: {diffs}. These would change what the checkpoint means (data position, "
+            f"optimizer state, schedule); resume with the checkpoint's values (only {allowed} may change) or start "
+            "a new run with --overwrite")
+    return changed
+
+
+def _load_model_and_optimizer(args: argparse.Namespace, state: dict[str, Any], folder: Path,
+                              training: Training) -> None:
+    """Model and optimizer state, as one error naming the file when they do not fit this run."""
+    state_path = folder / STATE_NAME
+    try:
         if args.parallel == "none":
-            model.load_state_dict(state["model"])
-            (layerwise or optimizer).load_state_dict(state["optimizer"])
-        else:  # model and optimizer come from the DCP checkpoint, resharded to this run
+            if state["model"] is None:
+                raise CheckpointError(state_path, "written by a --parallel run: model and optimizer are in dcp/")
+            training.model.load_state_dict(state["model"])
+            training.stepper.load_state_dict(state["optimizer"])
+        else:  # resharded to this run by DCP; the manifest was verified before anything is unpickled
+            from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
             from lrgrad.distributed import load_checkpoint as load_distributed
 
-            load_distributed(out_dir / DCP_NAME, model, optimizer)
-            if layerwise is not None:
-                layerwise.micro_step = int(state["optimizer"]["micro_step"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["data"])
+            dcp_path = folder / DCP_NAME
+            if not dcp_path.is_dir():
+                raise CheckpointError(dcp_path, "missing: written by a single-process run (resume without "
+                                                "--parallel)")
+            try:
+                load_distributed(dcp_path, training.model, training.optimizer, verify=False)
+            except CheckpointError:
+                raise
+            except (Exception, CheckpointException) as exc:
+                raise CheckpointError(dcp_path, f"does not fit this run ({type(exc).__name__}: "
+                                                f"{_first_line(exc)})") from None
+            if training.layerwise is not None:
+                training.layerwise.micro_step = int(state["optimizer"]["micro_step"])
+                training.layerwise.skipped_steps = int(state["optimizer"].get("skipped_steps", 0))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # load_state_dict: KeyError, ValueError, RuntimeError (shapes) ...
+        raise CheckpointError(state_path, f"does not fit this run ({type(exc).__name__}: {_first_line(exc)})") \
+            from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def choose_checkpoint(args: argparse.Namespace, env: Environment,
+                      store: CheckpointStore) -> tuple[Path, list[tuple[str, str, str]]]:
+    """The folder ``--resume`` names (default: the newest that verifies) and the damaged ones skipped.
+
+    Runs before the data and the model are built, so a run with nothing to resume fails at once.
+    """
+    choice: tuple[Any, ...]
+    if env.main:  # rank 0 verifies (a shared file system), every rank loads what it chose
+        try:
+            folder, skipped = store.select(None if args.resume is True else str(args.resume))
+            choice = ("ok", str(folder), [(str(f), e.path, e.cause) for f, e in skipped])
+        except CheckpointError as exc:
+            choice = ("error", type(exc).__name__, exc.path, exc.cause)
+    else:
+        choice = ()
+    choice = env.broadcast(choice)
+    legacy = Path(args.out_dir) / run_dir.LEGACY[0]
+    if choice[0] == "error" and choice[1] == "NoCheckpointError" and legacy.is_file():
+        raise CheckpointError(legacy, "a checkpoint of an earlier pretrain_llama.py (one file, no manifest, no "
+                                      "step folder): resume it with that version, or start over with --overwrite")
+    if choice[0] == "error":
+        kind = ckpt.NoCheckpointError if choice[1] == "NoCheckpointError" else CheckpointError
+        raise kind(choice[2], choice[3])
+    return Path(choice[1]), choice[2]
+
+
+def resume_run(args: argparse.Namespace, env: Environment, store: CheckpointStore, folder: Path,
+               skipped: list[tuple[str, str, str]], data: Data, training: Training, progress: Progress) -> None:
+    """Load ``folder`` (from :func:`choose_checkpoint`) into this run, honouring or refusing changed arguments."""
+    state_path = folder / STATE_NAME
+    state = ckpt.load_checkpoint(state_path)
+    if state.get("format") != STATE_FORMAT or not isinstance(state.get("args"), dict):
+        raise CheckpointError(state_path, f"not a state file of this script (format {state.get('format')!r}, "
+                                          f"expected {STATE_FORMAT})")
+    named = folder.name.removeprefix("step-")
+    if named.isdigit() and int(named) != state.get("step"):
+        raise CheckpointError(state_path, f"holds step {state.get('step')!r} but its folder is {folder.name} "
+                                          "(renamed or mixed up)")
+    fresh = training_args(args, training)
+    changed = compare_resume_args(state["args"], fresh, state_path)
+    _load_model_and_optimizer(args, state, folder, training)
+    try:
+        training.scheduler.load_state_dict(state["scheduler"])
+        data.loader.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
-        step = int(state["step"])
-        history = list(state.get("history", []))
-        train_losses = list(state.get("train_losses", []))
+        progress.step = int(state["step"])
+        progress.history = list(state["history"])
+        progress.train_losses = list(state["train_losses"])
+        progress.resumes = list(state.get("resumes", []))
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(state_path, f"does not fit this run ({type(exc).__name__}: {_first_line(exc)})") \
+            from None
+    if "lr" in changed or "max_steps" in changed:  # honoured: the new peak lr / schedule from this step on
+        scheduler = training.scheduler
+        scheduler.base_lrs = list(fresh["lr"])
+        for group, base, fn in zip(training.optimizer.param_groups, fresh["lr"], scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * fn(scheduler.last_epoch)
+    progress.last_saved = progress.step
+    progress.resumes.append({"step": progress.step, "checkpoint": folder.name, "changed": changed})
+    if env.main:
+        for damaged, path, cause in skipped:
+            aside = store.set_aside(Path(damaged))
+            _say(args, env, f"skipped damaged checkpoint {path}: {cause} (moved to {aside.name})", always=True)
+        store.prune()  # finish a prune a kill interrupted
+        dropped = run_dir.truncate_eval_log(Path(args.out_dir), progress.step)
+        note = f"; dropped {dropped} eval.jsonl record(s) past step {progress.step}" if dropped else ""
+        _say(args, env, f"resuming from {folder} (step {progress.step}){note}", always=bool(skipped))
+        for key, (old, new) in changed.items():
+            why = RESUME_MAY_CHANGE[key]
+            _say(args, env, f"resume: {_flag(key)} changed {old!r} -> {new!r} (honoured{': ' + why if why else ''}; "
+                            "recorded in run.json)", always=True)
+    env.barrier()
 
-    def save() -> None:
-        if args.parallel == "none":
-            model_state, optimizer_state = model.state_dict(), (layerwise or optimizer).state_dict()
-        else:  # every rank writes its shards; the small file below holds the rest
-            from lrgrad.distributed import save_checkpoint as save_distributed
 
-            save_distributed(out_dir / DCP_NAME, model, optimizer)
-            model_state, optimizer_state = None, {"micro_step": layerwise.micro_step if layerwise else 0}
-            if not main_process:
-                return
-        ckpt.save_checkpoint({
-            "config": args.config, "optimizer_name": args.optimizer, "step": step,
-            "model": model_state, "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(), "data": loader.state_dict(), "rng": ckpt.rng_state(),
-            "history": history, "train_losses": train_losses,
-        }, ckpt_path)
+# ---------------------------------------------------------------------------- the training loop
+def train_step(args: argparse.Namespace, env: Environment, data: Data, training: Training,
+               progress: Progress) -> float:
+    """One optimizer step over ``--grad-accum`` micro-batches; returns the global batch's mean loss."""
+    model, t0 = training.model, time.perf_counter()
+    loss_sum = 0.0
+    for micro in range(args.grad_accum):
+        # every rank draws the same global batch and trains on its slice: the averaged
+        # gradient is the single-process gradient of the global batch
+        batch = data.loader.next()[env.process_rank::env.world].to(env.device)
+        last = micro == args.grad_accum - 1
+        sync = model.no_sync() if args.parallel == "ddp" and not last else contextlib.nullcontext()
+        with sync:
+            with env.autocast():
+                loss = lm_loss(model, batch)
+            (loss / args.grad_accum).backward()
+        loss_sum += float(loss.detach())
+        if training.layerwise is not None:
+            training.layerwise.step()
+    t1 = time.perf_counter()
+    if training.layerwise is None:
+        if training.clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), training.clip)
+        training.optimizer.step()
+        training.scheduler.step()
+        training.optimizer.zero_grad(set_to_none=True)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    t2 = time.perf_counter()
+    progress.step += 1
+    progress.step_times.append(t2 - t0)
+    progress.opt_times.append(t2 - t1)
+    if env.world > 1:  # the global batch's loss, not this rank's slice
+        import torch.distributed as dist
 
-    run_config = {k: v for k, v in vars(args).items()}
-    run_config.update(params=count_params(model), rank=rank, vocab_size=vocab_size, device=str(device), bf16=use_bf16)
-    wandb_run = init_wandb(args, run_config) if args.wandb and main_process else None
-    log_path = out_dir / "eval.jsonl"
-    if not args.resume and main_process:
-        log_path.write_text("")  # a fresh run starts a fresh log; a resumed one appends
+        total = torch.tensor([loss_sum], dtype=torch.float64, device=env.device)
+        dist.all_reduce(total)
+        loss_sum = float(total) / env.world
+    train_loss = loss_sum / args.grad_accum
+    progress.train_losses.append(train_loss)
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(f"training loss became {train_loss} at step {progress.step}")
+    return train_loss
+
+
+def evaluate_and_report(args: argparse.Namespace, env: Environment, data: Data, training: Training,
+                        progress: Progress, train_loss: float, wandb_run: Any, bar: Any) -> None:
+    """Validation loss into history, eval.jsonl, wandb and the terminal."""
+    step = progress.step
+    val_loss = evaluate(training.model, data.val_batches, env.device, env.autocast)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss,
+              "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+              "val_bpb": data_mod.bits_per_byte(val_loss, data.bytes_per_token),
+              "lr": training.scheduler.get_last_lr()[0], "time": time.time()}
+    progress.history.append(record)
+    if env.main:
+        run_dir.append_eval(Path(args.out_dir), record)
+    if wandb_run is not None:
+        wandb_run.log(record, step=step)
+    if env.main and not args.quiet:
+        line = (f"step {step}/{args.max_steps}: val loss {val_loss:.4f} (ppl {record['val_ppl']:.2f}, "
+                f"{record['val_bpb']:.3f} bits/byte), train loss {train_loss:.4f}, lr {record['lr']:.3g}")
+        if bar is not None:
+            bar.write(line)
+        else:
+            print(line, flush=True)
 
-    step_times: list[float] = []
-    opt_times: list[float] = []
+
+def train_loop(args: argparse.Namespace, env: Environment, store: CheckpointStore, data: Data,
+               training: Training, progress: Progress, wandb_run: Any, on_step: Any) -> Any:
+    """Step to ``--max-steps``; returns what stopped it early (a signal number, ``"stop_after"``) or None."""
     bar = None
-    if not args.no_progress and main_process:
+    if not args.no_progress and env.main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=args.max_steps, initial=step, desc=f"{args.config} {args.optimizer}", dynamic_ncols=True)
-    model.train()
+        bar = tqdm(total=args.max_steps, initial=progress.step, desc=f"{args.config} {args.optimizer}",
+                   dynamic_ncols=True)
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    start_step = progress.step
     stopped_by = None
-    start_step = step
     with _StopFlag() as stop:
-        while step < args.max_steps:
-            t0 = time.perf_counter()
-            loss_sum = 0.0
-            for micro in range(args.grad_accum):
-                # every rank draws the same global batch and trains on its slice: the averaged
-                # gradient is the single-process gradient of the global batch
-                batch = loader.next()[process_rank::world].to(device)
-                last = micro == args.grad_accum - 1
-                sync = model.no_sync() if args.parallel == "ddp" and not last else contextlib.nullcontext()
-                with sync:
-                    with autocast():
-                        loss = lm_loss(model, batch)
-                    (loss / args.grad_accum).backward()
-                loss_sum += float(loss.detach())
-                if layerwise is not None:
-                    layerwise.step()
-            t1 = time.perf_counter()
-            if layerwise is None:
-                if clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t2 = time.perf_counter()
-            step += 1
-            step_times.append(t2 - t0)
-            opt_times.append(t2 - t1)
-            if world > 1:  # the global batch's loss, not this rank's slice
-                import torch.distributed as dist
-
-                total = torch.tensor([loss_sum], dtype=torch.float64, device=device)
-                dist.all_reduce(total)
-                loss_sum = float(total) / world
-            train_loss = loss_sum / args.grad_accum
-            train_losses.append(train_loss)
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training loss became {train_loss} at step {step}")
+        while progress.step < args.max_steps:
+            train_loss = train_step(args, env, data, training, progress)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / (t2 - t0):.0f}",
-                                mem_mb=f"{memory_mb(device):.0f}")
-            if step % args.eval_every == 0 or step == args.max_steps:
-                val_loss = evaluate(model, val_batches, device, autocast)
-                record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss,
-                          "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-                          "val_bpb": data_mod.bits_per_byte(val_loss, bytes_per_token),
-                          "lr": scheduler.get_last_lr()[0], "time": time.time()}
-                history.append(record)
-                if main_process:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                if wandb_run is not None:
-                    wandb_run.log(record, step=step)
-                if bar is None and not args.quiet and main_process:
-                    print(json.dumps(record), flush=True)
-            if args.save_every and step % args.save_every == 0:
-                save()
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / progress.step_times[-1]:.0f}",
+                                mem_mb=f"{memory_mb(env.device):.0f}")
+            if progress.step % args.eval_every == 0 or progress.step == args.max_steps:
+                evaluate_and_report(args, env, data, training, progress, train_loss, wandb_run, bar)
+            if args.save_every and progress.step % args.save_every == 0:
+                save_run_checkpoint(args, env, store, data, training, progress)
             if on_step is not None:
-                on_step(step)
+                on_step(progress.step)
             if stop.signal is not None:
                 stopped_by = stop.signal
                 break
-            if args.stop_after and step - start_step >= args.stop_after:
+            if args.stop_after and progress.step - start_step >= args.stop_after:
                 stopped_by = "stop_after"
                 break
     if bar is not None:
         bar.close()
-    if stopped_by is not None or step == args.max_steps or args.save_every:
-        save()
+    return stopped_by
+
+
+# ---------------------------------------------------------------------------- the run
+def run(args: argparse.Namespace, on_step: Any = None) -> dict[str, Any]:
+    """Train as ``args`` say; returns a summary (final validation loss, bits per byte, timings, history).
+
+    ``on_step(step)``, if given, is called after every optimizer step (tests use it to send a signal).
+    """
+    validate_args(args)
+    env = setup_environment(args)
+    out_dir = Path(args.out_dir)
+    store = CheckpointStore(out_dir, args.keep_checkpoints)
+    prepare_out_dir(args, env, store)
+    resume_from = choose_checkpoint(args, env, store) if args.resume else None
+    data = build_data(args)
+    model = build_run_model(args, env, data.vocab_size)
+    training = build_training(args, model)
+    progress = Progress()
+    if resume_from is not None:
+        resume_run(args, env, store, *resume_from, data, training, progress)
+    elif env.main:
+        run_dir.start_eval_log(out_dir)
+    if env.main:
+        run_dir.write_run_file(out_dir, training_args(args, training), progress.resumes)
+    run_config = dict(vars(args), params=count_params(model), rank=training.rank, vocab_size=data.vocab_size,
+                      device=str(env.device), bf16=env.use_bf16)
+    wandb_run = init_wandb(args, run_config) if args.wandb and env.main else None
+
+    stopped_by = train_loop(args, env, store, data, training, progress, wandb_run, on_step)
+
+    checkpoint = None
+    if stopped_by is not None or progress.step == args.max_steps or args.save_every:
+        checkpoint = save_run_checkpoint(args, env, store, data, training, progress)
     if wandb_run is not None:
         wandb_run.finish()
-    if layerwise is not None:
-        layerwise.remove_hooks()
-    if world > 1:
-        import torch.distributed as dist
+    if training.layerwise is not None:
+        training.layerwise.remove_hooks()
+    if stopped_by is not None and checkpoint is not None:
+        how = "--stop-after" if stopped_by == "stop_after" else signal.Signals(stopped_by).name
+        _say(args, env, f"stopped by {how} at step {progress.step}/{args.max_steps}; checkpoint: {checkpoint}",
+             always=stopped_by != "stop_after")
+        _say(args, env, f"resume with: {resume_command(args, env.world)}", always=stopped_by != "stop_after")
+    return summarize(args, training, progress, stopped_by)
 
-        dist.barrier()  # every rank has written its checkpoint shards before any exits
 
+def summarize(args: argparse.Namespace, training: Training, progress: Progress, stopped_by: Any) -> dict[str, Any]:
     # steady-state timings: drop the first steps (allocation, first refresh) when there are enough
-    skip = min(3, len(step_times) // 4)
-    final = history[-1] if history else {}
+    skip = min(3, len(progress.step_times) // 4)
+    final = progress.history[-1] if progress.history else {}
     return {
-        "config": args.config, "optimizer": args.optimizer, "steps": step, "tokens": step * tokens_per_step,
-        "params": count_params(model), "rank": rank,
+        "config": args.config, "optimizer": args.optimizer, "steps": progress.step,
+        "tokens": progress.step * args.batch_size * args.seq_len * args.grad_accum,
+        "params": count_params(training.model), "rank": training.rank,
         "final_val_loss": final.get("val_loss"), "final_val_bpb": final.get("val_bpb"),
         "final_val_ppl": final.get("val_ppl"),
-        "state_bytes": lrgrad.optimizer_state_bytes(optimizer),
-        "step_time_s": statistics.median(step_times[skip:]) if step_times else None,
-        "opt_step_time_s": statistics.median(opt_times[skip:]) if opt_times else None,
-        "history": history, "train_losses": train_losses, "stopped_by_signal": stopped_by,
-        "model": model, "optimizer_obj": optimizer,
+        "state_bytes": lrgrad.optimizer_state_bytes(training.optimizer),
+        "step_time_s": statistics.median(progress.step_times[skip:]) if progress.step_times else None,
+        "opt_step_time_s": statistics.median(progress.opt_times[skip:]) if progress.opt_times else None,
+        "history": progress.history, "train_losses": progress.train_losses, "stopped_by_signal": stopped_by,
+        "model": training.model, "optimizer_obj": training.optimizer,
     }
 
 
@@ -491,8 +844,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run(args)
-    except (data_mod.DataSourceError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (data_mod.DataSourceError, FileNotFoundError, CheckpointError, run_dir.RunExistsError,
+            ResumeMismatchError) as exc:
+        # every checkpoint problem: exit 2 with one line naming the file and the cause
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     if not args.quiet:
         keys = ("config", "optimizer", "steps", "tokens", "final_val_loss", "final_val_bpb", "state_bytes",

@@ -6,6 +6,7 @@ functions; ``LRGRAD_KERNELS=torch|triton|auto`` forces a backend for tests and
 benchmarks. Optimizers call only these functions.
 """
 
+from lrgrad.kernels.channel_scale import channel_scale_update_, channel_sumsq
 from lrgrad.kernels.dispatch import backend_for
 from lrgrad.kernels.newton_schulz import newton_schulz
 from lrgrad.kernels.normalize import auon_normalize
@@ -24,6 +25,8 @@ __all__ = [
     "adam_direction_",
     "auon_normalize",
     "backend_for",
+    "channel_scale_update_",
+    "channel_sumsq",
     "dequantize_blockwise_8bit",
     "dequantize_int4",
     "dequantize_int8",

@@ -12,10 +12,13 @@ from lrgrad.memory import optimizer_state_bytes
 from lrgrad.optim import (
     ALIASES,
     OPTIMIZERS,
+    APOLLOAdamW,
+    APOLLOMiniAdamW,
     AuON,
     DCTAdafactor,
     DCTAdamW,
     DCTAuON,
+    FiraAdamW,
     FloraAdafactor,
     FloraAdamW,
     GaLoreAdafactor,
@@ -41,6 +44,9 @@ from lrgrad.rules import RULES, UpdateRule, register_rule
 __version__ = "0.1.0"
 
 __all__ = [
+    "APOLLOAdamW",
+    "APOLLOMiniAdamW",
+    "FiraAdamW",
     "DCTAdafactor",
     "DCTAdamW",
     "OnlineSubspaceAdamW",

@@ -24,7 +24,8 @@ Between micro-batches each compressed param holds one low-rank buffer (r x n in
 the compute dtype) instead of its m x n gradient; the full gradient exists only
 transiently while its own micro-batch's backward produces it. Params that are
 not compressed (full-rank params, or projected params whose projector needs the
-gradient, e.g. GaLore's SVD) accumulate into ``.grad`` as usual and are stepped
+gradient, e.g. GaLore's SVD, or whose update reads the full gradient, e.g. APOLLO's
+``full_rank="apollo"``) accumulate into ``.grad`` as usual and are stepped
 by the wrapped optimizer's ``step()``.
 
 Not supported: global-norm clipping of the full gradient (its norm is not
@@ -70,6 +71,8 @@ class CompressedAccumulator:
                     continue
                 if not getattr(optimizer.projector_for(p, group), "gradient_free", False):
                     continue  # the basis depends on the summed gradient: accumulate in .grad
+                if optimizer.needs_full_grad(p, group):
+                    continue  # APOLLO/Fira update with the full gradient: accumulate in .grad
                 self._group_of[id(p)] = group
                 self.compressed_params.append(p)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))

@@ -48,11 +48,15 @@ across LAPACK builds), so there they agree up to those signs.
 **Checkpoints.** :func:`save_checkpoint` / :func:`load_checkpoint` go through
 ``torch.distributed.checkpoint.state_dict.get_state_dict`` and DCP, keyed by
 parameter names, so an FSDP2 checkpoint loads into a single-process run (and
-back) with resharding done by DCP.
+back) with resharding done by DCP. Each save ends with a sha256 manifest that a load
+verifies before ``dcp.load`` unpickles DCP's ``.metadata``: trust a DCP folder as you would
+any pickle (see :func:`load_checkpoint`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -167,33 +171,186 @@ def ddp_layerwise(ddp_model: nn.Module, layerwise: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- checkpoints
+#: the file :func:`write_manifest` writes into a checkpoint folder (sha256 and size of every other file)
+MANIFEST_NAME = "lrgrad_manifest.json"
+_MANIFEST_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, damaged or does not fit; ``str()`` names the file and the cause."""
+
+    def __init__(self, path: str | os.PathLike, cause: str):
+        self.path = os.fspath(path)
+        self.cause = cause
+        super().__init__(f"{self.path}: {cause}")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files_under(folder: str, skip: str) -> list[str]:
+    """Relative POSIX paths of every file under ``folder`` except ``skip`` (sorted)."""
+    out = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if rel != skip:
+                out.append(rel)
+    return sorted(out)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: str | os.PathLike, name: str = MANIFEST_NAME) -> str:
+    """Record the sha256 and size of every file under ``folder`` in ``folder/name``; returns its path.
+
+    Written last (temporary file, fsync, ``os.replace``), so a manifest exists only once every file
+    it lists is complete. It detects damage (a truncated or bit-flipped file, a half-written
+    folder), not tampering: whoever can write the folder can rewrite the manifest.
+    """
+    folder = os.fspath(folder)
+    files = {rel: {"bytes": os.path.getsize(os.path.join(folder, rel)), "sha256": _sha256(os.path.join(folder, rel))}
+             for rel in _files_under(folder, name)}
+    target = os.path.join(folder, name)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"format": _MANIFEST_FORMAT, "files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(folder)
+    return target
+
+
+def verify_manifest(folder: str | os.PathLike, name: str = MANIFEST_NAME) -> dict[str, Any]:
+    """Check every file of ``folder`` against its manifest; raise :class:`CheckpointError` naming the first bad one.
+
+    Causes: the manifest is missing, empty or not a manifest; a listed file is missing, has another
+    size or another sha256; a file is present that the manifest does not list. Returns the manifest.
+    """
+    folder = os.fspath(folder)
+    path = os.path.join(folder, name)
+    if not os.path.isdir(folder):
+        raise CheckpointError(folder, "no such checkpoint folder")
+    if not os.path.isfile(path):
+        raise CheckpointError(path, "missing manifest (an incomplete checkpoint: a write did not finish)")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(path, "empty file")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+        if manifest.get("format") != _MANIFEST_FORMAT or not isinstance(files, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+                for e in files.values()):
+            raise ValueError("unknown format")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(path, f"not a checkpoint manifest ({exc})") from None
+    for rel, entry in sorted(files.items()):
+        file = os.path.join(folder, rel)
+        if not os.path.isfile(file):
+            raise CheckpointError(file, "missing (listed in the manifest)")
+        size = os.path.getsize(file)
+        if size != entry["bytes"]:
+            cause = "empty file" if size == 0 else "truncated" if size < entry["bytes"] else "longer than written"
+            raise CheckpointError(file, f"{cause}: {size} bytes, the manifest says {entry['bytes']}")
+        if _sha256(file) != entry["sha256"]:
+            raise CheckpointError(file, "sha256 mismatch: the file changed after it was written (damaged)")
+    for rel in _files_under(folder, name):
+        if rel not in files:
+            raise CheckpointError(os.path.join(folder, rel), "not listed in the manifest (unexpected file)")
+    return manifest
+
+
+def _verify_on_rank0(folder: str) -> None:
+    """Rank 0 hashes the folder (a shared file system) and tells every rank the verdict."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        verify_manifest(folder)
+        return
+    verdict: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            verify_manifest(folder)
+        except CheckpointError as exc:
+            verdict[0] = (exc.path, exc.cause)
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise CheckpointError(*verdict[0])
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict[str, Any] | None = None) -> None:
-    """Save model + optimizer with ``torch.distributed.checkpoint`` (each rank writes its shards)."""
+                    extra: dict[str, Any] | None = None, *, manifest: bool = True) -> None:
+    """Save model + optimizer with ``torch.distributed.checkpoint`` (each rank writes its shards).
+
+    With ``manifest=True`` rank 0 then writes :data:`MANIFEST_NAME` (sha256 of every file; the
+    folder must be on a file system every rank shares, as DCP's own metadata assumes), which
+    :func:`load_checkpoint` verifies. A manifest left by an earlier save into the same folder is
+    removed first, so a save that dies midway never looks complete.
+    """
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    distributed = dist.is_available() and dist.is_initialized()
+    main = not distributed or dist.get_rank() == 0
+    stale = os.path.join(os.fspath(path), MANIFEST_NAME)
+    if main and os.path.exists(stale):
+        os.unlink(stale)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     if extra:
         state["extra"] = extra
     dcp.save(state, checkpoint_id=os.fspath(path))
+    if manifest:
+        if main:
+            write_manifest(path)
+        if distributed:
+            dist.barrier()  # nobody loads (or moves) the folder before its manifest exists
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    *, verify: bool = True) -> None:
     """Load a checkpoint written by :func:`save_checkpoint`, resharding to this run's layout.
 
     Works across layouts: FSDP2 (any world size) <-> DDP <-> a single process.
     Optimizer state is created first (``get_state_dict`` runs one zero-lr step on
     a fresh optimizer) and then overwritten exactly.
+
+    **Trust.** DCP's ``.metadata`` file is a pickle, and ``dcp.load`` unpickles it: loading a
+    crafted folder runs its code. Load DCP checkpoints only from sources you would trust with
+    any pickle. ``verify=True`` (the default) checks the folder against its manifest *before*
+    anything is unpickled and raises :class:`CheckpointError` naming the damaged file; it catches
+    damage, not a forger who rewrites the manifest too. ``verify=False`` is for a caller that
+    has verified the folder itself (or a folder written with ``manifest=False``).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    if verify:
+        _verify_on_rank0(os.fspath(path))
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=os.fspath(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-__all__ = ["PARALLEL_MODES", "ddp_layerwise", "init_from_env", "load_checkpoint", "save_checkpoint", "setup_parallel"]
+__all__ = ["MANIFEST_NAME", "PARALLEL_MODES", "CheckpointError", "ddp_layerwise", "init_from_env", "load_checkpoint",
+           "save_checkpoint", "setup_parallel", "verify_manifest", "write_manifest"]

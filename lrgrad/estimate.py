@@ -13,7 +13,8 @@ Sources of each term:
   (:func:`make_optimizer`) over *meta* tensors of the right shapes and lets each param create
   its state (the rule's moments: fp32, 8-bit blockwise, factored, ...), then adds the bases the
   projector allocates at its first refresh (SVD basis fp32, packed INT4/INT8 basis + fp16
-  scale/zero, DCT int32 indices + the shared DCT matrix, nothing for Flora's seeded projection).
+  scale/zero, DCT int32 indices + the shared DCT matrix, nothing for Flora's or APOLLO's seeded
+  projection; APOLLO/Fira add one limiter scalar per projected matrix).
   ``"adamw"`` is ``torch.optim.AdamW``: two moments in the param dtype + a 4-byte step per param.
   Equals ``lrgrad.optimizer_state_bytes(opt)`` after one step (tested for every optimizer).
 * **gradients** — every trainable param's gradient in its dtype; with ``layerwise=True`` (per-layer
@@ -55,7 +56,8 @@ LLAMA_CONFIGS: dict[str, dict[str, int]] = {
 LLAMA_RANKS = {"llama-60m": 128, "llama-130m": 256, "llama-350m": 256, "llama-1b": 512, "llama-7b": 1024}
 
 #: the names the estimator documents; any class name or alias in ``lrgrad.OPTIMIZERS`` works too
-OPTIMIZER_NAMES = ("adamw", "galore", "galore8bit", "qgalore", "dct", "online_subspace", "flora", "auon", "muon")
+OPTIMIZER_NAMES = ("adamw", "galore", "galore8bit", "qgalore", "dct", "online_subspace", "flora", "auon", "muon",
+                   "apollo", "apollo_mini", "fira")
 _CONFIG_KEYS = {
     "d": ("d", "hidden_size", "dim"),
     "layers": ("layers", "num_hidden_layers", "n_layers"),

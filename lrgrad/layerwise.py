@@ -15,7 +15,9 @@ wrapper keeps the semantics of an ordinary training loop:
   scales the low-rank gradients by ``torch.nn.utils.clip_grad_norm_``'s factor
   ``min(1, max_norm / (norm + 1e-6))`` (projection is linear) and applies the
   updates. Only r x n low-rank gradients are held, plus the gradients of the
-  full-rank params (biases, norms, embeddings). A non-finite global norm skips
+  full-rank params (biases, norms, embeddings) and of params whose update reads
+  the full gradient (``full_rank="apollo"``/``"fira"``: APOLLO, Fira); without
+  clipping those too are stepped and freed in their hook. A non-finite global norm skips
   the whole step (counted in ``skipped_steps``).
 * **One scheduler clock**: ``step()`` is called once per micro-batch and steps
   the scheduler once per window - never once per parameter.
@@ -100,8 +102,10 @@ class LayerwiseOptimizer:
             return
         sq = grad.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32).pow(2).sum()
         self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq.to(self._sq_norm.device)
-        if not opt.is_projected(param, group):
-            self._pending_full.append((param, grad))  # full-rank grads are kept until step()
+        if not opt.is_projected(param, group) or opt.needs_full_grad(param, group):
+            # full-rank grads (and those of APOLLO/Fira params, whose update reads all of G) are
+            # kept until step(); the clipped step is then exactly the ordinary loop's
+            self._pending_full.append((param, grad))
             return
         nonfinite = group["skip_nonfinite"] and opt.nonfinite_flags([grad])[0]
         prepared = opt.prepare_grad(param, group, grad, nonfinite=nonfinite)

@@ -32,7 +32,7 @@ def run(model, layerwise: bool, windows: int, accumulation: int, max_norm: float
 
 
 @pytest.mark.parametrize("max_norm", [None, 0.05])
-@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdafactor"])
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdafactor", "APOLLOAdamW", "FiraAdamW"])
 def test_layerwise_equals_ordinary_with_accumulation(max_norm, name):
     torch.manual_seed(0)
     base = TinyLM().double()
@@ -59,6 +59,31 @@ def test_layerwise_frees_projected_grads_during_backward():
     assert projected and all(p.grad is None for p in projected)  # freed in the hook
     lw.step()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_layerwise_apollo_keeps_full_grads_only_when_clipping():
+    """APOLLO's update reads all of G: with clipping it is held until the global norm is known
+    (then stepped exactly as the ordinary loop); without clipping it is stepped and freed in its hook."""
+    for max_norm, held in ((1.0, True), (None, False)):
+        model = TinyLM()
+        opt = lrgrad.APOLLOAdamW(lrgrad.param_groups(model, rank=8), lr=0.01)
+        lw = lrgrad.LayerwiseOptimizer(opt, accumulation_steps=1, max_grad_norm=max_norm)
+        lm_loss(model, make_batch()).backward()
+        projected = [(p, g) for g in opt.param_groups for p in g["params"] if opt.is_projected(p, g)]
+        assert projected and all((p.grad is not None) == held for p, _ in projected)
+        assert all(opt.needs_full_grad(p, g) for p, g in projected)
+        lw.step()
+        assert all(p.grad is None for p in model.parameters())
+        assert all(opt.state[p]["step"] == 1 for p, _ in projected)
+
+
+def test_compressed_accumulation_leaves_apollo_params_in_grad():
+    model = TinyLM()
+    groups = lrgrad.param_groups(model, rank=8)
+    flora = lrgrad.FloraAdamW([groups[0]], lr=0.01)
+    assert lrgrad.CompressedAccumulator(flora).compressed_params
+    with pytest.raises(ValueError, match="optimizer"):  # APOLLO needs G: nothing to compress
+        lrgrad.CompressedAccumulator(lrgrad.APOLLOAdamW(lrgrad.param_groups(model, rank=8), lr=0.01))
 
 
 def test_layerwise_nonfinite_norm_skips_the_step():

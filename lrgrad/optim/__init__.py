@@ -1,5 +1,6 @@
 """Optimizers: the generic ``LowRankOptimizer``, its presets grouped by family, and the name registry."""
 
+from lrgrad.optim.apollo import APOLLOAdamW, APOLLOMiniAdamW, FiraAdamW
 from lrgrad.optim.dct import DCTAdafactor, DCTAdamW
 from lrgrad.optim.flora import FloraAdafactor, FloraAdamW
 from lrgrad.optim.galore import GaLoreAdafactor, GaLoreAdamW
@@ -10,7 +11,8 @@ from lrgrad.optim.online_subspace import OnlineSubspaceAdamW, OnlineSubspaceLion
 from lrgrad.optim.qgalore import GaLoreAdamW8bit, QGaLoreAdamW
 from lrgrad.optim.registry import ALIASES, OPTIMIZERS, optimizer_class, register_optimizer
 
-__all__ = ["ALIASES", "OPTIMIZERS", "DCTAdafactor", "DCTAdamW", "OnlineSubspaceAdamW", "OnlineSubspaceLion",
+__all__ = ["ALIASES", "OPTIMIZERS", "APOLLOAdamW", "APOLLOMiniAdamW", "FiraAdamW",
+           "DCTAdafactor", "DCTAdamW", "OnlineSubspaceAdamW", "OnlineSubspaceLion",
            "FloraAdafactor", "FloraAdamW",
            "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdafactor", "LowRankAdamW", "LowRankLion",
            "QGaLoreAdamW",

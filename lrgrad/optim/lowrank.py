@@ -32,6 +32,7 @@ from lrgrad._checks import check_bool, check_choice, check_float, check_int, che
 from lrgrad.dtensor import is_dtensor, low_rank_zeros
 from lrgrad.groups import caller_stacklevel, is_module_parameters, route_named_params
 from lrgrad.optim.compile_guard import refuse_compiled_step
+from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS, full_rank_update_, init_full_rank_state, validate_full_rank
 from lrgrad.projectors import PROJECTORS, Projector
 from lrgrad.projectors.sharded import ShardedProjector
 from lrgrad.qweights import update_targets
@@ -63,6 +64,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "foreach": None,
     "skip_nonfinite": True,
     "seed": 0,
+    **FULL_RANK_DEFAULTS,  # full_rank=None | "apollo" | "fira", scale_type, norm_growth_limit
 }
 
 
@@ -93,6 +95,10 @@ class LowRankOptimizer(Optimizer):
             With ``False`` no check is made (one fewer device sync per step), but the
             projector still refuses to put a non-finite basis in place.
         seed: base of the per-parameter seeds used by randomized projectors.
+        full_rank: ``None`` (the projected update ``up(u)``), ``"apollo"`` or ``"fira"``: a full-rank
+            update scaled by statistics of the low-rank rule (see ``lrgrad.optim.full_rank``).
+        scale_type: ``"channel"`` or ``"tensor"`` scaling factors for ``full_rank``.
+        norm_growth_limit: Fira's norm-growth limiter γ for ``full_rank`` (``None``: off).
         **options: rule and projector hyperparameters (e.g. ``betas``, ``eps``, ``svd``).
     """
 
@@ -170,6 +176,7 @@ class LowRankOptimizer(Optimizer):
         check_bool("foreach", group["foreach"], allow_none=True)
         RULES[group["rule"]].validate_options(group)
         PROJECTORS[group["projector"]].validate_options(group)
+        validate_full_rank(group)
         for p in group["params"]:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"Invalid params: expected Tensors, got {type(p).__name__}")
@@ -236,6 +243,8 @@ class LowRankOptimizer(Optimizer):
             else:
                 like = torch.zeros(lr_shape, dtype=dtype, device=param.device)
             rule.init_state(state, like)
+            if group["full_rank"] is not None:
+                init_full_rank_state(state, dtype, param.device)
         else:
             rule = self.rule_for_param(param, group)
             rule.init_state(state, torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format))
@@ -291,13 +300,14 @@ class LowRankOptimizer(Optimizer):
             self.check_grad(g)
         rule = self.rule_for(group)
         full_params, full_grads, low_items = [], [], []
+        keep_full = group["full_rank"] is not None  # APOLLO/Fira update with the full gradient too
         for p, g in zip(params, grads):
             g = self.prepare_grad(p, group, g)
             if self.is_projected(p, group):
                 snapshot = self.snapshot_state(p)  # a skipped step must leave the state as it was
                 low = self.project_grad(p, group, g)
                 if low is not None:
-                    low_items.append((p, low, snapshot))
+                    low_items.append((p, low, snapshot, g if keep_full else None))
             else:
                 full_params.append(p)
                 full_grads.append(g)
@@ -306,8 +316,8 @@ class LowRankOptimizer(Optimizer):
             # matmul), so projected params are checked on the small low-rank gradient. A refresh
             # may already have run (a gradient-free one, e.g. Flora's resample, even on a
             # non-finite G): the snapshot puts every state entry and counter back.
-            bad_low = self.nonfinite_flags([low for _, low, _ in low_items])
-            for (p, _, snapshot), bad in zip(low_items, bad_low):
+            bad_low = self.nonfinite_flags([low for _, low, _, _ in low_items])
+            for (p, _, snapshot, _), bad in zip(low_items, bad_low):
                 if bad:
                     self.restore_state(p, snapshot)
                     self.count_skip(p)
@@ -318,8 +328,8 @@ class LowRankOptimizer(Optimizer):
                     self.count_skip(p)
             full_params = [p for p, bad in zip(full_params, bad_full) if not bad]
             full_grads = [g for g, bad in zip(full_grads, bad_full) if not bad]
-        for p, low, _ in low_items:
-            self.apply_low_rank(p, group, low, rule)
+        for p, low, _, g in low_items:
+            self.apply_low_rank(p, group, low, rule, grad=g)
         self.apply_full_rank(group, full_params, full_grads, rule)
 
     def mark_stepped(self) -> None:
@@ -466,13 +476,23 @@ class LowRankOptimizer(Optimizer):
         state["step"] = step
         return True
 
+    def needs_full_grad(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
+        """True when the update of projected ``param`` reads the full gradient, not only its
+        low-rank projection (``full_rank="apollo"``/``"fira"``): per-layer and compressed
+        updates must then keep ``G`` until :meth:`apply_low_rank`."""
+        return group["full_rank"] is not None and self.is_projected(param, group)
+
     def apply_low_rank(
-        self, param: torch.Tensor, group: dict[str, Any], low: torch.Tensor, rule: UpdateRule | None = None
+        self, param: torch.Tensor, group: dict[str, Any], low: torch.Tensor, rule: UpdateRule | None = None,
+        grad: torch.Tensor | None = None,
     ) -> None:
-        """Run the rule on the low-rank gradient and apply the back-projected update."""
+        """Run the rule on the low-rank gradient and apply the back-projected update
+        (with ``full_rank``, the full-rank update built from ``grad``, the prepared gradient)."""
         state = self.state[param]
         rule = rule or self.rule_for(group)
         projector = self.projector_for(param, group)
+        if group["full_rank"] is not None and grad is None:
+            raise ValueError(f"Invalid grad: full_rank={group['full_rank']!r} needs the full gradient")
         update = rule.update(state, low, state["step"])
         lr = float(group["lr"])
         scale = group["scale"]
@@ -481,7 +501,13 @@ class LowRankOptimizer(Optimizer):
         alpha = -lr * scale
         decay = 1 - lr * group["weight_decay"]
         with update_targets([param], contiguous=True) as (target,):
-            projector.update_param_(state, target.view(matrix_shape(param)), update, alpha, decay)
+            target2d = target.view(matrix_shape(param))
+            if group["full_rank"] is not None:
+                resolved = group if group["scale"] is not None else {**group, "scale": scale}  # scale=None default
+                full_rank_update_(projector, state, target2d, grad.reshape(matrix_shape(param)), low, update,
+                                  resolved, lr, decay)
+            else:
+                projector.update_param_(state, target2d, update, alpha, decay)
 
     def step_param(self, param: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> None:
         """Step one parameter with ``grad`` (used by per-layer updates)."""

@@ -9,12 +9,13 @@ All three take ``model.parameters()`` directly: matrices (N-d params viewed as
 ``(shape[0], rest)``) get the normalized update, 1-D params (biases, norms) get AdamW in
 the same optimizer with the group's ``adamw_lr``/``adamw_betas``/``adamw_eps``/
 ``adamw_weight_decay``. ``adamw_lr`` follows LR schedulers (it is scaled by ``lr / initial_lr``).
-Embeddings and the output head are matrices; to give them AdamW too, put them in a group
-with ``rule="adamw"`` (``lrgrad.param_groups`` returns them in the second group)::
+Embeddings and the output head are matrices, but Muon's guidance gives them AdamW: when they
+can be recognised - ``model.named_parameters()`` or ``lrgrad.param_groups(model, rank=...)`` -
+they get AdamW by default (``adamw_for_embeddings=True``; see
+``lrgrad.optim.embedding_routing``). With a plain ``model.parameters()`` nothing carries a name,
+so put them in a group with ``rule="adamw"`` yourself::
 
-    groups = lrgrad.param_groups(model, rank=None or 128)
-    groups[1].update(rule="adamw", lr=3e-3)
-    opt = lrgrad.Muon(groups, lr=0.02)
+    opt = lrgrad.Muon(model.named_parameters(), lr=0.02)      # embed_tokens / lm_head -> AdamW
 
 With ``rank=r`` (and any ``projector=``, e.g. ``"svd"``, ``"random"``) the rule runs on the
 low-rank gradient R: the momentum is r x n (or m x r) instead of m x n, and the update is
@@ -26,13 +27,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from lrgrad._checks import check_bool
 from lrgrad.kernels.newton_schulz import MUON_COEFFICIENTS
+from lrgrad.optim.embedding_routing import route_embeddings_to_adamw
 from lrgrad.optim.generic import ParamsT
 from lrgrad.optim.lowrank import LowRankOptimizer
 from lrgrad.optim.registry import register_optimizer
 from lrgrad.rules.matrix import ADAMW_FALLBACK_DEFAULTS
 
 _FALLBACK = ADAMW_FALLBACK_DEFAULTS
+
+
+def _route(params: ParamsT, enabled: bool, lr: float, adamw_lr: float | None, betas: tuple[float, float],
+           eps: float, weight_decay: float | None) -> ParamsT:
+    """Named embeddings/heads to AdamW groups (``lrgrad.optim.embedding_routing``) unless disabled."""
+    check_bool("adamw_for_embeddings", enabled)
+    if not enabled:
+        return params
+    adamw: dict[str, Any] = {"lr": lr if adamw_lr is None else adamw_lr, "betas": betas, "eps": eps}
+    if weight_decay is not None:
+        adamw["weight_decay"] = weight_decay
+    return route_embeddings_to_adamw(params, adamw)
 
 
 @register_optimizer("auon")
@@ -68,8 +83,10 @@ class AuON(LowRankOptimizer):
         projector: str = "svd",
         rank: int | None = None,
         scale: float = 1.0,
+        adamw_for_embeddings: bool = True,
         **options: Any,
     ):
+        params = _route(params, adamw_for_embeddings, lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
         super().__init__(params, lr, rule=options.pop("rule", "auon"), projector=projector, momentum=momentum,
                          nesterov=nesterov, weight_decay=weight_decay, eps=eps, rms_eps=rms_eps, gamma=gamma,
                          normalize_numerator=normalize_numerator, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
@@ -134,8 +151,10 @@ class Muon(LowRankOptimizer):
         projector: str = "svd",
         rank: int | None = None,
         scale: float = 1.0,
+        adamw_for_embeddings: bool = True,
         **options: Any,
     ):
+        params = _route(params, adamw_for_embeddings, lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
         super().__init__(params, lr, rule="muon", projector=projector, momentum=momentum, nesterov=nesterov,
                          weight_decay=weight_decay, ns_steps=ns_steps, match_rms_adamw=match_rms_adamw,
                          ns_coefficients=ns_coefficients, eps=eps, adamw_lr=adamw_lr, adamw_betas=adamw_betas,

@@ -68,6 +68,20 @@ def pca_loss_grad(a: torch.Tensor, p: torch.Tensor, side: str = "right") -> torc
     return 2 * (m @ c + k @ p - 2 * c)
 
 
+def pca_loss_grad_scaled(grad: torch.Tensor, scale: float | torch.Tensor, p: torch.Tensor,
+                         side: str = "right") -> torch.Tensor:
+    """``pca_loss_grad(scale · grad, p, side)`` without the scaled m x n copy of ``grad``: the
+    scale is applied to the small products ``B`` (m x r) and ``C`` (r x n) instead (equal up to
+    rounding; :func:`pca_loss_grad` is the reference)."""
+    if side == "left":
+        return pca_loss_grad_scaled(grad.T, scale, p.T, "right").T
+    b = (grad @ p.T).mul_(scale)  # m x r
+    c = (b.T @ grad).mul_(scale)  # r x n
+    k = b.T @ b
+    m = p @ p.T
+    return 2 * (m @ c + k @ p - 2 * c)
+
+
 def orthonormalize(p: torch.Tensor, side: str) -> torch.Tensor:
     """Orthonormal rows (right) / columns (left) spanning the same space, by QR with ``diag(R) > 0``."""
     q, r = torch.linalg.qr(p.T if side == "right" else p)
@@ -140,8 +154,9 @@ class OnlinePCAProjector(Projector):
         """One Adam step on L(P); assigns a new ``proj_basis`` (the old one is never written)."""
         p = state["proj_basis"]
         a = grad.to(p.dtype)
-        a = a / torch.linalg.vector_norm(a).clamp_min(torch.finfo(a.dtype).tiny)
-        g = pca_loss_grad(a, p, self.side)
+        # Â = G / ‖G‖_F enters only through two small products: scale those, not an m x n copy
+        scale = torch.linalg.vector_norm(a).clamp_min(torch.finfo(a.dtype).tiny).reciprocal()
+        g = pca_loss_grad_scaled(a, scale, p, self.side)
 
         beta1, beta2 = self.options["pca_betas"]
         t = state["proj_step"] + 1

@@ -31,6 +31,8 @@ import torch
 from lrgrad import kernels, quant
 from lrgrad._checks import check_int
 from lrgrad.dtensor import is_dtensor
+from lrgrad.kernels.dispatch import backend_for
+from lrgrad.rules import blockwise8bit
 from lrgrad.rules.adamw import AdamWRule
 from lrgrad.rules.base import UpdateRule
 from lrgrad.subspace import apply_transition
@@ -39,7 +41,6 @@ from lrgrad.subspace import apply_transition
 QUANTIZED_MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))
 #: elements per chunk of the quantized update (a multiple of the block size is used)
 UPDATE_CHUNK = 1 << 20
-
 
 
 class AdamW8bitRule(AdamWRule):
@@ -101,28 +102,75 @@ class AdamW8bitRule(AdamWRule):
         the fp32 temporaries stay at ``UPDATE_CHUNK`` elements instead of several
         copies of the whole moment - an embedding's moments would otherwise cost
         ~5x their fp32 size at the peak, undoing the 8-bit saving.
+
+        fp32 off the Triton backend (CPU) takes :meth:`update_eager_fast` (the same
+        arithmetic in fewer passes, bit-identical); everything else :meth:`update_reference`.
         """
         if not self.is_quantized(state):
             return super().update(state, grad, step)
+        if grad.dtype == torch.float32 and backend_for(grad) != "triton":
+            return self.update_eager_fast(state, grad, step)
+        return self.update_reference(state, grad, step)
+
+    def _moment_views(self, state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        codes = {key: state[f"{key}_codes"].view(-1) for key, _ in QUANTIZED_MOMENTS}
+        absmax = {key: state[f"{key}_absmax"] for key, _ in QUANTIZED_MOMENTS}
+        return codes, absmax
+
+    def _update_range_reference(self, codes: dict[str, torch.Tensor], absmax: dict[str, torch.Tensor],
+                                flat_grad: torch.Tensor, direction: torch.Tensor, start: int, end: int,
+                                step: int) -> None:
+        """Elements ``[start, end)`` (``start`` on a block boundary) through the dispatched kernels."""
         beta1, beta2 = self.group["betas"]
+        block = self.group["moment_block_size"]
+        blocks = slice(start // block, quant.num_groups(end, block))
+        moments = [kernels.dequantize_blockwise_8bit(codes[key][start:end], absmax[key][blocks],
+                                                     block_size=block, signed=signed, dtype=flat_grad.dtype)
+                   for key, signed in QUANTIZED_MOMENTS]
+        kernels.adam_direction_(*moments, flat_grad[start:end], beta1, beta2, self.group["eps"], step,
+                                out=direction[start:end])
+        for (key, signed), moment in zip(QUANTIZED_MOMENTS, moments):
+            new_codes, new_absmax = kernels.quantize_blockwise_8bit(moment, block, signed=signed)
+            codes[key][start:end] = new_codes
+            absmax[key][blocks] = new_absmax
+
+    def update_reference(self, state: dict[str, Any], grad: torch.Tensor, step: int) -> torch.Tensor:
+        """The plain path: the dispatched (de)quantizers and Adam kernel, chunk by chunk."""
         block = self.group["moment_block_size"]
         chunk = max(block, UPDATE_CHUNK // block * block)
         flat_grad = grad.reshape(-1)
         direction = torch.empty_like(flat_grad)
-        codes = {key: state[f"{key}_codes"].view(-1) for key, _ in QUANTIZED_MOMENTS}
-        absmax = {key: state[f"{key}_absmax"] for key, _ in QUANTIZED_MOMENTS}
+        codes, absmax = self._moment_views(state)
         for start in range(0, flat_grad.numel(), chunk):
             end = min(start + chunk, flat_grad.numel())
-            blocks = slice(start // block, quant.num_groups(end, block))
-            moments = [kernels.dequantize_blockwise_8bit(codes[key][start:end], absmax[key][blocks],
-                                                         block_size=block, signed=signed, dtype=grad.dtype)
-                       for key, signed in QUANTIZED_MOMENTS]
+            self._update_range_reference(codes, absmax, flat_grad, direction, start, end, step)
+        return direction.view_as(grad)
+
+    def update_eager_fast(self, state: dict[str, Any], grad: torch.Tensor, step: int) -> torch.Tensor:
+        """:meth:`update_reference` in fewer passes (``lrgrad.rules.blockwise8bit``): table
+        dequantization into two reused fp32 chunk buffers, in-place requantization; the
+        trailing partial block (if any) goes through the reference. Bit-identical."""
+        beta1, beta2 = self.group["betas"]
+        block = self.group["moment_block_size"]
+        chunk = max(block, UPDATE_CHUNK // block * block)
+        flat_grad = grad.reshape(-1)
+        numel = flat_grad.numel()
+        whole = numel // block * block
+        direction = torch.empty_like(flat_grad)
+        codes, absmax = self._moment_views(state)
+        buffers = [torch.empty(min(chunk, whole), dtype=torch.float32, device=grad.device) for _ in range(2)]
+        for start in range(0, whole, chunk):
+            end = min(start + chunk, whole)
+            blocks = slice(start // block, end // block)
+            moments = [blockwise8bit.dequantize_blocks(codes[key][start:end], absmax[key][blocks], block, signed,
+                                                       buffer[: end - start])
+                       for (key, signed), buffer in zip(QUANTIZED_MOMENTS, buffers)]
             kernels.adam_direction_(*moments, flat_grad[start:end], beta1, beta2, self.group["eps"], step,
                                     out=direction[start:end])
             for (key, signed), moment in zip(QUANTIZED_MOMENTS, moments):
-                new_codes, new_absmax = kernels.quantize_blockwise_8bit(moment, block, signed=signed)
-                codes[key][start:end] = new_codes
-                absmax[key][blocks] = new_absmax
+                blockwise8bit.quantize_blocks(moment, block, signed, codes[key][start:end], absmax[key][blocks])
+        if whole < numel:
+            self._update_range_reference(codes, absmax, flat_grad, direction, whole, numel, step)
         return direction.view_as(grad)
 
     def apply_full_rank(

@@ -55,7 +55,8 @@ def run_distributed(fn: Callable[..., Any], *args: Any, world: int = WORLD) -> l
 # ---------------------------------------------------------------------------- shared training helpers
 #: optimizers exercised under DDP/FSDP2 when lrgrad exports them (projectors land over time)
 CANDIDATES = ("GaLoreAdamW", "GaLoreAdafactor", "LowRankLion", "DCTAdamW", "FloraAdamW",
-              "OnlineSubspaceAdamW", "GaLoreAdamW8bit", "QGaLoreAdamW", "GaLoreMuon", "GaLoreAuON")
+              "OnlineSubspaceAdamW", "GaLoreAdamW8bit", "QGaLoreAdamW", "GaLoreMuon", "GaLoreAuON",
+              "APOLLOAdamW", "APOLLOMiniAdamW", "FiraAdamW")
 STEPS = 5
 GAP = 2  # refreshes on steps 1, 3, 5
 

@@ -57,7 +57,8 @@ def test_parallel_run_follows_the_single_process_run(tmp_path, single, mode):
 def test_ddp_checkpoint_resumes_exactly(tmp_path, single):
     first = launch(tmp_path, "--parallel", "ddp", "--stop-after", "2")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (tmp_path / "dcp").is_dir() and len(val_losses(tmp_path)) == 1  # stopped after step 2
+    # stopped after step 2, with the DCP shards inside the step's checkpoint folder
+    assert (tmp_path / "checkpoints" / "step-00000002" / "dcp").is_dir() and len(val_losses(tmp_path)) == 1
     second = launch(tmp_path, "--parallel", "ddp", "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
     uninterrupted = tmp_path / "uninterrupted"

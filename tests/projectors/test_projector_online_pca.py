@@ -12,6 +12,7 @@ from lrgrad.projectors.online_pca import (
     orthonormality_drift,
     pca_loss,
     pca_loss_grad,
+    pca_loss_grad_scaled,
 )
 
 
@@ -196,3 +197,17 @@ def test_presets_refresh_every_step_and_train(name):
 def test_bad_options_are_rejected(key, value, error):
     with pytest.raises(error, match=key):
         lrgrad.OnlineSubspaceAdamW(TinyLM().parameters(), rank=8, **{key: value})
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_scaled_gradient_equals_the_reference_on_the_normalized_matrix(side):
+    """The step's fast form (scale on the small products) against pca_loss_grad(G / ‖G‖, P)."""
+    m, n, r = 40, 30, 5
+    g = torch.randn(m, n, dtype=torch.float64, generator=gen(3)) * 50
+    shape = (r, n) if side == "right" else (m, r)
+    p = torch.randn(shape, dtype=torch.float64, generator=gen(4))
+    scale = 1 / torch.linalg.vector_norm(g)
+    expected = pca_loss_grad(g * scale, p, side)
+    torch.testing.assert_close(pca_loss_grad_scaled(g, scale, p, side), expected, rtol=1e-12, atol=1e-14)
+    got32 = pca_loss_grad_scaled(g.float(), scale.float(), p.float(), side)
+    torch.testing.assert_close(got32, expected.float(), rtol=1e-4, atol=1e-6)  # fp32: rounding only

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lrgrad  # noqa: E402
 from experiments import bench_memory, bench_step, compare  # noqa: E402
@@ -40,6 +40,23 @@ def test_compare_writes_table_and_plot(tmp_path):
     assert (tmp_path / "res" / "demo_loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_merge_adds_a_separate_run(tmp_path):
+    common = ["--config", "llama_test", "--steps", "3", "--seq-len", "16", "--batch-size", "2", "--n-evals", "1",
+              "--eval-batches", "1", "--max-bytes", "60000", "--threads", "1", "--runs-dir", str(tmp_path / "runs")]
+    assert compare.main([*common, "--optimizers", "adamw", "--out", str(tmp_path / "a")]) == 0
+    assert compare.main([*common, "--optimizers", "apollo_mini_adamw", "--out", str(tmp_path / "b")]) == 0
+    assert compare.main(["--merge", str(tmp_path / "b" / "demo.json"), "--out", str(tmp_path / "a")]) == 0
+    raw = json.loads((tmp_path / "a" / "demo.json").read_text())
+    assert [r["optimizer"] for r in raw["results"]] == ["adamw", "apollo_mini_adamw"]
+    md = (tmp_path / "a" / "demo.md").read_text()
+    mini = raw["results"][1]
+    assert f"{mini['final_val_loss']:.4f}" in md and "ms† | — |" in md and "--optimizers apollo_mini_adamw" in md
+    with pytest.raises(SystemExit, match="steps"):  # another recipe cannot be merged
+        other = raw | {"meta": raw["meta"] | {"steps": 5}}
+        (tmp_path / "c.json").write_text(json.dumps(other))
+        compare.main(["--merge", str(tmp_path / "c.json"), "--out", str(tmp_path / "a")])
+
+
 def test_compare_rejects_unknown_optimizer(tmp_path):
     with pytest.raises(ValueError, match="Invalid optimizer: 'nope'"):
         compare.main(["--optimizers", "adamw,nope", "--steps", "2", "--out", str(tmp_path)])
@@ -60,9 +77,14 @@ def test_bench_step_and_memory(tmp_path):
     # GaLore state = AdamW's on full-rank params + max(m,n) x r moments x2 + one basis per projected matrix
     assert rows["galore_adamw"]["state_bytes"] < rows["adamw_foreach"]["state_bytes"]
     assert all(r["step_s"] > 0 for r in rows.values())
+    # the family's floor is timed in the same run; floors hold no optimizer state
+    assert rows["galore_adamw"]["floor"] == "floor_adamw" and rows["floor_adamw"]["state_bytes"] is None
+    assert set(res["refresh"]) >= {"exact", "randomized"}
+    assert all(r["first_step_s"] > 0 for r in res["refresh"].values())
     bench_step.write([res], tmp_path, "test")
     md = (tmp_path / "bench_step.md").read_text()
     assert "| torch AdamW (foreach) |" in md and "| 1.00x |" in md
+    assert "| floor: projection GEMMs + fused AdamW |" in md and "svd=\"randomized\"" in md
     assert (tmp_path / "bench_step.png").exists()
 
     mem = bench_memory.measure("llama_test", ["adamw_foreach", "galore_adamw"], vocab=256)

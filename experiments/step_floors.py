@@ -1,0 +1,225 @@
+"""Floors and anchors for ``bench_step.py``: what each optimizer family's step should cost.
+
+A *floor* is the least work an optimizer of a family must do on the model, built from the
+fastest torch/peer pieces: the projection GEMMs of every projected matrix (``R = G Pᵀ`` and
+the back-projection, as ``addmm`` into the weight) plus the family's elementwise rule run by
+its fastest known implementation on the full-rank params and on tensors shaped like the
+low-rank moments. An *anchor* is the fastest peer library doing the same job, as users would
+run it (e.g. galore-torch's ``GaLoreAdamW``). Both are stepped round-robin with the lrgrad
+optimizers in the same run, so their ratios are load-independent.
+
+Peers that are not installed are left out (``pip install --no-deps bitsandbytes galore-torch``:
+see docs/experiments.md); torch's own (``AdamW``, ``Adafactor``, ``Muon``) are always there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import lrgrad
+
+#: optimizer name -> (floor name, anchor name); None: no such row for that family
+FAMILIES: dict[str, tuple[str | None, str | None]] = {
+    "galore_adamw": ("floor_adamw", "galore_torch"),
+    "dct_adamw": ("floor_adamw", "galore_torch"),
+    "flora_adamw": ("floor_adamw", "galore_torch"),
+    "online_subspace_adamw": ("floor_adamw", "galore_adamw"),
+    "galore_adamw8bit": ("floor_adamw8bit", "bnb_adamw8bit"),
+    "qgalore_adamw": ("floor_adamw8bit", "bnb_adamw8bit"),
+    "galore_adafactor": ("floor_adafactor", "torch_adafactor"),
+    "dct_adafactor": ("floor_adafactor", "torch_adafactor"),
+    "flora_adafactor": ("floor_adafactor", "torch_adafactor"),
+    "muon": ("floor_muon", "torch_muon"),
+    "hybrid_auon": ("floor_muon_ns1", "torch_muon"),
+    "auon": ("adamw_fused", "muon"),
+}
+
+LABELS = {
+    "floor_adamw": "floor: projection GEMMs + fused AdamW",
+    "floor_adamw8bit": "floor: projection GEMMs + bnb AdamW8bit",
+    "floor_adafactor": "floor: projection GEMMs + torch Adafactor",
+    "floor_muon": "floor: 5 fp32 Newton–Schulz steps (hidden) + fused AdamW (rest)",
+    "floor_muon_ns1": "floor: 1 fp32 Newton–Schulz step (hidden) + fused AdamW (rest)",
+    "galore_torch": "galore-torch GaLoreAdamW",
+    "bnb_adamw8bit": "bitsandbytes AdamW8bit (full rank)",
+    "torch_adafactor": "torch Adafactor (foreach, full rank)",
+    "torch_muon": "torch Muon (hidden) + fused AdamW (rest)",
+}
+
+
+@dataclass
+class Runner:
+    """One timed thing: ``step()`` advances it once; ``state_bytes`` is None for floors."""
+
+    step: Callable[[], None]
+    state_bytes: Callable[[], int] | None = None
+
+
+def split_params(model: torch.nn.Module, rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(projected matrices, everything else) as ``lrgrad.param_groups`` splits them."""
+    groups = lrgrad.param_groups(model, rank=rank)
+    mats = [p for _, p in groups[0]["params"] if min(p.shape) > rank]
+    projected = {id(p) for p in mats}
+    rest = [p for p in model.parameters() if id(p) not in projected]
+    return mats, rest
+
+
+def hidden_and_rest(model: torch.nn.Module, rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(every 2-D weight of the blocks, everything else): Muon's matrices vs AdamW's."""
+    groups = lrgrad.param_groups(model, rank=rank)
+    hidden = [p for _, p in groups[0]["params"] if p.dim() == 2]
+    chosen = {id(p) for p in hidden}
+    return hidden, [p for p in model.parameters() if id(p) not in chosen]
+
+
+def _proxies(mats: list[torch.Tensor], rest: list[torch.Tensor], rank: int):
+    """Random bases, and leaf tensors shaped like the full-rank params + the low-rank moments."""
+    bases, lows = [], []
+    for p in mats:
+        m, n = p.shape
+        right = m >= n
+        bases.append(torch.randn(rank, n) if right else torch.randn(m, rank))
+        lows.append(torch.zeros(m, rank) if right else torch.zeros(rank, n))
+    proxies = [torch.zeros_like(p, requires_grad=True) for p in rest]
+    proxies += [t.requires_grad_() for t in lows]
+    for t in proxies:
+        t.grad = torch.randn_like(t) * 1e-3
+    return bases, proxies
+
+
+def _projection_gemms(mats: list[torch.Tensor], bases: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, basis in zip(mats, bases):
+            if p.shape[0] >= p.shape[1]:
+                low = p.grad @ basis.T
+                p.addmm_(low, basis, alpha=-1e-12)
+            else:
+                low = basis.T @ p.grad
+                p.addmm_(basis, low, alpha=-1e-12)
+
+
+def projection_floor(model: torch.nn.Module, rank: int, make_rule: Callable[[list], torch.optim.Optimizer]) -> Runner:
+    """The projection GEMMs of every projected matrix + ``make_rule`` over full-rank and low-rank proxies."""
+    mats, rest = split_params(model, rank)
+    bases, proxies = _proxies(mats, rest, rank)
+    rule = make_rule(proxies)
+
+    def step() -> None:
+        _projection_gemms(mats, bases)
+        rule.step()
+
+    return Runner(step)
+
+
+def newton_schulz_floor(model: torch.nn.Module, rank: int, ns_steps: int) -> Runner:
+    """``ns_steps`` fp32 quintic Newton–Schulz iterations on every block matrix (the bare
+    ``addmm`` calls, on the smaller Gram side) + the weight update, and fused AdamW on the rest."""
+    hidden, rest = hidden_and_rest(model, rank)
+    proxies = [torch.zeros_like(p, requires_grad=True) for p in rest]
+    for src, dst in zip(rest, proxies):
+        dst.grad = src.grad.clone()
+    adam = torch.optim.AdamW(proxies, lr=3e-3, fused=True)
+    a, b, c = 3.4445, -4.7750, 2.0315
+
+    def step() -> None:
+        with torch.no_grad():
+            for p in hidden:
+                x = p.grad.T if p.shape[0] > p.shape[1] else p.grad
+                x = x / (torch.linalg.vector_norm(x) + 1e-7)
+                for _ in range(ns_steps):
+                    gram = x @ x.T
+                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                p.add_(x.T if p.shape[0] > p.shape[1] else x, alpha=-1e-12)
+        adam.step()
+
+    return Runner(step)
+
+
+def torch_muon(model: torch.nn.Module, rank: int) -> Runner:
+    """``torch.optim.Muon`` on the block matrices + fused AdamW on the rest (embeddings, head, norms)."""
+    hidden, rest = hidden_and_rest(model, rank)
+    muon = torch.optim.Muon(hidden, lr=0.01)
+    adam = torch.optim.AdamW(rest, lr=3e-3, fused=True)
+
+    def step() -> None:
+        muon.step()
+        adam.step()
+
+    def state_bytes() -> int:
+        return lrgrad.optimizer_state_bytes(muon) + lrgrad.optimizer_state_bytes(adam)
+
+    return Runner(step, state_bytes)
+
+
+def bnb_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # an absent or a broken install alike: the row is left out
+        return False
+    return True
+
+
+def galore_torch_available() -> bool:
+    try:
+        import galore_torch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def build_reference(name: str, model: torch.nn.Module, rank: int) -> Runner | None:
+    """A floor or anchor runner by name; None when its peer library is not installed."""
+    if name == "floor_adamw":
+        return projection_floor(model, rank, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True))
+    if name == "floor_adafactor":
+        return projection_floor(model, rank, lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=True))
+    if name == "floor_adamw8bit":
+        if not bnb_available():
+            return None
+        import bitsandbytes as bnb
+
+        return projection_floor(model, rank, lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3))
+    if name == "floor_muon":
+        return newton_schulz_floor(model, rank, 5)
+    if name == "floor_muon_ns1":
+        return newton_schulz_floor(model, rank, 1)
+    if name == "torch_muon":
+        return torch_muon(model, rank)
+    if name == "torch_adafactor":
+        opt = torch.optim.Adafactor(model.parameters(), lr=1e-2, foreach=True)
+        return Runner(opt.step, lambda: lrgrad.optimizer_state_bytes(opt))
+    if name == "bnb_adamw8bit":
+        if not bnb_available():
+            return None
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
+        return Runner(opt.step, lambda: lrgrad.optimizer_state_bytes(opt))
+    if name == "galore_torch":
+        if not galore_torch_available():
+            return None
+        from galore_torch import GaLoreAdamW
+
+        mats, rest = split_params(model, rank)
+        # galore-torch's own recipe: projected matrices in a group with rank/gap/scale/proj_type
+        opt = GaLoreAdamW([{"params": rest}, {"params": mats, "rank": rank, "update_proj_gap": 10**9,
+                                               "scale": 0.25, "proj_type": "std"}], lr=1e-2, weight_decay=0.0,
+                          no_deprecation_warning=True)
+        return Runner(opt.step, lambda: lrgrad.optimizer_state_bytes(opt))
+    raise ValueError(f"Invalid reference: {name!r}")
+
+
+def galore_torch_refresh(model: torch.nn.Module, rank: int) -> Runner | None:
+    """galore-torch GaLoreAdamW refreshing on every second step (gap 2)."""
+    if not galore_torch_available():
+        return None
+    from galore_torch import GaLoreAdamW
+
+    mats, rest = split_params(model, rank)
+    opt = GaLoreAdamW([{"params": rest}, {"params": mats, "rank": rank, "update_proj_gap": 2, "scale": 0.25,
+                                           "proj_type": "std"}], lr=1e-2, weight_decay=0.0,
+                          no_deprecation_warning=True)
+    return Runner(opt.step)

@@ -1,0 +1,151 @@
+"""experiments/pretrain_llama.py as a careful command-line tool (issue 11, section 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from experiments.checkpoint import CheckpointStore, load_checkpoint  # noqa: E402
+from experiments.pretrain_llama import build_parser, lr_lambda_factory, main, parse_args, run  # noqa: E402
+
+BASE = ["--config", "llama_test", "--optimizer", "galore_adamw", "--batch-size", "4", "--seq-len", "32",
+        "--eval-batches", "2", "--max-bytes", "120000", "--no-progress", "--threads", "1", "--max-steps", "4",
+        "--eval-every", "2", "--update-proj-gap", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _val_losses(out: Path) -> list[float]:
+    return [json.loads(line)["val_loss"] for line in (out / "eval.jsonl").read_text().splitlines()]
+
+
+def test_an_existing_run_is_not_overwritten_without_asking(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main([*BASE, "--quiet", "--out-dir", out]) == 0
+    before = (tmp_path / "run" / "eval.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*BASE, "--quiet", "--out-dir", out, "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: Invalid out-dir: {out!r} already holds a run")
+    assert "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "run" / "eval.jsonl").read_text() == before  # untouched
+    # --overwrite replaces it: the same as a run into a fresh folder
+    assert main([*BASE, "--quiet", "--out-dir", out, "--overwrite"]) == 0
+    fresh = tmp_path / "fresh"
+    assert main([*BASE, "--quiet", "--out-dir", str(fresh)]) == 0
+    assert _val_losses(tmp_path / "run") == _val_losses(fresh)
+    assert [s for s, _ in CheckpointStore(tmp_path / "run").published()] == [4]
+    with pytest.raises(ValueError, match="--resume with --overwrite"):
+        parse_args([*BASE, "--out-dir", out, "--resume", "--overwrite"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_prints_the_checkpoint_and_the_exact_resume_command(tmp_path, capsys, sig, monkeypatch):
+    out = tmp_path / "run"
+    argv = [*BASE, "--quiet", "--out-dir", str(out), "--opt-arg", "moment_policy=project", "--lr", "0.02"]
+
+    def interrupt(step):
+        if step == 2:
+            os.kill(os.getpid(), sig)
+
+    summary = run(parse_args(argv), on_step=interrupt)
+    assert summary["stopped_by_signal"] == sig and summary["steps"] == 2
+    err = capsys.readouterr().err.splitlines()
+    folder = out / "checkpoints" / "step-00000002"
+    assert err[0] == f"stopped by {sig.name} at step 2/4; checkpoint: {folder}"
+    assert load_checkpoint(folder / "state.pt")["step"] == 2
+    assert err[1].startswith("resume with: ")
+    command = shlex.split(err[1].removeprefix("resume with: "))
+    assert command[:2] == [sys.executable, "experiments/pretrain_llama.py"] or Path(command[1]).is_absolute()
+    assert command[-1] == "--resume"
+    # the command means this run: the same arguments, plus --resume
+    assert vars(parse_args(command[2:])) == {**vars(parse_args(argv)), "resume": True}
+    # and it works: running it finishes the run as an uninterrupted one would
+    monkeypatch.chdir(ROOT)
+    assert main(command[2:]) == 0
+    full = tmp_path / "full"
+    assert main([*argv[:argv.index("--out-dir")], "--out-dir", str(full), *argv[argv.index("--out-dir") + 2:]]) == 0
+    assert _val_losses(out) == _val_losses(full)
+
+
+def test_help_shows_every_default_exactly_once(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = capsys.readouterr().out
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert text.count("(default:") == len(options)
+    for action in options:
+        assert action.help.count("(default:") == 1, action.dest
+        if action.default not in (None, False, []) and "%(default)s" in action.help:
+            assert f"(default: {action.default})" in " ".join(text.split()), action.dest
+    flat = " ".join(text.split())
+    for words in ("--lr LR peak lr (default: the method's paper lr)", "--weight-decay WEIGHT_DECAY decoupled "
+                  "weight decay (default: 0.0)", "--keep-checkpoints KEEP_CHECKPOINTS keep the newest K checkpoint "
+                  "folders (default: 2)", "--layerwise per-layer updates"):
+        assert words in flat
+
+
+def test_evaluations_are_printed_to_the_terminal(tmp_path, capsys):
+    assert main([*BASE, "--out-dir", str(tmp_path / "a")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    records = [json.loads(line) for line in (tmp_path / "a" / "eval.jsonl").read_text().splitlines()]
+    assert len(lines) == len(records) == 2
+    for line, rec in zip(lines, records):
+        assert line.startswith(f"step {rec['step']}/4: val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.2f}, ")
+    # with the progress bar too (written above the bar)
+    args = [a for a in BASE if a != "--no-progress"]
+    assert main([*args, "--out-dir", str(tmp_path / "b")]) == 0
+    captured = capsys.readouterr()
+    assert sum(line.startswith("step ") for line in (captured.out + captured.err).splitlines()) == 2
+
+
+def test_resume_with_a_new_lr_is_honoured_and_recorded(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*BASE, "--quiet", "--out-dir", str(out), "--max-steps", "6", "--stop-after", "2",
+                 "--save-every", "2"]) == 0
+    capsys.readouterr()
+    assert main([*BASE, "--quiet", "--out-dir", str(out), "--max-steps", "6", "--resume", "--lr", "0.004"]) == 0
+    err = capsys.readouterr().err
+    assert "resume: --lr changed [0.01, 0.01] -> [0.004, 0.004] (honoured" in err
+    # from step 3 on, the schedule runs at the new peak (the lr logged at step 4 and 6)
+    schedule = lr_lambda_factory(6, 0.1, 0.1)
+    records = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in records}
+    assert logged[2] == pytest.approx(0.01 * schedule(2))
+    assert logged[4] == pytest.approx(0.004 * schedule(4)) and logged[6] == pytest.approx(0.004 * schedule(6))
+    resumes = json.loads((out / "run.json").read_text())["resumes"]
+    assert resumes == [{"step": 2, "checkpoint": "step-00000002",
+                        "changed": {"lr": [[0.01, 0.01], [0.004, 0.004]], "save_every": [2, 0]}}]
+    state = load_checkpoint(out / "checkpoints" / "step-00000006" / "state.pt")
+    assert state["args"]["lr"] == [0.004, 0.004] and state["resumes"] == resumes
+
+
+@pytest.mark.parametrize("flag,value,old", [("--update-proj-gap", "3", "[2]"), ("--batch-size", "2", "4"),
+                                            ("--seq-len", "16", "32")])
+def test_resume_with_a_changed_data_or_subspace_argument_is_refused(tmp_path, capsys, flag, value, old):
+    out = tmp_path / "run"
+    assert main([*BASE, "--quiet", "--out-dir", str(out), "--stop-after", "2"]) == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir()), (out / "eval.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*BASE, "--quiet", "--out-dir", str(out), "--resume", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    shown = f"[{value}]" if flag == "--update-proj-gap" else value
+    assert len(err.splitlines()) == 1
+    assert f"{flag} was {old}, now {shown}" in err and "resume with the checkpoint's values" in err
+    assert (sorted(p.name for p in (out / "checkpoints").iterdir()), (out / "eval.jsonl").read_text()) == before
