@@ -35,6 +35,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: reasons already reported for ``LRGRAD_KERNELS=triton`` falling back (one warning each per process)
+_WARNED: set[str] = set()
+
+
+def warn_triton_unusable(reason: str) -> None:
+    """``LRGRAD_KERNELS=triton`` was asked for but cannot run: say so once per reason (a
+    ``UserWarning``), then use the torch reference — a forced backend never falls back silently."""
+    if reason in _WARNED:
+        return
+    _WARNED.add(reason)
+    warnings.warn(f"LRGRAD_KERNELS=triton: {reason}; using the torch reference kernels instead",
+                  UserWarning, stacklevel=3)
+
+
 def is_rocm() -> bool:
     """True on a ROCm build of torch, where ``tensor.is_cuda`` is also true (HIP masquerades as
     CUDA) but the Triton backend is AMD's: no TF32, other compile rules."""
@@ -44,16 +58,24 @@ def is_rocm() -> bool:
 def backend_for(tensor: torch.Tensor) -> str:
     """``"triton"`` for CUDA tensors when triton imports (or when forced), else ``"torch"``.
 
-    ``LRGRAD_KERNELS=triton`` on CPU tensors only works under ``TRITON_INTERPRET=1``
-    (how CI checks kernels); otherwise it falls back to torch rather than crash.
+    ``LRGRAD_KERNELS=triton`` needs triton and CUDA tensors (or ``TRITON_INTERPRET=1`` for CPU
+    tensors, how CI checks kernels); otherwise it warns once (:func:`warn_triton_unusable`) and
+    runs the torch reference rather than crash.
     """
     requested = requested_backend()
-    if requested == "torch" or not triton_available():
+    if requested == "torch":
+        return "torch"
+    if not triton_available():
+        if requested == "triton":
+            warn_triton_unusable("triton is not installed or does not import (pip install 'lrgrad[kernels]')")
         return "torch"
     if tensor.is_cuda:
         return "triton"
-    if requested == "triton" and interpreting():
-        return "triton"
+    if requested == "triton":
+        if interpreting():
+            return "triton"
+        warn_triton_unusable(f"tensors on {tensor.device.type} need CUDA (or TRITON_INTERPRET=1 to interpret "
+                             "the kernels on the CPU)")
     return "torch"
 
 

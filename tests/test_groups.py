@@ -48,3 +48,85 @@ def test_bad_input():
         lrgrad.param_groups(torch.randn(3), rank=4)
     with pytest.raises(ValueError, match="rank"):
         lrgrad.GaLoreAdamW(lrgrad.param_groups(TinyLM(), rank=0))
+
+
+# ---------------------------------------------------------------- galore-torch / Hugging Face targets
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_labels=3)
+    return transformers.BertForSequenceClassification(config)
+
+
+def test_attn_mlp_substrings_select_attention_and_mlp_projections():
+    """galore-torch's README and HF's optim_target_modules=["attn", "mlp"]: substring matches."""
+    model = tiny_llama()
+    low, _ = lrgrad.param_groups(model, rank=4, target_modules=["attn", "mlp"])
+    expected = sorted(f"model.layers.{i}.{kind}.{p}_proj.weight" for i in range(2)
+                      for kind, projs in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for p in projs)
+    assert sorted(names(low)) == expected
+
+
+def test_regex_string_is_a_full_match_as_in_hugging_face():
+    low, _ = lrgrad.param_groups(tiny_llama(), rank=4, target_modules=r".*\.self_attn\.[qk]_proj")
+    assert sorted(n.split(".")[-2] for n in names(low)) == ["k_proj", "k_proj", "q_proj", "q_proj"]
+
+
+def test_a_pattern_that_matches_nothing_is_named_in_the_error():
+    with pytest.raises(ValueError, match=r"'atention'"):
+        lrgrad.param_groups(tiny_llama(), rank=4, target_modules=["attn", "atention"])
+    with pytest.raises(ValueError, match=r"'lm_head' matched only the excluded head"):
+        lrgrad.param_groups(tiny_llama(), rank=4, target_modules=["mlp", "lm_head"])
+
+
+def test_all_linear_projects_bert_output_dense_and_keeps_only_the_head_full_rank():
+    """BERT's attention.output.dense / output.dense live under modules named "output": they are block
+    matrices, not heads. Only the classifier (get_output_embeddings / head names) stays full-rank."""
+    model = tiny_bert()
+    low, full = lrgrad.param_groups(model, rank=4)
+    low_names = set(names(low))
+    for i in range(2):
+        for mod in ("attention.self.query", "attention.self.key", "attention.self.value",
+                    "attention.output.dense", "intermediate.dense", "output.dense"):
+            assert f"bert.encoder.layer.{i}.{mod}.weight" in low_names
+    assert "bert.pooler.dense.weight" in low_names
+    assert "classifier.weight" in names(full)
+    assert not any("embeddings" in n for n in low_names)
+
+
+def test_head_recognised_by_get_output_embeddings_and_by_tying():
+    model = tiny_llama()
+    assert lrgrad.groups.head_modules(model) == {"lm_head"}
+
+    class Custom(torch.nn.Module):  # a head under an unusual name, tied to the embedding
+        def __init__(self):
+            super().__init__()
+            self.tok = torch.nn.Embedding(50, 16)
+            self.mix = torch.nn.Linear(16, 16)
+            self.unembed = torch.nn.Linear(16, 50, bias=False)
+            self.unembed.weight = self.tok.weight
+
+    assert lrgrad.groups.head_modules(Custom()) == {"unembed"}
+    low, _ = lrgrad.param_groups(Custom(), rank=4)
+    assert names(low) == ["mix.weight"]
+
+
+def test_named_parameters_routing_by_name():
+    route = lrgrad.groups.is_embedding_or_head_name
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "output.weight", "transformer.wte.weight",
+                 "bert.embeddings.word_embeddings.weight", "classifier.weight", "gpt_neox.embed_out.weight"):
+        assert route(name), name
+    for name in ("model.layers.0.self_attn.q_proj.weight", "bert.encoder.layer.0.attention.output.dense.weight",
+                 "bert.encoder.layer.0.output.dense.weight", "transformer.h.0.mlp.c_fc.weight"):
+        assert not route(name), name
+    model = tiny_bert()
+    opt = lrgrad.GaLoreAdamW(model.named_parameters(), rank=4)
+    assert "bert.encoder.layer.0.attention.output.dense.weight" in opt.param_groups[0]["param_names"]
+    assert "classifier.weight" in opt.param_groups[1]["param_names"]

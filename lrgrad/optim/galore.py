@@ -45,7 +45,7 @@ class GaLoreAdamW(LowRankAdamW):
         *,
         rank: int | None = None,
         update_proj_gap: int = 200,
-        scale: float = 0.25,
+        scale: float | None = None,
         proj_type: str = "std",
         **options: Any,
     ):
@@ -69,7 +69,7 @@ class GaLoreAdafactor(LowRankAdafactor):
         *,
         rank: int | None = None,
         update_proj_gap: int = 200,
-        scale: float = 0.25,
+        scale: float | None = None,
         proj_type: str = "std",
         **options: Any,
     ):

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lrgrad.optim.adafactor_compat import translate_adafactor_kwargs
 from lrgrad.optim.lowrank import LowRankOptimizer
 from lrgrad.optim.registry import register_optimizer
 
@@ -39,7 +40,13 @@ class LowRankAdamW(LowRankOptimizer):
 
 @register_optimizer()
 class LowRankAdafactor(LowRankOptimizer):
-    """Adafactor (factored second moment) inside any projector."""
+    """Adafactor (factored second moment) inside any projector.
+
+    Also takes ``transformers.Adafactor``'s keywords (``decay_rate``, ``eps=(eps1, eps2)``,
+    ``scale_parameter=False``, ``relative_step=False``, ``warmup_init=False``) with their
+    meaning; the relative step and parameter scaling are refused with what to use instead
+    (``lrgrad.optim.adafactor_compat``).
+    """
 
     def __init__(
         self,
@@ -54,6 +61,7 @@ class LowRankAdafactor(LowRankOptimizer):
         projector: str = "svd",
         **options: Any,
     ):
+        lr, eps, beta2_decay = translate_adafactor_kwargs(lr, eps, beta2_decay, options)
         super().__init__(params, lr, rule="adafactor", projector=projector, beta1=beta1,
                          beta2_decay=beta2_decay, eps=eps, clip_threshold=clip_threshold,
                          weight_decay=weight_decay, **options)

@@ -30,6 +30,8 @@ from torch.optim import Optimizer
 
 from lrgrad._checks import check_bool, check_choice, check_float, check_int, check_nonnegative
 from lrgrad.dtensor import is_dtensor, low_rank_zeros
+from lrgrad.groups import caller_stacklevel, is_module_parameters, route_named_params
+from lrgrad.optim.compile_guard import refuse_compiled_step
 from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS, full_rank_update_, init_full_rank_state, validate_full_rank
 from lrgrad.projectors import PROJECTORS, Projector
 from lrgrad.projectors.sharded import ShardedProjector
@@ -55,7 +57,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "weight_decay": 1e-2,
     "rank": None,
     "update_proj_gap": 200,
-    "scale": 0.25,
+    "scale": None,
     "proj_type": "std",
     "moment_policy": "keep",
     "maximize": False,
@@ -76,7 +78,11 @@ class LowRankOptimizer(Optimizer):
         projector: projector name (see ``lrgrad.projectors.PROJECTORS``: ``"svd"``, ...).
         rank: subspace rank; ``None`` runs every param of the group full-rank.
         update_proj_gap: refresh the subspace on steps 1, gap+1, 2·gap+1, ...
-        scale: multiplier of the back-projected update (GaLore's α).
+        scale: multiplier of the back-projected update (GaLore's α). ``None`` (the default):
+            the projector's ``default_scale`` — sqrt(d / rank) for an orthonormal basis over a
+            side of size d, 1 for Flora's Gaussian draws — so the update has AdamW's RMS and
+            AdamW's lr carries over (README, "The one-liner"). A group that carries ``scale``
+            (galore-torch's groups always do) uses it as given.
         proj_type: ``"std"`` (project the smaller side), ``"reverse_std"``, ``"left"``, ``"right"``.
         moment_policy: what happens to the rule's moments when the subspace changes:
             ``"keep"`` (galore-torch's behaviour), ``"project"`` (carry them into the new
@@ -118,6 +124,15 @@ class LowRankOptimizer(Optimizer):
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s): {', '.join(unknown)}")
         defaults.update(options)
         self._param_index: dict[int, int] = {}
+        if defaults["rank"] is not None and is_module_parameters(params):
+            warnings.warn(
+                f"{type(self).__name__}(model.parameters(), rank={defaults['rank']}) projects every matrix, the "
+                "embeddings and the output head included (bare tensors carry no names); pass "
+                "model.named_parameters() or lrgrad.param_groups(model, rank) to keep them full-rank",
+                UserWarning, stacklevel=caller_stacklevel(),
+            )
+        # (name, tensor) pairs with a rank: embeddings/head/norms go to a full-rank group
+        params = route_named_params(params, defaults["rank"])
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -153,7 +168,7 @@ class LowRankOptimizer(Optimizer):
         check_int("rank", group["rank"], 1, allow_none=True)
         check_int("update_proj_gap", group["update_proj_gap"], 1)
         check_int("seed", group["seed"], 0)
-        check_float("scale", group["scale"])
+        check_float("scale", group["scale"], allow_none=True)  # None: the projector's RMS-matched default
         check_choice("proj_type", group["proj_type"], PROJ_TYPES)
         check_choice("moment_policy", group["moment_policy"], MOMENT_POLICIES)
         check_bool("maximize", group["maximize"])
@@ -238,6 +253,8 @@ class LowRankOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform one optimization step; ``closure`` re-evaluates the loss (under grad)."""
+        if torch.compiler.is_compiling():  # torch.compile(opt.step): one clear error (compile_guard.py)
+            refuse_compiled_step(type(self).__name__)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -478,13 +495,17 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"Invalid grad: full_rank={group['full_rank']!r} needs the full gradient")
         update = rule.update(state, low, state["step"])
         lr = float(group["lr"])
-        alpha = -lr * group["scale"]
+        scale = group["scale"]
+        if scale is None:
+            scale = projector.default_scale(matrix_shape(param))
+        alpha = -lr * scale
         decay = 1 - lr * group["weight_decay"]
         with update_targets([param], contiguous=True) as (target,):
             target2d = target.view(matrix_shape(param))
             if group["full_rank"] is not None:
-                full_rank_update_(projector, state, target2d, grad.reshape(matrix_shape(param)), low, update, group,
-                                  lr, decay)
+                resolved = group if group["scale"] is not None else {**group, "scale": scale}  # scale=None default
+                full_rank_update_(projector, state, target2d, grad.reshape(matrix_shape(param)), low, update,
+                                  resolved, lr, decay)
             else:
                 projector.update_param_(state, target2d, update, alpha, decay)
 

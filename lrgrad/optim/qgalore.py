@@ -49,7 +49,7 @@ class QGaLoreAdamW(LowRankOptimizer):
         *,
         rank: int | None = None,
         update_proj_gap: int = 200,
-        scale: float = 0.25,
+        scale: float | None = None,
         proj_type: str = "std",
         proj_bits: int = 4,
         proj_quant_group_size: int = 256,
@@ -87,7 +87,7 @@ class GaLoreAdamW8bit(LowRankOptimizer):
         *,
         rank: int | None = None,
         update_proj_gap: int = 200,
-        scale: float = 0.25,
+        scale: float | None = None,
         proj_type: str = "std",
         **options: Any,
     ):

@@ -131,6 +131,19 @@ class Projector:
         need another treatment (e.g. the random projector)."""
         rule.change_basis(state, self.transition(old_state, state), self.side)
 
+    # ---------------------------------------------------------------- step size
+    def projected_dim(self, shape2d: tuple[int, int]) -> int:
+        """Size d of the side the basis compresses to ``rank`` (n for ``"right"``, m for ``"left"``)."""
+        return shape2d[1] if self.side == "right" else shape2d[0]
+
+    def default_scale(self, shape2d: tuple[int, int]) -> float:
+        """The ``scale`` used when a group has none: the factor that gives the back-projected update
+        AdamW's RMS. An elementwise-normalized low-rank update (Adam, Adafactor, Lion: entries of
+        size ~1) has Frobenius norm ~sqrt(r·m'); an orthonormal basis keeps that norm, so over the
+        full m·n entries its RMS is sqrt(r/d) of AdamW's, and sqrt(d/r) restores it
+        (README, "The one-liner")."""
+        return math.sqrt(self.projected_dim(shape2d) / self.rank)
+
     # ---------------------------------------------------------------- memory
     def refresh_state_spec(
         self, shape2d: tuple[int, int], dtype: torch.dtype

@@ -177,6 +177,14 @@ class RandomProjector(Projector):
     def has_basis(self, state: dict[str, Any]) -> bool:
         return state.get("proj_refreshes", 0) > 0
 
+    def default_scale(self, shape2d: tuple[int, int]) -> float:
+        """1 for Gaussian draws: entries N(0, 1/r) make ``up`` of a unit-RMS low-rank update
+        unit-RMS already (and ``E[up(down(G))] = G``); orthonormal draws need sqrt(d/r) like any
+        orthonormal basis."""
+        if self.options["random_basis"] == "gaussian":
+            return 1.0
+        return super().default_scale(shape2d)
+
     def refresh(self, state: dict[str, Any], grad: torch.Tensor | None, step: int, group: dict[str, Any]) -> bool:
         """Move to the next draw. The gradient is not read (it may be ``None``)."""
         state["proj_refreshes"] += 1

@@ -93,3 +93,14 @@ def test_bench_step_and_memory(tmp_path):
         if hasattr(lrgrad, "estimate_memory"):  # the estimator must agree exactly with the measurement
             assert row["estimated_bytes"] == row["state_bytes"], name
     assert mem["rows"]["galore_adamw"]["state_bytes"] == rows["galore_adamw"]["state_bytes"]
+
+
+def test_bench_oneliner_prints_the_table(capsys):
+    from experiments import bench_oneliner
+
+    rc = bench_oneliner.main(["--shapes", "byte", "--config", "llama_test", "--steps", "3", "--lrs", "1e-3",
+                              "--eval-batches", "1", "--max-bytes", "60000", "--variants", "GaLoreAdamW"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| byte | 0.001 | AdamW | " in out and "| byte | 0.001 | GaLoreAdamW | " in out
+    assert "+0.0% | — |" in out  # AdamW is the reference row
