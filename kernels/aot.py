@@ -131,6 +131,20 @@ def _auon_case(shape: tuple, dtype: torch.dtype) -> Callable[[], None]:
     return run
 
 
+def _channel_scale_case(shape: tuple, dtype: torch.dtype) -> Callable[[], None]:
+    """APOLLO/Fira's channel passes: the sums of squares (with Fira's residual base) and the update."""
+
+    def run() -> None:
+        from lrgrad import kernels
+
+        grad, base = torch.ones(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        kernels.channel_sumsq(grad, base, channel_dim=1)
+        scales = torch.ones(shape[0], dtype=torch.float32)
+        kernels.channel_scale_update_(torch.zeros(shape, dtype=dtype), grad, scales, 0, alpha=-1.0, decay=1.0)
+
+    return run
+
+
 def _quant_case(numel: int, group: int, dtype: torch.dtype, kinds: tuple[str, ...]) -> Callable[[], None]:
     def run() -> None:
         from lrgrad import kernels
@@ -196,6 +210,7 @@ def cases(which: str) -> dict[str, Callable[[], None]]:
         out[f"adam_direction_/{name}"] = _adam_case((256, 1024), dtype, out_dtype)
     for name, dtype in {"fp32": _F32, "bf16": _BF16, **({"fp16": _F16} if which == "full" else {})}.items():
         out[f"auon_normalize/{name}"] = _auon_case((512, 1024), dtype)
+        out[f"channel_scale/{name}"] = _channel_scale_case((512, 1024), dtype)
     if which == "ci":  # each quantizer variant once, spread over the dtypes and chunk families
         out["quant/int4+blockwise-signed+round/fp32/chunk256"] = _quant_case(
             64 * 256, 256, _F32, ("int4", "blockwise_signed", "round"))
@@ -228,7 +243,7 @@ def _recording(into: list[Launch], case: list[str], rocm: bool) -> Iterator[None
 
     # newton_schulz and auon_normalize look backend_for up in dispatch at call time; projection and
     # quantization imported the name, so it is replaced there too
-    from lrgrad.kernels import dispatch, projection, quantization, triton_matmul
+    from lrgrad.kernels import channel_scale, dispatch, projection, quantization, triton_matmul
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
     binders: dict[int, Callable] = {}
@@ -241,16 +256,16 @@ def _recording(into: list[Launch], case: list[str], rocm: bool) -> Iterator[None
         into.append(Launch(case[0], self.fn.__name__, self, signature, constexprs, attrs, launch_options))
 
     saved = (JITFunction.run, dispatch.backend_for, projection.backend_for, quantization.backend_for,
-             triton_matmul.is_rocm, torch.backends.cuda.matmul.allow_tf32)
+             channel_scale.backend_for, triton_matmul.is_rocm, torch.backends.cuda.matmul.allow_tf32)
     forced = lambda tensor: "triton"  # noqa: E731
     JITFunction.run = record
-    dispatch.backend_for = projection.backend_for = quantization.backend_for = forced
+    dispatch.backend_for = projection.backend_for = quantization.backend_for = channel_scale.backend_for = forced
     triton_matmul.is_rocm = lambda: rocm
     try:
         yield
     finally:
         (JITFunction.run, dispatch.backend_for, projection.backend_for, quantization.backend_for,
-         triton_matmul.is_rocm, torch.backends.cuda.matmul.allow_tf32) = saved
+         channel_scale.backend_for, triton_matmul.is_rocm, torch.backends.cuda.matmul.allow_tf32) = saved
 
 
 def record_launches(which: str = "ci", rocm: bool = False) -> list[Launch]:

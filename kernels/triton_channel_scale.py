@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from lrgrad.kernels.dispatch import interpreting
-from lrgrad.kernels.triton_utils import fix_bf16, to_out
+from lrgrad.kernels.triton_utils import device_guard, fix_bf16, to_out
 
 
 def _blocks() -> tuple[int, int]:
@@ -46,10 +46,11 @@ def channel_sumsq(grad: torch.Tensor, base: torch.Tensor | None, channel_dim: in
     block_c, block_k = _blocks()
     gs = (grad.stride(channel_dim), grad.stride(1 - channel_dim))
     bs = (base.stride(channel_dim), base.stride(1 - channel_dim)) if base is not None else (0, 0)
-    _channel_sumsq_kernel[(triton.cdiv(channels, block_c),)](
-        grad, grad if base is None else base, out, channels, length, gs[0], gs[1], bs[0], bs[1],
-        HAS_BASE=base is not None, BLOCK_C=block_c, BLOCK_K=block_k,
-    )
+    with device_guard(grad):  # launch on the tensors' GPU, not the current one
+        _channel_sumsq_kernel[(triton.cdiv(channels, block_c),)](
+            grad, grad if base is None else base, out, channels, length, gs[0], gs[1], bs[0], bs[1],
+            HAS_BASE=base is not None, BLOCK_C=block_c, BLOCK_K=block_k,
+        )
     return out
 
 
@@ -89,10 +90,11 @@ def channel_scale_update_(
     m, n = grad.shape
     block_m, block_n = _blocks()
     b = grad if base is None else base
-    _channel_scale_update_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        param, grad, b, scales, m, n, param.stride(0), param.stride(1), grad.stride(0), grad.stride(1),
-        b.stride(0), b.stride(1), scales.stride(0), float(alpha), float(decay),
-        CHANNEL_ROWS=channel_dim == 0, HAS_BASE=base is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        FIX_BF16=fix_bf16(),
-    )
+    with device_guard(param):  # launch on the tensors' GPU, not the current one
+        _channel_scale_update_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+            param, grad, b, scales, m, n, param.stride(0), param.stride(1), grad.stride(0), grad.stride(1),
+            b.stride(0), b.stride(1), scales.stride(0), float(alpha), float(decay),
+            CHANNEL_ROWS=channel_dim == 0, HAS_BASE=base is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            FIX_BF16=fix_bf16(),
+        )
     return param

@@ -169,11 +169,14 @@ def test_accelerate_fsdp2_shards_unevenly_and_keeps_the_lrgrad_optimizer(hf_resu
     assert all(r["GaLoreAdamW"]["optimizer"] == "GaLoreAdamW" for r in hf_results)
 
 
-@pytest.mark.parametrize("name", ["GaLoreAdamW", "FloraAdamW"])
-def test_accelerate_fsdp2_weights_match_single_process(hf_results, name):
+# The seeded sketch (GaLore's sharded refresh) takes an eigen-decomposition of an all-reduced sum,
+# whose rounding differs from the single process's: 1e-6, as tests/distributed/test_fsdp2_native.py.
+# Flora's seeded basis needs no decomposition: 1e-10.
+@pytest.mark.parametrize(("name", "atol"), [("GaLoreAdamW", 1e-6), ("FloraAdamW", 1e-10)])
+def test_accelerate_fsdp2_weights_match_single_process(hf_results, name, atol):
     want = single_process(name)
     for rank_result in hf_results:
-        assert_same_weights(rank_result[name]["weights"], want)
+        assert_same_weights(rank_result[name]["weights"], want, atol=atol)
 
 
 def test_accelerate_fsdp2_save_state_load_state_resumes_exactly(hf_results):

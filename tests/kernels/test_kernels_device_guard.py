@@ -11,7 +11,15 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 from lrgrad import kernels
-from lrgrad.kernels import aot, triton_matmul, triton_normalize, triton_projection, triton_quant, triton_utils
+from lrgrad.kernels import (
+    aot,
+    triton_channel_scale,
+    triton_matmul,
+    triton_normalize,
+    triton_projection,
+    triton_quant,
+    triton_utils,
+)
 
 
 def test_guard_selects_the_tensors_cuda_device_and_is_a_no_op_on_cpu():
@@ -43,7 +51,7 @@ def test_every_launch_of_every_entry_point_is_guarded(monkeypatch):
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", run)
-    for module in (triton_matmul, triton_normalize, triton_projection, triton_quant):
+    for module in (triton_channel_scale, triton_matmul, triton_normalize, triton_projection, triton_quant):
         monkeypatch.setattr(module, "device_guard", recording_guard)
 
     kernels.lowrank_update_(torch.zeros(5, 7), torch.ones(5, 2), torch.ones(2, 7), "right", alpha=1.0, decay=0.5)
@@ -57,4 +65,7 @@ def test_every_launch_of_every_entry_point_is_guarded(monkeypatch):
         codes, absmax = kernels.quantize_blockwise_8bit(x.abs(), 8, signed=signed)
         kernels.dequantize_blockwise_8bit(codes, absmax, None, 8, signed=signed)
     kernels.stochastic_round(x, seed=2)
+    g = torch.randn(6, 5)
+    kernels.channel_sumsq(g, torch.zeros(6, 5), channel_dim=1)
+    kernels.channel_scale_update_(torch.zeros(6, 5), g, torch.ones(6), 0, alpha=1.0, decay=1.0)
     assert set(launched) == set(aot.all_kernels())  # every kernel was reached, each under a guard
