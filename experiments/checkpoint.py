@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from lrgrad.distributed import MANIFEST_NAME, CheckpointError, verify_manifest, write_manifest
+from lrgrad.distributed import MANIFEST_NAME, CheckpointError, fsync_dir, verify_manifest, write_manifest
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "state.pt"
@@ -104,19 +104,6 @@ def write_log() -> list[str]:
 
 
 # ---------------------------------------------------------------------------- single files
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Atomically write ``state`` to ``path`` (temporary file, fsync, ``os.replace``); returns ``path``.
 
@@ -134,7 +121,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     except BaseException:  # do not leave the temporary behind (what a kill leaves is cleaned on the next start)
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -239,7 +226,7 @@ class CheckpointStore:
             self._discard(final)
         write_point("publish")
         os.rename(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self.prune()
         return final
 

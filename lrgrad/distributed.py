@@ -208,7 +208,8 @@ def _files_under(folder: str, skip: str) -> list[str]:
     return sorted(out)
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or a new file in ``folder`` durable (a no-op where folders cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # e.g. Windows: directories cannot be opened
@@ -238,7 +239,7 @@ def write_manifest(folder: str | os.PathLike, name: str = MANIFEST_NAME) -> str:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return target
 
 
@@ -391,5 +392,5 @@ def check_checkpoint_shapes(path: str | os.PathLike, state: dict[str, Any]) -> N
 
 
 __all__ = ["MANIFEST_NAME", "PARALLEL_MODES", "CheckpointError", "check_checkpoint_shapes", "ddp_layerwise",
-           "init_from_env", "load_checkpoint", "save_checkpoint", "setup_parallel", "verify_manifest",
+           "fsync_dir", "init_from_env", "load_checkpoint", "save_checkpoint", "setup_parallel", "verify_manifest",
            "write_manifest"]
