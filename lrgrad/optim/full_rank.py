@@ -99,13 +99,13 @@ def _limit(state: dict[str, Any], norm: torch.Tensor, gamma: float | None) -> to
 
 def full_rank_update_(
     projector: Any, state: dict[str, Any], param2d: Any, grad2d: Any, low: Any, update: Any, group: dict[str, Any],
-    lr: float, decay: float,
+    lr: float, decay: float, scale: float,
 ) -> None:
     """Apply ``group["full_rank"]``'s update to ``param2d`` (see the module docstring).
 
     ``grad2d`` is the prepared full gradient (compute dtype), ``low = down(G)``, ``update = ψ(low)``
     (the rule has already advanced its state); ``param2d`` is the write target (a DTensor or
-    not, any float dtype).
+    not, any float dtype); ``scale`` is the group's scale, its default already resolved.
     """
     mode = group["full_rank"]
     side = projector.side
@@ -136,13 +136,13 @@ def full_rank_update_(
     coef = (scales / divisor).contiguous()
     target = _local(param2d)
     if mode == "apollo":
-        kernels.channel_scale_update_(target, g, coef, channel_dim, alpha=-lr * group["scale"], decay=decay, base=None)
+        kernels.channel_scale_update_(target, g, coef, channel_dim, alpha=-lr * scale, decay=decay, base=None)
         return
     # Fira: one fp32 work copy for low-precision weights so they are rounded once per step
     work = target if target.dtype == dtype else target.to(dtype)
     kernels.channel_scale_update_(work, g, coef, channel_dim, alpha=-lr, decay=decay, base=base)
     del base
-    projector.update_param_(state, work, update, -lr * group["scale"], 1.0)  # + scale·up(u), fused GEMM
+    projector.update_param_(state, work, update, -lr * scale, 1.0)  # + scale·up(u), fused GEMM
     if work is not target:
         target.copy_(work)
 

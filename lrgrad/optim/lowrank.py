@@ -53,6 +53,13 @@ ZERO_PARTITIONED_MESSAGE = (
     "and partitions them, so no projector can see a matrix. " + SUPPORTED_ROUTES
 )
 
+
+def refuse_zero_partitioned(group: dict[str, Any]) -> None:
+    """A group with a rank may not hold DeepSpeed ZeRO-3 params (tagged ``ds_id``; they carry no data):
+    checked at construction and again at the first step (params swapped in after construction)."""
+    if group["rank"] is not None and any(hasattr(p, "ds_id") for p in group["params"]):
+        raise ValueError(f"Invalid params: {ZERO_PARTITIONED_MESSAGE}")
+
 BASE_DEFAULTS: dict[str, Any] = {
     "weight_decay": 1e-2,
     "rank": None,
@@ -184,8 +191,7 @@ class LowRankOptimizer(Optimizer):
                 raise ValueError("Invalid params: complex parameters are not supported by lrgrad optimizers")
             if not p.is_floating_point():
                 raise ValueError(f"Invalid params: expected floating-point parameters, got {p.dtype}")
-        if group["rank"] is not None and any(hasattr(p, "ds_id") for p in group["params"]):
-            raise ValueError(f"Invalid params: {ZERO_PARTITIONED_MESSAGE}")
+        refuse_zero_partitioned(group)
 
     # ------------------------------------------------------------------ routing
     def is_projected(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -351,8 +357,7 @@ class LowRankOptimizer(Optimizer):
         if group["rank"] is None or id(group) in checked:
             return
         checked.add(id(group))
-        if any(hasattr(p, "ds_id") for p in group["params"]):  # ZeRO-3 leaves these with no data
-            raise ValueError(f"Invalid params: {ZERO_PARTITIONED_MESSAGE}")
+        refuse_zero_partitioned(group)
         params = [p for p in group["params"] if p.numel()]  # empty params are a no-op, not a fallback
         if not params or any(self.is_projected(p, group) for p in params):
             return
@@ -503,9 +508,8 @@ class LowRankOptimizer(Optimizer):
         with update_targets([param], contiguous=True) as (target,):
             target2d = target.view(matrix_shape(param))
             if group["full_rank"] is not None:
-                resolved = group if group["scale"] is not None else {**group, "scale": scale}  # scale=None default
                 full_rank_update_(projector, state, target2d, grad.reshape(matrix_shape(param)), low, update,
-                                  resolved, lr, decay)
+                                  group, lr, decay, scale)
             else:
                 projector.update_param_(state, target2d, update, alpha, decay)
 
