@@ -15,7 +15,10 @@ all-gather of a B-byte result. Methods (``projector="svd"`` unless noted):
 * ``Gram``: ``svd_sharded="gram"``, the n x n Gram all-reduce (right side; left gathers);
 * ``sketch, 1 pass`` (default): ``svd_power_iters=0`` - one n x k all-reduce (k = r + 8);
 * ``sketch, 2 passes``: ``svd_power_iters=1``;
-* ``online PCA step``: an ``online_pca`` refresh after its first.
+* ``online PCA step``: an ``online_pca`` refresh after its first;
+* ``DCT (default)``: ``projector="dct"`` - n column scores all-reduced on the right side, the
+  seeded sketch on the left (one n x k all-reduce + an m x k gather, k = r + 8);
+* ``DCT, gather``: ``dct_sharded="gather"`` - exact left-side scores from the all-gathered G.
 
 Traffic does not depend on the values, so the numbers for all ``--layers`` blocks are one
 block's times ``--layers``.
@@ -27,7 +30,9 @@ left) it captures over the exact top-r SVD's, on real gradients of a small LLaMA
 (``--energy-config``, its GaLore rank, d/4 as at 1B) trained a few AdamW steps on the
 Python stdlib bytes, cold (first refresh) and warm (started from the basis of a
 gradient ``--energy-gap`` steps earlier), plus synthetic power-law spectra
-``σ_i = i^-α`` (a harder case than real gradients).
+``σ_i = i^-α`` (a harder case than real gradients). For DCT's left-side sketch: the exact
+top-r score energy its selection keeps (every matrix scored as a left side, i.e. along m),
+on the same real gradients and on synthetic gradients whose energy sits in a few DCT modes.
 
     python experiments/bench_comm.py --world 8
 """
@@ -52,6 +57,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "sketch, 1 pass (default)": {"projector": "svd"},
     "sketch, 2 passes": {"projector": "svd", "svd_power_iters": 1},
     "online PCA step": {"projector": "online_pca"},
+    "DCT (default)": {"projector": "dct"},
+    "DCT, gather": {"projector": "dct", "dct_sharded": "gather"},
 }
 DEFAULT = "sketch, 1 pass (default)"
 BASELINE = "all-gather G"
@@ -221,6 +228,43 @@ def synthetic_gradients(size: int, rank: int) -> list[tuple[str, dict, dict]]:
     return out
 
 
+def dct_energy_rows(grads: dict[str, torch.Tensor], rank: int) -> list[tuple]:
+    """Exact top-r DCT score energy kept by the left-side sketch's selection (oversample 8, 1 pass)."""
+    from lrgrad.projectors.dct import dct_coefficients, select_indices, sketched_left_scores
+
+    rows = []
+    for name, g in grads.items():
+        exact = dct_coefficients(g, "left", "auto").square().sum(dim=1)
+        best = float(exact[select_indices(exact, rank).long()].sum())
+        scores = sketched_left_scores(g, rank + 8, 0, torch.Generator().manual_seed(0))
+        kept = float(exact[select_indices(scores, rank).long()].sum())
+        rows.append((name, tuple(g.shape), kept / best, best / float(exact.sum())))
+    return rows
+
+
+def mode_concentrated_gradients(size: int) -> dict[str, torch.Tensor]:
+    """G = Q[:, perm] diag(j^-α) R (Q the DCT basis, R Gaussian): energy in a few DCT modes."""
+    from lrgrad.projectors.dct import dct_basis
+
+    out = {}
+    for alpha in (0.1, 0.25, 0.5):
+        gen = torch.Generator().manual_seed(0)
+        perm = torch.randperm(size, generator=gen)
+        w = torch.arange(1, size + 1, dtype=torch.float32) ** -alpha
+        out[f"DCT modes j^-{alpha}"] = dct_basis(size)[:, perm] @ (w[:, None] * torch.randn(size, 3 * size,
+                                                                                           generator=gen))
+    return out
+
+
+def dct_energy_table(sets: list[tuple[str, list[tuple]]]) -> str:
+    lines = ["## DCT left side: exact top-r score energy kept by the sketch's selection\n",
+             "| gradients | matrix | m x n | kept / exact top-r | exact top-r share of ‖G‖² |", "|---|---|---|---|---|"]
+    for label, rows in sets:
+        for name, shape, kept, share in rows:
+            lines.append(f"| {label} | {name} | {shape[0]}x{shape[1]} | {kept:.4f} | {share:.3f} |")
+    return "\n".join(lines)
+
+
 def energy_table(sets: list[tuple[str, list[tuple]]], rank_note: str) -> str:
     lines = [f"## Energy captured by the sketch / by the exact top-r SVD ({rank_note})\n",
              "| gradients | matrix | m x n | side | 1 pass, cold | 1 pass, warm | 2 passes, cold | 2 passes, warm |",
@@ -267,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         sets.append((label, energy_rows(g, e, synthetic_rank)))
     print(energy_table(sets, f"{args.energy_config}: rank {rank}; synthetic: rank {synthetic_rank}, "
                              f"oversample 8"))
+    dct_sets = [(f"{args.energy_config} step {args.energy_steps}, rank {rank}", dct_energy_rows(grads, rank)),
+                (f"synthetic, rank {synthetic_rank}",
+                 dct_energy_rows(mode_concentrated_gradients(args.synthetic_size), synthetic_rank))]
+    print()
+    print(dct_energy_table(dct_sets))
     print(f"\n({time.time() - started:.0f} s)")
     return 0
 

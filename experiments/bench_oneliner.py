@@ -125,9 +125,13 @@ def table(results: list[dict[str, Any]]) -> str:
     base = {(r["shape"], r["lr"]): r["val_loss"] for r in results if r["variant"] == "AdamW"}
     for r in results:
         ref = base.get((r["shape"], r["lr"]))
-        rel = (r["val_loss"] / ref - 1) if ref else float("nan")
-        ok = "—" if r["variant"] == "AdamW" else ("yes" if rel <= GOAL else "**no**")
-        lines.append(f"| {r['shape']} | {r['lr']:g} | {r['variant']} | {r['val_loss']:.4f} | {rel:+.1%} | {ok} |")
+        if not ref:  # AdamW not in this run (--skip-adamw): no verdict
+            rel_cell, ok = "n/a", "n/a"
+        else:
+            rel = r["val_loss"] / ref - 1
+            rel_cell = f"{rel:+.1%}"
+            ok = "—" if r["variant"] == "AdamW" else ("yes" if rel <= GOAL else "**no**")
+        lines.append(f"| {r['shape']} | {r['lr']:g} | {r['variant']} | {r['val_loss']:.4f} | {rel_cell} | {ok} |")
     return "\n".join(lines)
 
 

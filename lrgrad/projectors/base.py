@@ -48,6 +48,10 @@ class Projector:
     option_defaults: ClassVar[dict[str, Any]] = {}
     #: int state entries fixed by the parameter's shape (``load_state_dict`` requires them equal)
     structural_state_keys: ClassVar[tuple[str, ...]] = ()
+    #: the one-process options that compute what the default FSDP2 refresh (:meth:`refresh_sharded`)
+    #: computes, e.g. the seeded sketch instead of an exact SVD: what tests and comparisons set to
+    #: hold a sharded run equal to a one-process run
+    sharded_refresh_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, rank: int, update_proj_gap: int, side: str, options: dict[str, Any]):
         self.rank = rank
@@ -69,6 +73,13 @@ class Projector:
 
     def has_basis(self, state: dict[str, Any]) -> bool:
         return "proj_basis" in state
+
+    @staticmethod
+    def refresh_generator(state: dict[str, Any], step: int, device: torch.device) -> torch.Generator:
+        """A generator seeded from (param seed, step): the same draws on every rank and after a resume."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed((state["proj_seed"] * 1_000_003 + step) % (2**63 - 1))
+        return generator
 
     def should_refresh(self, state: dict[str, Any], step: int) -> bool:
         """Refresh on steps 1, gap+1, 2*gap+1, ... (1-based, as galore-torch does)."""

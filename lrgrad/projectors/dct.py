@@ -25,6 +25,19 @@ followed by the odd ones reversed). ``dct_scores="auto"`` takes the FFT for larg
 ``d`` (where it is faster), the matmul otherwise; both compute ``G Q`` (not
 ``G Qᵀ``, which the reference's FFT path silently computes).
 
+FSDP2 (rows of G sharded, see ``lrgrad.projectors.sharded``): on the right side a
+score is a sum over rows, ``Σ_i ‖G_i q_k‖²``: one all-reduce of an n-vector, exact.
+On the left side ``q_kᵀ G`` mixes rows across shards, so exact scores need O(mn)
+traffic - as much as all-gathering G. The default (``dct_sharded="sketch"``) scores
+the rank-k approximation ``G V Vᵀ`` instead (:func:`sketched_left_scores`: V an
+orthonormal basis of the seeded randomized range ``GᵀG Ω``, k = r + ``dct_oversample``):
+one n x k all-reduce (``dct_power_iters`` more) and an m x k gather of ``G V``. On real
+and power-law gradients its selection captures >= 99% of the exact top-r score
+energy (tests/projectors/test_projector_dct.py, docs/distributed.md).
+``dct_scores="sketch"`` runs the same algorithm in one process (on the left side; the
+right side is exact either way), so a sharded run can be held equal to a one-process
+one; ``dct_sharded="gather"`` keeps exact left scores by all-gathering G at a refresh.
+
 Moments across a reselection: ``transition`` is the r x r selection matrix
 ``T[a, b] = [idx_old[a] == idx_new[b]]`` (``P_old P_newᵀ``), so with
 ``moment_policy="project"`` every surviving basis vector keeps its own moment
@@ -43,11 +56,16 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
-from lrgrad._checks import check_choice
+from lrgrad._checks import check_choice, check_int
+from lrgrad.dtensor import LocalContext
 from lrgrad.projectors.base import Projector, is_finite
+from lrgrad.projectors.svd import orthonormal_columns
 from lrgrad.subspace import state_like
 
-DCT_SCORES = ("auto", "matmul", "fft")
+#: how scores are computed: exactly (matmul or FFT), or, on the left side, from the sketch
+DCT_SCORES = ("auto", "matmul", "fft", "sketch")
+#: how the left side is scored from FSDP2 row shards
+SHARDED_DCT_METHODS = ("sketch", "gather")
 
 # (d, device, dtype) -> Q. Shared by every layer and every optimizer; never saved.
 _BASES: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
@@ -124,6 +142,34 @@ def fft_threshold(device: torch.device) -> int:
     return 1024 if device.type == "cpu" else 2048
 
 
+def sketched_left_scores(
+    rows: torch.Tensor,
+    width: int,
+    power_iters: int,
+    generator: torch.Generator,
+    method: str = "auto",
+    ctx: Any = None,
+) -> torch.Tensor:
+    """Left-side scores ``‖q_kᵀ G V‖²`` (k = 0..m-1) of ``G`` (m x n) from its rows ``rows = G[a:b]``.
+
+    ``V`` (n x ``width``) is an orthonormal basis of the randomized range ``(GᵀG)^(p+1) Ω``
+    (Ω Gaussian from ``generator``, p = ``power_iters``): ``G V Vᵀ`` is G's best rank-``width``
+    part up to the sketch, so the scores are the exact ones minus the tail's. Only the n
+    space crosses ranks: ``p + 1`` all-reduces of n x ``width``, then the rows ``G_i V``
+    gathered (m x ``width``) and transformed locally. ``ctx=None``: one process, all rows;
+    otherwise a :class:`lrgrad.dtensor.ShardContext` (every rank gets the same scores).
+    With ``width >= n`` the scores are exact up to rounding.
+    """
+    ctx = ctx if ctx is not None else LocalContext(rows.shape[0])
+    n = rows.shape[1]
+    omega = torch.randn(n, min(width, n), generator=generator, device=rows.device, dtype=rows.dtype)
+    v = orthonormal_columns(omega)
+    for _ in range(power_iters + 1):
+        v = orthonormal_columns(ctx.all_reduce(rows.T @ (rows @ v)))
+    projected = ctx.all_gather_rows(rows @ v)  # G V, m x width
+    return dct_coefficients(projected, "left", method).square().sum(dim=1)
+
+
 def select_indices(scores: torch.Tensor, rank: int) -> torch.Tensor:
     """Top-``rank`` indices of ``scores``, sorted ascending, int32.
 
@@ -139,12 +185,17 @@ class DCTProjector(Projector):
 
     name = "dct"
     orthonormal = True
-    option_defaults: dict[str, Any] = {"dct_scores": "auto"}
+    option_defaults: dict[str, Any] = {"dct_scores": "auto", "dct_sharded": "sketch", "dct_oversample": 8,
+                                       "dct_power_iters": 0}
+    sharded_refresh_options: dict[str, Any] = {"dct_scores": "sketch"}
     structural_state_keys = ("proj_dim",)
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
         check_choice("dct_scores", group["dct_scores"], DCT_SCORES)
+        check_choice("dct_sharded", group["dct_sharded"], SHARDED_DCT_METHODS)
+        for key in ("dct_oversample", "dct_power_iters"):
+            check_int(key, group[key], 0)
 
     def has_basis(self, state: dict[str, Any]) -> bool:
         return "proj_indices" in state
@@ -153,22 +204,36 @@ class DCTProjector(Projector):
         if not is_finite(grad):
             state["proj_failures"] += 1
             return False
-        coeffs = dct_coefficients(grad, self.side, self.options["dct_scores"])
+        if self.side == "left" and self.options["dct_scores"] == "sketch":
+            return self._select(state, self._sketched_scores(state, grad, step))
+        coeffs = dct_coefficients(grad, self.side, self._exact_method())
         return self._select(state, coeffs.square().sum(dim=0 if self.side == "right" else 1))
 
     def refresh_sharded(self, state: dict[str, Any], grad_local: torch.Tensor, step: int,
                         group: dict[str, Any], ctx: Any) -> bool:
-        """FSDP2 (rows of G sharded): on the right side the score of basis vector k is
+        """FSDP2 (rows of G sharded). Right side: the score of basis vector k is
         ``Σ_i ‖G_i q_k‖²`` over the row shards, so one all-reduce of an n-vector replaces
-        the m x n all-gather. The left side mixes rows across shards: ``NotImplemented``
-        sends it to the all-gather fallback."""
-        if self.side != "right":
+        the m x n all-gather (exact). Left side: :func:`sketched_left_scores` (default), or
+        ``NotImplemented`` with ``dct_sharded="gather"`` (the exact all-gather fallback)."""
+        if self.side == "left" and self.options["dct_sharded"] == "gather":
             return NotImplemented
         if not ctx.all_finite(grad_local):
             state["proj_failures"] += 1
             return False
-        coeffs = dct_coefficients(grad_local, "right", self.options["dct_scores"])
+        if self.side == "left":
+            return self._select(state, self._sketched_scores(state, grad_local, step, ctx))
+        coeffs = dct_coefficients(grad_local, "right", self._exact_method())
         return self._select(state, ctx.all_reduce(coeffs.square().sum(dim=0)))
+
+    def _exact_method(self) -> str:
+        """The matmul/FFT choice for exact scores (``"sketch"`` scores the right side exactly)."""
+        method = self.options["dct_scores"]
+        return "auto" if method == "sketch" else method
+
+    def _sketched_scores(self, state: dict[str, Any], rows: torch.Tensor, step: int, ctx: Any = None) -> torch.Tensor:
+        """:func:`sketched_left_scores` seeded from (param seed, step): the same on every rank and after a resume."""
+        return sketched_left_scores(rows, self.rank + self.options["dct_oversample"], self.options["dct_power_iters"],
+                                    self.refresh_generator(state, step, rows.device), "auto", ctx)
 
     def refresh_state_spec(
         self, shape2d: tuple[int, int], dtype: torch.dtype

@@ -115,6 +115,7 @@ class OnlinePCAProjector(Projector):
         "pca_qr_every": 10,
         "pca_ortho_tol": 1e-3,
     }
+    sharded_refresh_options: dict[str, Any] = {"pca_init": "randomized"}
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:

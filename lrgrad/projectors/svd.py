@@ -157,6 +157,7 @@ class SVDProjector(Projector):
     orthonormal = True
     option_defaults: dict[str, Any] = {"svd": "exact", "svd_oversample": 8, "svd_power_iters": 0,
                                        "svd_sharded": "sketch"}
+    sharded_refresh_options: dict[str, Any] = {"svd": "randomized"}
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
@@ -171,8 +172,7 @@ class SVDProjector(Projector):
 
     def sketch(self, state: dict[str, Any], rows: torch.Tensor, step: int, ctx: Any = None) -> torch.Tensor:
         """:func:`sketch_basis` seeded from (param seed, step): identical on every rank and after a resume."""
-        generator = torch.Generator(device=rows.device)
-        generator.manual_seed((state["proj_seed"] * 1_000_003 + step) % (2**63 - 1))
+        generator = self.refresh_generator(state, step, rows.device)
         return sketch_basis(rows, self.rank, self.side, self.previous_basis(state), self.options["svd_oversample"],
                             self.options["svd_power_iters"], generator, ctx)
 

@@ -33,17 +33,16 @@ def fsdp2_worker(rank: int, world: int, names: list[str], ckpt: str) -> dict:
         names_by_id = {id(p): n for n, p in model.named_parameters()}
         bases = {names_by_id[id(p)]: s["proj_basis"] for p, s in opt.state.items() if "proj_basis" in s}
         results[name] = {"weights": full_state(model), "bases": bases}
-    # DCT on the right side must refresh from the all-reduced column scores, never an all-gather
+    # DCT must refresh from the all-reduced column scores (right) and the sketch (left), never
+    # from an all-gathered G (the one-process refresh is what the fallback would call)
     from lrgrad.projectors.dct import DCTProjector
 
     gathered_refresh = DCTProjector.refresh
 
-    def right_side_must_not_gather(self, state, grad, step, group):
-        if self.side == "right":
-            raise AssertionError("right-side DCT refresh all-gathered G")
-        return gathered_refresh(self, state, grad, step, group)
+    def must_not_gather(self, state, grad, step, group):
+        raise AssertionError(f"{self.side}-side DCT refresh all-gathered G")
 
-    DCTProjector.refresh = right_side_must_not_gather
+    DCTProjector.refresh = must_not_gather
     try:
         model = fsdp_model()
         opt = make_optimizer("DCTAdamW", model, moment_policy="project")
@@ -80,13 +79,13 @@ def fsdp_results(tmp_path_factory):
 
 
 def sketch_options(name: str) -> dict:
-    """The single-process options that run FSDP2's default refresh: the seeded sketch
-    (``svd="randomized"``; online PCA: ``pca_init="randomized"``)."""
+    """The single-process options that run FSDP2's default refresh: the projector's
+    ``sharded_refresh_options`` (the seeded sketches: ``svd="randomized"``,
+    ``pca_init="randomized"``, ``dct_scores="sketch"``)."""
     from lrgrad.projectors import PROJECTORS
 
     projector = make_optimizer(name, make_model()).param_groups[0]["projector"]
-    defaults = PROJECTORS[projector].option_defaults
-    return {key: "randomized" for key in ("svd", "pca_init") if key in defaults}
+    return dict(PROJECTORS[projector].sharded_refresh_options)
 
 
 def single_process(name: str, exact: bool = False, **options) -> dict:
@@ -215,9 +214,10 @@ def test_setup_parallel_validates():
 
 
 def test_fsdp2_dct_refresh_uses_all_reduced_scores(fsdp_results):
-    """Right-side DCT selection from Σ_i column scores (an n-vector all-reduce) equals the unsharded run."""
+    """DCT selection from Σ_i column scores (right, an n-vector all-reduce) and the seeded sketch
+    (left) equals the one-process run with ``dct_scores="sketch"``."""
     results, _ = fsdp_results
-    expected = single_process("DCTAdamW", moment_policy="project")
+    expected = single_process("DCTAdamW", moment_policy="project")  # + sketch_options: dct_scores="sketch"
     for rank_results in results:
         got = rank_results["dct_scores_all_reduced"]
         for key, value in expected.items():

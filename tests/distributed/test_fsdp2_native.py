@@ -1,10 +1,12 @@
 """FSDP2 without exceptions: every registered projector x {adamw, adamw8bit} refreshes from its
 row shards (no all-gather of a gradient), 8-bit moments stay 8-bit per shard, DCP round-trips.
 
-One 2-process spawn runs every check; the single-process oracles run here. The SVD-based
-projectors refresh under FSDP2 with the seeded sketch (``svd_sharded="sketch"``, the
-default), the same algorithm a single process runs with ``svd="randomized"`` (online PCA:
-``pca_init="randomized"``), so the runs are comparable to float rounding.
+One 2-process spawn runs every check; the single-process oracles run here. Each projector
+declares the one-process options that compute what its default sharded refresh computes
+(``Projector.sharded_refresh_options``): the SVD family refreshes under FSDP2 with the seeded
+sketch (``svd="randomized"`` in one process; online PCA: ``pca_init="randomized"``), DCT scores
+its left side from a seeded sketch (``dct_scores="sketch"``), so the runs are comparable to
+float rounding.
 """
 
 from __future__ import annotations
@@ -27,28 +29,26 @@ EXACT_BLOCKS = {"moment_min_size": 0, "moment_block_size": 2}
 #: blocks of 64 do not align with the shards: the DCP round trip has padded block maxima
 DCP_BLOCKS = {"moment_min_size": 0, "moment_block_size": 64}
 SAVE_AT = 3
-#: projectors whose left-side refresh still needs the whole G (exact DCT scores mix rows)
-GATHERS_ON_LEFT = ("dct",)
 
 
-def options(projector: str, rule: str, sharded: bool, blocks: dict | None = None) -> dict:
-    """Optimizer options: the seeded sketch for the SVD family (implicit under FSDP2 - the
-    default ``svd="exact"`` refreshes with it; explicit in one process)."""
+def options(projector: str, rule: str, sharded: bool, blocks: dict | None = None, **extra) -> dict:
+    """Optimizer options: under FSDP2 the defaults; in one process the projector's
+    ``sharded_refresh_options`` (the seeded sketches the sharded defaults run)."""
     chosen = {"moment_policy": "project"}
     defaults = PROJECTORS[projector].option_defaults
-    if not sharded and "svd" in defaults:
-        chosen["svd"] = "randomized"
-    if not sharded and "pca_init" in defaults:
-        chosen["pca_init"] = "randomized"
+    if not sharded:
+        chosen.update(PROJECTORS[projector].sharded_refresh_options)
     if rule == "adamw8bit":
         chosen.update(blocks or EXACT_BLOCKS)
+    chosen.update(extra)
     assert set(chosen) - {"moment_policy"} <= set(defaults) | set(RULES[rule].option_defaults)
     return chosen
 
 
-def make_optimizer(model, projector: str, rule: str, sharded: bool, blocks: dict | None = None):
+def make_optimizer(model, projector: str, rule: str, sharded: bool, blocks: dict | None = None, **extra):
     return lrgrad.LowRankOptimizer(lrgrad.param_groups(model, rank=8, update_proj_gap=GAP), lr=1e-2,
-                                   rule=rule, projector=projector, **options(projector, rule, sharded, blocks))
+                                   rule=rule, projector=projector,
+                                   **options(projector, rule, sharded, blocks, **extra))
 
 
 @contextlib.contextmanager
@@ -84,16 +84,27 @@ def native_worker(rank: int, world: int, ckpt: str) -> dict:
         for rule in RULE_NAMES:
             model = fsdp_model()
             opt = make_optimizer(model, projector, rule, sharded=True)
-            gathered: list = []
-            with gathers_raise(gathered if projector in GATHERS_ON_LEFT else None), count_collectives() as log:
+            with gathers_raise(), count_collectives() as log:
                 train_steps(model, opt, 0, STEPS, rank, world)
             results["weights"][projector, rule] = full_state(model)
             results["largest_collective"][projector, rule] = max(e["numel"] for e in log)
-            results["gathered"][projector, rule] = gathered
             if rule == "adamw8bit":
                 gate = opt.state[model.layers[0].gate_proj.weight]
                 results["8bit_gate"] = {k: (type(v).__name__, v.dtype, tuple(v.to_local().shape))
                                         for k, v in gate.items() if is_dtensor(v)}
+    # DCT's exact opt-in: the left side (down_proj, 32 x 35) all-gathers G at each refresh
+    model = fsdp_model()
+    gathered: list = []
+    opt = make_optimizer(model, "dct", "adamw", sharded=True, dct_sharded="gather")
+    with gathers_raise(gathered):
+        train_steps(model, opt, 0, STEPS, rank, world)
+    results["dct_gather"] = (full_state(model), gathered)
+    # DCT's default left-side refresh: the sketch's collectives
+    model = fsdp_model()
+    opt = make_optimizer(model, "dct", "adamw", sharded=True)
+    with count_collectives() as log:
+        train_steps(model, opt, 0, 1, rank, world)
+    results["dct_refresh_log"] = [(e["op"], e["numel"]) for e in log]
     # refresh traffic of the default GaLore projector on the 35 x 32 gate_proj (right side)
     # and the 32 x 35 down_proj (left side), one refresh each
     model = fsdp_model()
@@ -131,9 +142,9 @@ def native(tmp_path_factory):
     return run_distributed(native_worker, ckpt), ckpt
 
 
-def single_process(projector: str, rule: str) -> dict:
+def single_process(projector: str, rule: str, **extra) -> dict:
     model = make_model()
-    opt = make_optimizer(model, projector, rule, sharded=False)
+    opt = make_optimizer(model, projector, rule, sharded=False, **extra)
     train_steps(model, opt, 0, STEPS)
     return full_state(model)
 
@@ -153,13 +164,39 @@ def test_fsdp2_equals_single_process(native, projector, rule):
 @pytest.mark.parametrize("rule", RULE_NAMES)
 @pytest.mark.parametrize("projector", sorted(PROJECTORS))
 def test_fsdp2_refresh_never_gathers_a_gradient(native, projector, rule):
-    """Every collective is smaller than the smallest projected gradient (32 x 32); the only
-    all-gathers of a matrix are DCT's left side (down_proj, 32 x 35), the documented fallback."""
+    """Default options: no ``DTensor.full_tensor`` of a matrix (it raised in the worker, or the
+    run would not have finished) and every collective smaller than the smallest projected
+    gradient (32 x 32)."""
     results, _ = native
     for rank_results in results:
-        assert rank_results["largest_collective"][projector, rule] < 32 * 32 or projector in GATHERS_ON_LEFT
-        gathered = rank_results["gathered"][projector, rule]
-        assert all(shape == (32, 35) for shape in gathered)
+        assert (projector, rule) in rank_results["weights"]
+        assert rank_results["largest_collective"][projector, rule] < 32 * 32
+
+
+def test_fsdp2_dct_gather_opt_in_is_exact(native):
+    """``dct_sharded="gather"``: the left side (down_proj) is all-gathered at each refresh
+    (steps 1, 3, 5 on 2 blocks) and the run equals the exact one-process DCT."""
+    results, _ = native
+    want = single_process("dct", "adamw", dct_scores="auto")
+    for rank_results in results:
+        weights, gathered = rank_results["dct_gather"]
+        assert gathered == [(32, 35)] * 6
+        for key in want:
+            torch.testing.assert_close(weights[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_fsdp2_dct_left_sketch_traffic(native):
+    """DCT's first step (2 blocks): per matrix a 1-element finiteness vote; right side one
+    n-vector of scores (n = 32); left side (down_proj 32 x 35) one n x k all-reduce
+    (k = rank 8 + dct_oversample 8) and the rows of G V gathered (padded to 2 x 16 x 16),
+    plus its per-step r x n all-reduce of R."""
+    from collections import Counter
+
+    results, _ = native
+    expected = Counter({("all_reduce", 1): 14, ("all_reduce", 32): 12, ("all_reduce", 35 * 16): 2,
+                        ("all_gather", 2 * 16 * 16): 2, ("all_reduce", 8 * 35): 2})
+    for rank_results in results:
+        assert Counter(rank_results["dct_refresh_log"]) == expected
 
 
 def test_fsdp2_sketch_refresh_traffic(native):
