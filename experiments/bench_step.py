@@ -64,7 +64,11 @@ EXTRA_OPTIMIZERS: dict[str, tuple[str, float, str]] = {
     "galore_adamw8bit": ("GaLoreAdamW8bit", 0.25, "GaLore-AdamW8bit"),
     "dct_adafactor": ("DCTAdafactor", 0.25, "DCT-Adafactor"),
     "flora_adafactor": ("FloraAdafactor", 1.0, "Flora-Adafactor"),
+    # what the per-step non-finite check (a read of every full-rank gradient) costs
+    "galore_adamw_nocheck": ("GaLoreAdamW", 0.25, "GaLore-AdamW (skip_nonfinite=False)"),
 }
+#: extra keyword arguments of some EXTRA_OPTIMIZERS
+EXTRA_OPTIONS: dict[str, dict] = {"galore_adamw_nocheck": {"skip_nonfinite": False}}
 
 
 def make_optimizer(name: str, model: torch.nn.Module, rank: int, gap: int | None = None) -> torch.optim.Optimizer:
@@ -73,7 +77,7 @@ def make_optimizer(name: str, model: torch.nn.Module, rank: int, gap: int | None
     if name in EXTRA_OPTIMIZERS:
         cls_name, scale, _ = EXTRA_OPTIMIZERS[name]
         groups = lrgrad.param_groups(model, rank=rank, update_proj_gap=gap or NO_REFRESH, scale=scale)
-        return lrgrad.OPTIMIZERS[cls_name](groups, lr=1e-2, weight_decay=0.0)
+        return lrgrad.OPTIMIZERS[cls_name](groups, lr=1e-2, weight_decay=0.0, **EXTRA_OPTIONS.get(name, {}))
     spec = get_spec(name)
     if spec.kind == "lowrank":
         # steady state: no refresh inside the timed steps (online subspace descent updates P every

@@ -26,7 +26,10 @@ class DCTAdamW(LowRankAdamW):
     ``moment_policy="project"`` (default here): on a reselection each surviving basis
     vector keeps its moments and new ones start at zero - the moments never drift to
     another basis vector. ``dct_scores`` picks the scoring path (``"auto"``: FFT for
-    large sizes, matmul otherwise).
+    large sizes, matmul otherwise; ``"sketch"``: left-side scores from a seeded rank-(r + 8)
+    sketch, what FSDP2 runs by default). Under FSDP2 the left side (m < n) is scored from
+    that sketch (``dct_sharded="sketch"``) instead of all-gathering G; ``dct_sharded="gather"``
+    keeps exact scores.
     """
 
     def __init__(
