@@ -33,7 +33,7 @@ the rank-k approximation ``G V Vᵀ`` instead (:func:`sketched_left_scores`: V a
 orthonormal basis of the seeded randomized range ``GᵀG Ω``, k = r + ``dct_oversample``):
 one n x k all-reduce (``dct_power_iters`` more) and an m x k gather of ``G V``. On real
 and power-law gradients its selection captures >= 99% of the exact top-r score
-energy (tests/projectors/test_projector_dct.py, docs/distributed.md).
+energy (tests/projectors/test_projector_dct_sketch.py, docs/distributed.md).
 ``dct_scores="sketch"`` runs the same algorithm in one process (on the left side; the
 right side is exact either way), so a sharded run can be held equal to a one-process
 one; ``dct_sharded="gather"`` keeps exact left scores by all-gathering G at a refresh.
