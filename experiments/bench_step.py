@@ -89,9 +89,10 @@ def make_optimizer(name: str, model: torch.nn.Module, rank: int, gap: int | None
 
 
 def refresh_runners(model: torch.nn.Module, rank: int) -> dict[str, step_floors.Runner]:
-    """GaLore refreshing on every second step (gap 2): lrgrad exact SVD, lrgrad randomized, galore-torch."""
+    """GaLore refreshing on every second step (gap 2): lrgrad's Gram default, exact SVD and randomized
+    SVD, and galore-torch."""
     runners = {}
-    for svd in ("exact", "randomized"):
+    for svd in ("gram", "exact", "randomized"):
         opt = lrgrad.GaLoreAdamW(lrgrad.param_groups(model, rank=rank, update_proj_gap=2), lr=1e-2,
                                  weight_decay=0.0, svd=svd)
         runners[f"refresh_{svd}"] = step_floors.Runner(opt.step)
@@ -216,7 +217,7 @@ def table(res: dict[str, Any]) -> list[str]:
 
 
 def refresh_table(res: dict[str, Any]) -> list[str]:
-    """First step and warm refresh of GaLore-AdamW (exact / randomized SVD) against galore-torch."""
+    """First step and warm refresh of GaLore-AdamW (Gram default / exact / randomized SVD) against galore-torch."""
     ref = res.get("refresh") or {}
     if not ref:
         return []
@@ -224,13 +225,14 @@ def refresh_table(res: dict[str, Any]) -> list[str]:
     steady = res["rows"].get("galore_adamw", {}).get("step_s")
     lines = ["| GaLore-AdamW refresh | first step ms | vs galore-torch first step | refresh ms | "
              "amortised at gap 200 (% of GaLore-AdamW step) |", "|---|---|---|---|---|"]
-    for name in ("exact", "randomized", "galore_torch"):
+    for name in ("gram", "exact", "randomized", "galore_torch"):
         if name not in ref:
             continue
         r = ref[name]
         vs = f"{r['first_step_s'] / peer['first_step_s']:.2f}x" if peer else "—"
         amort = f"{100 * r['refresh_s'] / 200 / steady:.2f}%" if steady else "—"
-        who = {"exact": "lrgrad, svd=\"exact\"", "randomized": "lrgrad, svd=\"randomized\" (warm-started)",
+        who = {"gram": "lrgrad, svd=\"gram\" (default)", "exact": "lrgrad, svd=\"exact\"",
+               "randomized": "lrgrad, svd=\"randomized\" (warm-started)",
                "galore_torch": "galore-torch"}[name]
         lines.append(f"| {who} | {_ms(r['first_step_s'])} | {vs} | {_ms(r['refresh_s'])} | {amort} |")
     return lines

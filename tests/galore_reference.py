@@ -23,9 +23,28 @@ def gapped_gradients(m: int, n: int, rank: int, steps: int, seed: int = 0) -> li
     return grads
 
 
+def svd_basis(g: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
+    """galore-torch's basis: the top-r singular vectors with LAPACK's signs."""
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    return vh[:rank] if right else u[:, :rank]
+
+
+def gram_basis(g: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
+    """The top-r eigenvectors of GᵀG (right) or GGᵀ (left), largest eigenvalue first, each signed
+    so that its entry of largest magnitude is positive."""
+    gram = g.T @ g if right else g @ g.T
+    _, vectors = torch.linalg.eigh(gram)
+    cols = []
+    for j in range(vectors.shape[1] - 1, vectors.shape[1] - 1 - rank, -1):
+        v = vectors[:, j]
+        cols.append(v if v[v.abs().argmax()] > 0 else -v)
+    basis = torch.stack(cols, dim=1)  # d x r
+    return basis.T if right else basis
+
+
 def reference_galore(
     w0: torch.Tensor, grads: list[torch.Tensor], rank: int, gap: int, lr: float, scale: float, wd: float,
-    betas=(0.9, 0.999), eps=1e-8, policy="keep",
+    betas=(0.9, 0.999), eps=1e-8, policy="keep", svd="exact",
 ) -> torch.Tensor:
     """A straightforward GaLore-AdamW written from the paper's equations (no lrgrad code).
 
@@ -38,8 +57,7 @@ def reference_galore(
     p = exp_avg = exp_avg_sq = None
     for t, g in enumerate(grads, start=1):
         if (t - 1) % gap == 0:
-            u, _, vh = torch.linalg.svd(g, full_matrices=False)
-            new_p = vh[:rank] if right else u[:, :rank]
+            new_p = gram_basis(g, rank, right) if svd == "gram" else svd_basis(g, rank, right)
             if p is not None and policy != "keep":
                 if policy == "reset":
                     exp_avg.zero_()

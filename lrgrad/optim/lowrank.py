@@ -35,6 +35,7 @@ from lrgrad.optim.compile_guard import refuse_compiled_step
 from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS, full_rank_update_, init_full_rank_state, validate_full_rank
 from lrgrad.projectors import PROJECTORS, Projector
 from lrgrad.projectors.sharded import ShardedProjector
+from lrgrad.projectors.svd import GALORE_TORCH_GROUP_KEYS
 from lrgrad.qweights import update_targets
 from lrgrad.rules import RULES, UpdateRule
 from lrgrad.subspace import MOMENT_POLICIES, PROJ_TYPES, compute_dtype, low_rank_shape, matrix_shape, projection_side
@@ -131,6 +132,7 @@ class LowRankOptimizer(Optimizer):
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s): {', '.join(unknown)}")
         defaults.update(options)
         self._param_index: dict[int, int] = {}
+        self._explicit_options = frozenset(options)  # what the constructor was given, not defaulted
         if defaults["rank"] is not None and is_module_parameters(params):
             warnings.warn(
                 f"{type(self).__name__}(model.parameters(), rank={defaults['rank']}) projects every matrix, the "
@@ -150,6 +152,7 @@ class LowRankOptimizer(Optimizer):
             # takes its own option defaults, not the constructor rule's (eps, betas, ...)
             for key, value in RULES[rule].option_defaults.items():
                 param_group.setdefault(key, value)
+        self._galore_torch_compat(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -159,6 +162,18 @@ class LowRankOptimizer(Optimizer):
             raise
         for p in group["params"]:
             self._param_index.setdefault(id(p), len(self._param_index))
+
+    def _galore_torch_compat(self, param_group: Any) -> None:
+        """A param group written for galore-torch (it carries ``rank``, ``update_proj_gap``, ``scale``
+        and ``proj_type``) refreshes with galore-torch's exact ``torch.linalg.svd`` unless ``svd`` is
+        set in the group or the constructor: it then reproduces galore-torch (README, "The one-liner").
+        Every other group gets the SVD projector's faster default (``svd="gram"``)."""
+        if not isinstance(param_group, dict) or "svd" in param_group or "svd" in getattr(self, "_explicit_options", ()):
+            return
+        projector = param_group.get("projector", self.defaults.get("projector"))
+        if (isinstance(projector, str) and "svd" in getattr(PROJECTORS.get(projector), "option_defaults", {})
+                and GALORE_TORCH_GROUP_KEYS <= param_group.keys()):
+            param_group["svd"] = "exact"
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         lr = group["lr"]

@@ -94,8 +94,11 @@ def test_layerwise_matches_ordinary_step(tmp_path):
               "--update-proj-gap", "2", "--grad-clip", "0.5"]
     plain = _weights(run(_args(tmp_path / "a", *common))["model"])
     layer = _weights(run(_args(tmp_path / "b", *common, "--layerwise"))["model"])
+    # atol 5e-5: the per-layer path refreshes from G before the clip factor c, the ordinary loop from
+    # c·G, and the default Gram refresh resolves directions with σ² < eps·σ₁² (this tiny model's
+    # rank-deficient gradients have some) only up to rounding, so those few entries differ
     for k in plain:
-        torch.testing.assert_close(plain[k], layer[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(plain[k], layer[k], rtol=1e-4, atol=5e-5)
 
 
 def test_clear_errors(tmp_path, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lrgrad
@@ -38,9 +39,10 @@ def test_nonfinite_first_gradient_without_check_never_enters_basis():
     assert torch.isfinite(w).all()
 
 
-def test_svd_failure_keeps_previous_basis(monkeypatch):
+@pytest.mark.parametrize("svd, solver", [("gram", "eigh"), ("exact", "svd")])
+def test_svd_failure_keeps_previous_basis(monkeypatch, svd, solver):
     w = torch.nn.Parameter(torch.randn(30, 20))
-    opt = lrgrad.GaLoreAdamW([w], rank=4, update_proj_gap=1)
+    opt = lrgrad.GaLoreAdamW([w], rank=4, update_proj_gap=1, svd=svd)
     w.grad = torch.randn(30, 20)
     opt.step()
     basis = opt.state[w]["proj_basis"]
@@ -48,7 +50,7 @@ def test_svd_failure_keeps_previous_basis(monkeypatch):
     def broken(*args, **kwargs):
         raise torch.linalg.LinAlgError("did not converge")
 
-    monkeypatch.setattr(torch.linalg, "svd", broken)
+    monkeypatch.setattr(torch.linalg, solver, broken)
     w.grad = torch.randn(30, 20)
     opt.step()
     assert opt.state[w]["proj_basis"] is basis and opt.state[w]["proj_failures"] == 1
