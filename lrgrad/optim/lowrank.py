@@ -349,8 +349,12 @@ class LowRankOptimizer(Optimizer):
                     self.count_skip(p)
             full_params = [p for p, bad in zip(full_params, bad_full) if not bad]
             full_grads = [g for g, bad in zip(full_grads, bad_full) if not bad]
-        for p, low, _, g in low_items:
-            self.apply_low_rank(p, group, low, rule, grad=g)
+        if low_items:
+            # every projected param's direction in one multi-tensor pass (AdamW: torch's fused kernel)
+            updates = rule.update_many([self.state[p] for p, _, _, _ in low_items], [low for _, low, _, _ in low_items],
+                                       [self.state[p]["step"] for p, _, _, _ in low_items])
+            for (p, low, _, g), update in zip(low_items, updates):
+                self.apply_low_rank(p, group, low, rule, grad=g, update=update)
         self.apply_full_rank(group, full_params, full_grads, rule)
 
     def mark_stepped(self) -> None:
@@ -504,16 +508,18 @@ class LowRankOptimizer(Optimizer):
 
     def apply_low_rank(
         self, param: torch.Tensor, group: dict[str, Any], low: torch.Tensor, rule: UpdateRule | None = None,
-        grad: torch.Tensor | None = None,
+        grad: torch.Tensor | None = None, update: torch.Tensor | None = None,
     ) -> None:
         """Run the rule on the low-rank gradient and apply the back-projected update
-        (with ``full_rank``, the full-rank update built from ``grad``, the prepared gradient)."""
+        (with ``full_rank``, the full-rank update built from ``grad``, the prepared gradient).
+        ``update``: the rule's direction when it already ran (``rule.update_many`` over a group)."""
         state = self.state[param]
         rule = rule or self.rule_for(group)
         projector = self.projector_for(param, group)
         if group["full_rank"] is not None and grad is None:
             raise ValueError(f"Invalid grad: full_rank={group['full_rank']!r} needs the full gradient")
-        update = rule.update(state, low, state["step"])
+        if update is None:  # the same arithmetic as a whole group's step (per-layer, accumulation)
+            (update,) = rule.update_many([state], [low], [state["step"]])
         lr = float(group["lr"])
         scale = group["scale"]
         if scale is None:

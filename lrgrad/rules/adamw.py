@@ -24,8 +24,9 @@ from lrgrad.rules.base import UpdateRule
 
 class AdamWRule(UpdateRule):
     name = "adamw"
-    #: ``fused``: full-rank params use torch's fused AdamW kernel (``None``: whenever
-    #: the params are fp32/fp64 on CPU or CUDA), else the foreach path below.
+    #: ``fused``: full-rank params and the low-rank moments use torch's fused AdamW kernel
+    #: (``None``: whenever the tensors are fp32/fp64 on CPU or CUDA), else the foreach path
+    #: below and the per-param :meth:`update`.
     option_defaults: dict[str, Any] = {"betas": (0.9, 0.999), "eps": 1e-8, "fused": None}
     linear_keys = ("exp_avg",)
     quadratic_keys = ("exp_avg_sq",)
@@ -45,6 +46,34 @@ class AdamWRule(UpdateRule):
         # one fused elementwise pass on GPU (Triton); the torch reference is the same arithmetic
         return kernels.adam_direction_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2,
                                        self.group["eps"], step)
+
+    def update_many(
+        self, states: list[dict[str, Any]], grads: list[torch.Tensor], steps: list[int]
+    ) -> list[torch.Tensor]:
+        """The directions of every projected param in one ``torch._fused_adamw_`` call.
+
+        The kernel computes ``p ← p − lr·m̂/(√v̂ + ε)`` (torch's eps placement, as :meth:`update`)
+        after advancing the moments; on zeroed buffers with ``lr = −1`` and no decay it leaves
+        ``u = m̂/(√v̂ + ε)`` in them. One pass over all low-rank moments instead of seven per param
+        (what the floor of ``experiments/bench_step.py`` does). It agrees with :meth:`update` to a
+        few fp32 roundings (the kernel scales by ``lr/(1−β1ᵗ)`` before dividing, and may contract
+        to FMAs), the bound in tests/rules/test_rule_adamw_fused_direction.py.
+        """
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        if not grads or not self._can_fuse(grads, exp_avgs) or not all(
+            type(t) is torch.Tensor for t in (*grads, *exp_avgs, *exp_avg_sqs)  # DTensors: per param
+        ):
+            return super().update_many(states, grads, steps)
+        beta1, beta2 = self.group["betas"]
+        device, dtype = grads[0].device, exp_avgs[0].dtype
+        # one zeroed buffer, split per param: a single memset
+        flat = torch.zeros(sum(g.numel() for g in grads), dtype=dtype, device=device)
+        outs = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        step_tensors = list(torch.tensor(steps, dtype=torch.float32, device=device).unbind())
+        torch._fused_adamw_(outs, grads, exp_avgs, exp_avg_sqs, [], step_tensors, amsgrad=False, lr=-1.0,
+                            beta1=beta1, beta2=beta2, weight_decay=0.0, eps=self.group["eps"], maximize=False)
+        return outs
 
     def apply_full_rank(
         self,

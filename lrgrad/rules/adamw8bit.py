@@ -103,6 +103,12 @@ class AdamW8bitRule(AdamWRule):
         state[f"{key}_absmax"].copy_(absmax)
 
     # ---------------------------------------------------------------- update
+    def update_many(
+        self, states: list[dict[str, Any]], grads: list[torch.Tensor], steps: list[int]
+    ) -> list[torch.Tensor]:
+        """Param by param (:meth:`update`): the moments are codes, not what torch's fused AdamW reads."""
+        return UpdateRule.update_many(self, states, grads, steps)
+
     def update(self, state: dict[str, Any], grad: torch.Tensor, step: int) -> torch.Tensor:
         """Dequantize -> Adam -> requantize, one chunk of whole blocks at a time.
 

@@ -43,6 +43,13 @@ class UpdateRule:
         """Advance the rule's state with ``grad`` and return the direction ``u``."""
         raise NotImplementedError
 
+    def update_many(
+        self, states: list[dict[str, Any]], grads: list[torch.Tensor], steps: list[int]
+    ) -> list[torch.Tensor]:
+        """:meth:`update` for several params at once (every projected param of a group); rules
+        override it with a multi-tensor path. This loop is the reference."""
+        return [self.update(state, grad, step) for state, grad, step in zip(states, grads, steps)]
+
     def apply_full_rank(
         self,
         params: list[torch.Tensor],
