@@ -326,9 +326,12 @@ class LowRankOptimizer(Optimizer):
             g = self.prepare_grad(p, group, g)
             if self.is_projected(p, group):
                 snapshot = self.snapshot_state(p)  # a skipped step must leave the state as it was
-                low = self.project_grad(p, group, g)
+                # one projector object for the param's whole step: a generated basis (Flora's draw, DCT's
+                # columns) is built once for down() and the update (see Projector.memo)
+                projector = self.projector_for(p, group)
+                low = self.project_grad(p, group, g, projector)
                 if low is not None:
-                    low_items.append((p, low, snapshot, g if keep_full else None))
+                    low_items.append((p, low, snapshot, g if keep_full else None, projector))
             else:
                 full_params.append(p)
                 full_grads.append(g)
@@ -337,8 +340,8 @@ class LowRankOptimizer(Optimizer):
             # matmul), so projected params are checked on the small low-rank gradient. A refresh
             # may already have run (a gradient-free one, e.g. Flora's resample, even on a
             # non-finite G): the snapshot puts every state entry and counter back.
-            bad_low = self.nonfinite_flags([low for _, low, _, _ in low_items])
-            for (p, _, snapshot, _), bad in zip(low_items, bad_low):
+            bad_low = self.nonfinite_flags([item[1] for item in low_items])
+            for (p, _, snapshot, _, _), bad in zip(low_items, bad_low):
                 if bad:
                     self.restore_state(p, snapshot)
                     self.count_skip(p)
@@ -351,10 +354,10 @@ class LowRankOptimizer(Optimizer):
             full_grads = [g for g, bad in zip(full_grads, bad_full) if not bad]
         if low_items:
             # every projected param's direction in one multi-tensor pass (AdamW: torch's fused kernel)
-            updates = rule.update_many([self.state[p] for p, _, _, _ in low_items], [low for _, low, _, _ in low_items],
-                                       [self.state[p]["step"] for p, _, _, _ in low_items])
-            for (p, low, _, g), update in zip(low_items, updates):
-                self.apply_low_rank(p, group, low, rule, grad=g, update=update)
+            updates = rule.update_many([self.state[item[0]] for item in low_items], [item[1] for item in low_items],
+                                       [self.state[item[0]]["step"] for item in low_items])
+            for (p, low, _, g, projector), update in zip(low_items, updates):
+                self.apply_low_rank(p, group, low, rule, grad=g, update=update, projector=projector)
         self.apply_full_rank(group, full_params, full_grads, rule)
 
     def mark_stepped(self) -> None:
@@ -457,13 +460,16 @@ class LowRankOptimizer(Optimizer):
             rule.apply_full_rank(targets, grads, states, [s["step"] for s in states], lr=float(group["lr"]),
                                  weight_decay=group["weight_decay"])
 
-    def project_grad(self, param: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> torch.Tensor | None:
+    def project_grad(
+        self, param: torch.Tensor, group: dict[str, Any], grad: torch.Tensor, projector: Projector | None = None,
+    ) -> torch.Tensor | None:
         """Refresh the subspace if due, then return the low-rank gradient (None: skip this step).
 
         Split from :meth:`apply_low_rank` so per-layer updates can project inside
         a backward hook and apply the rule later (exact global-norm clipping).
         """
-        projector = self.projector_for(param, group)
+        if projector is None:
+            projector = self.projector_for(param, group)
         grad2d = grad.reshape(matrix_shape(param))
         if not self.advance_subspace(param, group, grad2d, projector):
             return None
@@ -481,7 +487,8 @@ class LowRankOptimizer(Optimizer):
         accumulation projects before the summed gradient exists.
         """
         state = self.state[param]
-        projector = projector or self.projector_for(param, group)
+        if projector is None:
+            projector = self.projector_for(param, group)
         step = state["step"] + 1
         if projector.should_refresh(state, step):
             had_basis = projector.has_basis(state)
@@ -508,14 +515,15 @@ class LowRankOptimizer(Optimizer):
 
     def apply_low_rank(
         self, param: torch.Tensor, group: dict[str, Any], low: torch.Tensor, rule: UpdateRule | None = None,
-        grad: torch.Tensor | None = None, update: torch.Tensor | None = None,
+        grad: torch.Tensor | None = None, update: torch.Tensor | None = None, projector: Projector | None = None,
     ) -> None:
         """Run the rule on the low-rank gradient and apply the back-projected update
         (with ``full_rank``, the full-rank update built from ``grad``, the prepared gradient).
         ``update``: the rule's direction when it already ran (``rule.update_many`` over a group)."""
         state = self.state[param]
         rule = rule or self.rule_for(group)
-        projector = self.projector_for(param, group)
+        if projector is None:
+            projector = self.projector_for(param, group)
         if group["full_rank"] is not None and grad is None:
             raise ValueError(f"Invalid grad: full_rank={group['full_rank']!r} needs the full gradient")
         if update is None:  # the same arithmetic as a whole group's step (per-layer, accumulation)

@@ -103,6 +103,16 @@ class Projector:
         return NotImplemented
 
     # ---------------------------------------------------------------- maps
+    def memo(self, key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``build()`` once per projector object and ``key``: a generated basis (Flora's draw, DCT's
+        gathered columns) shared by ``down`` and the update of one step. The optimizer builds one
+        projector object per param per step, so the memo is transient (never optimizer state); it holds
+        each projected param's generated basis from its ``down`` until its update."""
+        memo = self.__dict__.setdefault("_memo", {})
+        if key not in memo:
+            memo[key] = build()
+        return memo[key]
+
     def basis(self, state: dict[str, Any]) -> torch.Tensor:
         return state["proj_basis"]
 

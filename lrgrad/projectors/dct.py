@@ -253,8 +253,15 @@ class DCTProjector(Projector):
     # ---------------------------------------------------------------- maps
     def _columns(self, state: dict[str, Any], like: torch.Tensor, d: int) -> torch.Tensor:
         """``Q[:, idx]`` (d x r) in ``like``'s device and dtype."""
-        q = dct_basis(d, like.device, like.dtype)
-        return q.index_select(1, state["proj_indices"].to(device=like.device, dtype=torch.long))
+        indices = state["proj_indices"]
+
+        def gather() -> torch.Tensor:
+            q = dct_basis(d, like.device, like.dtype)
+            return q.index_select(1, indices.to(device=like.device, dtype=torch.long))
+
+        # keyed by the indices tensor itself (a refresh assigns a new one; the memo keeps it alive, so
+        # its id cannot be reused while the memo lives)
+        return self.memo((id(indices), indices, d, like.device, like.dtype), gather)
 
     def _dim(self, shape2d: tuple[int, ...]) -> int:
         return shape2d[1] if self.side == "right" else shape2d[0]

@@ -208,11 +208,16 @@ class RandomProjector(Projector):
         gen_device = device if self.options["random_device"] == "param" else torch.device("cpu")
         seed = matrix_seed(state["proj_seed"], draw)
         key = (seed, self.rank, state["proj_dim"], self.side, kind, dtype, str(gen_device), str(device))
+        return self.memo(key, lambda: self._cached_matrix(key, seed, state["proj_dim"], kind, dtype, device,
+                                                          gen_device))
+
+    def _cached_matrix(self, key: tuple, seed: int, dim: int, kind: str, dtype: torch.dtype, device: torch.device,
+                       gen_device: torch.device) -> torch.Tensor:
         cached = _CACHE.get(key)
         if cached is not None:
             _CACHE.move_to_end(key)
             return cached
-        basis = random_matrix(seed, self.rank, state["proj_dim"], self.side, kind, dtype, device, gen_device)
+        basis = random_matrix(seed, self.rank, dim, self.side, kind, dtype, device, gen_device)
         _CACHE[key] = basis
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)

@@ -230,3 +230,22 @@ def test_nonfinite_gradient_keeps_the_selection():
 def test_bad_dct_scores_is_rejected():
     with pytest.raises(ValueError, match="dct_scores"):
         lrgrad.DCTAdamW(TinyLM().parameters(), rank=8, dct_scores="dft")
+
+
+def test_each_step_gathers_each_params_columns_once(monkeypatch):
+    """down() and the update of one step share one gather of Q[:, idx] per param."""
+    calls = []
+    original = torch.Tensor.index_select
+
+    def counting(self, dim, index):
+        calls.append(tuple(self.shape))
+        return original(self, dim, index)
+
+    params = [torch.nn.Parameter(torch.randn(24, 16)) for _ in range(3)]
+    opt = lrgrad.DCTAdamW(params, lr=1e-3, rank=4, update_proj_gap=100)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # the first step selects the columns
+    monkeypatch.setattr(torch.Tensor, "index_select", counting)
+    opt.step()
+    assert len(calls) == len(params)

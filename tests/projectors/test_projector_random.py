@@ -82,7 +82,9 @@ def test_matrix_is_a_pure_function_of_seed_and_draw():
     clear_cache()
     proj = projector("right")
     a = proj.matrix(fresh_state(proj, (6, 16), seed=3, draw=2), "cpu", torch.float32)
+    assert proj.matrix(fresh_state(proj, (6, 16), seed=3, draw=2), "cpu", torch.float32) is a  # memo: one draw
     clear_cache()
+    proj = projector("right")  # a new projector object (a new step) regenerates it
     b = proj.matrix(fresh_state(proj, (6, 16), seed=3, draw=2), "cpu", torch.float32)
     assert torch.equal(a, b) and a is not b
     expected = random_matrix(matrix_seed(3, 2), 4, 16, "right")
@@ -94,6 +96,7 @@ def test_matrix_is_a_pure_function_of_seed_and_draw():
     # independent of the generator state of the process
     torch.manual_seed(123)
     clear_cache()
+    proj = projector("right")
     assert torch.equal(proj.matrix(fresh_state(proj, (6, 16), seed=3, draw=2), "cpu", torch.float32), a)
 
 
@@ -341,3 +344,29 @@ def test_transfer_scaling_and_auto_v_policy(kind, factor):
     v = before["exp_avg_sq"]
     expected = v @ (t * t) if kind == "gaussian" else v.mean(dim=1, keepdim=True).expand_as(v)
     torch.testing.assert_close(state["exp_avg_sq"], expected)
+
+
+def test_each_step_draws_each_matrix_once(monkeypatch):
+    """down() and the update of one step share one draw per param, even when a whole group is projected
+    before any update runs (the fused Adam pass); the next step draws again (nothing is kept)."""
+    import lrgrad.projectors.random as random_module
+
+    calls = []
+    original = random_module.random_matrix
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(random_module, "random_matrix", counting)
+    clear_cache()
+    params = [torch.nn.Parameter(torch.randn(24, 16)) for _ in range(4)]
+    opt = lrgrad.FloraAdamW(params, lr=1e-3, rank=4, update_proj_gap=2)
+    # step 1: the first draw; step 2: the same draw again (nothing kept between steps); step 3: a
+    # resample, whose moment transfer regenerates the old draw too (moment_policy="project")
+    for draws_per_param in (1, 1, 2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        calls.clear()
+        opt.step()
+        assert len(calls) == draws_per_param * len(params) and len(set(calls)) == len(calls)
