@@ -26,7 +26,7 @@ FAMILIES: dict[str, tuple[str | None, str | None]] = {
     "galore_adamw": ("floor_adamw", "galore_torch"),
     "galore_adamw_nocheck": ("floor_adamw", "galore_torch"),
     "dct_adamw": ("floor_adamw", "galore_torch"),
-    "flora_adamw": ("floor_adamw", "galore_torch"),
+    "flora_adamw": ("floor_adamw_draw", "galore_torch"),
     "online_subspace_adamw": ("floor_adamw", "galore_adamw"),
     "galore_adamw8bit": ("floor_adamw8bit", "bnb_adamw8bit"),
     "qgalore_adamw": ("floor_adamw8bit", "bnb_adamw8bit"),
@@ -40,6 +40,7 @@ FAMILIES: dict[str, tuple[str | None, str | None]] = {
 
 LABELS = {
     "floor_adamw": "floor: projection GEMMs + fused AdamW",
+    "floor_adamw_draw": "floor: seeded Gaussian draws + projection GEMMs + fused AdamW",
     "floor_adamw8bit": "floor: projection GEMMs + bnb AdamW8bit",
     "floor_adafactor": "floor: projection GEMMs + torch Adafactor",
     "floor_muon": "floor: 5 fp32 Newton–Schulz steps (hidden) + fused AdamW (rest)",
@@ -102,13 +103,22 @@ def _projection_gemms(mats: list[torch.Tensor], bases: list[torch.Tensor]) -> No
                 p.addmm_(basis, low, alpha=-1e-12)
 
 
-def projection_floor(model: torch.nn.Module, rank: int, make_rule: Callable[[list], torch.optim.Optimizer]) -> Runner:
-    """The projection GEMMs of every projected matrix + ``make_rule`` over full-rank and low-rank proxies."""
+def projection_floor(model: torch.nn.Module, rank: int, make_rule: Callable[[list], torch.optim.Optimizer],
+                     draw: bool = False) -> Runner:
+    """The projection GEMMs of every projected matrix + ``make_rule`` over full-rank and low-rank proxies.
+
+    ``draw``: each step first regenerates every basis from a seeded generator (``torch.randn``), the
+    least a projector that stores only a seed (Flora) must add."""
     mats, rest = split_params(model, rank)
     bases, proxies = _proxies(mats, rest, rank)
     rule = make_rule(proxies)
+    generator = torch.Generator()
 
     def step() -> None:
+        if draw:
+            for i, basis in enumerate(bases):
+                generator.manual_seed(i)
+                bases[i] = torch.randn(basis.shape, generator=generator)
         _projection_gemms(mats, bases)
         rule.step()
 
@@ -173,8 +183,9 @@ def galore_torch_available() -> bool:
 
 def build_reference(name: str, model: torch.nn.Module, rank: int) -> Runner | None:
     """A floor or anchor runner by name; None when its peer library is not installed."""
-    if name == "floor_adamw":
-        return projection_floor(model, rank, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True))
+    if name in ("floor_adamw", "floor_adamw_draw"):
+        return projection_floor(model, rank, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+                                draw=name == "floor_adamw_draw")
     if name == "floor_adafactor":
         return projection_floor(model, rank, lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=True))
     if name == "floor_adamw8bit":

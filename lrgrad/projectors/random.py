@@ -138,8 +138,9 @@ def random_matrix(
         draw = q * signs  # unique (Haar) Q: independent of the LAPACK/cuSOLVER sign convention
     else:
         raise ValueError(f"Invalid random_basis: {kind!r}; expected one of {RANDOM_BASES}")
+    # right: the transposed view, not a copy (BLAS reads either layout; a copy cost ~3% of a Flora step)
     basis = draw.T if side == "right" else draw
-    return basis.to(device=device).contiguous()
+    return basis.to(device=device)
 
 
 class RandomProjector(Projector):
