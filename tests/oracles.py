@@ -177,9 +177,13 @@ def full_rank_step(rule: str, p: torch.Tensor, g: torch.Tensor, state: dict, t: 
 
 
 def projected_step(rule: str, p: torch.Tensor, g: torch.Tensor, basis: torch.Tensor, side: str, state: dict,
-                   t: int, lr: float, wd: float, scale: float, options: dict[str, Any]) -> torch.Tensor:
-    """The new value of a param projected on ``basis`` (``side`` as in the module docstring)."""
-    low = g @ basis.T if side == "right" else basis.T @ g
+                   t: int, lr: float, wd: float, scale: float, options: dict[str, Any],
+                   down_basis: torch.Tensor | None = None) -> torch.Tensor:
+    """The new value of a param projected on ``basis`` (``side`` as in the module docstring);
+    ``down_basis``: the basis that projects G when it is not the one the update goes back through
+    (online PCA projects with the basis its step started from)."""
+    down_basis = basis if down_basis is None else down_basis
+    low = g @ down_basis.T if side == "right" else down_basis.T @ g
     u = direction(rule, state, low, t, options)
     back = u @ basis if side == "right" else basis @ u
     return p * (1 - lr * wd) - lr * scale * back

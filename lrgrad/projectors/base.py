@@ -126,6 +126,11 @@ class Projector:
     def down(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
         return kernels.project_down(grad, self.basis(state), self.side)
 
+    def take_shared_down(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The step's low-rank gradient when the refresh already computed it (online PCA shares its
+        ``G Pᵀ`` product), else ``None``; the FSDP2 wrapper asks before its own all-reduce."""
+        return None
+
     def up(self, state: dict[str, Any], update: torch.Tensor) -> torch.Tensor:
         return kernels.project_up(update, self.basis(state), self.side)
 

@@ -28,8 +28,11 @@ torch LR schedulers) or its ``lr`` at the first step, stored in
 
 Orthonormality is only implicit in L; an explicit guard re-orthonormalizes ``P``
 (QR with ``diag(R) > 0``, so a nearly orthonormal ``P`` barely moves) every
-``pca_qr_every`` steps and whenever ``‖P Pᵀ − I‖_F > pca_ortho_tol``. The basis in
-use therefore always satisfies ``‖P Pᵀ − I‖_F ≤ pca_ortho_tol``.
+``pca_qr_every`` steps, and whenever ``‖P Pᵀ − I‖_F > pca_ortho_tol`` takes one
+Newton–Schulz step toward P's polar factor (:func:`polar_step`: one r x r x d GEMM with
+the check's own Gram matrix, the nearest orthonormal matrix; a QR when the drift is too
+large for that step's bound). The basis in use therefore satisfies
+``‖P Pᵀ − I‖_F ≤ pca_ortho_tol`` (up to fp32 rounding of the check itself).
 
 State per param: ``proj_basis`` (P), ``proj_exp_avg``/``proj_exp_avg_sq`` (P's Adam
 moments), ``proj_step`` and ``proj_lr0`` - 3·d·r floats, as the paper reports.
@@ -81,7 +84,14 @@ def pca_loss_grad_scaled(grad: torch.Tensor, scale: float | torch.Tensor, p: tor
     rounding; :func:`pca_loss_grad` is the reference)."""
     if side == "left":
         return pca_loss_grad_scaled(grad.T, scale, p.T, "right").T
-    b = (grad @ p.T).mul_(scale)  # m x r
+    return pca_grad_from_projection(grad, grad @ p.T, scale, p)
+
+
+def pca_grad_from_projection(grad: torch.Tensor, projected: torch.Tensor, scale: float | torch.Tensor,
+                             p: torch.Tensor) -> torch.Tensor:
+    """:func:`pca_loss_grad_scaled` (right-side form) from ``projected = G Pᵀ`` (m x r), which is also
+    the step's low-rank gradient ``down(G)``: the PCA step and the projection share that GEMM."""
+    b = projected * scale  # B = Â Pᵀ (m x r)
     c = (b.T @ grad).mul_(scale)  # r x n
     k = b.T @ b
     m = p @ p.T
@@ -98,8 +108,29 @@ def orthonormalize(p: torch.Tensor, side: str) -> torch.Tensor:
 
 def orthonormality_drift(p: torch.Tensor, side: str) -> torch.Tensor:
     """``‖P Pᵀ − I‖_F`` (right) / ``‖PᵀP − I‖_F`` (left), a 0-d tensor."""
+    return gram_and_drift(p, side)[1]
+
+
+def gram_and_drift(p: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E, ‖E‖_F)`` with ``E = P Pᵀ − I`` (right) / ``PᵀP − I`` (left): the drift check's Gram
+    matrix, which :func:`polar_step` reuses."""
     gram = p @ p.T if side == "right" else p.T @ p
-    return torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=p.dtype, device=p.device))
+    gram.diagonal().sub_(1.0)
+    return gram, torch.linalg.matrix_norm(gram)
+
+
+def polar_step(p: torch.Tensor, deviation: torch.Tensor, side: str) -> torch.Tensor:
+    """One Newton–Schulz step toward the nearest orthonormal matrix (the polar factor of P):
+    ``P ← (I − E/2) P`` with ``E = P Pᵀ − I`` (right; ``P (I − E/2)``, ``E = PᵀP − I``, left).
+
+    Each singular value s of P (s² = 1 + e) becomes s(1 − e/2), so e becomes
+    ``(1 + e)(1 − e/2)² − 1 = −(3/4)e² + e³/4``: with ``‖E‖_F = δ`` the new drift is at most
+    ``(3/4)δ² + δ³/4`` (up to rounding). One r x r x d GEMM with the drift check's own ``E``,
+    instead of a QR; and unlike QR it moves P the least (the polar factor is the nearest
+    orthonormal matrix).
+    """
+    half = deviation * 0.5
+    return p - (half @ p if side == "right" else p @ half)
 
 
 class OnlinePCAProjector(Projector):
@@ -197,7 +228,8 @@ class OnlinePCAProjector(Projector):
         g = grad_local.to(p.dtype)
         r = self.rank
         if self.side == "right":
-            b = g @ p.T  # m_i x r
+            b = g @ p.T  # m_i x r: also this rank's rows of this step's R (ShardedProjector.down takes them)
+            self.share_down(b)
             sums = torch.cat([(b.T @ g).reshape(-1), (b.T @ b).reshape(-1), g.square().sum().reshape(1)])
             ctx.all_reduce(sums)
             n = g.shape[1]
@@ -208,9 +240,30 @@ class OnlinePCAProjector(Projector):
         sums = torch.cat([(g.T @ rows).reshape(-1), g.square().sum().reshape(1)])
         ctx.all_reduce(sums)
         norm = sums[-1].clamp_min(torch.finfo(p.dtype).tiny).sqrt()
+        self.share_down(sums[:-1].view(g.shape[1], r).T.contiguous())  # GᵀP summed = Rᵀ: this step's R
         b = sums[:-1].view(g.shape[1], r) / norm  # B' = ÂᵀP (n x r)
         c_t = ctx.all_gather_rows((g / norm) @ b)  # C'ᵀ = Â B' (m x r)
         return self.adam_step(state, pca_grad_from_sums(p.T, c_t.T, b.T @ b).T, group)
+
+    # ---------------------------------------------------------------- the shared projection
+    def share_down(self, low: torch.Tensor) -> None:
+        """Keep ``down(G)`` with the basis the PCA step started from (its ``G Pᵀ`` product) for this
+        step's :meth:`down`: one m x n x r GEMM instead of two. The projector object lives for one
+        param's step (the optimizer builds one per param per step), so it is never stale."""
+        self.__dict__["_shared_down"] = low
+
+    def take_shared_down(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The low-rank gradient the refresh already computed (once; ``None`` when there is none)."""
+        low = self.__dict__.pop("_shared_down", None)
+        return low if low is not None and tuple(low.shape) == tuple(shape) else None
+
+    def down(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
+        """``R_t = down(G_t)`` with the basis ``P_t`` the step's PCA update started from (shared with
+        it); the update goes back through ``P_{t+1}``, the basis in the state. Without a PCA step
+        this step (the first, SVD-initialised one), the plain projection with the state's basis."""
+        m, n = grad.shape
+        low = self.take_shared_down((m, self.rank) if self.side == "right" else (self.rank, n))
+        return low if low is not None else super().down(state, grad)
 
     def pca_step(self, state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any]) -> bool:
         """One Adam step on L(P) from the parameter's gradient ``grad``."""
@@ -218,7 +271,15 @@ class OnlinePCAProjector(Projector):
         a = grad.to(p.dtype)
         # Â = G / ‖G‖_F enters only through two small products: scale those, not an m x n copy
         scale = torch.linalg.vector_norm(a).clamp_min(torch.finfo(a.dtype).tiny).reciprocal()
-        return self.adam_step(state, pca_loss_grad_scaled(a, scale, p, self.side), group)
+        if self.side == "right":
+            projected = a @ p.T  # G P_tᵀ: the loss gradient's B, and this step's R
+            loss_grad = pca_grad_from_projection(a, projected, scale, p)
+            self.share_down(projected)
+        else:  # the right side of Gᵀ: Gᵀ P_t = Rᵀ
+            projected = a.T @ p
+            loss_grad = pca_grad_from_projection(a.T, projected, scale, p.T).T
+            self.share_down(projected.T.contiguous())
+        return self.adam_step(state, loss_grad, group)
 
     def adam_step(self, state: dict[str, Any], g: torch.Tensor, group: dict[str, Any]) -> bool:
         """One Adam step on P with the loss gradient ``g``; assigns a new ``proj_basis``
@@ -230,21 +291,50 @@ class OnlinePCAProjector(Projector):
         lr0, lr_t = state["proj_lr0"], float(group["lr"])
         ratio = lr_t / lr0 if lr0 > 0 else (1.0 if lr_t > 0 else 0.0)
         lr_p = self.options["pca_lr"] * ratio
-        exp_avg, exp_avg_sq = state["proj_exp_avg"].clone(), state["proj_exp_avg_sq"].clone()
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(self.options["pca_eps"])
-        new = p.addcdiv(exp_avg, denom, value=-lr_p / (1 - beta1**t))
+        # new tensors (a skipped step restores the state's old ones): copies, then one fused pass
+        new, exp_avg, exp_avg_sq = p.clone(), state["proj_exp_avg"].clone(), state["proj_exp_avg_sq"].clone()
+        adam_step_(new, g, exp_avg, exp_avg_sq, t, lr_p, beta1, beta2, self.options["pca_eps"])
 
         every, tol = self.options["pca_qr_every"], self.options["pca_ortho_tol"]
-        drift = float(orthonormality_drift(new, self.side))  # the one sync of the step
+        deviation, drift_t = gram_and_drift(new, self.side)
+        drift = float(drift_t)  # the one sync of the step
         if drift != drift or drift == float("inf"):  # non-finite: keep the old basis and its Adam state
             state["proj_failures"] += 1
             return False
-        if (every > 0 and t % every == 0) or (tol is not None and drift > tol):
+        if every > 0 and t % every == 0:
             new = orthonormalize(new, self.side)
+        elif tol is not None and drift > tol:
+            # the polar step's bound (polar_step) with half of tol left for rounding, else a QR
+            if 0.75 * drift**2 + 0.25 * drift**3 <= tol / 2:
+                new = polar_step(new, deviation, self.side)
+            else:
+                new = orthonormalize(new, self.side)
         state["proj_basis"] = new
         state["proj_exp_avg"], state["proj_exp_avg_sq"] = exp_avg, exp_avg_sq
         state["proj_step"] = t
         state["proj_refreshes"] += 1
         return True
+
+
+def adam_step_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+               lr: float, beta1: float, beta2: float, eps: float) -> None:
+    """Adam on P in place, torch's arithmetic (eps outside the bias-corrected root): one
+    ``torch._fused_adamw_`` pass where torch has it for the tensors, else the op-by-op reference."""
+    g = g.contiguous()  # the left side's loss gradient is a transposed view; the kernel walks memory
+    if (hasattr(torch, "_fused_adamw_") and p.device.type in ("cpu", "cuda") and type(p) is torch.Tensor
+            and p.dtype == g.dtype == exp_avg.dtype == exp_avg_sq.dtype
+            and all(t.is_contiguous() for t in (p, exp_avg, exp_avg_sq))):
+        step_t = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+        torch._fused_adamw_([p], [g], [exp_avg], [exp_avg_sq], [], [step_t], amsgrad=False, lr=lr,
+                            beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, maximize=False)
+        return
+    adam_step_reference_(p, g, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
+
+
+def adam_step_reference_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                         step: int, lr: float, beta1: float, beta2: float, eps: float) -> None:
+    """:func:`adam_step_` op by op (the reference of its test)."""
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))

@@ -96,8 +96,10 @@ class ShardedProjector:
             low = self.inner.down(state, local)  # G_i Pᵀ: rows stay on their rank
             placement = Shard(0) if self.ctx.sharded else Replicate()
             return from_local(low, self.param, [placement], (m, self.rank))
-        low = kernels.project_down(local, self._local_basis(state, local.dtype), "left")  # P_iᵀ G_i, summed over ranks
-        self.ctx.all_reduce(low)
+        low = self.inner.take_shared_down((self.rank, n))  # already all-reduced by the refresh
+        if low is None:
+            low = kernels.project_down(local, self._local_basis(state, local.dtype), "left")  # Σ_i P_iᵀ G_i
+            self.ctx.all_reduce(low)
         return from_local(low, self.param, [Replicate()], (self.rank, n))
 
     def up(self, state: dict[str, Any], update: Any) -> torch.Tensor:

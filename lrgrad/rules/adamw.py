@@ -62,7 +62,8 @@ class AdamWRule(UpdateRule):
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         if not grads or not self._can_fuse(grads, exp_avgs) or not all(
-            type(t) is torch.Tensor for t in (*grads, *exp_avgs, *exp_avg_sqs)  # DTensors: per param
+            # DTensors go param by param; the kernel walks memory, so every operand must be dense
+            type(t) is torch.Tensor and t.is_contiguous() for t in (*grads, *exp_avgs, *exp_avg_sqs)
         ):
             return super().update_many(states, grads, steps)
         beta1, beta2 = self.group["betas"]

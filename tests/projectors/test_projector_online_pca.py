@@ -211,3 +211,77 @@ def test_scaled_gradient_equals_the_reference_on_the_normalized_matrix(side):
     torch.testing.assert_close(pca_loss_grad_scaled(g, scale, p, side), expected, rtol=1e-12, atol=1e-14)
     got32 = pca_loss_grad_scaled(g.float(), scale.float(), p.float(), side)
     torch.testing.assert_close(got32, expected.float(), rtol=1e-4, atol=1e-6)  # fp32: rounding only
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_the_pca_step_and_the_projection_share_one_gemm(monkeypatch, shape):
+    """After the first (SVD) step, ``down(G)`` is the PCA step's own ``G P_tᵀ`` product (P_t: the
+    basis the step started from): no second projection GEMM, and R_t equals G P_tᵀ."""
+    import lrgrad.projectors.base as base
+
+    calls = []
+    original = base.kernels.project_down
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(base.kernels, "project_down", counting)
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(*shape, dtype=torch.float64))
+    opt = lrgrad.OnlineSubspaceAdamW([w], lr=1e-2, rank=4)
+    seen = []
+    original_update = opt.rule_for(opt.param_groups[0]).__class__.update_many
+
+    def spy(rule, states, grads, steps):
+        seen.append(grads[0].clone())
+        return original_update(rule, states, grads, steps)
+
+    monkeypatch.setattr(type(opt.rule_for(opt.param_groups[0])), "update_many", spy)
+    for step in range(1, 4):
+        w.grad = torch.randn(*shape, dtype=torch.float64)
+        before = opt.state[w]["proj_basis"].clone() if opt.state[w] else None
+        opt.step()
+        assert len(calls) == (1 if step == 1 else 0)
+        calls.clear()
+        if before is not None:
+            want = w.grad @ before.T if shape[0] >= shape[1] else before.T @ w.grad
+            torch.testing.assert_close(seen[-1], want, rtol=1e-12, atol=1e-12)
+            assert not torch.equal(opt.state[w]["proj_basis"], before)  # the update goes back through P_{t+1}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("delta", [1e-3, 1e-2, 5e-2])
+def test_polar_step_squares_the_drift_and_moves_toward_the_polar_factor(side, delta):
+    """E → −(3/4)E² + E³/4 per eigenvalue: the drift after one step is at most (3/4)δ² + δ³/4, and the
+    result is closer to the polar factor U Vᵀ (the nearest orthonormal matrix) than P was."""
+    from lrgrad.projectors.online_pca import gram_and_drift, polar_step
+
+    g = gen(11)
+    q, _ = torch.linalg.qr(torch.randn(40, 6, dtype=torch.float64, generator=g))
+    p = q.T if side == "right" else q
+    noise = torch.randn(p.shape, dtype=torch.float64, generator=g)
+    p = p + noise * (delta / 4 / noise.norm())
+    deviation, drift = gram_and_drift(p, side)
+    drift = float(drift)
+    new = polar_step(p, deviation, side)
+    assert float(orthonormality_drift(new, side)) <= 0.75 * drift**2 + 0.25 * drift**3 + 1e-14
+    u, _, vh = torch.linalg.svd(p, full_matrices=False)
+    polar = u @ vh
+    assert (new - polar).norm() < (p - polar).norm()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
+def test_fused_basis_adam_matches_the_op_by_op_reference(dtype, tol):
+    from lrgrad.projectors.online_pca import adam_step_, adam_step_reference_
+
+    g = gen(4)
+    p0 = torch.randn(8, 32, dtype=dtype, generator=g)
+    a = [p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)]
+    b = [p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)]
+    for t in range(1, 21):
+        grad = torch.randn(32, 8, dtype=dtype, generator=g).T  # transposed, as the left side's
+        adam_step_(a[0], grad, a[1], a[2], t, 5e-3, 0.9, 0.999, 1e-8)
+        adam_step_reference_(b[0], grad, b[1], b[2], t, 5e-3, 0.9, 0.999, 1e-8)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol * 1e-3)

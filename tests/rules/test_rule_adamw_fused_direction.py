@@ -87,3 +87,14 @@ def test_galore_adamw_fused_step_matches_the_unfused_optimizer():
         weights.append([p.detach() for p in params])
     for a, b in zip(*weights):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_transposed_gradient_takes_the_reference_path():
+    """The fused kernel walks memory: a non-contiguous operand (a transposed view) must not reach it."""
+    torch.manual_seed(3)
+    rule = AdamWRule(_group())
+    g = torch.randn(16, 24).T  # 24 x 16, not contiguous
+    a = {"exp_avg": torch.zeros(24, 16), "exp_avg_sq": torch.zeros(24, 16)}
+    b = {k: v.clone() for k, v in a.items()}
+    (got,) = rule.update_many([a], [g], [1])
+    assert torch.equal(got, rule.update(b, g, 1))

@@ -122,6 +122,7 @@ def test_projected_matches_oracle(rule, path, extra, shape, side, projector):
                                   scale=scale, weight_decay=WD, **options)
     group = opt.param_groups[0]
     state: dict = {}
+    previous = None
     for t, g in enumerate(gradients(shape, STEPS, seed=7), start=1):
         w.grad = g.clone()
         opt.step()
@@ -135,8 +136,13 @@ def test_projected_matches_oracle(rule, path, extra, shape, side, projector):
         if projector == "svd" and t % 2 == 1:  # a refresh: the top-r singular subspace of this gradient
             gram = basis.T @ basis if side == "right" else basis @ basis.T
             torch.testing.assert_close(gram, top_subspace(g, rank, side), rtol=0, atol=1e-10)
-        expected = projected_step(rule, expected, g, basis, side, state, t, LR[rule], WD, scale, options)
+        # online PCA projects G with the basis its PCA step started from (the previous step's) on
+        # every step after the first, and goes back through the new one
+        down_basis = previous if projector == "online_pca" and previous is not None else basis
+        expected = projected_step(rule, expected, g, basis, side, state, t, LR[rule], WD, scale, options,
+                                  down_basis=down_basis)
         torch.testing.assert_close(w.detach(), expected, rtol=0, atol=atol, msg=f"{rule} step {t}")
+        previous = basis
     assert ("exp_avg_codes" in opt.state[w]) == (path == "8bit")
 
 
