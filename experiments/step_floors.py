@@ -27,7 +27,7 @@ FAMILIES: dict[str, tuple[str | None, str | None]] = {
     "galore_adamw_nocheck": ("floor_adamw", "galore_torch"),
     "dct_adamw": ("floor_adamw", "galore_torch"),
     "flora_adamw": ("floor_adamw_draw", "galore_torch"),
-    "online_subspace_adamw": ("floor_adamw", "galore_adamw"),
+    "online_subspace_adamw": ("floor_adamw_pca", "galore_adamw"),
     "galore_adamw8bit": ("floor_adamw8bit", "bnb_adamw8bit"),
     "qgalore_adamw": ("floor_adamw8bit", "bnb_adamw8bit"),
     "galore_adafactor": ("floor_adafactor", "torch_adafactor"),
@@ -41,6 +41,7 @@ FAMILIES: dict[str, tuple[str | None, str | None]] = {
 LABELS = {
     "floor_adamw": "floor: projection GEMMs + fused AdamW",
     "floor_adamw_draw": "floor: seeded Gaussian draws + projection GEMMs + fused AdamW",
+    "floor_adamw_pca": "floor: projection GEMMs + online PCA's BᵀG GEMM + fused AdamW",
     "floor_adamw8bit": "floor: projection GEMMs + bnb AdamW8bit",
     "floor_adafactor": "floor: projection GEMMs + torch Adafactor",
     "floor_muon": "floor: 5 fp32 Newton–Schulz steps (hidden) + fused AdamW (rest)",
@@ -92,19 +93,25 @@ def _proxies(mats: list[torch.Tensor], rest: list[torch.Tensor], rank: int):
     return bases, proxies
 
 
-def _projection_gemms(mats: list[torch.Tensor], bases: list[torch.Tensor]) -> None:
+def _projection_gemms(mats: list[torch.Tensor], bases: list[torch.Tensor], pca: bool = False) -> None:
+    """``R = down(G)`` and the back-projection into the weight; ``pca``: also online PCA's second
+    m x n x r product ``C = BᵀG`` (its loss gradient needs it; ``B = G Pᵀ`` is R itself)."""
     with torch.no_grad():
         for p, basis in zip(mats, bases):
             if p.shape[0] >= p.shape[1]:
                 low = p.grad @ basis.T
+                if pca:
+                    _ = low.T @ p.grad
                 p.addmm_(low, basis, alpha=-1e-12)
             else:
                 low = basis.T @ p.grad
+                if pca:
+                    _ = p.grad @ low.T
                 p.addmm_(basis, low, alpha=-1e-12)
 
 
 def projection_floor(model: torch.nn.Module, rank: int, make_rule: Callable[[list], torch.optim.Optimizer],
-                     draw: bool = False) -> Runner:
+                     draw: bool = False, pca: bool = False) -> Runner:
     """The projection GEMMs of every projected matrix + ``make_rule`` over full-rank and low-rank proxies.
 
     ``draw``: each step first regenerates every basis from a seeded generator (``torch.randn``), the
@@ -119,7 +126,7 @@ def projection_floor(model: torch.nn.Module, rank: int, make_rule: Callable[[lis
             for i, basis in enumerate(bases):
                 generator.manual_seed(i)
                 bases[i] = torch.randn(basis.shape, generator=generator)
-        _projection_gemms(mats, bases)
+        _projection_gemms(mats, bases, pca)
         rule.step()
 
     return Runner(step)
@@ -183,9 +190,9 @@ def galore_torch_available() -> bool:
 
 def build_reference(name: str, model: torch.nn.Module, rank: int) -> Runner | None:
     """A floor or anchor runner by name; None when its peer library is not installed."""
-    if name in ("floor_adamw", "floor_adamw_draw"):
+    if name in ("floor_adamw", "floor_adamw_draw", "floor_adamw_pca"):
         return projection_floor(model, rank, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
-                                draw=name == "floor_adamw_draw")
+                                draw=name == "floor_adamw_draw", pca=name == "floor_adamw_pca")
     if name == "floor_adafactor":
         return projection_floor(model, rank, lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=True))
     if name == "floor_adamw8bit":

@@ -285,3 +285,22 @@ def test_fused_basis_adam_matches_the_op_by_op_reference(dtype, tol):
         adam_step_reference_(b[0], grad, b[1], b[2], t, 5e-3, 0.9, 0.999, 1e-8)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol * 1e-3)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("delta", [1e-2, 0.3, 0.45, 2.0])
+def test_cholesky_qr_is_the_householder_qr(side, delta):
+    """With the drift check's Gram matrix, orthonormalize() is Cholesky QR below drift 0.5 and Householder
+    above: the same Q (QR with diag(R) > 0 is unique) to rounding, orthonormal to 1e-12."""
+    from lrgrad.projectors.online_pca import gram_and_drift, orthonormalize
+
+    g = gen(21)
+    q, _ = torch.linalg.qr(torch.randn(48, 8, dtype=torch.float64, generator=g))
+    p = q.T if side == "right" else q
+    noise = torch.randn(p.shape, dtype=torch.float64, generator=g)
+    p = p + noise * (delta / 3 / noise.norm())
+    deviation, drift = gram_and_drift(p, side)
+    fast = orthonormalize(p, side, deviation, float(drift))
+    householder = orthonormalize(p, side)
+    torch.testing.assert_close(fast, householder, rtol=0, atol=1e-12)
+    assert float(orthonormality_drift(fast, side)) < 1e-12
