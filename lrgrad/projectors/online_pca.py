@@ -49,7 +49,7 @@ import torch
 
 from lrgrad._checks import check_betas, check_choice, check_int, check_nonnegative, check_positive
 from lrgrad.projectors.base import Projector, guarded_basis
-from lrgrad.projectors.svd import sketch_basis, top_singular_basis
+from lrgrad.projectors.svd import gram_top_basis, sketch_basis
 
 PCA_INITS = ("svd", "random", "randomized")
 #: the randomized initial SVD (and the FSDP2 one): oversampling and power iterations
@@ -190,8 +190,8 @@ class OnlinePCAProjector(Projector):
         generator = torch.Generator(device=grad.device)
         generator.manual_seed(int(state["proj_seed"]))
         init = self.options["pca_init"]
-        if init == "svd" and ctx is None:
-            return top_singular_basis(grad, self.rank, self.side)
+        if init == "svd" and ctx is None:  # the top-r singular vectors, from the Gram matrix (svd.py)
+            return gram_top_basis(grad, self.rank, self.side)
         if init != "random":  # "randomized", and "svd" under FSDP2: the seeded sketch, no all-gather
             return sketch_basis(grad, self.rank, self.side, None, INIT_SKETCH["oversample"],
                                 INIT_SKETCH["power_iters"], generator, ctx)
