@@ -250,20 +250,28 @@ def test_the_pca_step_and_the_projection_share_one_gemm(monkeypatch, shape):
             assert not torch.equal(opt.state[w]["proj_basis"], before)  # the update goes back through P_{t+1}
 
 
+def perturbed_basis(side: str, d: int, r: int, size: float, seed: int):
+    """An orthonormal d x r basis (r x d on the right side) plus noise of Frobenius norm ``size``,
+    with the drift check's (P Pᵀ − I, ‖P Pᵀ − I‖_F) in fp64."""
+    from lrgrad.projectors.online_pca import gram_and_drift
+
+    g = gen(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, r, dtype=torch.float64, generator=g))
+    p = q.T if side == "right" else q
+    noise = torch.randn(p.shape, dtype=torch.float64, generator=g)
+    p = p + noise * (size / noise.norm())
+    deviation, drift = gram_and_drift(p, side)
+    return p, deviation, float(drift)
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("delta", [1e-3, 1e-2, 5e-2])
 def test_polar_step_squares_the_drift_and_moves_toward_the_polar_factor(side, delta):
     """E → −(3/4)E² + E³/4 per eigenvalue: the drift after one step is at most (3/4)δ² + δ³/4, and the
     result is closer to the polar factor U Vᵀ (the nearest orthonormal matrix) than P was."""
-    from lrgrad.projectors.online_pca import gram_and_drift, polar_step
+    from lrgrad.projectors.online_pca import polar_step
 
-    g = gen(11)
-    q, _ = torch.linalg.qr(torch.randn(40, 6, dtype=torch.float64, generator=g))
-    p = q.T if side == "right" else q
-    noise = torch.randn(p.shape, dtype=torch.float64, generator=g)
-    p = p + noise * (delta / 4 / noise.norm())
-    deviation, drift = gram_and_drift(p, side)
-    drift = float(drift)
+    p, deviation, drift = perturbed_basis(side, 40, 6, delta / 4, seed=11)
     new = polar_step(p, deviation, side)
     assert float(orthonormality_drift(new, side)) <= 0.75 * drift**2 + 0.25 * drift**3 + 1e-14
     u, _, vh = torch.linalg.svd(p, full_matrices=False)
@@ -292,15 +300,10 @@ def test_fused_basis_adam_matches_the_op_by_op_reference(dtype, tol):
 def test_cholesky_qr_is_the_householder_qr(side, delta):
     """With the drift check's Gram matrix, orthonormalize() is Cholesky QR below drift 0.5 and Householder
     above: the same Q (QR with diag(R) > 0 is unique) to rounding, orthonormal to 1e-12."""
-    from lrgrad.projectors.online_pca import gram_and_drift, orthonormalize
+    from lrgrad.projectors.online_pca import orthonormalize
 
-    g = gen(21)
-    q, _ = torch.linalg.qr(torch.randn(48, 8, dtype=torch.float64, generator=g))
-    p = q.T if side == "right" else q
-    noise = torch.randn(p.shape, dtype=torch.float64, generator=g)
-    p = p + noise * (delta / 3 / noise.norm())
-    deviation, drift = gram_and_drift(p, side)
-    fast = orthonormalize(p, side, deviation, float(drift))
+    p, deviation, drift = perturbed_basis(side, 48, 8, delta / 3, seed=21)
+    fast = orthonormalize(p, side, deviation, drift)
     householder = orthonormalize(p, side)
     torch.testing.assert_close(fast, householder, rtol=0, atol=1e-12)
     assert float(orthonormality_drift(fast, side)) < 1e-12
