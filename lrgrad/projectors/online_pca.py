@@ -96,7 +96,8 @@ def pca_grad_from_projection(grad: torch.Tensor, projected: torch.Tensor, scale:
     c = (b.T @ grad).mul_(scale)  # r x n
     k = b.T @ b
     m = p @ p.T
-    return 2 * (m @ c + k @ p - 2 * c)
+    # 2 (M C + K P − 2C) with the sums accumulated by the GEMMs (no r x n temporaries)
+    return torch.addmm(c, k, p, beta=-2).addmm_(m, c).mul_(2)
 
 
 #: below this drift the Gram matrix is well conditioned (κ² ≤ 3) and Cholesky QR is as accurate as Householder
@@ -117,9 +118,11 @@ def orthonormalize(p: torch.Tensor, side: str, deviation: torch.Tensor | None = 
         gram.diagonal().add_(1.0)
         chol, info = torch.linalg.cholesky_ex(gram)  # lower: gram = L Lᵀ, L = Rᵀ
         if int(info) == 0:
-            if side == "right":  # P = L Qᵀ-rows
-                return torch.linalg.solve_triangular(chol, p, upper=False).contiguous()
-            return torch.linalg.solve_triangular(chol.T, p, upper=True, left=False).contiguous()  # P = Q Lᵀ
+            # L⁻¹ (r x r, κ(L) ≤ √3 here) then one GEMM: a triangular solve against the r x d P
+            # would copy P into LAPACK's column-major layout and back
+            eye = torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device)
+            inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
+            return inverse @ p if side == "right" else p @ inverse.T  # right: P = L Qᵀ; left: P = Q Lᵀ
     q, r = torch.linalg.qr(p.T if side == "right" else p)
     signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
     q = q * signs
