@@ -109,9 +109,10 @@ def orthonormalize(p: torch.Tensor, side: str, deviation: torch.Tensor | None = 
     """Orthonormal rows (right) / columns (left) spanning the same space, by QR with ``diag(R) > 0``.
 
     With the drift check's ``deviation = P Pᵀ − I`` (right; ``PᵀP − I`` left) and a drift under
-    :data:`CHOLESKY_QR_MAX_DRIFT`, Cholesky QR: the Gram matrix ``L Lᵀ`` gives ``Q = L⁻¹ P`` with
-    one triangular solve. The QR factorization with a positive diagonal is unique, so this is the
-    Householder result up to rounding (~κ²·eps, κ² ≤ 3 here), at a fraction of its cost.
+    :data:`CHOLESKY_QR_MAX_DRIFT`, Cholesky QR: the Gram matrix ``L Lᵀ`` gives ``Q = L⁻¹ P`` (L⁻¹
+    from an r x r triangular solve, applied by one GEMM). The QR factorization with a positive
+    diagonal is unique, so this is the Householder result up to rounding (~κ²·eps, κ² ≤ 3 here), at
+    a fraction of its cost.
     """
     if deviation is not None and drift is not None and drift < CHOLESKY_QR_MAX_DRIFT:
         gram = deviation.clone()
