@@ -20,6 +20,11 @@ functions below override all of these.
 Weight decay follows the Trainer's default optimizer: it applies to matrices
 (projected ones and the embeddings/head), not to 1-D params (biases, norms).
 
+The projected group carries galore-torch's four keys (``HF_LOW_RANK_DEFAULTS`` fill what
+``optim_args`` leaves out), so it refreshes with galore-torch's exact ``torch.linalg.svd``
+(``lrgrad.projectors.svd``): the run is what transformers' galore-torch path computes.
+``optim_args="..., svd=gram"`` (or ``svd=gram`` as a keyword) takes lrgrad's faster default.
+
 ``optimizer_cls_and_kwargs`` is the route that works with FSDP2 in the Trainer (the
 Trainer builds the optimizer and Accelerate swaps its params for the sharded
 DTensors); ``Trainer(optimizers=(opt, scheduler))`` is refused by the Trainer under

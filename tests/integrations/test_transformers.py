@@ -74,6 +74,16 @@ def test_args_become_the_galore_optimizer(tmp_path):
         n for n, _ in model.named_parameters()} - want
 
 
+def test_trainer_groups_refresh_as_galore_torch_unless_optim_args_say(tmp_path):
+    """The groups carry galore-torch's four keys, so they take its exact SVD; svd=gram in optim_args
+    (or as a keyword) takes lrgrad's default."""
+    model = tiny_llama()
+    assert create_optimizer(model, make_args(tmp_path)).param_groups[0]["svd"] == "exact"
+    args = make_args(tmp_path, optim_args=f"rank={RANK}, update_proj_gap={GAP}, svd=gram")
+    assert create_optimizer(model, args).param_groups[0]["svd"] == "gram"
+    assert create_optimizer(model, make_args(tmp_path), svd="gram").param_groups[0]["svd"] == "gram"
+
+
 def test_optim_names_and_overrides(tmp_path):
     model = tiny_llama()
     opt = create_optimizer(model, make_args(tmp_path, optim="galore_adafactor"), rank=4)
