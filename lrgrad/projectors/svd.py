@@ -65,10 +65,15 @@ def gram_top_basis(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     m, n = grad.shape
     if (n if side == "right" else m) > min(m, n):
         return top_singular_basis(grad, rank, side)
-    gram = grad.T @ grad if side == "right" else grad @ grad.T
-    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
-    top = canonical_signs(vectors[:, -rank:].flip(1).T)  # r x d, decreasing
+    top = top_eigenvectors(grad.T @ grad if side == "right" else grad @ grad.T, rank)
     return (top if side == "right" else top.T).contiguous()
+
+
+def top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """The eigenvectors of the ``rank`` largest eigenvalues of a symmetric ``gram`` (d x d) as rows
+    (r x d), largest first, each signed by :func:`canonical_signs`."""
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    return canonical_signs(vectors[:, -rank:].flip(1).T)
 
 
 def orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
@@ -173,8 +178,7 @@ def gram_right_basis(grad_local: torch.Tensor, rank: int, ctx: ShardContext) -> 
     """
     gram = grad_local.T @ grad_local
     ctx.all_reduce(gram)
-    _, vectors = torch.linalg.eigh(gram.to(torch.float64))
-    basis = canonical_signs(vectors[:, -rank:].flip(1).T.contiguous())
+    basis = top_eigenvectors(gram.to(torch.float64), rank)
     if not bool(torch.isfinite(basis).all()):
         return None
     return basis.to(grad_local.dtype).contiguous()
