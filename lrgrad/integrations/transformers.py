@@ -23,7 +23,7 @@ Weight decay follows the Trainer's default optimizer: it applies to matrices
 The projected group carries galore-torch's four keys (``HF_LOW_RANK_DEFAULTS`` fill what
 ``optim_args`` leaves out), so it refreshes with galore-torch's exact ``torch.linalg.svd``
 (``lrgrad.projectors.svd``): the run is what transformers' galore-torch path computes.
-``optim_args="..., svd=gram"`` (or ``svd=gram`` as a keyword) takes lrgrad's faster default.
+``optim_args="..., svd=warm"`` (or ``svd="warm"`` as a keyword) takes lrgrad's faster default.
 
 ``optimizer_cls_and_kwargs`` is the route that works with FSDP2 in the Trainer (the
 Trainer builds the optimizer and Accelerate swaps its params for the sharded

@@ -167,7 +167,7 @@ class LowRankOptimizer(Optimizer):
         """A param group written for galore-torch (it carries ``rank``, ``update_proj_gap``, ``scale``
         and ``proj_type``) refreshes with galore-torch's exact ``torch.linalg.svd`` unless ``svd`` is
         set in the group or the constructor: it then reproduces galore-torch (README, "The one-liner").
-        Every other group gets the SVD projector's faster default (``svd="gram"``)."""
+        Every other group gets the SVD projector's faster default (``svd="warm"``)."""
         if not isinstance(param_group, dict) or "svd" in param_group or "svd" in getattr(self, "_explicit_options", ()):
             return
         projector = param_group.get("projector", self.defaults.get("projector"))

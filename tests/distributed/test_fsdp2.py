@@ -55,7 +55,7 @@ def fsdp2_worker(rank: int, world: int, names: list[str], ckpt: str) -> dict:
     train_steps(model, opt, 0, STEPS, rank, world)
     results["keep"] = full_state(model)
     model = fsdp_model()
-    opt = make_optimizer("GaLoreAdamW", model, svd_sharded="gram")  # exact: the n x n Gram all-reduce
+    opt = make_optimizer("GaLoreAdamW", model, svd="gram", svd_sharded="gram")  # exact: n x n Gram all-reduce
     train_steps(model, opt, 0, STEPS, rank, world)
     results["keep_gram"] = full_state(model)
     # DCP: save after SAVE_AT steps, resume in a fresh model + optimizer. svd="randomized" (what
@@ -153,7 +153,7 @@ def test_fsdp2_gram_refresh_matches_svd_with_canonical_signs(fsdp_results, monke
         return canonical_signs(basis).contiguous() if side == "right" else basis
 
     monkeypatch.setattr(svd, "top_singular_basis", canonical)
-    want = single_process("GaLoreAdamW", exact=True)
+    want = single_process("GaLoreAdamW", exact=True, svd="gram")  # every refresh exact, as the sharded Gram
     results, _ = fsdp_results
     for rank_result in results:
         assert_same_weights(rank_result["keep_gram"], want)

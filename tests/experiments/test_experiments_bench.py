@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -70,6 +71,26 @@ def test_pick_steps_fits_budget():
     assert compare.pick_steps(0.001, 10, 660, 10, 4) == 200  # cap
 
 
+def test_refresh_rows_see_a_new_gradient_like_gradient_each_refresh_and_leave_the_model_s():
+    """The refresh rows step on gradients with a falling spectrum from two pools in turn (a new
+    subspace every refresh at gap 2), and every other row keeps its own gradients."""
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(2)]
+    own = [torch.ones(3), torch.ones(3)]
+    for p, g in zip(params, own):
+        p.grad = g
+    pools = [[torch.full((3,), float(k)) for _ in params] for k in (10, 20)]
+    seen = []
+    step = bench_step.swapping_step(lambda: seen.append(float(params[1].grad[0])), params, pools)
+    for _ in range(6):
+        step()
+    assert seen == [10, 10, 20, 20, 10, 10]
+    assert all(p.grad is g for p, g in zip(params, own))
+    g = bench_step.gradient_like((48, 40), torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(g.double())
+    assert float(s[0] / s[7]) == pytest.approx(8.0, rel=1e-3)  # σᵢ ∝ 1/i
+    assert float(g.square().mean().sqrt()) == pytest.approx(1e-3, rel=1e-4)
+
+
 def test_bench_step_and_memory(tmp_path):
     res = bench_step.bench_size("llama_test", ["adamw_foreach", "adamw_fused", "galore_adamw"], steps=1, vocab=256)
     rows = res["rows"]
@@ -79,12 +100,13 @@ def test_bench_step_and_memory(tmp_path):
     assert all(r["step_s"] > 0 for r in rows.values())
     # the family's floor is timed in the same run; floors hold no optimizer state
     assert rows["galore_adamw"]["floor"] == "floor_adamw" and rows["floor_adamw"]["state_bytes"] is None
-    assert set(res["refresh"]) >= {"gram", "exact", "randomized"}
+    assert set(res["refresh"]) >= {"warm", "gram", "exact", "randomized"}
     assert all(r["first_step_s"] > 0 for r in res["refresh"].values())
     bench_step.write([res], tmp_path, "test")
     md = (tmp_path / "bench_step.md").read_text()
     assert "| torch AdamW (foreach) |" in md and "| 1.00x |" in md
     assert "| floor: projection GEMMs + fused AdamW |" in md and "svd=\"randomized\"" in md
+    assert "svd=\"warm\" (default)" in md
     assert (tmp_path / "bench_step.png").exists()
 
     mem = bench_memory.measure("llama_test", ["adamw_foreach", "galore_adamw"], vocab=256)

@@ -75,13 +75,15 @@ def test_args_become_the_galore_optimizer(tmp_path):
 
 
 def test_trainer_groups_refresh_as_galore_torch_unless_optim_args_say(tmp_path):
-    """The groups carry galore-torch's four keys, so they take its exact SVD; svd=gram in optim_args
-    (or as a keyword) takes lrgrad's default."""
+    """The groups carry galore-torch's four keys, so they take its exact SVD; svd=warm (lrgrad's
+    default) or svd=gram in optim_args, or as a keyword, chooses otherwise."""
     model = tiny_llama()
     assert create_optimizer(model, make_args(tmp_path)).param_groups[0]["svd"] == "exact"
     args = make_args(tmp_path, optim_args=f"rank={RANK}, update_proj_gap={GAP}, svd=gram")
     assert create_optimizer(model, args).param_groups[0]["svd"] == "gram"
     assert create_optimizer(model, make_args(tmp_path), svd="gram").param_groups[0]["svd"] == "gram"
+    args = make_args(tmp_path, optim_args=f"rank={RANK}, update_proj_gap={GAP}, svd=warm")
+    assert create_optimizer(model, args).param_groups[0]["svd"] == "warm"
 
 
 def test_optim_names_and_overrides(tmp_path):

@@ -18,14 +18,15 @@ from lrgrad.projectors.base import Projector
 @pytest.mark.parametrize("policy", ["keep", "project", "reset"])
 @pytest.mark.parametrize("svd", ["gram", "exact"])
 def test_galore_matches_independent_reference(shape, policy, svd):
-    """Both deterministic refreshes, the default Gram eigenvectors and torch.linalg.svd (LAPACK's signs,
-    which "keep" moments see), against the paper's equations with the same basis."""
+    """Both exact refreshes, the Gram eigenvectors (the default's first refresh and fallback) and
+    torch.linalg.svd (LAPACK's signs, which "keep" moments see), against the paper's equations with the
+    same basis (the default's later, iterated refreshes: tests/projectors/test_projector_svd_warm.py)."""
     rank, gap, steps = 6, 3, 10  # refreshes on steps 1, 4, 7, 10
     grads = gapped_gradients(*shape, rank, steps)
     w0 = torch.randn(*shape, dtype=torch.float64)
     expected = reference_galore(w0, grads, rank, gap, lr=0.01, scale=0.25, wd=0.1, policy=policy, svd=svd)
     got, opt = run_lrgrad(w0, grads, lr=0.01, rank=rank, update_proj_gap=gap, scale=0.25,
-                          weight_decay=0.1, moment_policy=policy, **({} if svd == "gram" else {"svd": svd}))
+                          weight_decay=0.1, moment_policy=policy, svd=svd)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
     state = next(iter(opt.state.values()))
     assert state["proj_refreshes"] == 4 and state["step"] == steps

@@ -1,29 +1,15 @@
-"""``svd="gram"`` (the SVD projector's default): the top-r eigenvectors of the projected side's Gram
-matrix, against ``torch.linalg.svd``; and which param groups get galore-torch's exact SVD instead."""
+"""``svd="gram"`` (the first refresh of the default ``"warm"``, and its fallback): the top-r
+eigenvectors of the projected side's Gram matrix, against ``torch.linalg.svd``; and which param
+groups get galore-torch's exact SVD instead."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from spectra import captured_energy, spectrum_matrix
 
 import lrgrad
 from lrgrad.projectors.svd import gram_top_basis, top_singular_basis
-
-
-def spectrum_matrix(m: int, n: int, decay: float, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
-    """U diag(i^-decay) Vᵀ with random orthonormal U, V: flat (decay 0.3) to steep (2.0) spectra."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
-    s = torch.arange(1, k + 1, dtype=torch.float64) ** -decay
-    return ((u * s) @ v.T).to(dtype)
-
-
-def captured_energy(g: torch.Tensor, basis: torch.Tensor, side: str) -> float:
-    g, basis = g.double(), basis.double()
-    low = g @ basis.T if side == "right" else basis.T @ g
-    return float(torch.linalg.matrix_norm(low) ** 2)
 
 
 @pytest.mark.parametrize("shape, side", [((96, 64), "right"), ((64, 96), "left"), ((64, 64), "right")])
@@ -86,7 +72,7 @@ def test_gram_refresh_is_bit_identical_on_a_rerun_and_after_a_resume():
 
     def run(steps, opt_state=None, w0=None):
         w = torch.nn.Parameter(torch.zeros(48, 32) if w0 is None else w0.clone())
-        opt = lrgrad.GaLoreAdamW([w], lr=1e-2, rank=6, update_proj_gap=2)
+        opt = lrgrad.GaLoreAdamW([w], lr=1e-2, rank=6, update_proj_gap=2, svd="gram")
         if opt_state is not None:
             opt.load_state_dict(opt_state)
         for g in steps:
@@ -107,15 +93,15 @@ def _svd_of(opt: torch.optim.Optimizer) -> list[str]:
     return [g["svd"] for g in opt.param_groups]
 
 
-def test_default_refresh_is_gram_and_galore_torch_groups_get_the_exact_svd():
+def test_default_refresh_is_warm_and_galore_torch_groups_get_the_exact_svd():
     w, b = torch.nn.Parameter(torch.randn(32, 16)), torch.nn.Parameter(torch.randn(16))
-    assert _svd_of(lrgrad.GaLoreAdamW([w], rank=4)) == ["gram"]
-    assert _svd_of(lrgrad.GaLoreAdamW([{"params": [w], "rank": 4, "scale": 0.25}])) == ["gram"]
+    assert _svd_of(lrgrad.GaLoreAdamW([w], rank=4)) == ["warm"]
+    assert _svd_of(lrgrad.GaLoreAdamW([{"params": [w], "rank": 4, "scale": 0.25}])) == ["warm"]
 
     def galore_torch(**extra):  # torch.optim fills a group dict in place, so a fresh one each time
         return {"params": [w], "rank": 4, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", **extra}
 
-    assert _svd_of(lrgrad.GaLoreAdamW([galore_torch(), {"params": [b]}])) == ["exact", "gram"]
+    assert _svd_of(lrgrad.GaLoreAdamW([galore_torch(), {"params": [b]}])) == ["exact", "warm"]
     # an explicit choice wins, in the group or in the constructor
     assert _svd_of(lrgrad.GaLoreAdamW([galore_torch(svd="randomized")])) == ["randomized"]
     assert _svd_of(lrgrad.GaLoreAdamW([galore_torch()], svd="gram")) == ["gram"]
@@ -125,7 +111,7 @@ def test_default_refresh_is_gram_and_galore_torch_groups_get_the_exact_svd():
     # a group added later follows the same rule
     opt = lrgrad.GaLoreAdamW([w], rank=4)
     opt.add_param_group(galore_torch(params=[torch.nn.Parameter(torch.randn(32, 16))]))
-    assert _svd_of(opt) == ["gram", "exact"]
+    assert _svd_of(opt) == ["warm", "exact"]
 
 
 def test_bad_svd_is_rejected_by_name():
