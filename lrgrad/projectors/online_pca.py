@@ -71,10 +71,16 @@ def pca_loss_grad(a: torch.Tensor, p: torch.Tensor, side: str = "right") -> torc
     return pca_grad_from_sums(p, b.T @ a, b.T @ b)
 
 
-def pca_grad_from_sums(p: torch.Tensor, c: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def pca_grad_from_sums(p: torch.Tensor, c: torch.Tensor, k: torch.Tensor, orthonormal: bool = False) -> torch.Tensor:
     """``2 (M C + K P − 2 C)`` from ``C = BᵀÂ`` (r x n) and ``K = BᵀB`` (r x r), ``M = P Pᵀ``
     (right-side form). ``C`` and ``K`` are sums over the rows of ``Â``, so under FSDP2 they
-    are all-reduced from the row shards (:meth:`OnlinePCAProjector.refresh_sharded`)."""
+    are all-reduced from the row shards (:meth:`OnlinePCAProjector.refresh_sharded`).
+
+    ``orthonormal``: P comes straight from a QR or the initial basis, so ``M = I`` up to ~eps,
+    less than the rounding of the ``M C`` GEMM itself (~r·eps): ``2 (K P − C)``, two r x r x n
+    GEMMs fewer (tested against the general form)."""
+    if orthonormal:
+        return torch.addmm(c, k, p, beta=-1).mul_(2)
     return 2 * ((p @ p.T) @ c + k @ p - 2 * c)
 
 
@@ -89,12 +95,15 @@ def pca_loss_grad_scaled(grad: torch.Tensor, scale: float | torch.Tensor, p: tor
 
 
 def pca_grad_from_projection(grad: torch.Tensor, projected: torch.Tensor, scale: float | torch.Tensor,
-                             p: torch.Tensor) -> torch.Tensor:
+                             p: torch.Tensor, orthonormal: bool = False) -> torch.Tensor:
     """:func:`pca_loss_grad_scaled` (right-side form) from ``projected = G Pᵀ`` (m x r), which is also
-    the step's low-rank gradient ``down(G)``: the PCA step and the projection share that GEMM."""
+    the step's low-rank gradient ``down(G)``: the PCA step and the projection share that GEMM.
+    ``orthonormal``: as in :func:`pca_grad_from_sums`."""
     b = projected * scale  # B = Â Pᵀ (m x r)
     c = (b.T @ grad).mul_(scale)  # r x n
     k = b.T @ b
+    if orthonormal:
+        return pca_grad_from_sums(p, c, k, orthonormal=True)
     m = p @ p.T
     # 2 (M C + K P − 2C) with the sums accumulated by the GEMMs (no r x n temporaries)
     return torch.addmm(c, k, p, beta=-2).addmm_(m, c).mul_(2)
@@ -220,6 +229,7 @@ class OnlinePCAProjector(Projector):
         state["proj_step"] = 0
         state["proj_lr0"] = float(group.get("initial_lr", group["lr"]))
         state["proj_refreshes"] += 1
+        state["proj_orthonormal"] = True  # Gram eigenvectors, a sketch's SVD or a QR'd draw
 
     def refresh_sharded(self, state: dict[str, Any], grad_local: torch.Tensor, step: int,
                         group: dict[str, Any], ctx: Any) -> bool:
@@ -251,6 +261,7 @@ class OnlinePCAProjector(Projector):
         p = state["proj_basis"]
         g = grad_local.to(p.dtype)
         r = self.rank
+        orthonormal = bool(state.get("proj_orthonormal", False))
         if self.side == "right":
             b = g @ p.T  # m_i x r: also this rank's rows of this step's R (ShardedProjector.down takes them)
             self.share_down(b)
@@ -259,7 +270,7 @@ class OnlinePCAProjector(Projector):
             n = g.shape[1]
             norm_sq = sums[-1].clamp_min(torch.finfo(p.dtype).tiny)
             c, k = sums[:r * n].view(r, n) / norm_sq, sums[r * n:-1].view(r, r) / norm_sq
-            return self.adam_step(state, pca_grad_from_sums(p, c, k), group)
+            return self.adam_step(state, pca_grad_from_sums(p, c, k, orthonormal), group)
         rows = p[ctx.row_offset:ctx.row_stop]  # this rank's rows of P (m_i x r)
         sums = torch.cat([(g.T @ rows).reshape(-1), g.square().sum().reshape(1)])
         ctx.all_reduce(sums)
@@ -267,7 +278,7 @@ class OnlinePCAProjector(Projector):
         self.share_down(sums[:-1].view(g.shape[1], r).T.contiguous())  # GᵀP summed = Rᵀ: this step's R
         b = sums[:-1].view(g.shape[1], r) / norm  # B' = ÂᵀP (n x r)
         c_t = ctx.all_gather_rows((g / norm) @ b)  # C'ᵀ = Â B' (m x r)
-        return self.adam_step(state, pca_grad_from_sums(p.T, c_t.T, b.T @ b).T, group)
+        return self.adam_step(state, pca_grad_from_sums(p.T, c_t.T, b.T @ b, orthonormal).T, group)
 
     # ---------------------------------------------------------------- the shared projection
     def share_down(self, low: torch.Tensor) -> None:
@@ -295,13 +306,14 @@ class OnlinePCAProjector(Projector):
         a = grad.to(p.dtype)
         # Â = G / ‖G‖_F enters only through two small products: scale those, not an m x n copy
         scale = torch.linalg.vector_norm(a).clamp_min(torch.finfo(a.dtype).tiny).reciprocal()
+        orthonormal = bool(state.get("proj_orthonormal", False))
         if self.side == "right":
             projected = a @ p.T  # G P_tᵀ: the loss gradient's B, and this step's R
-            loss_grad = pca_grad_from_projection(a, projected, scale, p)
+            loss_grad = pca_grad_from_projection(a, projected, scale, p, orthonormal)
             self.share_down(projected)
         else:  # the right side of Gᵀ: Gᵀ P_t = Rᵀ
             projected = a.T @ p
-            loss_grad = pca_grad_from_projection(a.T, projected, scale, p.T).T
+            loss_grad = pca_grad_from_projection(a.T, projected, scale, p.T, orthonormal).T
             self.share_down(projected.T.contiguous())
         return self.adam_step(state, loss_grad, group)
 
@@ -325,14 +337,16 @@ class OnlinePCAProjector(Projector):
         if drift != drift or drift == float("inf"):  # non-finite: keep the old basis and its Adam state
             state["proj_failures"] += 1
             return False
+        qr = False  # whether P leaves this step orthonormal to rounding (the next step's M = I)
         if every > 0 and t % every == 0:
-            new = orthonormalize(new, self.side, deviation, drift)
+            new, qr = orthonormalize(new, self.side, deviation, drift), True
         elif tol is not None and drift > tol:
             # the polar step's bound (polar_step) with half of tol left for rounding, else a QR
             if 0.75 * drift**2 + 0.25 * drift**3 <= tol / 2:
                 new = polar_step(new, deviation, self.side)
             else:
-                new = orthonormalize(new, self.side, deviation, drift)
+                new, qr = orthonormalize(new, self.side, deviation, drift), True
+        state["proj_orthonormal"] = qr
         state["proj_basis"] = new
         state["proj_exp_avg"], state["proj_exp_avg_sq"] = exp_avg, exp_avg_sq
         state["proj_step"] = t

@@ -307,3 +307,56 @@ def test_cholesky_qr_is_the_householder_qr(side, delta):
     householder = orthonormalize(p, side)
     torch.testing.assert_close(fast, householder, rtol=0, atol=1e-12)
     assert float(orthonormality_drift(fast, side)) < 1e-12
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_orthonormal_shortcut_equals_the_general_form_to_rounding(side):
+    """``2 (K P − C)`` (P fresh from a QR, M = I) against ``2 (M C + K P − 2 C)``: equal to fp64
+    rounding in fp64, and in fp32 closer than the general form's own fp32 rounding."""
+    from lrgrad.projectors.online_pca import pca_grad_from_sums
+
+    m, n, r = 40, 30, 5
+    a = torch.randn(m, n, dtype=torch.float64, generator=gen(5))
+    a = a / a.norm()
+    q, _ = torch.linalg.qr(torch.randn(n if side == "right" else m, r, dtype=torch.float64, generator=gen(6)))
+    p = q.T if side == "right" else q
+
+    def both(a, p):  # the left side is the right side of Aᵀ
+        a, p = (a, p) if side == "right" else (a.T, p.T)
+        b = a @ p.T
+        grads = [pca_grad_from_sums(p, b.T @ a, b.T @ b, orthonormal=o) for o in (False, True)]
+        return grads if side == "right" else [x.T for x in grads]
+
+    general, short = both(a, p)
+    torch.testing.assert_close(short, general, rtol=0, atol=1e-14)
+    general32, short32 = both(a.float(), p.float())
+    assert float((short32.double() - general).norm()) <= float((general32.double() - general).norm()) + 1e-7
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_shortcut_runs_only_when_the_basis_is_orthonormal(monkeypatch, side):
+    """The flag is set by the initial basis and by a QR, cleared by a polar step or no correction:
+    every step that takes ``M = I`` starts from a basis orthonormal to rounding, and steps after a
+    polar step (drift up to tol / 2) take the general form."""
+    import lrgrad.projectors.online_pca as pca
+
+    m, n, r = 24, 16, 4
+    seen = []
+    real = pca.pca_grad_from_projection
+
+    def spy(grad, projected, scale, p, orthonormal=False):
+        seen.append((orthonormal, float(pca.orthonormality_drift(p, "right"))))
+        return real(grad, projected, scale, p, orthonormal)
+
+    monkeypatch.setattr(pca, "pca_grad_from_projection", spy)
+    # small P steps: the drift stays near the tolerance, so polar steps and QRs (every 5th) both occur
+    proj = make(side, r, pca_lr=2e-4, pca_qr_every=5, pca_ortho_tol=1e-4)
+    state: dict = {}
+    proj.init_state(state, (m, n), seed=1)
+    for step in range(1, 21):
+        g = torch.randn(m, n, dtype=torch.float64, generator=gen(200 + step))
+        proj.refresh(state, g, step, {"lr": 1.0})
+    flags = [flag for flag, _ in seen]
+    assert flags[0] is True and any(flags[1:]) and not all(flags)
+    assert all(drift < 1e-12 for flag, drift in seen if flag)
+    assert any(drift > 1e-8 for flag, drift in seen if not flag)  # a polar-corrected basis took the general form
