@@ -31,9 +31,9 @@ class GaLoreAdamW(LowRankAdamW):
     smaller side exceeds 128; other params run plain AdamW. Without ``rank`` a
     group runs full-rank (galore-torch's convention: only groups given a rank are
     projected). Defaults follow ``torch.optim.AdamW``; ``scale=0.25`` and
-    ``update_proj_gap=200`` follow the paper. The refresh (``svd="warm"``) takes the
-    Gram eigenvectors the first time and a subspace iteration from the previous basis
-    afterwards (exact fallback when it does not converge); ``svd="gram"``, ``"exact"``
+    ``update_proj_gap=200`` follow the paper. The refresh (``svd="warm"``) is a subspace
+    iteration from the previous basis (the first: from seeded Gaussian columns), with the
+    exact Gram eigenvectors when it does not converge; ``svd="gram"``, ``"exact"``
     (galore-torch's call) and ``"randomized"`` choose otherwise.
     """
 

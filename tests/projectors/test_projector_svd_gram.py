@@ -1,4 +1,4 @@
-"""``svd="gram"`` (the first refresh of the default ``"warm"``, and its fallback): the top-r
+"""``svd="gram"`` (the fallback of the default ``"warm"``): the top-r
 eigenvectors of the projected side's Gram matrix, against ``torch.linalg.svd``; and which param
 groups get galore-torch's exact SVD instead."""
 

@@ -1,6 +1,6 @@
-"""``svd="warm"`` (the SVD projector's default): refreshes after the first run a subspace iteration
-from the previous basis, checked against ``torch.linalg.svd``'s captured energy; a refresh that does
-not converge falls back to the exact Gram eigenvectors."""
+"""``svd="warm"`` (the SVD projector's default): every refresh runs a subspace iteration from the
+previous basis (the first: from seeded Gaussian columns), checked against ``torch.linalg.svd``'s
+captured energy; a refresh that does not converge falls back to the exact Gram eigenvectors."""
 
 from __future__ import annotations
 
@@ -81,25 +81,43 @@ def _count_gram(monkeypatch) -> list[int]:
     return calls
 
 
-def test_first_refresh_is_gram_later_ones_warm_and_a_flat_gradient_falls_back(monkeypatch):
+def test_every_refresh_iterates_and_only_a_flat_gradient_falls_back_to_gram(monkeypatch):
+    """The first refresh starts from seeded Gaussian columns, the later ones from the previous basis;
+    steep (gradient-like) spectra converge without the Gram eigh, a flat one falls back to it."""
     calls = _count_gram(monkeypatch)
     w = torch.nn.Parameter(torch.zeros(96, 64))
     opt = lrgrad.GaLoreAdamW([w], lr=1e-2, rank=16, update_proj_gap=1)
-    steep = [spectrum_matrix(96, 64, 1.5, seed=s) for s in range(3)]
-    w.grad = steep[0]
-    opt.step()
-    assert len(calls) == 1  # no previous basis: the exact Gram eigenvectors
-    for g in steep[1:]:
+    for s in range(3):
+        g = spectrum_matrix(96, 64, 1.5, seed=s)
         w.grad = g
         opt.step()
         basis = opt.state[w]["proj_basis"]
         exact = top_singular_basis(g.double(), 16, "right")
         assert captured_energy(g, basis, "right") >= (1 - 2.5e-4) * captured_energy(g, exact, "right")
-    assert len(calls) == 1  # both later refreshes converged warm
+    assert len(calls) == 0  # all three refreshes (the first included) converged
     w.grad = spectrum_matrix(96, 64, 0.3, seed=9)
     opt.step()
-    assert len(calls) == 2  # not converged: the exact fallback
+    assert len(calls) == 1  # not converged: the exact fallback
     assert opt.state[w]["proj_failures"] == 0 and opt.state[w]["proj_refreshes"] == 4
+
+
+def test_a_flat_first_gradient_falls_back_to_the_gram_basis(monkeypatch):
+    calls = _count_gram(monkeypatch)
+    w = torch.nn.Parameter(torch.zeros(96, 64))
+    opt = lrgrad.GaLoreAdamW([w], lr=1e-2, rank=16, update_proj_gap=1)
+    w.grad = spectrum_matrix(96, 64, 0.3, seed=9)
+    opt.step()
+    assert len(calls) == 1 and opt.state[w]["proj_refreshes"] == 1
+
+
+@pytest.mark.parametrize("shape, side", SHAPES)
+def test_cold_start_from_gaussian_columns_captures_the_exact_energy(shape, side):
+    """No previous basis (the first refresh): the same iteration from r + oversample seeded columns."""
+    g = spectrum_matrix(*shape, 1.0, seed=1)
+    basis = warm(g, 16, side, None)
+    assert basis is not None
+    exact = top_singular_basis(g.double(), 16, side)
+    assert captured_energy(g, basis, side) >= (1 - 2.5e-4) * captured_energy(g, exact, side)
 
 
 def test_explicit_gram_never_iterates(monkeypatch):

@@ -133,10 +133,7 @@ def test_projected_matches_oracle(rule, path, extra, shape, side, projector):
         atol = 1e-10 if basis.dtype == torch.float64 or projector != "dct" else 1e-8
         basis = basis.to(torch.float64)
         assert basis.shape == ((rank, shape[1]) if side == "right" else (shape[0], rank))
-        if projector == "svd" and t == 1:  # the first refresh: the top-r singular subspace of this gradient
-            gram = basis.T @ basis if side == "right" else basis @ basis.T
-            torch.testing.assert_close(gram, top_subspace(g, rank, side), rtol=0, atol=1e-10)
-        elif projector == "svd" and t % 2 == 1:  # later (iterated) refreshes: its energy, to svd_warm_tol
+        if projector == "svd" and t % 2 == 1:  # a refresh: the top-r subspace's energy, to svd_warm_tol
             gram = basis.T @ basis if side == "right" else basis @ basis.T
             top = top_subspace(g, rank, side)
             kept, best = ((g @ gram, g @ top) if side == "right" else (gram @ g, top @ g))
