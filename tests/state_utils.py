@@ -29,3 +29,28 @@ def assert_states_equal(a: dict, b: dict) -> None:
             assert_states_equal(x, y)
         else:
             assert x == y, key
+
+
+def assert_rerun_and_resume_bit_identical(make_optimizer: Any, grads: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """Step one param (zeros shaped like the gradients) through ``grads`` with ``make_optimizer([w])``
+    three ways - straight through, stopped halfway and resumed from ``state_dict()`` in a fresh
+    optimizer, and again from scratch - and assert the final weights are bit-identical. Returns the
+    straight-through optimizer."""
+
+    def run(steps, opt_state=None, w0=None):
+        w = torch.nn.Parameter(torch.zeros_like(grads[0]) if w0 is None else w0.clone())
+        opt = make_optimizer([w])
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        for g in steps:
+            w.grad = g.clone()
+            opt.step()
+        return w.detach().clone(), opt
+
+    full, opt_full = run(grads)
+    half, opt = run(grads[: len(grads) // 2])
+    resumed, _ = run(grads[len(grads) // 2:], opt.state_dict(), half)
+    assert torch.equal(full, resumed)
+    again, _ = run(grads)
+    assert torch.equal(full, again)
+    return opt_full

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from spectra import captured_energy, spectrum_matrix
+from state_utils import assert_rerun_and_resume_bit_identical
 
 import lrgrad
 from lrgrad.projectors.svd import gram_top_basis, top_singular_basis
@@ -69,23 +70,8 @@ def test_larger_projected_side_uses_the_exact_svd(monkeypatch):
 def test_gram_refresh_is_bit_identical_on_a_rerun_and_after_a_resume():
     torch.manual_seed(0)
     grads = [torch.randn(48, 32) for _ in range(6)]
-
-    def run(steps, opt_state=None, w0=None):
-        w = torch.nn.Parameter(torch.zeros(48, 32) if w0 is None else w0.clone())
-        opt = lrgrad.GaLoreAdamW([w], lr=1e-2, rank=6, update_proj_gap=2, svd="gram")
-        if opt_state is not None:
-            opt.load_state_dict(opt_state)
-        for g in steps:
-            w.grad = g.clone()
-            opt.step()
-        return w.detach().clone(), opt
-
-    full, _ = run(grads)
-    half, opt = run(grads[:3])
-    resumed, _ = run(grads[3:], opt.state_dict(), half)
-    assert torch.equal(full, resumed)
-    again, _ = run(grads)
-    assert torch.equal(full, again)
+    assert_rerun_and_resume_bit_identical(
+        lambda params: lrgrad.GaLoreAdamW(params, lr=1e-2, rank=6, update_proj_gap=2, svd="gram"), grads)
 
 
 # ---------------------------------------------------------------- which groups get which SVD

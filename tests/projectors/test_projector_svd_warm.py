@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from spectra import captured_energy, spectrum_matrix
+from state_utils import assert_rerun_and_resume_bit_identical
 
 import lrgrad
 from lrgrad.projectors import svd as svd_module
@@ -134,25 +135,10 @@ def test_warm_refresh_on_every_side_is_bit_identical_on_a_rerun_and_after_a_resu
     """The oversampling columns come from the (param seed, step) generator, so a rerun and a resumed
     run give the same weights bit for bit, on either side (reverse_std: the larger one)."""
     grads = [spectrum_matrix(48, 32, 1.0, seed=s) for s in range(6)]
-
-    def run(steps, opt_state=None, w0=None):
-        w = torch.nn.Parameter(torch.zeros(48, 32) if w0 is None else w0.clone())
-        opt = lrgrad.GaLoreAdamW([w], lr=1e-2, rank=6, update_proj_gap=2, proj_type=proj_type)
-        if opt_state is not None:
-            opt.load_state_dict(opt_state)
-        for g in steps:
-            w.grad = g.clone()
-            opt.step()
-        return w.detach().clone(), opt
-
-    full, opt_full = run(grads)
-    assert opt_full.param_groups[0]["svd"] == "warm" and opt_full.state[opt_full.param_groups[0]["params"][0]][
-        "proj_refreshes"] == 3
-    half, opt = run(grads[:3])
-    resumed, _ = run(grads[3:], opt.state_dict(), half)
-    assert torch.equal(full, resumed)
-    again, _ = run(grads)
-    assert torch.equal(full, again)
+    opt = assert_rerun_and_resume_bit_identical(
+        lambda params: lrgrad.GaLoreAdamW(params, lr=1e-2, rank=6, update_proj_gap=2, proj_type=proj_type), grads)
+    group = opt.param_groups[0]
+    assert group["svd"] == "warm" and opt.state[group["params"][0]]["proj_refreshes"] == 3
 
 
 def test_qgalore_warm_starts_from_its_dequantized_int4_basis():
