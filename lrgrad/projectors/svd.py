@@ -97,9 +97,9 @@ def warm_top_basis(
 
     With ``H`` the projected side (``G`` on the left, ``Gᵀ`` on the right; d rows): start from
     ``Q = orth([previous, Ω])``, Ω d x ``oversample`` Gaussian from ``generator`` (d x (r +
-    oversample) without a previous basis); each power step
-    is ``Q = orth(H (HᵀQ))`` and a Rayleigh–Ritz step on ``B = (HᵀQ)ᵀ(HᵀQ)`` (k x k, k = r +
-    oversample), whose top-r eigenvalues sum to the energy ``E`` the Ritz vectors capture. ``E``
+    oversample) without a previous basis); each power step is ``Q = orth(H (HᵀQ))`` and a
+    Rayleigh–Ritz step on ``B = (HᵀQ)ᵀ(HᵀQ)`` (k x k, k = r + oversample), whose top-r
+    eigenvalues sum to the energy ``E`` the Ritz vectors capture. ``E``
     only grows; once a step adds at most ``tol * E`` the top-r Ritz vectors ``Q S_r`` are returned
     (canonical signs). Gradients' spectra fall steeply (σ₁/σ_r ≈ 30-200 on LLaMA blocks), so two
     or three steps reach the exact basis's energy to ~1e-4 even from an unrelated start; a flat
