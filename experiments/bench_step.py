@@ -175,6 +175,7 @@ def bench_size(config: str, names: list[str], steps: int, vocab: int, seed: int 
     missing: list[str] = []
     if references and device == "cpu":
         wanted = {ref for n in names for ref in step_floors.FAMILIES.get(n, (None, None)) if ref}
+        wanted |= {ref for n in names for ref in step_floors.ALSO_MEASURED.get(n, ())}
         for ref in sorted(wanted - set(runners)):
             if ref in step_floors.LABELS:
                 runner = step_floors.build_reference(ref, model, rank)

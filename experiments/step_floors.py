@@ -27,7 +27,7 @@ FAMILIES: dict[str, tuple[str | None, str | None]] = {
     "galore_adamw_nocheck": ("floor_adamw", "galore_torch"),
     "dct_adamw": ("floor_adamw", "galore_torch"),
     "flora_adamw": ("floor_adamw_draw", "galore_torch"),
-    "online_subspace_adamw": ("floor_adamw_pca", "galore_adamw"),
+    "online_subspace_adamw": ("floor_adamw_pca_step", "galore_adamw"),
     "galore_adamw8bit": ("floor_adamw8bit", "bnb_adamw8bit"),
     "qgalore_adamw": ("floor_adamw8bit", "bnb_adamw8bit"),
     "galore_adafactor": ("floor_adafactor", "torch_adafactor"),
@@ -38,10 +38,16 @@ FAMILIES: dict[str, tuple[str | None, str | None]] = {
     "auon": ("adamw_fused", "muon"),
 }
 
+#: floors measured beside a family's own floor: online PCA's BᵀG-only floor (the least any online PCA
+#: step adds to GaLore's GEMMs) next to the floor of the step it really takes
+ALSO_MEASURED: dict[str, tuple[str, ...]] = {"online_subspace_adamw": ("floor_adamw_pca",)}
+
 LABELS = {
     "floor_adamw": "floor: projection GEMMs + fused AdamW",
     "floor_adamw_draw": "floor: seeded Gaussian draws + projection GEMMs + fused AdamW",
     "floor_adamw_pca": "floor: projection GEMMs + online PCA's BᵀG GEMM + fused AdamW",
+    "floor_adamw_pca_step": "floor: projection GEMMs + online PCA's whole step (‖G‖, BᵀG, K, Adam on P, "
+                            "Cholesky QR) + fused AdamW",
     "floor_adamw8bit": "floor: projection GEMMs + bnb AdamW8bit",
     "floor_adafactor": "floor: projection GEMMs + torch Adafactor",
     "floor_muon": "floor: 5 fp32 Newton–Schulz steps (hidden) + fused AdamW (rest)",
@@ -132,6 +138,49 @@ def projection_floor(model: torch.nn.Module, rank: int, make_rule: Callable[[lis
     return Runner(step)
 
 
+def pca_step_floor(model: torch.nn.Module, rank: int, pca_lr: float = 5e-3) -> Runner:
+    """:func:`projection_floor` with online PCA's whole per-step arithmetic, batched where torch allows
+    and with no bookkeeping: per matrix ``‖G‖``, ``B = G Pᵀ`` (also R), ``C = BᵀG/‖G‖²``, ``K = C Pᵀ``,
+    the loss gradient ``2 (K P − C)``; one multi-tensor fused Adam step over every P; per matrix the
+    Gram ``P Pᵀ``, its Cholesky factor L and ``P ← L⁻¹ P`` (the QR the default ``pca_ortho_tol`` needs
+    at ``pca_lr=5e-3``, where Adam moves P past the tolerance every step); the back-projection; fused
+    AdamW over the full-rank params and the low-rank moments. Everything in the right-side form
+    (P r x d on the smaller side d), as the projector computes it."""
+    mats, rest = split_params(model, rank)
+    _, proxies = _proxies(mats, rest, rank)
+    rule = torch.optim.AdamW(proxies, lr=1e-3, fused=True)
+    generator = torch.Generator().manual_seed(0)
+    bases = []
+    for p in mats:
+        d = min(p.shape)
+        q, _ = torch.linalg.qr(torch.randn(d, rank, generator=generator))
+        bases.append(q.T.contiguous().requires_grad_())  # r x d, orthonormal rows
+    pca_adam = torch.optim.AdamW(bases, lr=pca_lr, weight_decay=0.0, fused=True)
+    eye = torch.eye(rank)
+
+    def step() -> None:
+        with torch.no_grad():
+            lows = []
+            for p, basis in zip(mats, bases):
+                g = p.grad if p.shape[0] >= p.shape[1] else p.grad.T  # the right-side form: g is m' x d
+                inv_sq = torch.linalg.vector_norm(g).square().reciprocal()
+                low = g @ basis.T
+                c = (low.T @ g).mul_(inv_sq)
+                basis.grad = torch.addmm(c, c @ basis.T, basis, beta=-1).mul_(2)
+                lows.append(low)
+            pca_adam.step()
+            for p, basis, low in zip(mats, bases, lows):
+                chol = torch.linalg.cholesky(basis @ basis.T)
+                basis.copy_(torch.linalg.solve_triangular(chol, eye, upper=False) @ basis)
+                if p.shape[0] >= p.shape[1]:
+                    p.addmm_(low, basis, alpha=-1e-12)
+                else:
+                    p.addmm_(basis.T, low.T, alpha=-1e-12)
+        rule.step()
+
+    return Runner(step)
+
+
 def newton_schulz_floor(model: torch.nn.Module, rank: int, ns_steps: int) -> Runner:
     """``ns_steps`` fp32 quintic Newton–Schulz iterations on every block matrix (the bare
     ``addmm`` calls, on the smaller Gram side) + the weight update, and fused AdamW on the rest."""
@@ -193,6 +242,8 @@ def build_reference(name: str, model: torch.nn.Module, rank: int) -> Runner | No
     if name in ("floor_adamw", "floor_adamw_draw", "floor_adamw_pca"):
         return projection_floor(model, rank, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
                                 draw=name == "floor_adamw_draw", pca=name == "floor_adamw_pca")
+    if name == "floor_adamw_pca_step":
+        return pca_step_floor(model, rank)
     if name == "floor_adafactor":
         return projection_floor(model, rank, lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=True))
     if name == "floor_adamw8bit":

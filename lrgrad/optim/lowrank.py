@@ -354,8 +354,11 @@ class LowRankOptimizer(Optimizer):
             full_grads = [g for g, bad in zip(full_grads, bad_full) if not bad]
         if low_items:
             # every projected param's direction in one multi-tensor pass (AdamW: torch's fused kernel)
+            # the low-rank gradients are this step's own tensors (projector.down's results), needed
+            # after the rule only by a full-rank update: otherwise the directions may overwrite them
             updates = rule.update_many([self.state[item[0]] for item in low_items], [item[1] for item in low_items],
-                                       [self.state[item[0]]["step"] for item in low_items])
+                                       [self.state[item[0]]["step"] for item in low_items],
+                                       reuse_grads=not keep_full)
             for (p, low, _, g, projector), update in zip(low_items, updates):
                 self.apply_low_rank(p, group, low, rule, grad=g, update=update, projector=projector)
         self.apply_full_rank(group, full_params, full_grads, rule)

@@ -99,9 +99,10 @@ def pca_grad_from_projection(grad: torch.Tensor, projected: torch.Tensor, scale:
     """:func:`pca_loss_grad_scaled` (right-side form) from ``projected = G Pᵀ`` (m x r), which is also
     the step's low-rank gradient ``down(G)``: the PCA step and the projection share that GEMM.
     ``orthonormal``: as in :func:`pca_grad_from_sums`."""
-    b = projected * scale  # B = Â Pᵀ (m x r)
+    b = projected * scale  # B = Â Pᵀ (m x r); scaled before the GEMM, so a tiny ‖G‖ cannot underflow C
     c = (b.T @ grad).mul_(scale)  # r x n
-    k = b.T @ b
+    # K = BᵀB = BᵀÂPᵀ = C Pᵀ: r²·n work instead of r²·m (n is the projected, smaller side under "std")
+    k = c @ p.T
     if orthonormal:
         return pca_grad_from_sums(p, c, k, orthonormal=True)
     m = p @ p.T

@@ -48,16 +48,25 @@ class AdamWRule(UpdateRule):
                                        self.group["eps"], step)
 
     def update_many(
-        self, states: list[dict[str, Any]], grads: list[torch.Tensor], steps: list[int]
+        self, states: list[dict[str, Any]], grads: list[torch.Tensor], steps: list[int],
+        reuse_grads: bool = False,
     ) -> list[torch.Tensor]:
         """The directions of every projected param in one ``torch._fused_adamw_`` call.
 
-        The kernel computes ``p ← p − lr·m̂/(√v̂ + ε)`` (torch's eps placement, as :meth:`update`)
-        after advancing the moments; on zeroed buffers with ``lr = −1`` and no decay it leaves
-        ``u = m̂/(√v̂ + ε)`` in them. One pass over all low-rank moments instead of seven per param
-        (what the floor of ``experiments/bench_step.py`` does). It agrees with :meth:`update` to a
-        few fp32 roundings (the kernel scales by ``lr/(1−β1ᵗ)`` before dividing, and may contract
-        to FMAs), the bound in tests/rules/test_rule_adamw_fused_direction.py.
+        The kernel computes ``p ← p·(1 − lr·λ) − lr·m̂/(√v̂ + ε)`` (torch's eps placement, as
+        :meth:`update`) after advancing the moments. With ``lr = −1`` it leaves ``u = m̂/(√v̂ + ε)``
+        in ``p`` when ``p`` starts at 0: one pass over all low-rank moments instead of seven per
+        param (what the floor of ``experiments/bench_step.py`` does). It agrees with :meth:`update`
+        to a few fp32 roundings (the kernel scales by ``lr/(1−β1ᵗ)`` before dividing, and may
+        contract to FMAs), the bound in tests/rules/test_rule_adamw_fused_direction.py.
+
+        ``reuse_grads``: the directions are written into the gradients themselves, with no zeroed
+        buffer (a memset of every low-rank moment's size, and on CPU often page faults: 4-10 ms a
+        LLaMA-60M step). The kernel then gets ``p = g`` (the same memory) and ``λ = −1``, so
+        ``p·(1 − lr·λ) = g·0 = 0`` for a finite ``g`` before the ``−lr·u`` term: the same directions,
+        bit for bit (tested). Each element's ``g`` is read before its ``p`` is written, in torch's
+        CPU kernel (per vector: load, compute, store) and CUDA kernel (per thread: registers), so
+        only those two devices take this path. A non-finite ``g`` gives a NaN direction either way.
         """
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
@@ -68,12 +77,16 @@ class AdamWRule(UpdateRule):
             return super().update_many(states, grads, steps)
         beta1, beta2 = self.group["betas"]
         device, dtype = grads[0].device, exp_avgs[0].dtype
-        # one zeroed buffer, split per param: a single memset
-        flat = torch.zeros(sum(g.numel() for g in grads), dtype=dtype, device=device)
-        outs = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        if reuse_grads and device.type in ("cpu", "cuda") and all(g.dtype == dtype for g in grads):
+            outs, decay = grads, -1.0
+        else:
+            # one zeroed buffer, split per param: a single memset
+            flat = torch.zeros(sum(g.numel() for g in grads), dtype=dtype, device=device)
+            outs = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            decay = 0.0
         step_tensors = list(torch.tensor(steps, dtype=torch.float32, device=device).unbind())
         torch._fused_adamw_(outs, grads, exp_avgs, exp_avg_sqs, [], step_tensors, amsgrad=False, lr=-1.0,
-                            beta1=beta1, beta2=beta2, weight_decay=0.0, eps=self.group["eps"], maximize=False)
+                            beta1=beta1, beta2=beta2, weight_decay=decay, eps=self.group["eps"], maximize=False)
         return outs
 
     def apply_full_rank(

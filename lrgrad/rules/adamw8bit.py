@@ -104,7 +104,8 @@ class AdamW8bitRule(AdamWRule):
 
     # ---------------------------------------------------------------- update
     def update_many(
-        self, states: list[dict[str, Any]], grads: list[torch.Tensor], steps: list[int]
+        self, states: list[dict[str, Any]], grads: list[torch.Tensor], steps: list[int],
+        reuse_grads: bool = False,
     ) -> list[torch.Tensor]:
         """Param by param (:meth:`update`): the moments are codes, not what torch's fused AdamW reads."""
         return UpdateRule.update_many(self, states, grads, steps)

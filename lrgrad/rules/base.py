@@ -44,10 +44,14 @@ class UpdateRule:
         raise NotImplementedError
 
     def update_many(
-        self, states: list[dict[str, Any]], grads: list[torch.Tensor], steps: list[int]
+        self, states: list[dict[str, Any]], grads: list[torch.Tensor], steps: list[int],
+        reuse_grads: bool = False,
     ) -> list[torch.Tensor]:
         """:meth:`update` for several params at once (every projected param of a group); rules
-        override it with a multi-tensor path. This loop is the reference."""
+        override it with a multi-tensor path. This loop is the reference.
+
+        ``reuse_grads``: the caller no longer needs ``grads`` (fresh low-rank gradients), so a rule
+        may write the directions into them instead of allocating new buffers."""
         return [self.update(state, grad, step) for state, grad, step in zip(states, grads, steps)]
 
     def apply_full_rank(

@@ -233,9 +233,9 @@ def test_the_pca_step_and_the_projection_share_one_gemm(monkeypatch, shape):
     seen = []
     original_update = opt.rule_for(opt.param_groups[0]).__class__.update_many
 
-    def spy(rule, states, grads, steps):
+    def spy(rule, states, grads, steps, reuse_grads=False):
         seen.append(grads[0].clone())
-        return original_update(rule, states, grads, steps)
+        return original_update(rule, states, grads, steps, reuse_grads)
 
     monkeypatch.setattr(type(opt.rule_for(opt.param_groups[0])), "update_many", spy)
     for step in range(1, 4):

@@ -98,3 +98,61 @@ def test_a_transposed_gradient_takes_the_reference_path():
     b = {k: v.clone() for k, v in a.items()}
     (got,) = rule.update_many([a], [g], [1])
     assert torch.equal(got, rule.update(b, g, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reused_gradients_hold_the_same_directions_and_moments_bit_for_bit(dtype):
+    """``reuse_grads=True`` writes the directions into the gradients (no zeroed buffer): the directions
+    and both moments equal the zeroed-buffer path exactly, over 20 steps at mixed step counts and
+    gradients from 1e-30 to 1e30 (the ``g·0`` that replaces the zero must stay an exact 0)."""
+    torch.manual_seed(4)
+    rule = AdamWRule(_group())
+    buffered, reused = _states(dtype), _states(dtype)
+    for t in range(1, 21):
+        exponent = torch.randint(-30, 31, ()).item() if dtype == torch.float64 else torch.randint(-30, 30, ()).item()
+        grads = [torch.randn(s, dtype=dtype) * 10.0**exponent for s in SHAPES]
+        steps = [t, t + 1, t + 5, t + 50]
+        want = rule.update_many(buffered, [g.clone() for g in grads], steps)
+        mine = [g.clone() for g in grads]
+        got = rule.update_many(reused, mine, steps, reuse_grads=True)
+        for a, b, g in zip(got, want, mine):
+            assert a.data_ptr() == g.data_ptr()  # written in place: nothing allocated
+            assert torch.equal(a, b)
+        for a, b in zip(reused, buffered):
+            assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_reuse_grads_is_ignored_where_the_buffer_path_is_not_taken():
+    """A transposed gradient goes through the per-param reference: the caller's tensor is not written."""
+    rule = AdamWRule(_group())
+    g = torch.randn(16, 24).T
+    before = g.clone()
+    a = {"exp_avg": torch.zeros(24, 16), "exp_avg_sq": torch.zeros(24, 16)}
+    (got,) = rule.update_many([a], [g], [1], reuse_grads=True)
+    assert torch.equal(g, before) and got.data_ptr() != g.data_ptr()
+
+
+@pytest.mark.parametrize("full_rank", [None, "apollo", "fira"])
+def test_optimizer_step_with_reused_gradients_equals_the_buffered_step(full_rank, monkeypatch):
+    """The optimizer reuses the low-rank gradients only when nothing reads them after the rule (no
+    full-rank update): 8 steps with a refresh every 3 equal, bit for bit, a run that never reuses."""
+    torch.manual_seed(5)
+    shapes = [(40, 24), (24, 56), (30,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(8)]
+    weights = []
+    original = AdamWRule.update_many
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(AdamWRule, "update_many",
+                                lambda self, s, g, k, reuse_grads=False: original(self, s, g, k, False))
+        params = [torch.nn.Parameter(w.clone()) for w in init]
+        opt = lrgrad.GaLoreAdamW(params, lr=1e-2, rank=6, update_proj_gap=3, full_rank=full_rank)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+            assert all(torch.equal(p.grad, g) for p, g in zip(params, step))  # .grad is never written
+        weights.append([p.detach().clone() for p in params])
+    for a, b in zip(*weights):
+        assert torch.equal(a, b)
