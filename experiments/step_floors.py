@@ -139,11 +139,11 @@ def projection_floor(model: torch.nn.Module, rank: int, make_rule: Callable[[lis
 
 
 def pca_step_floor(model: torch.nn.Module, rank: int, pca_lr: float = 5e-3) -> Runner:
-    """:func:`projection_floor` with online PCA's whole per-step arithmetic, batched where torch allows
-    and with no bookkeeping: per matrix ``‖G‖``, ``B = G Pᵀ`` (also R), ``C = BᵀG/‖G‖²``, ``K = C Pᵀ``,
-    the loss gradient ``2 (K P − C)``; one multi-tensor fused Adam step over every P; per matrix the
-    Gram ``P Pᵀ``, its Cholesky factor L and ``P ← L⁻¹ P`` (the QR the default ``pca_ortho_tol`` needs
-    at ``pca_lr=5e-3``, where Adam moves P past the tolerance every step); the back-projection; fused
+    """:func:`projection_floor` with online PCA's whole per-step arithmetic and no bookkeeping: per
+    matrix ``‖G‖``, ``B = G Pᵀ`` (also R), ``C = BᵀG/‖G‖²``, ``K = C Pᵀ``, the loss gradient
+    ``2 (K P − C)``; one multi-tensor ``torch._fused_adamw_`` call over every P; per matrix the Gram
+    ``P Pᵀ``, its Cholesky factor L and ``P ← L⁻¹ P`` (the QR the default ``pca_ortho_tol`` needs at
+    ``pca_lr=5e-3``, where Adam moves P past the tolerance every step); the back-projection; fused
     AdamW over the full-rank params and the low-rank moments. Everything in the right-side form
     (P r x d on the smaller side d), as the projector computes it."""
     mats, rest = split_params(model, rank)
@@ -152,30 +152,33 @@ def pca_step_floor(model: torch.nn.Module, rank: int, pca_lr: float = 5e-3) -> R
     generator = torch.Generator().manual_seed(0)
     bases = []
     for p in mats:
-        d = min(p.shape)
-        q, _ = torch.linalg.qr(torch.randn(d, rank, generator=generator))
-        bases.append(q.T.contiguous().requires_grad_())  # r x d, orthonormal rows
-    pca_adam = torch.optim.AdamW(bases, lr=pca_lr, weight_decay=0.0, fused=True)
+        q, _ = torch.linalg.qr(torch.randn(min(p.shape), rank, generator=generator))
+        bases.append(q.T.contiguous())  # r x d, orthonormal rows
+    moments = [torch.zeros_like(b) for b in bases], [torch.zeros_like(b) for b in bases]
     eye = torch.eye(rank)
+    steps = [0]
 
     def step() -> None:
+        steps[0] += 1
+        lows, loss_grads = [], []
+        for p, basis in zip(mats, bases):
+            g = p.grad if p.shape[0] >= p.shape[1] else p.grad.T  # the right-side form: g is m' x d
+            inv_sq = torch.linalg.vector_norm(g).square().reciprocal()
+            low = g @ basis.T
+            c = (low.T @ g).mul_(inv_sq)
+            loss_grads.append(torch.addmm(c, c @ basis.T, basis, beta=-1).mul_(2))
+            lows.append(low)
+        step_t = [torch.tensor(float(steps[0]))] * len(bases)
+        torch._fused_adamw_(bases, loss_grads, *moments, [], step_t, amsgrad=False, lr=pca_lr, beta1=0.9,
+                            beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)
         with torch.no_grad():
-            lows = []
-            for p, basis in zip(mats, bases):
-                g = p.grad if p.shape[0] >= p.shape[1] else p.grad.T  # the right-side form: g is m' x d
-                inv_sq = torch.linalg.vector_norm(g).square().reciprocal()
-                low = g @ basis.T
-                c = (low.T @ g).mul_(inv_sq)
-                basis.grad = torch.addmm(c, c @ basis.T, basis, beta=-1).mul_(2)
-                lows.append(low)
-            pca_adam.step()
-            for p, basis, low in zip(mats, bases, lows):
-                chol = torch.linalg.cholesky(basis @ basis.T)
-                basis.copy_(torch.linalg.solve_triangular(chol, eye, upper=False) @ basis)
+            for i, (p, low) in enumerate(zip(mats, lows)):
+                chol, _ = torch.linalg.cholesky_ex(bases[i] @ bases[i].T)
+                bases[i] = torch.linalg.solve_triangular(chol, eye, upper=False) @ bases[i]
                 if p.shape[0] >= p.shape[1]:
-                    p.addmm_(low, basis, alpha=-1e-12)
+                    p.addmm_(low, bases[i], alpha=-1e-12)
                 else:
-                    p.addmm_(basis.T, low.T, alpha=-1e-12)
+                    p.addmm_(bases[i].T, low.T, alpha=-1e-12)
         rule.step()
 
     return Runner(step)

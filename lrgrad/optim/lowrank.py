@@ -33,6 +33,7 @@ from lrgrad.dtensor import is_dtensor, low_rank_zeros
 from lrgrad.groups import caller_stacklevel, is_module_parameters, route_named_params
 from lrgrad.optim.compile_guard import refuse_compiled_step
 from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS, full_rank_update_, init_full_rank_state, validate_full_rank
+from lrgrad.optim.nonfinite import probe as nonfinite_probe
 from lrgrad.projectors import PROJECTORS, Projector
 from lrgrad.projectors.sharded import ShardedProjector
 from lrgrad.projectors.svd import GALORE_TORCH_GROUP_KEYS
@@ -292,6 +293,7 @@ class LowRankOptimizer(Optimizer):
         ``isfinite(sum(t))`` is one fast reduction instead of a bool tensor the
         size of ``t``: a NaN or ±Inf anywhere makes the sum non-finite (a finite
         sum overflowing float range also counts as non-finite, which is as well).
+        The sum is :func:`lrgrad.optim.nonfinite.probe` (a GEMV on large CPU tensors).
         """
         flags = [False] * len(tensors)
         by_device: dict[torch.device, list[int]] = {}
@@ -299,7 +301,7 @@ class LowRankOptimizer(Optimizer):
             if t.numel():
                 by_device.setdefault(t.device, []).append(i)
         for indices in by_device.values():
-            sums = [tensors[i].sum() for i in indices]
+            sums = [nonfinite_probe(tensors[i]) for i in indices]
             # a sharded (DTensor) sum is all-reduced, so every rank takes the same branch
             sums = [t.full_tensor() if is_dtensor(t) else t for t in sums]
             finite = torch.stack([t.isfinite() for t in sums]).tolist()

@@ -64,9 +64,10 @@ class AdamWRule(UpdateRule):
         buffer (a memset of every low-rank moment's size, and on CPU often page faults: 4-10 ms a
         LLaMA-60M step). The kernel then gets ``p = g`` (the same memory) and ``λ = −1``, so
         ``p·(1 − lr·λ) = g·0 = 0`` for a finite ``g`` before the ``−lr·u`` term: the same directions,
-        bit for bit (tested). Each element's ``g`` is read before its ``p`` is written, in torch's
-        CPU kernel (per vector: load, compute, store) and CUDA kernel (per thread: registers), so
-        only those two devices take this path. A non-finite ``g`` gives a NaN direction either way.
+        bit for bit (tested). Each element's ``g`` is read before its ``p`` is written in torch's
+        CPU kernel (per vector: load, compute, store). Only CPU tensors take this path: on a GPU
+        the memset runs at memory speed, and the zeroed buffer needs no assumption about how a
+        device kernel orders its loads and stores. A non-finite ``g`` gives a NaN direction either way.
         """
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
@@ -77,7 +78,7 @@ class AdamWRule(UpdateRule):
             return super().update_many(states, grads, steps)
         beta1, beta2 = self.group["betas"]
         device, dtype = grads[0].device, exp_avgs[0].dtype
-        if reuse_grads and device.type in ("cpu", "cuda") and all(g.dtype == dtype for g in grads):
+        if reuse_grads and device.type == "cpu" and all(g.dtype == dtype for g in grads):
             outs, decay = grads, -1.0
         else:
             # one zeroed buffer, split per param: a single memset
