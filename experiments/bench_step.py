@@ -13,7 +13,9 @@ Beside the lrgrad optimizers the same round-robin times (``experiments/step_floo
 
 * each family's *floor* — the projection GEMMs + the fastest elementwise rule (fused AdamW,
   torch Adafactor, bitsandbytes AdamW8bit) over the full-rank params and tensors shaped like
-  the low-rank moments; for Muon / Hybrid-AuON the bare fp32 Newton–Schulz GEMMs;
+  the low-rank moments; for Flora + its seeded draws; for online PCA its whole step's arithmetic
+  (``pca_step_floor``), beside the floor with only its ``BᵀG`` product; for Muon / Hybrid-AuON the
+  bare fp32 Newton–Schulz GEMMs;
 * each family's *anchor* — galore-torch ``GaLoreAdamW``, ``torch.optim.Adafactor``,
   bitsandbytes ``AdamW8bit``, ``torch.optim.Muon`` on the same block matrices;
 * GaLore's refresh: lrgrad (its warm default, the Gram, exact and randomized SVD) and galore-torch
@@ -306,8 +308,9 @@ def write(results: list[dict[str, Any]], out: Path, command: str, stem: str = "b
              "hits all rows alike: read the ratios, not the absolute times.\n",
              "*floor*: the least work of the family with the fastest pieces (projection GEMMs + the peer's "
              "elementwise rule on the full-rank params and on tensors shaped like the low-rank moments; "
-             "for Muon, the bare fp32 Newton–Schulz GEMMs on the same block matrices). *anchor*: the peer "
-             "a user would run instead. `x floor` and `x anchor` are step ms over theirs.\n"]
+             "for online PCA, its whole step's arithmetic with no bookkeeping, beside the floor with only "
+             "its BᵀG product; for Muon, the bare fp32 Newton–Schulz GEMMs on the same block matrices). "
+             "*anchor*: the peer a user would run instead. `x floor` and `x anchor` are step ms over theirs.\n"]
     for res in results:
         lines += [f"## {res['config']} ({res['params'] / 1e6:.1f}M params, vocab {res['vocab']}, rank {res['rank']})\n"]
         lines += table(res)

@@ -77,6 +77,16 @@ BASE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def finish_deferred(deferred: list) -> None:
+    """Hand each projector class the refresh work its instances deferred in one step (items start
+    with the projector), in the order they were deferred."""
+    by_class: dict[type, list] = {}
+    for item in deferred:
+        by_class.setdefault(type(item[0]), []).append(item)
+    for cls, items in by_class.items():
+        cls.finish_deferred(items)
+
+
 class LowRankOptimizer(Optimizer):
     r"""Run the update rule ``rule`` inside the projector ``projector``.
 
@@ -324,6 +334,7 @@ class LowRankOptimizer(Optimizer):
         rule = self.rule_for(group)
         full_params, full_grads, low_items = [], [], []
         keep_full = group["full_rank"] is not None  # APOLLO/Fira update with the full gradient too
+        deferred: list = []  # refresh work the projectors batch across the group's params
         for p, g in zip(params, grads):
             g = self.prepare_grad(p, group, g)
             if self.is_projected(p, group):
@@ -331,12 +342,14 @@ class LowRankOptimizer(Optimizer):
                 # one projector object for the param's whole step: a generated basis (Flora's draw, DCT's
                 # columns) is built once for down() and the update (see Projector.memo)
                 projector = self.projector_for(p, group)
+                projector.deferred = deferred
                 low = self.project_grad(p, group, g, projector)
                 if low is not None:
                     low_items.append((p, low, snapshot, g if keep_full else None, projector))
             else:
                 full_params.append(p)
                 full_grads.append(g)
+        finish_deferred(deferred)
         if group["skip_nonfinite"]:
             # A NaN/Inf anywhere in G reaches R = down(G) (IEEE propagation through the
             # matmul), so projected params are checked on the small low-rank gradient. A refresh

@@ -58,6 +58,19 @@ class Projector:
         self.update_proj_gap = update_proj_gap
         self.side = side
         self.options = options
+        #: set by the optimizer for one group's step: a list where a refresh may leave the part of
+        #: its work that batches across params (e.g. online PCA's small r x r steps), for
+        #: :meth:`finish_deferred` to run once every param of the group has been projected; None:
+        #: the refresh does all its work at once (per-layer updates, accumulation, FSDP2)
+        self.deferred: list | None = None
+
+    @classmethod
+    def finish_deferred(cls, items: list) -> None:
+        """Complete the refreshes that projectors of this class left in their ``deferred`` list during
+        one step (every item was appended by an instance of ``cls``). The optimizer calls it after the
+        group's last projection and before anything reads the new bases (the skip check, the updates)."""
+        if items:
+            raise NotImplementedError(f"{cls.__name__} deferred work but does not finish it")
 
     # ---------------------------------------------------------------- validation
     @classmethod

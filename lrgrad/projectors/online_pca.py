@@ -43,6 +43,7 @@ behaviour, ``moment_policy="keep"``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -316,43 +317,145 @@ class OnlinePCAProjector(Projector):
             projected = a.T @ p
             loss_grad = pca_grad_from_projection(a.T, projected, scale, p.T, orthonormal).T
             self.share_down(projected.T.contiguous())
+        if self.deferred is not None and group["moment_policy"] == "keep":
+            # the rest is small r x d work: run it for the whole group at once (finish_deferred). Only
+            # with "keep": carrying moments needs the new basis before the next param's projection.
+            self.deferred.append((self, state, loss_grad, group))
+            return True
         return self.adam_step(state, loss_grad, group)
 
     def adam_step(self, state: dict[str, Any], g: torch.Tensor, group: dict[str, Any]) -> bool:
         """One Adam step on P with the loss gradient ``g``; assigns a new ``proj_basis``
-        (the old one is never written)."""
-        p = state["proj_basis"]
+        (the old one is never written). :meth:`finish_deferred` is the same step for many params."""
+        new, exp_avg, exp_avg_sq, t = self.adam_start(state)
+        adam_step_(new, g, exp_avg, exp_avg_sq, t, self.pca_lr(state, group), *self.options["pca_betas"],
+                   self.options["pca_eps"])
+        deviation, drift_t = gram_and_drift(new, self.side)
+        return self.adam_finish(state, new, exp_avg, exp_avg_sq, t, deviation, float(drift_t))  # the one sync
 
-        beta1, beta2 = self.options["pca_betas"]
-        t = state["proj_step"] + 1
+    def pca_lr(self, state: dict[str, Any], group: dict[str, Any]) -> float:
+        """P's learning rate this step: ``pca_lr · lr_t / lr_0`` (the main schedule)."""
         lr0, lr_t = state["proj_lr0"], float(group["lr"])
         ratio = lr_t / lr0 if lr0 > 0 else (1.0 if lr_t > 0 else 0.0)
-        lr_p = self.options["pca_lr"] * ratio
-        # new tensors (a skipped step restores the state's old ones): copies, then one fused pass
-        new, exp_avg, exp_avg_sq = p.clone(), state["proj_exp_avg"].clone(), state["proj_exp_avg_sq"].clone()
-        adam_step_(new, g, exp_avg, exp_avg_sq, t, lr_p, beta1, beta2, self.options["pca_eps"])
+        return self.options["pca_lr"] * ratio
 
-        every, tol = self.options["pca_qr_every"], self.options["pca_ortho_tol"]
-        deviation, drift_t = gram_and_drift(new, self.side)
-        drift = float(drift_t)  # the one sync of the step
+    @staticmethod
+    def adam_start(state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """New tensors for P and its moments (a skipped step restores the state's old ones) and P's step."""
+        return (state["proj_basis"].clone(), state["proj_exp_avg"].clone(), state["proj_exp_avg_sq"].clone(),
+                state["proj_step"] + 1)
+
+    def adam_finish(self, state: dict[str, Any], new: torch.Tensor, exp_avg: torch.Tensor,
+                    exp_avg_sq: torch.Tensor, t: int, deviation: torch.Tensor, drift: float,
+                    qr: Callable[[], torch.Tensor] | None = None) -> bool:
+        """After the Adam step on P: the orthonormality guard (``deviation`` = the Gram matrix of
+        ``new`` minus I, ``drift`` its norm) and the state update. ``qr``: the QR of ``new`` when one
+        was already computed (the batched Cholesky QR of :meth:`finish_deferred`)."""
         if drift != drift or drift == float("inf"):  # non-finite: keep the old basis and its Adam state
             state["proj_failures"] += 1
             return False
-        qr = False  # whether P leaves this step orthonormal to rounding (the next step's M = I)
-        if every > 0 and t % every == 0:
-            new, qr = orthonormalize(new, self.side, deviation, drift), True
-        elif tol is not None and drift > tol:
-            # the polar step's bound (polar_step) with half of tol left for rounding, else a QR
-            if 0.75 * drift**2 + 0.25 * drift**3 <= tol / 2:
-                new = polar_step(new, deviation, self.side)
-            else:
-                new, qr = orthonormalize(new, self.side, deviation, drift), True
-        state["proj_orthonormal"] = qr
+        orthonormal = False  # whether P leaves this step orthonormal to rounding (the next step's M = I)
+        action = self.guard_action(t, drift)
+        if action == "qr":
+            new, orthonormal = (qr() if qr is not None else orthonormalize(new, self.side, deviation, drift)), True
+        elif action == "polar":
+            new = polar_step(new, deviation, self.side)
+        state["proj_orthonormal"] = orthonormal
         state["proj_basis"] = new
         state["proj_exp_avg"], state["proj_exp_avg_sq"] = exp_avg, exp_avg_sq
         state["proj_step"] = t
         state["proj_refreshes"] += 1
         return True
+
+    def guard_action(self, t: int, drift: float) -> str:
+        """``"qr"`` (every ``pca_qr_every`` steps, or a drift too large for one polar step), ``"polar"``
+        (a drift above ``pca_ortho_tol`` that one polar step brings within it, with half of tol left
+        for rounding: :func:`polar_step`'s bound) or ``"none"``."""
+        every, tol = self.options["pca_qr_every"], self.options["pca_ortho_tol"]
+        if every > 0 and t % every == 0:
+            return "qr"
+        if tol is not None and drift > tol:
+            return "polar" if 0.75 * drift**2 + 0.25 * drift**3 <= tol / 2 else "qr"
+        return "none"
+
+    @classmethod
+    def finish_deferred(cls, items: list) -> None:
+        """The Adam steps on P that :meth:`pca_step` deferred during one optimizer step, for all the
+        group's params at once: one multi-tensor fused Adam call per (lr, betas, eps), then per
+        (side, shape, dtype, device) one batched Gram matrix, one drift norm per param with one sync,
+        and one batched Cholesky QR for the params that need it. Each param ends as
+        :meth:`adam_step` leaves it (equal up to the rounding of batched vs single GEMMs; tested)."""
+        if len(items) == 1:
+            projector, state, g, group = items[0]
+            projector.adam_step(state, g, group)
+            return
+        started = [projector.adam_start(state) for projector, state, _, _ in items]
+        fused: dict[tuple, list[int]] = {}
+        for i, (projector, state, g, group) in enumerate(items):
+            new = started[i][0]
+            if fused_adam_applies(new, g, started[i][1], started[i][2]):
+                beta1, beta2 = projector.options["pca_betas"]
+                key = (projector.pca_lr(state, group), beta1, beta2, projector.options["pca_eps"], new.device)
+                fused.setdefault(key, []).append(i)
+            else:
+                new, exp_avg, exp_avg_sq, t = started[i]
+                adam_step_reference_(new, g, exp_avg, exp_avg_sq, t, projector.pca_lr(state, group),
+                                     *projector.options["pca_betas"], projector.options["pca_eps"])
+        for (lr, beta1, beta2, eps, device), index in fused.items():
+            steps = torch.tensor([float(started[i][3]) for i in index], dtype=torch.float32, device=device)
+            torch._fused_adamw_([started[i][0] for i in index], [items[i][2].contiguous() for i in index],
+                                [started[i][1] for i in index], [started[i][2] for i in index], [],
+                                list(steps.unbind()), amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                                weight_decay=0.0, eps=eps, maximize=False)
+        batches: dict[tuple, list[int]] = {}
+        for i, (projector, _, _, _) in enumerate(items):
+            new = started[i][0]
+            batches.setdefault((projector.side, tuple(new.shape), new.dtype, new.device), []).append(i)
+        for (side, _, _, _), index in batches.items():
+            stacked = torch.stack([started[i][0] for i in index])
+            deviations = stacked @ stacked.mT if side == "right" else stacked.mT @ stacked
+            deviations.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+            drifts = torch.linalg.matrix_norm(deviations).tolist()  # the one sync of the batch
+            qr_of = batched_cholesky_qr(
+                stacked, deviations, side,
+                [k for k, i in enumerate(index)
+                 if drifts[k] == drifts[k] and items[i][0].guard_action(started[i][3], drifts[k]) == "qr"
+                 and drifts[k] < CHOLESKY_QR_MAX_DRIFT])
+            for k, i in enumerate(index):
+                projector, state, _, _ = items[i]
+                new, exp_avg, exp_avg_sq, t = started[i]
+                projector.adam_finish(state, new, exp_avg, exp_avg_sq, t, deviations[k], drifts[k],
+                                      qr=qr_of.get(k))
+
+
+def batched_cholesky_qr(stacked: torch.Tensor, deviations: torch.Tensor, side: str,
+                        which: list[int]) -> dict[int, Callable[[], torch.Tensor]]:
+    """:func:`orthonormalize`'s Cholesky QR for the params ``which`` of a stack (B x r x d right,
+    B x d x r left) with their drift check's ``deviations`` (B x r x r): one batched Cholesky and one
+    batched triangular inverse. Returns, per index, a function giving that param's own Q (one GEMM
+    into a tensor of its own, not a view of a shared batch). A factorization that fails (not positive
+    definite to rounding) is left out, so its param takes :func:`orthonormalize`'s own path."""
+    if not which:
+        return {}
+    gram = deviations[which].clone()
+    gram.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    out: dict[int, Callable[[], torch.Tensor]] = {}
+    for row, (k, ok) in enumerate(zip(which, info.tolist())):
+        if ok == 0:
+            # right: P = L Qᵀ -> Q = L⁻¹ P; left: P = Q Lᵀ -> Q = P L⁻ᵀ
+            out[k] = ((lambda row=row, k=k: inverse[row] @ stacked[k]) if side == "right"
+                      else (lambda row=row, k=k: stacked[k] @ inverse[row].T))
+    return out
+
+
+def fused_adam_applies(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> bool:
+    """Whether torch's fused AdamW kernel can step these tensors (``g`` is made contiguous by the caller)."""
+    return (hasattr(torch, "_fused_adamw_") and p.device.type in ("cpu", "cuda") and type(p) is torch.Tensor
+            and p.dtype == g.dtype == exp_avg.dtype == exp_avg_sq.dtype
+            and all(t.is_contiguous() for t in (p, exp_avg, exp_avg_sq)))
 
 
 def adam_step_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
@@ -360,9 +463,7 @@ def adam_step_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_
     """Adam on P in place, torch's arithmetic (eps outside the bias-corrected root): one
     ``torch._fused_adamw_`` pass where torch has it for the tensors, else the op-by-op reference."""
     g = g.contiguous()  # the left side's loss gradient is a transposed view; the kernel walks memory
-    if (hasattr(torch, "_fused_adamw_") and p.device.type in ("cpu", "cuda") and type(p) is torch.Tensor
-            and p.dtype == g.dtype == exp_avg.dtype == exp_avg_sq.dtype
-            and all(t.is_contiguous() for t in (p, exp_avg, exp_avg_sq))):
+    if fused_adam_applies(p, g, exp_avg, exp_avg_sq):
         step_t = torch.tensor(float(step), dtype=torch.float32, device=p.device)
         torch._fused_adamw_([p], [g], [exp_avg], [exp_avg_sq], [], [step_t], amsgrad=False, lr=lr,
                             beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, maximize=False)

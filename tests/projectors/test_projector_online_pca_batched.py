@@ -1,0 +1,158 @@
+"""Online PCA's deferred, batched basis step (``OnlinePCAProjector.finish_deferred``): within one
+optimizer step the small r x d work of every param (Adam on P, the drift check, the Cholesky QR) runs
+batched across the group. It must leave every param and every state entry as the one-param-at-a-time
+step (:meth:`OnlinePCAProjector.adam_step`) does, up to the rounding of batched GEMMs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lrgrad
+from lrgrad.projectors import online_pca
+from lrgrad.projectors.online_pca import OnlinePCAProjector
+
+#: two right-side and two left-side matrices, two of each shape, so every batch has more than one param
+SHAPES = [(24, 16), (24, 16), (16, 30), (16, 30), (20, 12), (9,)]
+
+
+def _one_at_a_time(cls, items):
+    """The reference: each deferred step run alone, in order."""
+    for projector, state, g, group in items:
+        projector.adam_step(state, g, group)
+
+
+def _run(steps: int, batched: bool, monkeypatch, dtype=torch.float64, nan_at: tuple[int, int] | None = None,
+         **options):
+    """``steps`` OnlineSubspaceAdamW steps on SHAPES; returns the params and their states."""
+    with monkeypatch.context() as patch:
+        if not batched:
+            patch.setattr(OnlinePCAProjector, "finish_deferred", classmethod(_one_at_a_time))
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in SHAPES]
+        opt = lrgrad.OnlineSubspaceAdamW(params, lr=1e-2, rank=4, **options)
+        for t in range(steps):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=g, dtype=dtype)
+                if nan_at == (t, i):
+                    p.grad[0, 0] = math.nan
+            opt.step()
+        return [p.detach().clone() for p in params], [dict(opt.state[p]) for p in params], opt
+
+
+def _assert_states_close(a, b, tol):
+    assert a.keys() == b.keys()
+    for key in a:
+        if torch.is_tensor(a[key]):
+            torch.testing.assert_close(a[key], b[key], rtol=tol, atol=tol, msg=key)
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("options", [
+    {},                                                   # pca_lr 5e-3: a QR every step (drift > tol)
+    {"pca_lr": 2e-4, "pca_ortho_tol": 1e-4, "pca_qr_every": 5},  # polar steps, periodic QRs, plain steps
+    {"pca_lr": 1e-5, "pca_ortho_tol": None, "pca_qr_every": 0},   # no guard at all
+    {"pca_lr": 0.3},                                      # drift past 0.5: Householder QR
+], ids=["qr-every-step", "polar-and-periodic-qr", "no-guard", "large-drift"])
+def test_batched_step_equals_one_param_at_a_time(monkeypatch, options):
+    spy = []
+    real = online_pca.batched_cholesky_qr
+    monkeypatch.setattr(online_pca, "batched_cholesky_qr", lambda *a: spy.append(len(a[3])) or real(*a))
+    w_batched, s_batched, opt = _run(12, True, monkeypatch, **options)
+    w_single, s_single, _ = _run(12, False, monkeypatch, **options)
+    assert spy, "the batched path was not taken"
+    for a, b in zip(w_batched, w_single):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(s_batched, s_single):
+        _assert_states_close(a, b, 1e-12)
+    steps = {s["proj_step"] for s in s_batched if "proj_step" in s}
+    assert steps == {11}  # the first step initialises P, each later one steps it
+
+
+def test_all_three_guard_actions_occur_in_the_batched_runs(monkeypatch):
+    """The parametrized settings above do reach a QR, a polar step and no correction."""
+    seen = []
+    real = OnlinePCAProjector.guard_action
+    monkeypatch.setattr(OnlinePCAProjector, "guard_action", lambda self, t, d: seen.append(real(self, t, d)) or
+                        real(self, t, d))
+    _run(12, True, monkeypatch, pca_lr=2e-4, pca_ortho_tol=1e-4, pca_qr_every=5)
+    assert {"qr", "polar", "none"} <= set(seen)
+
+
+def test_fp32_batched_step_is_within_the_single_steps_rounding(monkeypatch):
+    w_batched, s_batched, _ = _run(8, True, monkeypatch, dtype=torch.float32)
+    w_single, s_single, _ = _run(8, False, monkeypatch, dtype=torch.float32)
+    for a, b in zip(w_batched, w_single):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(s_batched, s_single):
+        if "proj_basis" in a:
+            torch.testing.assert_close(a["proj_basis"], b["proj_basis"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("skip_nonfinite", [True, False])
+def test_a_nonfinite_gradient_in_the_batch_touches_only_its_param(monkeypatch, skip_nonfinite):
+    """A NaN in one param's gradient at step 5: with the skip, that param keeps its whole state and the
+    others step exactly as in the one-at-a-time run; without it, its basis step fails (old basis kept,
+    ``proj_failures`` counted) and the other params' bases still step."""
+    w_b, s_b, _ = _run(6, True, monkeypatch, nan_at=(5, 1), skip_nonfinite=skip_nonfinite)
+    w_s, s_s, _ = _run(6, False, monkeypatch, nan_at=(5, 1), skip_nonfinite=skip_nonfinite)
+    for i, (a, b) in enumerate(zip(s_b, s_s)):
+        if i == 1 and not skip_nonfinite:
+            assert a["proj_failures"] == b["proj_failures"] == 1
+            torch.testing.assert_close(a["proj_basis"], b["proj_basis"], rtol=1e-12, atol=1e-12)
+            continue
+        _assert_states_close(a, b, 1e-12)
+        torch.testing.assert_close(w_b[i], w_s[i], rtol=1e-12, atol=1e-12)
+    if skip_nonfinite:
+        assert s_b[1]["nonfinite_skips"] == 1 and s_b[1]["proj_step"] == s_b[0]["proj_step"] - 1
+
+
+def test_moment_policy_project_steps_each_basis_at_once(monkeypatch):
+    """Carrying the moments needs the new basis during the projection loop, so nothing is deferred."""
+    calls = []
+    monkeypatch.setattr(OnlinePCAProjector, "finish_deferred", classmethod(lambda cls, items: calls.append(len(items))))
+    _, states, _ = _run(3, True, monkeypatch, moment_policy="project")
+    assert calls == [] and all(s.get("proj_step") == 2 for s in states if "proj_basis" in s)
+
+
+def test_rerun_and_resume_are_bit_identical(monkeypatch):
+    """Batched steps stay deterministic: a run resumed from its state_dict halfway, and a rerun, end
+    bit-identical to the straight run."""
+    g = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(8)]
+
+    def run(steps, state=None, start=None):
+        params = [torch.nn.Parameter(torch.zeros(s) if start is None else start[i].clone())
+                  for i, s in enumerate(SHAPES)]
+        opt = lrgrad.OnlineSubspaceAdamW(params, lr=1e-2, rank=4)
+        if state is not None:
+            opt.load_state_dict(state)
+        for step in steps:
+            for p, grad in zip(params, step):
+                p.grad = grad.clone()
+            opt.step()
+        return [p.detach().clone() for p in params], opt
+
+    full, _ = run(grads)
+    half, opt = run(grads[:4])
+    resumed, _ = run(grads[4:], opt.state_dict(), half)
+    again, _ = run(grads)
+    for a, b, c in zip(full, resumed, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_each_param_gets_a_basis_of_its_own():
+    """The batched QR writes every new basis into its own tensor: no two params share storage (a state
+    dict of views into one batch buffer would save, and keep alive, the whole batch per param)."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES[:4]]
+    opt = lrgrad.OnlineSubspaceAdamW(params, lr=1e-2, rank=4)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    pointers = [opt.state[p][key].untyped_storage().data_ptr() for p in params
+                for key in ("proj_basis", "proj_exp_avg", "proj_exp_avg_sq")]
+    assert len(set(pointers)) == len(pointers)
