@@ -5,10 +5,11 @@
 Sections, each in its own subprocess with its own time limit (a failure is reported in the table
 and the rest still runs):
 
-  (a) tests   ``TRITON_INTERPRET=0 pytest -m cuda tests/kernels/test_kernels_cuda.py``: the compiled
+  (a) tests   ``TRITON_INTERPRET=0 pytest -m cuda`` on ``CUDA_TEST_FILES``: the compiled
               kernels against the torch references at every dtype and tile family the dispatch uses
               (native bf16/fp16 MMA, TF32, the IEEE fp32 path), quantizer exactness, NaN semantics,
-              no FMA contraction, the device guard (two GPUs).
+              no FMA contraction, the device guard (two GPUs); online PCA's batched basis step
+              against the one-param-at-a-time step on the GPU.
   (b) bench   ``experiments/bench_kernels.py --size 4096 --rank 512`` with the goals: fused low-rank
               update ≥ 1.2× torch, Newton–Schulz ≥ 1.3× torch at 4096², quantization ≥ 70 % of HBM.
   (c) step    a full training step (forward, backward, optimizer; bf16 autocast, batch 8 × 256) on
@@ -48,6 +49,9 @@ if __package__ in (None, ""):
 STEP_CONFIGS = ("llama_130m", "llama_350m")
 STEP_OPTIMIZERS = ("adamw_fused", "galore_adamw", "qgalore_adamw_int8", "galore_torch")
 #: seconds per section (sum ≈ 10 min); scaled down together when --budget-s is smaller
+#: the GPU-only tests (marked ``cuda``): the compiled kernels, and optimizer steps whose batched torch ops
+#: (bmm, batched Cholesky) take other library paths on a GPU than on the CPU
+CUDA_TEST_FILES = ("tests/kernels/test_kernels_cuda.py", "tests/projectors/test_projector_online_pca_batched.py")
 LIMITS = {"tests": 200, "bench": 120, "step": 150, "train": 130}
 
 
@@ -285,9 +289,9 @@ def run_all(out: Path, budget_s: float, argv: list[str]) -> int:
     t0 = time.perf_counter()
     sections: dict[str, dict[str, Any]] = {}
     py = sys.executable
-    print("gpu_check (a): kernels on CUDA vs the torch references", flush=True)
+    print("gpu_check (a): kernels and batched optimizer steps on CUDA vs the torch references", flush=True)
     sections["tests"] = {"runs": [_run([py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                                        "tests/kernels/test_kernels_cuda.py"], limit["tests"],
+                                        *CUDA_TEST_FILES], limit["tests"],
                                        env={"TRITON_INTERPRET": "0"})]}
     print("gpu_check (b): kernel benchmarks", flush=True)
     sections["bench"] = {"runs": [_run([py, "experiments/bench_kernels.py", "--size", "4096", "--rank", "512"],
