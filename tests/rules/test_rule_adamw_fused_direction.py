@@ -69,6 +69,19 @@ def test_directions_do_not_alias_each_other_or_the_moments():
     torch.testing.assert_close(outs[1], torch.ones(SHAPES[1]), rtol=1e-6, atol=0)  # m̂/√v̂ = 1 at step 1
 
 
+def _galore_weights(init: list[torch.Tensor], grads: list[list[torch.Tensor]], **options) -> list[torch.Tensor]:
+    """The weights after GaLoreAdamW (rank 6, lr 1e-2) steps through ``grads`` from ``init``; every step
+    also checks that ``.grad`` is never written."""
+    params = [torch.nn.Parameter(w.clone()) for w in init]
+    opt = lrgrad.GaLoreAdamW(params, lr=1e-2, rank=6, **options)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, step))
+    return [p.detach().clone() for p in params]
+
+
 def test_galore_adamw_fused_step_matches_the_unfused_optimizer():
     """The whole optimizer, fused (default) vs ``fused=False`` (per-param reference), 12 steps with a
     refresh every 4: the weights agree to the fused kernel's rounding."""
@@ -76,15 +89,7 @@ def test_galore_adamw_fused_step_matches_the_unfused_optimizer():
     shapes = [(48, 24), (24, 40), (30,)]
     init = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(12)]
-    weights = []
-    for fused in (None, False):
-        params = [torch.nn.Parameter(w.clone()) for w in init]
-        opt = lrgrad.GaLoreAdamW(params, lr=1e-2, rank=6, update_proj_gap=4, fused=fused)
-        for step in grads:
-            for p, g in zip(params, step):
-                p.grad = g.clone()
-            opt.step()
-        weights.append([p.detach() for p in params])
+    weights = [_galore_weights(init, grads, update_proj_gap=4, fused=fused) for fused in (None, False)]
     for a, b in zip(*weights):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -140,19 +145,10 @@ def test_optimizer_step_with_reused_gradients_equals_the_buffered_step(full_rank
     shapes = [(40, 24), (24, 56), (30,)]
     init = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(8)]
-    weights = []
+    reused = _galore_weights(init, grads, update_proj_gap=3, full_rank=full_rank)
     original = AdamWRule.update_many
-    for reuse in (True, False):
-        if not reuse:
-            monkeypatch.setattr(AdamWRule, "update_many",
-                                lambda self, s, g, k, reuse_grads=False: original(self, s, g, k, False))
-        params = [torch.nn.Parameter(w.clone()) for w in init]
-        opt = lrgrad.GaLoreAdamW(params, lr=1e-2, rank=6, update_proj_gap=3, full_rank=full_rank)
-        for step in grads:
-            for p, g in zip(params, step):
-                p.grad = g.clone()
-            opt.step()
-            assert all(torch.equal(p.grad, g) for p, g in zip(params, step))  # .grad is never written
-        weights.append([p.detach().clone() for p in params])
-    for a, b in zip(*weights):
+    monkeypatch.setattr(AdamWRule, "update_many",
+                        lambda self, s, g, k, reuse_grads=False: original(self, s, g, k, False))
+    buffered = _galore_weights(init, grads, update_proj_gap=3, full_rank=full_rank)
+    for a, b in zip(reused, buffered):
         assert torch.equal(a, b)
