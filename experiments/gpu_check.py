@@ -14,7 +14,7 @@ and the rest still runs):
               update ≥ 1.2× torch, Newton–Schulz ≥ 1.3× torch at 4096², quantization ≥ 70 % of HBM.
   (c) step    a full training step (forward, backward, optimizer; bf16 autocast, batch 8 × 256) on
               LLaMA-130M and -350M shapes: median step time and ``torch.cuda.max_memory_allocated``
-              for AdamW (fused), GaLoreAdamW, QGaLoreAdamW + INT8 weights and galore-torch's
+              for AdamW (fused), GaLoreAdamW, OnlineSubspaceAdamW, QGaLoreAdamW + INT8 weights and galore-torch's
               GaLoreAdamW (when ``galore_torch`` is installed).
   (d) train   300 steps of LLaMA-60M on the embedded corpus, AdamW vs GaLoreAdamW
               (``experiments/pretrain_llama.py``): validation losses at steps 100/200/300.
@@ -47,7 +47,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 STEP_CONFIGS = ("llama_130m", "llama_350m")
-STEP_OPTIMIZERS = ("adamw_fused", "galore_adamw", "qgalore_adamw_int8", "galore_torch")
+STEP_OPTIMIZERS = ("adamw_fused", "galore_adamw", "online_subspace_adamw", "qgalore_adamw_int8", "galore_torch")
 #: seconds per section (sum ≈ 10 min); scaled down together when --budget-s is smaller
 #: the GPU-only tests (marked ``cuda``): the compiled kernels, and optimizer steps whose batched torch ops
 #: (bmm, batched Cholesky) take other library paths on a GPU than on the CPU
@@ -93,8 +93,8 @@ def _build(name: str, config: str, seq: int, device: str) -> tuple[torch.nn.Modu
     model = build_model(config, vocab_size=32000, max_seq_len=seq).to(device)
     if name == "adamw_fused":
         return model, build_optimizer("adamw", model, adamw_impl="fused")
-    if name == "galore_adamw":
-        return model, build_optimizer("galore_adamw", model, rank=rank)
+    if name in ("galore_adamw", "online_subspace_adamw"):  # online PCA: its batched basis step on the GPU
+        return model, build_optimizer(name, model, rank=rank)
     if name == "qgalore_adamw_int8":
         widths = [m.in_features for n, m in model.named_modules()
                   if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
