@@ -126,19 +126,30 @@ def orthonormalize(p: torch.Tensor, side: str, deviation: torch.Tensor | None = 
     a fraction of its cost.
     """
     if deviation is not None and drift is not None and drift < CHOLESKY_QR_MAX_DRIFT:
-        gram = deviation.clone()
-        gram.diagonal().add_(1.0)
-        chol, info = torch.linalg.cholesky_ex(gram)  # lower: gram = L Lᵀ, L = Rᵀ
+        inverse, info = cholesky_factor_inverse(deviation)
         if int(info) == 0:
-            # L⁻¹ (r x r, κ(L) ≤ √3 here) then one GEMM: a triangular solve against the r x d P
-            # would copy P into LAPACK's column-major layout and back
-            eye = torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device)
-            inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
-            return inverse @ p if side == "right" else p @ inverse.T  # right: P = L Qᵀ; left: P = Q Lᵀ
+            return apply_factor_inverse(inverse, p, side)
     q, r = torch.linalg.qr(p.T if side == "right" else p)
     signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
     q = q * signs
     return (q.T if side == "right" else q).contiguous()
+
+
+def cholesky_factor_inverse(deviation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L⁻¹, info)`` for ``I + deviation = L Lᵀ`` (lower L; any leading batch dimensions), with
+    ``torch.linalg.cholesky_ex``'s ``info`` (non-zero: not positive definite to rounding). L⁻¹ (r x r,
+    κ(L) ≤ √3 below :data:`CHOLESKY_QR_MAX_DRIFT`) is then applied by one GEMM: a triangular solve
+    against the r x d P would copy P into LAPACK's column-major layout and back."""
+    gram = deviation.clone()
+    gram.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False), info
+
+
+def apply_factor_inverse(inverse: torch.Tensor, p: torch.Tensor, side: str) -> torch.Tensor:
+    """Q from P and L⁻¹: right ``P = L Qᵀ`` gives ``Q = L⁻¹ P``; left ``P = Q Lᵀ`` gives ``Q = P L⁻ᵀ``."""
+    return inverse @ p if side == "right" else p @ inverse.T
 
 
 def orthonormality_drift(p: torch.Tensor, side: str) -> torch.Tensor:
@@ -437,18 +448,9 @@ def batched_cholesky_qr(stacked: torch.Tensor, deviations: torch.Tensor, side: s
     definite to rounding) is left out, so its param takes :func:`orthonormalize`'s own path."""
     if not which:
         return {}
-    gram = deviations[which].clone()
-    gram.diagonal(dim1=-2, dim2=-1).add_(1.0)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-    out: dict[int, Callable[[], torch.Tensor]] = {}
-    for row, (k, ok) in enumerate(zip(which, info.tolist())):
-        if ok == 0:
-            # right: P = L Qᵀ -> Q = L⁻¹ P; left: P = Q Lᵀ -> Q = P L⁻ᵀ
-            out[k] = ((lambda row=row, k=k: inverse[row] @ stacked[k]) if side == "right"
-                      else (lambda row=row, k=k: stacked[k] @ inverse[row].T))
-    return out
+    inverse, info = cholesky_factor_inverse(deviations[which])
+    return {k: (lambda row=row, k=k: apply_factor_inverse(inverse[row], stacked[k], side))
+            for row, (k, ok) in enumerate(zip(which, info.tolist())) if ok == 0}
 
 
 def fused_adam_applies(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> bool:
