@@ -68,11 +68,11 @@ EXTRA_OPTIMIZERS: dict[str, tuple[str, float, str]] = {
     "galore_adamw8bit": ("GaLoreAdamW8bit", 0.25, "GaLore-AdamW8bit"),
     "dct_adafactor": ("DCTAdafactor", 0.25, "DCT-Adafactor"),
     "flora_adafactor": ("FloraAdafactor", 1.0, "Flora-Adafactor"),
-    # what the per-step non-finite check (a read of every full-rank gradient) costs
-    "galore_adamw_nocheck": ("GaLoreAdamW", 0.25, "GaLore-AdamW (skip_nonfinite=False)"),
+    # what the opt-in non-finite guard (a read of every full-rank gradient and a sync) costs
+    "galore_adamw_guarded": ("GaLoreAdamW", 0.25, "GaLore-AdamW (skip_nonfinite=True)"),
 }
 #: extra keyword arguments of some EXTRA_OPTIMIZERS
-EXTRA_OPTIONS: dict[str, dict] = {"galore_adamw_nocheck": {"skip_nonfinite": False}}
+EXTRA_OPTIONS: dict[str, dict] = {"galore_adamw_guarded": {"skip_nonfinite": True}}
 
 
 def make_optimizer(name: str, model: torch.nn.Module, rank: int, gap: int | None = None) -> torch.optim.Optimizer:

@@ -24,7 +24,7 @@ import lrgrad
 #: optimizer name -> (floor name, anchor name); None: no such row for that family
 FAMILIES: dict[str, tuple[str | None, str | None]] = {
     "galore_adamw": ("floor_adamw", "galore_torch"),
-    "galore_adamw_nocheck": ("floor_adamw", "galore_torch"),
+    "galore_adamw_guarded": ("floor_adamw", "galore_torch"),
     "dct_adamw": ("floor_adamw", "galore_torch"),
     "flora_adamw": ("floor_adamw_draw", "galore_torch"),
     "online_subspace_adamw": ("floor_adamw_pca_step", "galore_adamw"),

@@ -71,7 +71,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "moment_policy": "keep",
     "maximize": False,
     "foreach": None,
-    "skip_nonfinite": True,
+    "skip_nonfinite": False,
     "seed": 0,
     **FULL_RANK_DEFAULTS,  # full_rank=None | "apollo" | "fira", scale_type, norm_growth_limit
 }
@@ -109,10 +109,13 @@ class LowRankOptimizer(Optimizer):
         weight_decay: decoupled weight decay (``torch.optim.AdamW`` order).
         maximize: maximize the objective instead of minimizing.
         foreach: use the multi-tensor path for full-rank params (``None``: yes).
-        skip_nonfinite: a param whose gradient has a NaN/Inf is skipped for that
-            step (no moment or weight change) and counted in ``state["nonfinite_skips"]``.
-            With ``False`` no check is made (one fewer device sync per step), but the
-            projector still refuses to put a non-finite basis in place.
+        skip_nonfinite: ``True``: a param whose gradient has a NaN/Inf is skipped for that
+            step (no moment or weight change) and counted in ``state["nonfinite_skips"]``,
+            at the cost of one more read of every full-rank gradient and one device sync per
+            step. ``False`` (the default, ``torch.optim.AdamW``'s behaviour): no check, a NaN
+            reaches the weights as it would under AdamW; the projector still refuses to put
+            a non-finite basis in place (``state["proj_failures"]``). Mixed-precision runs
+            with ``torch.amp.GradScaler`` need no guard: the scaler skips ``step()`` itself.
         seed: base of the per-parameter seeds used by randomized projectors.
         full_rank: ``None`` (the projected update ``up(u)``), ``"apollo"`` or ``"fira"``: a full-rank
             update scaled by statistics of the low-rank rule (see ``lrgrad.optim.full_rank``).
@@ -338,7 +341,8 @@ class LowRankOptimizer(Optimizer):
         for p, g in zip(params, grads):
             g = self.prepare_grad(p, group, g)
             if self.is_projected(p, group):
-                snapshot = self.snapshot_state(p)  # a skipped step must leave the state as it was
+                # a skipped step must leave the state as it was (only the guard skips a projected step here)
+                snapshot = self.snapshot_state(p) if group["skip_nonfinite"] else None
                 # one projector object for the param's whole step: a generated basis (Flora's draw, DCT's
                 # columns) is built once for down() and the update (see Projector.memo)
                 projector = self.projector_for(p, group)

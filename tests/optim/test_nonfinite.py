@@ -13,7 +13,7 @@ import lrgrad
 def test_nonfinite_gradient_is_skipped_and_basis_stays_finite():
     w = torch.nn.Parameter(torch.randn(30, 20))
     bias = torch.nn.Parameter(torch.randn(20))
-    opt = lrgrad.GaLoreAdamW([w, bias], rank=4, update_proj_gap=1)
+    opt = lrgrad.GaLoreAdamW([w, bias], rank=4, update_proj_gap=1, skip_nonfinite=True)
     w.grad, bias.grad = torch.randn(30, 20), torch.randn(20)
     opt.step()
     before_w, before_b, basis = w.clone(), bias.clone(), opt.state[w]["proj_basis"].clone()
@@ -55,3 +55,33 @@ def test_svd_failure_keeps_previous_basis(monkeypatch, svd, solver):
     opt.step()
     assert opt.state[w]["proj_basis"] is basis and opt.state[w]["proj_failures"] == 1
     assert opt.state[w]["step"] == 2  # the step still ran in the old subspace
+
+
+def test_default_is_unguarded_like_torch_adamw_but_nan_never_enters_a_basis():
+    """``skip_nonfinite`` defaults to False (torch.optim.AdamW's semantics, no extra read, no sync): a NaN
+    gradient entry reaches the weights exactly where AdamW's does, while a refresh on that step keeps the
+    previous basis (counted in ``proj_failures``) instead of taking an SVD of NaN."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(30, 20))
+    bias = torch.nn.Parameter(torch.randn(20))
+    twin = torch.nn.Parameter(bias.detach().clone())
+    opt = lrgrad.GaLoreAdamW([w, bias], lr=1e-2, rank=4, update_proj_gap=1)
+    assert opt.param_groups[0]["skip_nonfinite"] is False
+    ref = torch.optim.AdamW([twin], lr=1e-2)
+    grads = [torch.randn(20), torch.randn(20)]
+    grads[1][5] = float("nan")
+    basis = None
+    for i, g in enumerate(grads):
+        w.grad = torch.randn(30, 20)
+        if i == 1:
+            w.grad[3, 4] = float("nan")
+        bias.grad, twin.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        if i == 0:
+            basis = opt.state[w]["proj_basis"].clone()
+    assert torch.equal(torch.isnan(bias), torch.isnan(twin)) and torch.isnan(bias).sum() == 1
+    finite = ~torch.isnan(twin)
+    torch.testing.assert_close(bias[finite], twin[finite])
+    assert torch.equal(opt.state[w]["proj_basis"], basis) and opt.state[w]["proj_failures"] == 1
+    assert "nonfinite_skips" not in opt.state[w] and opt.state[w]["step"] == 2
