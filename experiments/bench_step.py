@@ -229,9 +229,21 @@ def bench_size(config: str, names: list[str], steps: int, vocab: int, seed: int 
                    "state_bytes": runner.state_bytes() if runner.state_bytes else None,
                    "floor": floor, "anchor": anchor}
     params = sum(p.numel() for p in model.parameters())
+    gemm = step_floors.gemm_work(model, rank)
     del runners, model
     return {"config": config, "rank": rank, "vocab": vocab, "params": params, "rows": rows, "errors": errors,
-            "refresh": refreshes, "missing": missing, "steps": steps}
+            "refresh": refreshes, "missing": missing, "steps": steps, "gemm_work": gemm}
+
+
+def gemm_line(res: dict[str, Any]) -> list[str]:
+    """Online PCA's GEMM multiply-adds over GaLore's (``step_floors.gemm_work``): the bound under its step."""
+    gemm = res.get("gemm_work")
+    if not gemm:
+        return []
+    return [f"GEMM work of the projected matrices per step: GaLore/DCT/Flora {gemm['galore'] / 1e9:.2f} G "
+            f"multiply-adds, online PCA {gemm['online_pca'] / 1e9:.2f} G "
+            f"(**{gemm['online_pca'] / gemm['galore']:.2f}x**: C = BᵀĜ is one more m·n·r product, K, KP, the "
+            "Gram and L⁻¹P four r²·d ones), a ratio no implementation of the method goes under.\n"]
 
 
 def label(name: str) -> str:
@@ -315,6 +327,7 @@ def write(results: list[dict[str, Any]], out: Path, command: str, stem: str = "b
         lines += [f"## {res['config']} ({res['params'] / 1e6:.1f}M params, vocab {res['vocab']}, rank {res['rank']})\n"]
         lines += table(res)
         lines.append("")
+        lines += gemm_line(res)
         if res.get("missing"):
             lines.append("Not installed (rows left out): " + ", ".join(label(n) for n in res["missing"]) +
                          " — `pip install --no-deps bitsandbytes galore-torch`.\n")
@@ -377,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         res = bench_size(config, names, opts.steps, opts.vocab, references=not opts.no_references,
                          refresh=not opts.no_refresh)
         results.append(res)
-        print("\n".join(table(res) + [""] + refresh_table(res)), flush=True)
+        print("\n".join(table(res) + [""] + gemm_line(res) + refresh_table(res)), flush=True)
     shown = sys.argv[1:] if argv is None else argv
     write(results, Path(opts.out), "python experiments/bench_step.py" + (" " + " ".join(shown) if shown else ""))
     return 0

@@ -138,6 +138,19 @@ def projection_floor(model: torch.nn.Module, rank: int, make_rule: Callable[[lis
     return Runner(step)
 
 
+def gemm_work(model: torch.nn.Module, rank: int) -> dict[str, int]:
+    """Multiply-adds of the projected matrices' GEMMs in one steady-state step (m x n, r, d = min(m, n)):
+    GaLore/DCT/Flora ``2·m·n·r`` (``R = down(G)`` and the back-projection); online PCA adds
+    ``C = BᵀĜ`` (another ``m·n·r``: the loss gradient needs G's covariance applied to P, which the
+    projection ``B = ĜPᵀ`` alone cannot give) and four ``r²·d`` products (``K = C Pᵀ``, ``K P``, the
+    Gram ``P Pᵀ``, ``L⁻¹ P``). The ratio is a lower bound on online PCA's GEMM time over GaLore's
+    that no implementation of the method can go under."""
+    mats, _ = split_params(model, rank)
+    projection = sum(2 * p.shape[0] * p.shape[1] * rank for p in mats)
+    pca_extra = sum(p.shape[0] * p.shape[1] * rank + 4 * rank * rank * min(p.shape) for p in mats)
+    return {"galore": projection, "online_pca": projection + pca_extra}
+
+
 def pca_step_floor(model: torch.nn.Module, rank: int, pca_lr: float = 5e-3) -> Runner:
     """:func:`projection_floor` with online PCA's whole per-step arithmetic and no bookkeeping: per
     matrix ``‖G‖``, ``B = G Pᵀ`` (also R), ``C = BᵀG/‖G‖²``, ``K = C Pᵀ``, the loss gradient

@@ -107,6 +107,7 @@ def test_bench_step_and_memory(tmp_path):
     assert "| torch AdamW (foreach) |" in md and "| 1.00x |" in md
     assert "| floor: projection GEMMs + fused AdamW |" in md and "svd=\"randomized\"" in md
     assert "svd=\"warm\" (default)" in md
+    assert "GEMM work of the projected matrices per step" in md
     assert (tmp_path / "bench_step.png").exists()
 
     mem = bench_memory.measure("llama_test", ["adamw_foreach", "galore_adamw"], vocab=256)
@@ -115,6 +116,20 @@ def test_bench_step_and_memory(tmp_path):
         if hasattr(lrgrad, "estimate_memory"):  # the estimator must agree exactly with the measurement
             assert row["estimated_bytes"] == row["state_bytes"], name
     assert mem["rows"]["galore_adamw"]["state_bytes"] == rows["galore_adamw"]["state_bytes"]
+
+
+def test_gemm_work_counts_each_projected_matrix_by_hand():
+    """Projected at rank 2: a 12 x 8 (d = 8) and a 12 x 12 (d = 12) weight. GaLore: 2·m·n·r each; online
+    PCA adds C (m·n·r) and K, KP, the Gram and L⁻¹P (4·r²·d). The 2 x 12 and 12 x 2 weights
+    (min(m, n) <= rank) and the biases are not projected."""
+    from experiments import step_floors
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 2), torch.nn.Linear(2, 12),
+                                torch.nn.Linear(12, 12))
+    work = step_floors.gemm_work(model, rank=2)
+    galore = 2 * (12 * 8 * 2) + 2 * (12 * 12 * 2)
+    extra = (12 * 8 * 2 + 4 * 2 * 2 * 8) + (12 * 12 * 2 + 4 * 2 * 2 * 12)
+    assert work == {"galore": galore, "online_pca": galore + extra}
 
 
 def test_bench_oneliner_prints_the_table(capsys):

@@ -11,7 +11,9 @@ from tiny_model import TinyLM, train
 import lrgrad
 from lrgrad.projectors.dct import (
     DCTProjector,
+    clear_dct_cache,
     dct_basis,
+    dct_basis_rows,
     dct_cached_bytes,
     dct_coefficients,
     dct_fft,
@@ -37,6 +39,29 @@ def test_basis_is_the_orthonormal_dct_ii_with_columns_as_vectors(d):
     torch.testing.assert_close(q.T @ q, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-12)
     # built once per (d, device, dtype) and shared
     assert dct_basis(d, dtype=torch.float64) is q
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_gathered_basis_is_q_columns_from_one_cached_storage(side):
+    """The projector gathers its r vectors as rows of the contiguous Qᵀ; they must be exactly Q's
+    columns at the stored indices, and Q and Qᵀ must be one storage (counted once in the state bytes)."""
+    clear_dct_cache()
+    d, rank = 24, 5
+    rows = dct_basis_rows(d)
+    q = dct_basis(d)
+    assert rows.is_contiguous() and q.data_ptr() == rows.data_ptr() and torch.equal(q, rows.T)
+    assert dct_cached_bytes() == d * d * 4
+    w = torch.nn.Parameter(torch.randn(40, d) if side == "right" else torch.randn(d, 40))
+    opt = lrgrad.DCTAdamW([w], rank=rank, proj_type=side)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    state = opt.state[w]
+    idx = state["proj_indices"].long()
+    projector = opt.projector_for(w, opt.param_groups[0])
+    expected = q[:, idx]  # d x r, the textbook column gather
+    basis = projector.basis(state)
+    assert torch.equal(basis, expected.T if side == "right" else expected)
+    assert dct_cached_bytes() == d * d * 4
 
 
 @pytest.mark.parametrize("shape", [(6, 16), (5, 17), (33, 9), (4, 1)])
