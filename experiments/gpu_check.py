@@ -9,7 +9,8 @@ and the rest still runs):
               kernels against the torch references at every dtype and tile family the dispatch uses
               (native bf16/fp16 MMA, TF32, the IEEE fp32 path), quantizer exactness, NaN semantics,
               no FMA contraction, the device guard (two GPUs); online PCA's batched basis step
-              against the one-param-at-a-time step on the GPU.
+              against the one-param-at-a-time step on the GPU; the fused Adam calls' step counts
+              and a steady GaLoreAdamW step with no host sync (``set_sync_debug_mode("error")``).
   (b) bench   ``experiments/bench_kernels.py --size 4096 --rank 512`` with the goals: fused low-rank
               update ≥ 1.2× torch, Newton–Schulz ≥ 1.3× torch at 4096², quantization ≥ 70 % of HBM.
   (c) step    a full training step (forward, backward, optimizer; bf16 autocast, batch 8 × 256) on
@@ -51,7 +52,8 @@ STEP_OPTIMIZERS = ("adamw_fused", "galore_adamw", "online_subspace_adamw", "qgal
 #: seconds per section (sum ≈ 10 min); scaled down together when --budget-s is smaller
 #: the GPU-only tests (marked ``cuda``): the compiled kernels, and optimizer steps whose batched torch ops
 #: (bmm, batched Cholesky) take other library paths on a GPU than on the CPU
-CUDA_TEST_FILES = ("tests/kernels/test_kernels_cuda.py", "tests/projectors/test_projector_online_pca_batched.py")
+CUDA_TEST_FILES = ("tests/kernels/test_kernels_cuda.py", "tests/projectors/test_projector_online_pca_batched.py",
+                   "tests/optim/test_step_counts.py")
 LIMITS = {"tests": 200, "bench": 120, "step": 150, "train": 130}
 
 

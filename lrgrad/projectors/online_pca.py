@@ -51,6 +51,7 @@ import torch
 from lrgrad._checks import check_betas, check_choice, check_int, check_nonnegative, check_positive
 from lrgrad.projectors.base import Projector, guarded_basis
 from lrgrad.projectors.svd import gram_top_basis, sketch_basis
+from lrgrad.step_counts import step_counts
 
 PCA_INITS = ("svd", "random", "randomized")
 #: the randomized initial SVD (and the FSDP2 one): oversampling and power iterations
@@ -413,10 +414,10 @@ class OnlinePCAProjector(Projector):
                 adam_step_reference_(new, g, exp_avg, exp_avg_sq, t, projector.pca_lr(state, group),
                                      *projector.options["pca_betas"], projector.options["pca_eps"])
         for (lr, beta1, beta2, eps, device), index in fused.items():
-            steps = torch.tensor([float(started[i][3]) for i in index], dtype=torch.float32, device=device)
+            steps = step_counts([started[i][3] for i in index], device)
             torch._fused_adamw_([started[i][0] for i in index], [items[i][2].contiguous() for i in index],
                                 [started[i][1] for i in index], [started[i][2] for i in index], [],
-                                list(steps.unbind()), amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                                steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
                                 weight_decay=0.0, eps=eps, maximize=False)
         batches: dict[tuple, list[int]] = {}
         for i, (projector, _, _, _) in enumerate(items):
@@ -466,8 +467,7 @@ def adam_step_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_
     ``torch._fused_adamw_`` pass where torch has it for the tensors, else the op-by-op reference."""
     g = g.contiguous()  # the left side's loss gradient is a transposed view; the kernel walks memory
     if fused_adam_applies(p, g, exp_avg, exp_avg_sq):
-        step_t = torch.tensor(float(step), dtype=torch.float32, device=p.device)
-        torch._fused_adamw_([p], [g], [exp_avg], [exp_avg_sq], [], [step_t], amsgrad=False, lr=lr,
+        torch._fused_adamw_([p], [g], [exp_avg], [exp_avg_sq], [], step_counts([step], p.device), amsgrad=False, lr=lr,
                             beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, maximize=False)
         return
     adam_step_reference_(p, g, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)

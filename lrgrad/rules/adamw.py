@@ -20,6 +20,7 @@ import torch
 from lrgrad import kernels
 from lrgrad._checks import check_betas, check_bool, check_nonnegative
 from lrgrad.rules.base import UpdateRule
+from lrgrad.step_counts import step_counts
 
 
 class AdamWRule(UpdateRule):
@@ -85,7 +86,7 @@ class AdamWRule(UpdateRule):
             flat = torch.zeros(sum(g.numel() for g in grads), dtype=dtype, device=device)
             outs = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
             decay = 0.0
-        step_tensors = list(torch.tensor(steps, dtype=torch.float32, device=device).unbind())
+        step_tensors = step_counts(steps, device)
         torch._fused_adamw_(outs, grads, exp_avgs, exp_avg_sqs, [], step_tensors, amsgrad=False, lr=-1.0,
                             beta1=beta1, beta2=beta2, weight_decay=decay, eps=self.group["eps"], maximize=False)
         return outs
@@ -110,7 +111,7 @@ class AdamWRule(UpdateRule):
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         if self._can_fuse(params, exp_avgs):
             # torch's fused kernel reads the step count from tensors (it does not advance them here).
-            step_tensors = list(torch.tensor(steps, dtype=torch.float32, device=params[0].device).unbind())
+            step_tensors = step_counts(steps, params[0].device)
             torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], step_tensors, amsgrad=False, lr=lr,
                                 beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False)
             return
