@@ -402,23 +402,14 @@ class OnlinePCAProjector(Projector):
             projector.adam_step(state, g, group)
             return
         started = [projector.adam_start(state) for projector, state, _, _ in items]
-        fused: dict[tuple, list[int]] = {}
-        for i, (projector, state, g, group) in enumerate(items):
-            new = started[i][0]
-            if fused_adam_applies(new, g, started[i][1], started[i][2]):
-                beta1, beta2 = projector.options["pca_betas"]
-                key = (projector.pca_lr(state, group), beta1, beta2, projector.options["pca_eps"], new.device)
-                fused.setdefault(key, []).append(i)
-            else:
-                new, exp_avg, exp_avg_sq, t = started[i]
-                adam_step_reference_(new, g, exp_avg, exp_avg_sq, t, projector.pca_lr(state, group),
-                                     *projector.options["pca_betas"], projector.options["pca_eps"])
-        for (lr, beta1, beta2, eps, device), index in fused.items():
-            steps = step_counts([started[i][3] for i in index], device)
-            torch._fused_adamw_([started[i][0] for i in index], [items[i][2].contiguous() for i in index],
-                                [started[i][1] for i in index], [started[i][2] for i in index], [],
-                                steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
-                                weight_decay=0.0, eps=eps, maximize=False)
+        by_options: dict[tuple, list[int]] = {}
+        for i, (projector, state, _, group) in enumerate(items):
+            key = (projector.pca_lr(state, group), *projector.options["pca_betas"], projector.options["pca_eps"],
+                   started[i][0].device)
+            by_options.setdefault(key, []).append(i)
+        for (lr, beta1, beta2, eps, _), index in by_options.items():
+            news, exp_avgs, exp_avg_sqs, steps = ([started[i][k] for i in index] for k in range(4))
+            adam_steps_(news, exp_avgs, exp_avg_sqs, [items[i][2] for i in index], steps, lr, beta1, beta2, eps)
         batches: dict[tuple, list[int]] = {}
         for i, (projector, _, _, _) in enumerate(items):
             new = started[i][0]
@@ -465,12 +456,23 @@ def adam_step_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_
                lr: float, beta1: float, beta2: float, eps: float) -> None:
     """Adam on P in place, torch's arithmetic (eps outside the bias-corrected root): one
     ``torch._fused_adamw_`` pass where torch has it for the tensors, else the op-by-op reference."""
-    g = g.contiguous()  # the left side's loss gradient is a transposed view; the kernel walks memory
-    if fused_adam_applies(p, g, exp_avg, exp_avg_sq):
-        torch._fused_adamw_([p], [g], [exp_avg], [exp_avg_sq], [], step_counts([step], p.device), amsgrad=False, lr=lr,
-                            beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, maximize=False)
-        return
-    adam_step_reference_(p, g, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
+    adam_steps_([p], [exp_avg], [exp_avg_sq], [g], [step], lr, beta1, beta2, eps)
+
+
+def adam_steps_(ps: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                gs: list[torch.Tensor], steps: list[int], lr: float, beta1: float, beta2: float, eps: float) -> None:
+    """:func:`adam_step_` for several P on one device with the same hyperparameters: one multi-tensor
+    ``torch._fused_adamw_`` call for those the kernel can step, the op-by-op reference for the rest."""
+    gs = [g.contiguous() for g in gs]  # the left side's loss gradient is a transposed view; the kernel walks memory
+    applies = [fused_adam_applies(*t) for t in zip(ps, gs, exp_avgs, exp_avg_sqs)]
+    fused = [i for i, ok in enumerate(applies) if ok]
+    if fused:
+        torch._fused_adamw_([ps[i] for i in fused], [gs[i] for i in fused], [exp_avgs[i] for i in fused],
+                            [exp_avg_sqs[i] for i in fused], [], step_counts([steps[i] for i in fused], ps[0].device),
+                            amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
+                            maximize=False)
+    for i in (i for i, ok in enumerate(applies) if not ok):
+        adam_step_reference_(ps[i], gs[i], exp_avgs[i], exp_avg_sqs[i], steps[i], lr, beta1, beta2, eps)
 
 
 def adam_step_reference_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
