@@ -175,3 +175,51 @@ def test_batched_step_on_cuda_equals_one_param_at_a_time(monkeypatch, dtype):
             if "proj_basis" in a:
                 assert a["proj_basis"].is_cuda
                 torch.testing.assert_close(a["proj_basis"], b["proj_basis"], rtol=tol, atol=tol)
+
+
+def _deferred_items(bases: list[torch.Tensor], side: str) -> list[tuple]:
+    """One deferred item per basis (r x d right, d x r left) with ``pca_lr=0``: the Adam step leaves P
+    as given, so the batch's guard (a QR, the drift being far above ``pca_ortho_tol``) meets these P."""
+    items = []
+    for seed, p in enumerate(bases):
+        rank = p.shape[0] if side == "right" else p.shape[1]
+        projector = OnlinePCAProjector(rank, 1, side, {**OnlinePCAProjector.option_defaults, "pca_lr": 0.0})
+        state = {"proj_basis": p.clone(), "proj_exp_avg": torch.zeros_like(p), "proj_exp_avg_sq": torch.zeros_like(p),
+                 "proj_step": 0, "proj_lr0": 1.0, "proj_refreshes": 1, "proj_failures": 0, "proj_seed": seed,
+                 "proj_orthonormal": False}
+        items.append((projector, state, torch.zeros_like(p), {"lr": 1.0, "moment_policy": "keep"}))
+    return items
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batched_qr_of_an_ill_conditioned_basis_is_householders(side, monkeypatch):
+    """A near-singular P (smallest singular value 1e-2 ... 3e-4, κ² up to 1e7) in the batched path: its
+    Gram matrix still has a Cholesky factor in fp32, but Cholesky QR's error grows as κ²·eps (‖QQᵀ − I‖
+    ≈ 0.25 at κ² = 1e7). The batch must leave such a P to Householder QR, as the single path does
+    (Cholesky QR only below ``CHOLESKY_QR_MAX_DRIFT``): every basis ends orthonormal to fp32 rounding,
+    equal to ``torch.linalg.qr``'s in fp64 (diag(R) > 0) up to fp32's κ·eps, and flagged orthonormal."""
+    gen = torch.Generator().manual_seed(0)
+    rank, d = 6, 40
+    bases, smallest_values = [], (1e-2, 1e-3, 3e-4, 0.9)
+    for smallest in smallest_values:  # the last one well conditioned: the batch's Cholesky QR
+        q, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))
+        mix, _ = torch.linalg.qr(torch.randn(rank, rank, generator=gen, dtype=torch.float64))
+        singular = torch.tensor([1.0, 0.9, 1.1, 1.0, 0.95, smallest], dtype=torch.float64)
+        rows = (mix * singular) @ q.T  # r x d with the chosen singular values
+        bases.append((rows if side == "right" else rows.T).float().contiguous())
+    items = _deferred_items(bases, side)
+    batched = []
+    real = online_pca.batched_cholesky_qr
+    monkeypatch.setattr(online_pca, "batched_cholesky_qr", lambda *a: batched.append(list(a[3])) or real(*a))
+    OnlinePCAProjector.finish_deferred(items)
+    assert batched == [[3]]  # one batch; its Cholesky QR takes only the well-conditioned P
+    eye = torch.eye(rank, dtype=torch.float64)
+    for (_, state, _, _), p, smallest in zip(items, bases, smallest_values):
+        got = state["proj_basis"]
+        rows = (got if side == "right" else got.T).double()
+        assert state["proj_orthonormal"] and state["proj_failures"] == 0
+        assert float(torch.linalg.matrix_norm(rows @ rows.T - eye)) < 1e-5
+        q, r = torch.linalg.qr((p.T if side == "right" else p).double())  # Householder, in fp64
+        q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+        # fp32 Householder moves the direction of the smallest singular value by ~κ·eps (κ ≈ 1/smallest)
+        torch.testing.assert_close(rows, q.T, rtol=0, atol=3e-6 / smallest)
