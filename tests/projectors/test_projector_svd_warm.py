@@ -54,6 +54,32 @@ def test_flat_spectrum_is_not_converged_and_returns_none(shape, side):
     assert warm(g, 16, side, previous) is None
 
 
+SCALES = [1e-6, 1e-4, 1e-2, 1.0, 1e2, 1e4, 1e6]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("shape, side", SHAPES[:2])
+def test_the_stop_is_relative_so_every_gradient_scale_behaves_the_same(shape, side, scale):
+    """Gradients' norms span many decades (1e-6 late in training, 1e6 in a loss spike): the stop
+    compares the energy gain with ``tol`` times the energy, so scaling G scales nothing but the
+    basis's rounding. A steep spectrum converges at every scale to the exact energy and to the basis
+    of the unscaled gradient; a flat one is not converged (``None``: the Gram fallback) at every
+    scale. An absolute test would stop at once on a small G (short of the exact energy) and never
+    on a large one."""
+    rank, tol = 16, 1e-3
+    steep = spectrum_matrix(*shape, 1.0, seed=1)
+    start = top_singular_basis(spectrum_matrix(*shape, 1.0, seed=2), rank, side)  # unrelated: needs iterating
+    reference = warm(steep, rank, side, start, tol)
+    basis = warm(steep * scale, rank, side, start, tol)
+    assert basis is not None
+    exact = top_singular_basis(steep.double(), rank, side)
+    assert captured_energy(steep, basis, side) >= (1 - tol / 4) * captured_energy(steep, exact, side)
+    torch.testing.assert_close(basis, reference, rtol=0, atol=1e-3)
+    flat = spectrum_matrix(*shape, 0.3, seed=1)
+    flat_start = top_singular_basis(spectrum_matrix(*shape, 0.3, seed=2), rank, side)
+    assert warm(flat * scale, rank, side, flat_start, tol) is None
+
+
 def test_a_converged_start_stops_after_two_power_steps(monkeypatch):
     """Starting from the exact basis the energy is stationary at once: two power steps (the
     fewest that compare two energies), i.e. five GEMMs with G."""
