@@ -11,18 +11,34 @@ support), so checkpoints stay readable.
 
 How the output head and the embeddings are recognised (they stay full-rank: their
 gradients are dominated by a few token rows, so a rank-r subspace of them loses most
-of the signal, and they hold most of a small model's parameters):
+of the signal, and they hold most of a small model's parameters) — structurally first,
+by name last:
 
-* with a model (:func:`param_groups`): ``nn.Embedding`` modules are never targeted;
-  a linear module is the head when it is the model's ``get_output_embeddings()``
-  (every Hugging Face ``PreTrainedModel``), when its weight *is* an ``nn.Embedding``'s
-  weight (tied), or when its own name (the last dotted component, or the full name)
-  matches ``exclude`` (default :data:`DEFAULT_EXCLUDE`: ``lm_head``, ``output``, ...).
-  A container named ``output`` (BERT's ``attention.output.dense``) is *not* a head.
-* with names only (:func:`route_named_params`): a parameter is an embedding when a
-  component of its name contains ``embed`` or is ``wte``/``wpe``/``shared``, and the
-  head when the module owning it has a head name (:data:`HEAD_NAMES`). Tied weights
-  appear once in ``named_parameters()`` (under the embedding's name).
+* ``nn.Embedding`` modules are never targeted;
+* a linear module is the head when it is the model's ``get_output_embeddings()`` (every
+  Hugging Face ``PreTrainedModel``), or when its weight *is* an ``nn.Embedding``'s weight
+  (tied);
+* in a model without ``get_output_embeddings`` (torchvision, timm, a hand-written net), the
+  **last linear module** of the module tree is the layer producing the logits (ResNet's
+  ``fc``, ViT's ``head``, timm's ``head.fc``), unless it sits inside a repeated block (a child
+  of a ``ModuleList``/``ModuleDict``/``Sequential`` holding another module of its type: a
+  headless backbone's last block is not a head);
+* by name: a linear whose own name (the last dotted component, or the full name) matches
+  ``exclude`` (default :data:`DEFAULT_EXCLUDE`: ``lm_head``, ``output``, ``classifier``, ``head``,
+  ...). A container named ``output`` (BERT's ``attention.output.dense``) is *not* a head, and a
+  name matches whole components only (``classifier`` is not ``pre_classifier``).
+
+Only linear weights are projected (``nn.Linear`` and transformers' ``Conv1D``); convolution
+kernels, embeddings, norms and biases stay full-rank. ``model.named_parameters()`` given to an
+optimizer routes the same way: the generator carries its model, so the two routes use one
+decision (:func:`low_rank_param_names`). A plain list of ``(name, tensor)`` pairs carries no
+model and is routed by name (:func:`route_named_params`): a 2-D parameter is projected unless a
+component of its name contains ``embed`` or is ``wte``/``wpe``/``shared`` (embeddings) or its
+module has a head name (:data:`HEAD_NAMES`; also a top-level ``fc`` and anything under a
+top-level head). Tied weights appear once in ``named_parameters()`` (under the embedding's name).
+
+Targets (``target_modules``) are matched as :func:`select_low_rank_modules` says: whole dotted
+components, globs and full regular-expression matches; a pattern that selects nothing raises.
 """
 
 from __future__ import annotations
@@ -41,13 +57,13 @@ from torch import nn
 #: module names treated as the output head / embeddings and kept full-rank by default; a pattern
 #: matches a linear module's full name, its last dotted component, or (glob) the full name
 DEFAULT_EXCLUDE = ("lm_head", "embed_tokens", "embed_in", "embed_out", "wte", "wpe", "output", "classifier",
-                   "score", "qa_outputs")
+                   "score", "qa_outputs", "head")
 
 #: names of the module that owns an output head's weight (``lm_head.weight``, Meta LLaMA's ``output.weight``)
 HEAD_NAMES = frozenset({"lm_head", "output", "embed_out", "classifier", "score", "qa_outputs", "head"})
 
 #: name components that are embeddings even without "embed" in them (GPT-2, T5)
-EMBEDDING_NAMES = frozenset({"wte", "wpe", "shared"})
+EMBEDDING_NAMES = frozenset({"wte", "wpe", "shared", "relative_attention_bias"})
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
@@ -62,22 +78,48 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
-def target_matches(name: str, pattern: str) -> bool:
-    """A *target* pattern selects a module the way galore-torch and Hugging Face
-    (``optim_target_modules``) do: exact name, substring (``"attn"`` selects
-    ``self_attn.q_proj``), or a regular expression that matches the whole name;
-    shell globs (``"layers.*.mlp.*"``) work too."""
-    if name == pattern or pattern in name or fnmatch.fnmatchcase(name, pattern):
-        return True
+def _has_components(name: str, pattern: str) -> bool:
+    """``pattern`` is a run of whole dotted components of ``name`` (``"q_proj"``, ``"layers.1"``,
+    ``"mlp.up_proj"``), never part of one (``"classifier"`` is not in ``pre_classifier``)."""
+    return f".{pattern}." in f".{name}."
+
+
+def _regex_fullmatch(pattern: str, name: str) -> bool:
     try:
         return re.fullmatch(pattern, name) is not None
     except re.error:
         return False
 
 
+def target_matches(name: str, pattern: str) -> bool:
+    """A *list entry* of ``target_modules`` selects a module whose full name equals it, contains it
+    as whole dotted components (``"self_attn"``, ``"layers.1.mlp"``), glob-matches it
+    (``"*.mlp.*_proj"``) or is matched by it as a regular expression over the whole name (Hugging
+    Face's ``re.fullmatch``: the regex ``layers[.]1`` never selects ``layers.10``). A bare word that is no
+    component of *any* module falls back to galore-torch's substring match; that decision needs
+    the whole model, so it lives in :func:`select_low_rank_modules`."""
+    return _has_components(name, pattern) or fnmatch.fnmatchcase(name, pattern) or _regex_fullmatch(pattern, name)
+
+
 def _is_linear(module: nn.Module) -> bool:
     # transformers' Conv1D (GPT-2) is a linear layer with a transposed weight
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _in_repeated_block(model: nn.Module, name: str) -> bool:
+    """True when a module on the path to ``name`` is one of several same-type children of a
+    container (a transformer layer in a ``ModuleList``, a block of an ``nn.Sequential``)."""
+    parts = name.split(".")
+    parent = model
+    for depth, part in enumerate(parts):
+        child = parent._modules.get(part)
+        if child is None:
+            return False
+        if isinstance(parent, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) and depth < len(parts) - 1:
+            if sum(type(c) is type(child) for c in parent._modules.values()) > 1:
+                return True
+        parent = child
+    return False
 
 
 def head_modules(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> set[str]:
@@ -94,6 +136,13 @@ def head_modules(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> 
             out = None
         if isinstance(out, nn.Module):
             heads |= {name for name, m in linear.items() if m is out}
+    elif linear:
+        # no model API to ask: the last linear of the module tree produces the logits (ResNet's
+        # fc, ViT's head, timm's head.fc, an MLP's output layer), unless it is part of a
+        # repeated block (a backbone without a head)
+        last = list(linear)[-1]
+        if not _in_repeated_block(model, last):
+            heads.add(last)
     return heads
 
 
@@ -123,13 +172,19 @@ def select_low_rank_modules(
     linear = [name for name, m in model.named_modules() if _is_linear(m) and name]
     if patterns is None:
         return [name for name in linear if name not in heads]
+    every_module = [name for name, _ in model.named_modules() if name]
     selected = []
-    hits: dict[str, list[str]] = {p: [] for p in patterns}
+    hits: dict[str, list[str]] = {}
+    for p in patterns:
+        if isinstance(target_modules, str):  # one string: a regular expression, full match (Hugging Face)
+            hits[p] = [name for name in linear if name == p or _regex_fullmatch(p, name)]
+        elif any(_has_components(name, p) or fnmatch.fnmatchcase(name, p) or _regex_fullmatch(p, name)
+                 for name in every_module):
+            hits[p] = [name for name in linear if target_matches(name, p)]
+        else:  # no module has this component: galore-torch's substring ("attn" -> self_attn.q_proj)
+            hits[p] = [name for name in linear if p in name]
     for name in linear:
-        matched = [p for p in patterns if target_matches(name, p)]
-        for p in matched:
-            hits[p].append(name)
-        if matched and name not in heads:
+        if name not in heads and any(name in hits[p] for p in patterns):
             selected.append(name)
     missing = [p for p, names in hits.items() if not any(n not in heads for n in names)]
     if missing:
@@ -181,7 +236,9 @@ def is_embedding_or_head_name(name: str) -> bool:
     modules = parts[:-1] if len(parts) > 1 else parts
     if any("embed" in part or part in EMBEDDING_NAMES for part in modules):
         return True
-    return bool(modules) and modules[-1] in HEAD_NAMES
+    # the head's own name (lm_head, classifier, ...), a top-level fc (torchvision), or inside a
+    # top-level head (timm's head.fc)
+    return bool(modules) and (modules[-1] in HEAD_NAMES or modules == ["fc"] or modules[0] == "head")
 
 
 def _is_named_pair(item: Any) -> bool:
@@ -189,19 +246,51 @@ def _is_named_pair(item: Any) -> bool:
         item[1], torch.Tensor)
 
 
+def model_of_named_parameters(params: Any) -> nn.Module | None:
+    """The module behind an unstarted ``model.named_parameters()`` generator (its frame holds
+    ``self``), else ``None``. It lets the named route decide by the model's structure, exactly
+    as :func:`param_groups` does, instead of by names alone."""
+    if not inspect.isgenerator(params) or params.gi_code is not nn.Module.named_parameters.__code__:
+        return None
+    frame = params.gi_frame
+    if frame is None or inspect.getgeneratorstate(params) != inspect.GEN_CREATED:
+        return None
+    local = frame.f_locals
+    model = local.get("self")
+    if not isinstance(model, nn.Module) or local.get("prefix", "") != "" or local.get("recurse", True) is not True:
+        return None
+    return model
+
+
+def low_rank_param_ids(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> set[int]:
+    """The ids of the weights ``param_groups(model, rank)`` (``"all-linear"``) projects."""
+    targets = set(select_low_rank_modules(model, "all-linear", exclude))
+    return {id(m.weight) for name, m in model.named_modules() if name in targets
+            and isinstance(getattr(m, "weight", None), torch.Tensor)}
+
+
 def route_named_params(params: Any, rank: int | None) -> Any:
     """``model.named_parameters()`` given with a ``rank``: split into a projected group (the
-    block matrices) and a full-rank group (``rank=None``: embeddings, head, norms, biases),
-    as :func:`param_groups` does. Anything else is returned unchanged (a list where it was an
-    iterator), so torch's own checks still apply.
+    block matrices) and a full-rank group (``rank=None``: embeddings, head, norms, biases,
+    convolution kernels), as :func:`param_groups` does. The generator ``model.named_parameters()``
+    is routed by the model's structure (:func:`low_rank_param_ids`: the same decision as
+    ``param_groups``); a list of pairs by name (:func:`is_embedding_or_head_name`, 2-D only).
+    Anything else is returned unchanged (a list where it was an iterator), so torch's own
+    checks still apply.
     """
     if isinstance(params, (torch.Tensor, dict)) or not isinstance(params, Iterable):
         return params
+    model = model_of_named_parameters(params) if rank is not None else None
     params = list(params)
     if rank is None or not params or not all(_is_named_pair(p) for p in params):
         return params
-    low = [(n, p) for n, p in params if p.dim() >= 2 and not is_embedding_or_head_name(n)]
-    full = [(n, p) for n, p in params if p.dim() < 2 or is_embedding_or_head_name(n)]
+    if model is not None:
+        projected = low_rank_param_ids(model)
+        is_low = [id(p) in projected for _, p in params]
+    else:
+        is_low = [p.dim() == 2 and not is_embedding_or_head_name(n) for n, p in params]
+    low = [pair for pair, flag in zip(params, is_low) if flag]
+    full = [pair for pair, flag in zip(params, is_low) if not flag]
     groups: list[dict[str, Any]] = []
     if low:
         groups.append({"params": low})

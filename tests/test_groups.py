@@ -77,6 +77,10 @@ def test_attn_mlp_substrings_select_attention_and_mlp_projections():
 def test_regex_string_is_a_full_match_as_in_hugging_face():
     low, _ = lrgrad.param_groups(tiny_llama(), rank=4, target_modules=r".*\.self_attn\.[qk]_proj")
     assert sorted(n.split(".")[-2] for n in names(low)) == ["k_proj", "k_proj", "q_proj", "q_proj"]
+    # re.match would accept this prefix of q_proj/k_proj (and re.search "model.layers.1" of layers 10, 11...);
+    # a full match selects no module, which is refused by name
+    with pytest.raises(ValueError, match=r"\[qk\]'"):
+        lrgrad.param_groups(tiny_llama(), rank=4, target_modules=r".*\.self_attn\.[qk]")
 
 
 def test_a_pattern_that_matches_nothing_is_named_in_the_error():

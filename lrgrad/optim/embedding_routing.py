@@ -9,10 +9,14 @@ parameters can:
 * ``model.named_parameters()`` (``(name, tensor)`` pairs, ``torch.optim``'s named form);
 * groups whose ``params`` are such pairs (``lrgrad.param_groups``) or that carry ``param_names``.
 
-A matrix whose module name matches ``lrgrad.groups.DEFAULT_EXCLUDE`` (``embed_tokens``,
-``lm_head``, ``wte``, ...) moves to a group of its own with ``rule="adamw"`` and the AdamW
-hyperparameters of the matrix-only rule (``adamw_lr``, ``adamw_betas``, ``adamw_eps``,
-``adamw_weight_decay``); a group that already names a ``rule`` is left alone.
+Given the generator ``model.named_parameters()``, the model's structure decides (an
+``nn.Embedding``'s weight, and the head as ``lrgrad.groups.head_modules`` recognises it:
+``get_output_embeddings()``, a tied weight, the last linear of a model without that API, then
+names), as ``lrgrad.param_groups`` does; otherwise a matrix whose module name matches
+``lrgrad.groups.DEFAULT_EXCLUDE`` (``embed_tokens``, ``lm_head``, ``wte``, ...). Each such
+matrix moves to a group of its own with ``rule="adamw"`` and the AdamW hyperparameters of
+the matrix-only rule (``adamw_lr``, ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``);
+a group that already names a ``rule`` is left alone.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
-from lrgrad.groups import DEFAULT_EXCLUDE, matches
+from lrgrad.groups import DEFAULT_EXCLUDE, head_modules, matches, model_of_named_parameters
 
 
 def _named(items: list[Any]) -> bool:
@@ -34,6 +39,13 @@ def is_embedding_or_head(name: str, param: torch.Tensor) -> bool:
     return param.dim() >= 2 and matches(module, DEFAULT_EXCLUDE)
 
 
+def embedding_and_head_ids(model: nn.Module) -> set[int]:
+    """The ids of ``model``'s embedding and output-head matrices, recognised structurally."""
+    heads = head_modules(model)
+    weights = [m.weight for name, m in model.named_modules() if name in heads or isinstance(m, nn.Embedding)]
+    return {id(w) for w in weights if isinstance(w, torch.Tensor) and w.dim() >= 2}
+
+
 def route_embeddings_to_adamw(params: Any, adamw: dict[str, Any]) -> Any:
     """``params`` with recognised embeddings/heads split into ``rule="adamw"`` groups.
 
@@ -42,6 +54,8 @@ def route_embeddings_to_adamw(params: Any, adamw: dict[str, Any]) -> Any:
     """
     if isinstance(params, torch.Tensor):
         return params  # torch.optim's own TypeError names the mistake
+    model = model_of_named_parameters(params)
+    structural = embedding_and_head_ids(model) if model is not None else None
     items = list(params)
     if not items:
         return items
@@ -63,8 +77,12 @@ def route_embeddings_to_adamw(params: Any, adamw: dict[str, Any]) -> Any:
         if not _named(members):
             routed.append(group)
             continue
-        keep = [(n, p) for n, p in members if not is_embedding_or_head(n, p)]
-        moved = [(n, p) for n, p in members if is_embedding_or_head(n, p)]
+        if structural is not None:
+            flags = [id(p) in structural for _, p in members]
+        else:
+            flags = [is_embedding_or_head(n, p) for n, p in members]
+        keep = [pair for pair, moved_ in zip(members, flags) if not moved_]
+        moved = [pair for pair, moved_ in zip(members, flags) if moved_]
         rest = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         if keep:
             routed.append({**rest, "params": keep})
