@@ -57,7 +57,7 @@ LLAMA_RANKS = {"llama-60m": 128, "llama-130m": 256, "llama-350m": 256, "llama-1b
 
 #: the names the estimator documents; any class name or alias in ``lrgrad.OPTIMIZERS`` works too
 OPTIMIZER_NAMES = ("adamw", "galore", "galore8bit", "qgalore", "dct", "online_subspace", "flora", "auon", "muon",
-                   "apollo", "apollo_mini", "fira")
+                   "apollo", "apollo_mini", "fira", "grass")
 _CONFIG_KEYS = {
     "d": ("d", "hidden_size", "dim"),
     "layers": ("layers", "num_hidden_layers", "n_layers"),

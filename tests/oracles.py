@@ -194,3 +194,34 @@ def top_subspace(g: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
     q = vh[:rank].T if side == "right" else u[:, :rank]
     return q @ q.T
+
+
+# ---------------------------------------------------------------- Grass's sparse projection
+def grass_top_indices(g: torch.Tensor, rank: int, side: str) -> list[int]:
+    """Muhamed et al., arXiv:2406.17660 (Top-r): the r coordinates of the projected side (rows
+    for ``side="left"``, columns for ``"right"``) with the largest squared norm, ties to the
+    smaller index, in ascending order."""
+    norms = (g * g).sum(dim=1 if side == "left" else 0).tolist()
+    ranked = sorted(range(len(norms)), key=lambda i: (-norms[i], i))
+    return sorted(ranked[:rank])
+
+
+def grass_sampling_scales(g: torch.Tensor, indices: list[int], side: str, method: str) -> list[float]:
+    """ρ_j = 1 / sqrt(r q_{σ_j}) of r draws with replacement: ``q_i = ‖G_i‖² / Σ ‖G‖²``
+    (Multinomial-Norm²) or ``q_i = 1/d`` (Multinomial-Uniform); E[P Pᵀ] = I."""
+    norms = (g * g).sum(dim=1 if side == "left" else 0).tolist()
+    total = sum(norms)
+    rank = len(indices)
+    q = [1.0 / len(norms) if method == "uniform" else norms[i] / total for i in indices]
+    return [1.0 / math.sqrt(rank * qi) for qi in q]
+
+
+def grass_basis(indices: list[int], scales: list[float] | None, dim: int, side: str,
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The dense P of a selection: ``Pᵀ = ρ B`` with ``B[j, σ_j] = 1`` (left: P is dim x r; right:
+    P is r x dim, lrgrad's side convention), written entry by entry."""
+    rank = len(indices)
+    basis = torch.zeros(rank, dim, dtype=dtype)
+    for j, i in enumerate(indices):
+        basis[j, i] += 1.0 if scales is None else scales[j]
+    return basis if side == "right" else basis.T

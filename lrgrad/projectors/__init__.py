@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lrgrad.projectors.base import Projector
 from lrgrad.projectors.dct import DCTProjector
+from lrgrad.projectors.grass import GrassProjector
 from lrgrad.projectors.online_pca import OnlinePCAProjector
 from lrgrad.projectors.qgalore import QGaLoreProjector
 from lrgrad.projectors.random import RandomProjector
@@ -24,7 +25,8 @@ register_projector(QGaLoreProjector)
 register_projector(RandomProjector)
 register_projector(DCTProjector)
 register_projector(OnlinePCAProjector)
+register_projector(GrassProjector)
 
-__all__ = ["DCTProjector", "OnlinePCAProjector",
+__all__ = ["DCTProjector", "GrassProjector", "OnlinePCAProjector",
            "MOMENT_POLICIES", "PROJECTORS", "PROJ_TYPES", "Projector", "QGaLoreProjector", "RandomProjector",
            "SVDProjector", "projection_side", "register_projector"]
