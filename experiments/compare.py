@@ -33,8 +33,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.optimizers import REGISTRY, available_optimizers, get_spec  # noqa: E402
-from experiments.pretrain_llama import lm_loss, parse_args, run  # noqa: E402
+from lrgrad_experiments.pretrain.optimizers import REGISTRY, available_optimizers, get_spec  # noqa: E402
+from lrgrad_experiments.pretrain_llama import lm_loss, parse_args, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def _train_args(opts: argparse.Namespace, optimizer: str, steps: int, out: Path)
 
 def calibrate(opts: argparse.Namespace) -> float:
     """Seconds per AdamW training step (model forward/backward dominate) on this machine, now."""
-    from experiments.configs import build_model
+    from lrgrad_experiments.pretrain.configs import build_model
 
     torch.manual_seed(0)
     model = build_model(opts.config, vocab_size=256, max_seq_len=opts.seq_len)
@@ -131,7 +131,7 @@ def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out_dir: P
         "clipping + `optimizer.step`, `optimizer.step` the part after backward (clipping included, refresh "
         "steps included in the run). Forward/backward are the same for every optimizer, so on a shared "
         "machine the train-step ratio mostly shows the load during each run; the `optimizer.step` ratio "
-        "is the optimizer's own cost (see `experiments/bench_step.py` for interleaved, steady-state timings).",
+        "is the optimizer's own cost (see `experiments/bench/bench_step.py` for interleaved, steady-state timings).",
         "",
         "![validation loss](demo_loss.png)",
         "",
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["wall_s"] = time.time() - t0
         results.append(summary)
         if not meta:
-            from experiments.data import load_corpus
+            from lrgrad_experiments.pretrain.data import load_corpus
 
             corpus = load_corpus(args.data, args.val_percent, args.max_bytes)
             meta = {"config": opts.config, "params": sum(p.numel() for p in model.parameters()),

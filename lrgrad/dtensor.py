@@ -122,7 +122,7 @@ def count_collectives() -> Iterator[list[dict[str, Any]]]:
     Each entry is ``{"op", "numel", "bytes", "world", "sent"}`` where ``sent`` is the
     bytes one rank sends for it with ring algorithms: ``2(W-1)/W · bytes`` for an
     all-reduce, ``(W-1)/W · bytes`` (of the gathered result) for an all-gather.
-    Used by ``experiments/bench_comm.py`` and the tests to count real traffic.
+    Used by ``experiments/bench/bench_comm.py`` and the tests to count real traffic.
     """
     log: list[dict[str, Any]] = []
     _TRAFFIC_LOGS.append(log)

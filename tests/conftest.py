@@ -8,7 +8,16 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Shared helpers (tiny_model, state_utils) live here; test files in subfolders import them by name.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS / "distributed"))  # the 2-process harness, used from several folders
+
+# The code under test is the installed packages (lrgrad, lrgrad_experiments). The repository root must
+# not be on sys.path: its top-level kernels/ folder would shadow Hugging Face's `kernels` package
+# (transformers imports it). `make test` runs pytest's own script, which never adds it; `python -m
+# pytest` from the root adds the working directory, so drop it here before anything imports.
+REPO = TESTS.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,15 +1,9 @@
-"""experiments/bench_comm.py counts the bytes of the collectives a sharded refresh issues."""
+"""experiments/bench/bench_comm.py counts the bytes of the collectives a sharded refresh issues."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from experiments import bench_comm  # noqa: E402
+from lrgrad_experiments.bench import bench_comm  # noqa: E402
 
 
 def test_bench_comm_counts_issued_collectives():

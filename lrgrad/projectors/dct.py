@@ -155,7 +155,7 @@ def dct_coefficients(grad: torch.Tensor, side: str, method: str = "auto") -> tor
 def fft_threshold(device: torch.device) -> int:
     """Smallest d for which the FFT path is used by ``dct_scores="auto"``.
 
-    Measured on CPU (experiments/bench_projectors.py): the FFT loses at d = 512
+    Measured on CPU (experiments/bench/bench_projectors.py): the FFT loses at d = 512
     (its reorder/complex overheads), wins from d ≈ 1024 and by ~10x at 2048. A GPU
     matmul is fast enough that the FFT only pays off for larger d.
     """

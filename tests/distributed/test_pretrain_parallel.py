@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "experiments" / "pretrain_llama.py"
+from lrgrad_experiments.paths import PRETRAIN_SCRIPT as SCRIPT  # noqa: E402
+
 COMMON = ["--config", "llama_9m", "--optimizer", "galore_adamw", "--batch-size", "4", "--seq-len", "32",
           "--max-steps", "4", "--eval-every", "2", "--eval-batches", "2", "--update-proj-gap", "2",
           "--rank", "8", "--threads", "1", "--no-progress", "--quiet",

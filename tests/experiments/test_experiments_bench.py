@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from lrgrad_experiments import compare  # noqa: E402
+from lrgrad_experiments.bench import (
+    bench_memory,  # noqa: E402
+    bench_step,  # noqa: E402
+)
 
 import lrgrad  # noqa: E402
-from experiments import bench_memory, bench_step, compare  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +122,7 @@ def test_gemm_work_counts_each_projected_matrix_by_hand():
     """Projected at rank 2: a 12 x 8 (d = 8) and a 12 x 12 (d = 12) weight. GaLore: 2·m·n·r each; online
     PCA adds C (m·n·r) and K, KP, the Gram and L⁻¹P (4·r²·d). The 2 x 12 and 12 x 2 weights
     (min(m, n) <= rank) and the biases are not projected."""
-    from experiments import step_floors
+    from lrgrad_experiments.bench import step_floors
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 2), torch.nn.Linear(2, 12),
                                 torch.nn.Linear(12, 12))
@@ -133,7 +133,7 @@ def test_gemm_work_counts_each_projected_matrix_by_hand():
 
 
 def test_bench_oneliner_prints_the_table(capsys):
-    from experiments import bench_oneliner
+    from lrgrad_experiments.bench import bench_oneliner
 
     rc = bench_oneliner.main(["--shapes", "byte", "--config", "llama_test", "--steps", "3", "--lrs", "1e-3",
                               "--eval-batches", "1", "--max-bytes", "60000", "--variants", "GaLoreAdamW"])

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
-from experiments.checkpoint import CheckpointStore, load_checkpoint  # noqa: E402
-from experiments.pretrain_llama import build_parser, lr_lambda_factory, main, parse_args, run  # noqa: E402
+from lrgrad_experiments.pretrain.checkpoint import CheckpointStore, load_checkpoint  # noqa: E402
+from lrgrad_experiments.pretrain_llama import build_parser, lr_lambda_factory, main, parse_args, run  # noqa: E402
 
 BASE = ["--config", "llama_test", "--optimizer", "galore_adamw", "--batch-size", "4", "--seq-len", "32",
         "--eval-batches", "2", "--max-bytes", "120000", "--no-progress", "--threads", "1", "--max-steps", "4",

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from experiments import checkpoint as ckpt  # noqa: E402
-from experiments import data  # noqa: E402
+from lrgrad_experiments.pretrain import checkpoint as ckpt  # noqa: E402
+from lrgrad_experiments.pretrain import data  # noqa: E402
 
 
 def test_stdlib_split_is_deterministic_disjoint_and_complete():

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+
+from lrgrad_experiments.pretrain import optimizers as optim_registry  # noqa: E402
+from lrgrad_experiments.pretrain.checkpoint import load_checkpoint  # noqa: E402
+from lrgrad_experiments.pretrain_llama import main, parse_args, run  # noqa: E402
 
 import lrgrad  # noqa: E402
-from experiments import optimizers as optim_registry  # noqa: E402
-from experiments.checkpoint import load_checkpoint  # noqa: E402
-from experiments.pretrain_llama import main, parse_args, run  # noqa: E402
 
 TINY = ["--config", "llama_test", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2",
         "--max-bytes", "120000", "--no-progress", "--quiet", "--threads", "1"]
@@ -126,11 +126,11 @@ def test_clear_errors(tmp_path, monkeypatch, capsys):
 def test_wandb_never_imported_unless_asked(tmp_path):
     code = (
         "import sys; sys.argv = ['x'];"
-        "from experiments.pretrain_llama import parse_args, run;"
+        "from lrgrad_experiments.pretrain_llama import parse_args, run;"
         f"run(parse_args({[*TINY, '--out-dir', str(tmp_path), '--max-steps', '1', '--optimizer', 'adamw']!r}));"
         "import sys; print('WANDB' if 'wandb' in sys.modules else 'CLEAN')"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("CLEAN")
 

@@ -1,16 +1,14 @@
-"""experiments/gpu_check.py (make gpu-check) on a machine without CUDA: a clean exit, and the
+"""experiments/tools/gpu_check.py (make gpu-check) on a machine without CUDA: a clean exit, and the
 report plumbing (sections → results/gpu.md) with stubbed subprocess results."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
-from experiments import gpu_check  # noqa: E402
+from lrgrad_experiments.tools import gpu_check  # noqa: E402
 
 
 def test_exits_cleanly_without_cuda_and_writes_nothing(tmp_path, capsys):
@@ -39,7 +37,7 @@ def test_run_all_writes_every_section(tmp_path, monkeypatch):
         assert env == {"TRITON_INTERPRET": "0"} and timeout > 0
         if "pytest" in cmd:
             return _result(cmd, "....\n12 passed, 1 skipped in 30.0s\n")
-        if "experiments/bench_kernels.py" in cmd:
+        if "experiments/bench/bench_kernels.py" in cmd:
             return _result(cmd, bench_out)
         if "--section" in cmd:
             return _result(cmd, json.dumps({"rows": step_rows}) + "\n")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # 4 steps, a checkpoint every 2, keep 1: every kind of write happens (log, step folder, publish, prune)
 TINY = ["--config", "llama_test", "--optimizer", "galore_adamw", "--batch-size", "4", "--seq-len", "32",
@@ -21,7 +18,7 @@ TINY = ["--config", "llama_test", "--optimizer", "galore_adamw", "--batch-size",
 
 
 def tiny_args(out: Path, *extra: str):
-    from experiments.pretrain_llama import parse_args
+    from lrgrad_experiments.pretrain_llama import parse_args
 
     return parse_args([*TINY, "--out-dir", str(out), *extra])
 

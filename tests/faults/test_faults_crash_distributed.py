@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness  # noqa: E402
 import pytest
 import torch
 import torch.multiprocessing as mp
 from fault_helpers import assert_same_outcome, outcome, tiny_args
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-import harness  # noqa: E402
 
 MODES = ("ddp", "fsdp2")
 
@@ -38,8 +35,8 @@ def _env(rank: int, world: int, **fault: str) -> None:
 
 
 def _reference_with_snapshots(rank: int, world: int, root: str) -> dict:
-    from experiments import checkpoint as ckpt
-    from experiments.pretrain_llama import run
+    from lrgrad_experiments.pretrain import checkpoint as ckpt
+    from lrgrad_experiments.pretrain_llama import run
 
     results = {}
     for mode in MODES:
@@ -51,7 +48,7 @@ def _reference_with_snapshots(rank: int, world: int, root: str) -> dict:
 
 
 def _killed_run(rank: int, world: int, root: str, at_write: str) -> None:
-    from experiments.pretrain_llama import run
+    from lrgrad_experiments.pretrain_llama import run
 
     _env(rank, world, LRGRAD_FAULT_MODE="exit", LRGRAD_FAULT_RANK="1", LRGRAD_FAULT_AT_WRITE=at_write)
     run(tiny_args(Path(root) / "killed-ddp", "--parallel", "ddp"))
@@ -59,9 +56,8 @@ def _killed_run(rank: int, world: int, root: str, at_write: str) -> None:
 
 def _resume_all(rank: int, world: int, root: str, images: list[tuple[str, str]]) -> dict:
     import torch.distributed as dist
-
-    from experiments.checkpoint import NoCheckpointError
-    from experiments.pretrain_llama import run
+    from lrgrad_experiments.pretrain.checkpoint import NoCheckpointError
+    from lrgrad_experiments.pretrain_llama import run
 
     _env(rank, world)
     results = {}
@@ -82,7 +78,7 @@ def _resume_all(rank: int, world: int, root: str, images: list[tuple[str, str]])
 # Children fork from one server that imported torch and transformers once (tens of seconds on a
 # loaded CI machine, per process, with the plain spawn start method).
 PRELOAD = ["torch", "transformers.models.llama.modeling_llama", "harness", "fault_helpers",
-           "experiments.pretrain_llama"]
+           "lrgrad_experiments.pretrain_llama"]
 
 
 def _run_pair(fn, *args, timeout: float = 300.0, dies: bool = False) -> tuple[list[int | None], list]:
@@ -147,7 +143,7 @@ def test_every_crash_image_resumes_bit_identically(sessions, mode):
 def test_a_real_kill_of_one_rank_resumes_bit_identically(sessions):
     root, reference, codes, resumed = sessions
     assert codes[1] == 137 and codes[0] not in (None, 0), codes  # rank 1 died; rank 0 failed (or was killed)
-    from experiments.checkpoint import CheckpointStore
+    from lrgrad_experiments.pretrain.checkpoint import CheckpointStore
 
     store = CheckpointStore(root / "killed-ddp")
     assert [s for s, _ in store.published()] == [2]  # step 4 was never published

@@ -1,6 +1,6 @@
 """Kill a single-process run before each of its durable writes; the resumed run must be bit-identical.
 
-The crash is injected deterministically (experiments/checkpoint.py ``write_point``): in-process
+The crash is injected deterministically (experiments/pretrain/checkpoint.py ``write_point``): in-process
 with ``LRGRAD_FAULT_MODE=raise`` for the sweep over every write (nothing in the writer catches the
 ``SimulatedCrash``, so the disk is left exactly as a kill leaves it), and once for real with
 ``os._exit`` in a subprocess.
@@ -14,9 +14,9 @@ import sys
 
 import pytest
 from fault_helpers import ROOT, TINY, assert_same_outcome, outcome, tiny_args
-
-from experiments import checkpoint as ckpt
-from experiments.pretrain_llama import run
+from lrgrad_experiments.paths import PRETRAIN_SCRIPT
+from lrgrad_experiments.pretrain import checkpoint as ckpt
+from lrgrad_experiments.pretrain_llama import run
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_a_real_kill_mid_checkpoint_resumes_bit_identically(tmp_path, reference)
     k = len(writes) - writes[::-1].index("publish")  # the last publish (step 4)
     out = tmp_path / "killed"
     env = dict(os.environ, LRGRAD_FAULT_AT_WRITE=str(k), LRGRAD_FAULT_MODE="exit")
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "pretrain_llama.py"), *TINY,
+    result = subprocess.run([sys.executable, str(PRETRAIN_SCRIPT), *TINY,
                              "--out-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 137, result.stderr[-2000:]
     store = ckpt.CheckpointStore(out, keep=1)

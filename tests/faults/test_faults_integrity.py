@@ -12,9 +12,9 @@ import shutil
 import pytest
 import torch
 from fault_helpers import TINY, assert_same_outcome, outcome, tiny_args
+from lrgrad_experiments.pretrain import checkpoint as ckpt
+from lrgrad_experiments.pretrain_llama import main, run
 
-from experiments import checkpoint as ckpt
-from experiments.pretrain_llama import main, run
 from lrgrad.distributed import MANIFEST_NAME, CheckpointError, verify_manifest, write_manifest
 
 KEEP2 = ("--keep-checkpoints", "2")

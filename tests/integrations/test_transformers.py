@@ -40,10 +40,10 @@ def make_args(out, **overrides):
     return TrainingArguments(**options)
 
 
-def test_import_lrgrad_does_not_import_transformers_or_accelerate():
+def test_import_lrgrad_does_not_import_transformers_or_accelerate(tmp_path):
     code = ("import sys, lrgrad, lrgrad.integrations, lrgrad.integrations.transformers; "
             "print(sorted(m for m in ('transformers', 'accelerate') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 

@@ -1,9 +1,9 @@
 """Ahead-of-time compile of every kernel launch for real GPU targets (no GPU needed).
 
-``python -m lrgrad.kernels.aot --set ci`` runs once per session (in a subprocess: the kernels must
+``python -m lrgrad_experiments.tools.aot --set ci`` runs once per session (in a subprocess: the kernels must
 be compiled, not interpreted, and ``triton.jit`` decides that at import time): Triton's compiler
 down to cubin for sm_90 and sm_80 through the ptxas bundled in the triton wheel, and down to hsaco
-for gfx90a (ROCm) for the GEMMs. The full set is ``python -m lrgrad.kernels.aot`` (docs/kernels.md).
+for gfx90a (ROCm) for the GEMMs. The full set is ``python -m lrgrad_experiments.tools.aot`` (docs/kernels.md).
 
 Grouped on one xdist worker (``--dist loadgroup`` in the Makefile) so the compile runs once.
 """
@@ -16,8 +16,7 @@ import subprocess
 import sys
 
 import pytest
-
-from lrgrad.kernels import aot
+from lrgrad_experiments.tools import aot
 
 pytestmark = pytest.mark.xdist_group("aot")
 
@@ -29,8 +28,8 @@ def report(tmp_path_factory):
     path = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "-m", "lrgrad.kernels.aot", "--set", "ci", "--json", str(path)],
-        env=env, capture_output=True, text=True, timeout=1200,
+        [sys.executable, "-W", "ignore", str(aot.__file__), "--set", "ci", "--json", str(path)],
+        env=env, capture_output=True, text=True, timeout=1200, cwd=path.parent,
     )
     assert path.exists(), f"the AOT compile did not finish (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     data = json.loads(path.read_text())

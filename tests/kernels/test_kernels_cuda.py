@@ -3,7 +3,7 @@ the dispatch code uses (native bf16/fp16 MMA, TF32, the IEEE fp32 path, the quan
 NaN semantics, no FMA contraction, the device guard).
 
 GPU-only: marked ``cuda`` and skipped unless a CUDA device is present and ``TRITON_INTERPRET`` is
-unset. ``make gpu-check`` (experiments/gpu_check.py) runs them with
+unset. ``make gpu-check`` (experiments/tools/gpu_check.py) runs them with
 ``TRITON_INTERPRET=0 pytest -m cuda tests/kernels``; on CPU the same kernels are checked through the
 interpreter by the other files here, and compiled (not run) by test_kernels_aot.py.
 """

@@ -1,5 +1,5 @@
 """The advertised one-liner: ``GaLoreAdamW(model.named_parameters(), rank=r, lr=η)`` trains like
-``torch.optim.AdamW(lr=η)`` (README, "The one-liner"; experiments/bench_oneliner.py measures it at scale)."""
+``torch.optim.AdamW(lr=η)`` (README, "The one-liner"; experiments/bench/bench_oneliner.py measures it at scale)."""
 
 from __future__ import annotations
 

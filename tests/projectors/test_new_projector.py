@@ -3,9 +3,6 @@ estimator, every update rule, checkpoints and FSDP2 reach it through the protoco
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from state_utils import assert_states_equal, roundtrip
@@ -15,8 +12,6 @@ from toy_projector import CoordinateProjector
 import lrgrad
 from lrgrad.projectors import PROJECTORS
 from lrgrad.rules import RULES
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "distributed"))  # the 2-process harness
 
 
 def _model() -> torch.nn.Module:

@@ -13,8 +13,8 @@ Each optimizer is timed on the same params and fixed random gradients, interleav
 disturbed by other jobs on a shared machine; the median is reported beside it). Ratios are to
 ``torch.optim.AdamW(fused=True)`` and to ``torch.optim.AdamW(foreach=True)`` from the same run.
 
-    python experiments/bench_normalized.py                 # CPU, writes results/bench_normalized.{md,png}
-    python experiments/bench_normalized.py --device cuda
+    python experiments/bench/bench_normalized.py                 # CPU, writes results/bench_normalized.{md,png}
+    python experiments/bench/bench_normalized.py --device cuda
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Optimizer step time against its floor and its fastest peer, all measured in one run.
 
-    python experiments/bench_step.py                                  # llama_9m, llama_20m, llama_60m shapes
-    python experiments/bench_step.py --configs llama_60m --steps 10   # the issue's measurement
+    python experiments/bench/bench_step.py                                  # llama_9m, llama_20m, llama_60m shapes
+    python experiments/bench/bench_step.py --configs llama_60m --steps 10   # the issue's measurement
 
 For each model size (LLaMA shapes, vocab 32000 as in the GaLore paper, rank = the config's
 GaLore rank on the attention/MLP matrices) one ``LlamaForCausalLM`` is built and given fixed
@@ -9,7 +9,7 @@ random gradients; every optimizer is built over it and stepped. The subspace ref
 beyond the run, so the timed steps are the *steady state* (no SVD); the first step (state
 allocation + the first refresh) is reported on its own.
 
-Beside the lrgrad optimizers the same round-robin times (``experiments/step_floors.py``):
+Beside the lrgrad optimizers the same round-robin times (``experiments/bench/step_floors.py``):
 
 * each family's *floor* — the projection GEMMs + the fastest elementwise rule (fused AdamW,
   torch Adafactor, bitsandbytes AdamW8bit) over the full-rank params and tensors shaped like
@@ -48,9 +48,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lrgrad  # noqa: E402
-from experiments import step_floors  # noqa: E402
-from experiments.configs import build_model, get_config  # noqa: E402
-from experiments.optimizers import REGISTRY, available_optimizers, build_optimizer, get_spec  # noqa: E402
+from lrgrad_experiments.bench import step_floors  # noqa: E402
+from lrgrad_experiments.pretrain.configs import build_model, get_config  # noqa: E402
+from lrgrad_experiments.pretrain.optimizers import REGISTRY, available_optimizers, build_optimizer, get_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_REFRESH = 10**9
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
         print("\n".join(table(res) + [""] + gemm_line(res) + refresh_table(res)), flush=True)
     shown = sys.argv[1:] if argv is None else argv
-    write(results, Path(opts.out), "python experiments/bench_step.py" + (" " + " ".join(shown) if shown else ""))
+    write(results, Path(opts.out), "python experiments/bench/bench_step.py" + (" " + " ".join(shown) if shown else ""))
     return 0
 
 

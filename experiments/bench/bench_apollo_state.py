@@ -1,6 +1,6 @@
 """Optimizer state of the *projected* matrices on the LLaMA-60M shape: APOLLO / APOLLO-Mini / Fira vs AdamW.
 
-    python experiments/bench_apollo_state.py             # llama_60m, rank 128 (APOLLO-Mini: 1)
+    python experiments/bench/bench_apollo_state.py             # llama_60m, rank 128 (APOLLO-Mini: 1)
 
 One ``LlamaForCausalLM`` (vocab 32000); each optimizer (the experiments' recipe: attention/MLP
 matrices projected, embeddings/head/norms full-rank) has its state split into the projected
@@ -27,8 +27,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lrgrad  # noqa: E402
-from experiments.configs import build_model, get_config  # noqa: E402
-from experiments.optimizers import REGISTRY, build_optimizer  # noqa: E402
+from lrgrad_experiments.pretrain.configs import build_model, get_config  # noqa: E402
+from lrgrad_experiments.pretrain.optimizers import REGISTRY, build_optimizer  # noqa: E402
 from lrgrad.subspace import compute_dtype, matrix_shape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(opts.config, NAMES)
     lines = [f"# Optimizer state on the projected matrices, {opts.config} (vocab 32000, rank "
              f"{get_config(opts.config)['rank']}; APOLLO-Mini rank 1)\n",
-             "`python experiments/bench_apollo_state.py` — state bytes once every param has stepped. *Projected* = the "
+             "`python experiments/bench/bench_apollo_state.py` — state bytes once every param has stepped. *Projected* = the "
              "attention/MLP matrices; *rest* = embeddings, head, norms (AdamW in every optimizer).\n",
              "| optimizer | projected matrices MiB | vs AdamW on them | rest MiB |", "|---|---:|---:|---:|"]
     for label, proj, rest, adamw_proj in rows:

@@ -2,7 +2,7 @@
 with no GPU: Triton's own compiler (TTIR → TTGIR → LLIR → PTX → cubin through the ``ptxas``
 bundled in the triton wheel; AMDGCN → hsaco for ROCm targets).
 
-    python -m lrgrad.kernels.aot [--set ci|full] [--arch sm_90 sm_80 gfx90a] [--json out.json]
+    python -m lrgrad_experiments.tools.aot [--set ci|full] [--arch sm_90 sm_80 gfx90a] [--json out.json]
 
 How the launches are found: this module drives the *public* entry points (``lrgrad.kernels.*``)
 on CPU tensors, with the backend forced to Triton and ``JITFunction.run`` replaced by a recorder
@@ -16,7 +16,7 @@ What it checks: every launch compiles; shared memory fits the target; register s
 ``SPILL_LIMIT``; kernels that promise one rounding per operation have no ``fma`` in their PTX; every
 ``*_kernel`` in ``lrgrad.kernels`` was exercised. It reports registers, spills, shared memory and
 tensor-core instructions per compile. What it cannot check: numerics and speed on hardware (see
-``experiments/gpu_check.py``).
+``experiments/tools/gpu_check.py``).
 
 Sets: ``ci`` is one launch per kernel × dtype × tile family (fast enough for ``make test``);
 ``full`` adds both sides, unaligned shapes, TF32 on/off, every group size family.
@@ -230,7 +230,7 @@ def cases(which: str) -> dict[str, Callable[[], None]]:
 # ----------------------------------------------------------------------------- recording
 def _check_compiled_mode() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("lrgrad.kernels.aot needs compiled (not interpreted) kernels: unset TRITON_INTERPRET")
+        raise RuntimeError("lrgrad_experiments.tools.aot needs compiled (not interpreted) kernels: unset TRITON_INTERPRET")
 
 
 @contextlib.contextmanager

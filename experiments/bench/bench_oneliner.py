@@ -1,7 +1,7 @@
 """The one-liner against torch.optim.AdamW at the same lr: does switching keep the loss?
 
-    python experiments/bench_oneliner.py                          # both shapes, lr 1e-3 and 3e-3
-    python experiments/bench_oneliner.py --shapes byte --steps 300 --lrs 1e-3
+    python experiments/bench/bench_oneliner.py                          # both shapes, lr 1e-3 and 3e-3
+    python experiments/bench/bench_oneliner.py --shapes byte --steps 300 --lrs 1e-3
 
 For each model shape and each lr η, trains the same LLaMA (same init, same batches, same
 warmup + cosine schedule) with ``torch.optim.AdamW(model.parameters(), lr=η)`` and with every
@@ -37,8 +37,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lrgrad  # noqa: E402
-from experiments.configs import build_model, get_config  # noqa: E402
-from experiments.data import BatchLoader, eval_batches, load_stdlib  # noqa: E402
+from lrgrad_experiments.pretrain.configs import build_model, get_config  # noqa: E402
+from lrgrad_experiments.pretrain.data import BatchLoader, eval_batches, load_stdlib  # noqa: E402
 
 PRESETS = ("GaLoreAdamW", "DCTAdamW", "FloraAdamW", "OnlineSubspaceAdamW", "QGaLoreAdamW", "GaLoreAdamW8bit")
 #: shape -> (config, vocab, batch size, sequence length in tokens)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{shape} lr={lr:g} {variant}: val {r['val_loss']:.4f} ({r['seconds']:.0f} s)", flush=True)
     shapes = {s: (args.config or SHAPES[s][0], *SHAPES[s][1:]) for s in args.shapes}
     rank = get_config(args.config or "llama_9m")["rank"]
-    command = " ".join(["python experiments/bench_oneliner.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python experiments/bench/bench_oneliner.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"\n`{command}` — "
           f"{args.steps} steps, warmup 10% + cosine to 10%, clip 1.0, wd 0.01 (AdamW's default), rank = "
           f"hidden/4 = {rank}, every other argument at its default; shapes (config, vocab, batch, seq) {shapes}; "

@@ -1,6 +1,6 @@
 """Optimizer-state memory of every optimizer across LLaMA sizes, measured and estimated.
 
-    python experiments/bench_memory.py          # measured on llama_9m/20m/60m shapes, estimated up to 7B
+    python experiments/bench/bench_memory.py          # measured on llama_9m/20m/60m shapes, estimated up to 7B
 
 Part 1 (measured): each optimizer is built over a real ``LlamaForCausalLM`` (vocab 32000,
 the config's GaLore rank on the attention/MLP matrices), stepped once with random gradients,
@@ -29,9 +29,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lrgrad  # noqa: E402
-from experiments.bench_step import label, make_optimizer  # noqa: E402
-from experiments.configs import build_model, get_config  # noqa: E402
-from experiments.optimizers import available_optimizers, get_spec  # noqa: E402
+from lrgrad_experiments.bench.bench_step import label, make_optimizer  # noqa: E402
+from lrgrad_experiments.pretrain.configs import build_model, get_config  # noqa: E402
+from lrgrad_experiments.pretrain.optimizers import available_optimizers, get_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         get_spec(n)
     names = ["adamw_foreach", *names]
     shown = sys.argv[1:] if argv is None else argv
-    command = "python experiments/bench_memory.py" + (" " + " ".join(shown) if shown else "")
+    command = "python experiments/bench/bench_memory.py" + (" " + " ".join(shown) if shown else "")
     measured = [measure(c, names, opts.vocab) for c in opts.configs.split(",")]
     lines = ["# Optimizer-state memory\n", f"`{command}`\n",
              "## Measured (`lrgrad.optimizer_state_bytes` after one step; fp32 params)\n"]

@@ -1,7 +1,7 @@
 """Fault trial: try to lose or corrupt a pretraining run, and count what it survived.
 
-    python experiments/fault_trial.py                 # ~1-3 min on a laptop CPU
-    python experiments/fault_trial.py --real-kills 5 --parallel   # more real kills, and DDP/FSDP2 under torchrun
+    python experiments/tools/fault_trial.py                 # ~1-3 min on a laptop CPU
+    python experiments/tools/fault_trial.py --real-kills 5 --parallel   # more real kills, and DDP/FSDP2 under torchrun
 
 Prints a markdown table (faults tried / survived) for docs/faults.md. "Survived" means: the run
 resumed and ended **bit-identical** to an uninterrupted run (every weight, every training loss, the
@@ -33,8 +33,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments import checkpoint as ckpt  # noqa: E402
-from experiments.pretrain_llama import main, parse_args, run  # noqa: E402
+from lrgrad_experiments.pretrain import checkpoint as ckpt  # noqa: E402
+from lrgrad_experiments.pretrain_llama import main, parse_args, run  # noqa: E402
 from lrgrad.distributed import CheckpointError, load_checkpoint, save_checkpoint, write_manifest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,7 +306,7 @@ def main_trial(argv: list[str] | None = None) -> int:
         trial.dcp_flips(opts.flips, rng)
         trial.refusals()
         trial.changed_arguments()
-    print(f"`python experiments/fault_trial.py{' --parallel' if opts.parallel else ''}` — llama_test, 4 steps, "
+    print(f"`python experiments/tools/fault_trial.py{' --parallel' if opts.parallel else ''}` — llama_test, 4 steps, "
           f"checkpoint every 2, keep 1; seed {opts.seed}; torch {torch.__version__}; {time.time() - t0:.0f} s\n")
     print("| fault | tried | survived | how |")
     print("|---|---|---|---|")

@@ -18,7 +18,7 @@ Everything in ``state.pt`` is tensors, numbers, strings and containers, so it lo
 ``torch.load(weights_only=True)``. DCP's ``.metadata`` is a pickle (torch's format): trust a
 ``--parallel`` checkpoint as you would any pickle; its manifest is checked before ``dcp.load``.
 
-Fault injection (tests and ``experiments/fault_trial.py``): every durable write calls
+Fault injection (tests and ``experiments/tools/fault_trial.py``): every durable write calls
 :func:`write_point` first. With ``LRGRAD_FAULT_AT_WRITE=k`` the process dies (``os._exit(137)``,
 no cleanup, like SIGKILL) just before its k-th write; ``LRGRAD_FAULT_MODE=raise`` raises
 :class:`SimulatedCrash` instead (in-process tests) and ``LRGRAD_FAULT_MODE=snapshot`` copies the

@@ -34,7 +34,7 @@ gradient ``--energy-gap`` steps earlier), plus synthetic power-law spectra
 top-r score energy its selection keeps (every matrix scored as a left side, i.e. along m),
 on the same real gradients and on synthetic gradients whose energy sits in a few DCT modes.
 
-    python experiments/bench_comm.py --world 8
+    python experiments/bench/bench_comm.py --world 8
 """
 
 from __future__ import annotations
@@ -188,8 +188,8 @@ def energy_rows(grads: dict[str, torch.Tensor], earlier: dict[str, torch.Tensor]
 
 def llama_gradients(config: str, steps: int, gap: int, seq_len: int, batch: int) -> tuple[dict, dict, int]:
     """Gradients of one middle block's matrices after ``steps`` AdamW steps, and ``gap`` steps earlier."""
-    from experiments.configs import build_model, get_config
-    from experiments.data import load_stdlib
+    from lrgrad_experiments.pretrain.configs import build_model, get_config
+    from lrgrad_experiments.pretrain.data import load_stdlib
 
     torch.manual_seed(0)
     rank = get_config(config)["rank"]

@@ -1,6 +1,6 @@
 """Benchmark the Triton kernels of ``lrgrad.kernels`` against their torch reference paths (CUDA only).
 
-    python experiments/bench_kernels.py [--size 4096] [--rank 512] [--peak-tbps auto] [--json out.json]
+    python experiments/bench/bench_kernels.py [--size 4096] [--rank 512] [--peak-tbps auto] [--json out.json]
 
 Times each operation with ``triton.testing.do_bench`` (median ms) on both backends and prints a
 markdown table: time, achieved TB/s for the memory-bound kernels (bytes the kernel must move,

@@ -1,7 +1,7 @@
 """Training memory: the estimator's table for LLaMA 60M-7B, and measured peak process memory.
 
-    .venv/bin/python experiments/bench_memory_estimate.py            # table + measurement -> results/memory.md
-    .venv/bin/python experiments/bench_memory_estimate.py --no-measure
+    .venv/bin/python experiments/bench/bench_memory_estimate.py            # table + measurement -> results/memory.md
+    .venv/bin/python experiments/bench/bench_memory_estimate.py --no-measure
 
 Part 1: ``lrgrad.estimate_memory`` for LLaMA 60M/130M/350M/1B/7B x {AdamW, GaLore, GaLore-8bit,
 Q-GaLore, DCT, Flora, AuON}: bf16 weights, GaLore's ranks, token batch 256 (batch 1 x seq 256,
@@ -173,7 +173,7 @@ def main() -> None:
         child(args.child, args.steps, args.seq_len)
         return
     sections = ["# Training memory: estimator and measured peak", "",
-                f"Command: `.venv/bin/python experiments/bench_memory_estimate.py"
+                f"Command: `.venv/bin/python experiments/bench/bench_memory_estimate.py"
                 f"{' --no-measure' if args.no_measure else ''}`", "", estimator_tables()]
     if not args.no_measure:
         sections += ["", measure(args.steps, args.seq_len)]

@@ -1,6 +1,6 @@
 """Validate a GPU box in one command (≈ 10 minutes of an H100/H200): ``make gpu-check``.
 
-    python experiments/gpu_check.py [--out results/gpu.md] [--budget-s 600]
+    python experiments/tools/gpu_check.py [--out results/gpu.md] [--budget-s 600]
 
 Sections, each in its own subprocess with its own time limit (a failure is reported in the table
 and the rest still runs):
@@ -11,7 +11,7 @@ and the rest still runs):
               no FMA contraction, the device guard (two GPUs); online PCA's batched basis step
               against the one-param-at-a-time step on the GPU; the fused Adam calls' step counts
               and a steady GaLoreAdamW step with no host sync (``set_sync_debug_mode("error")``).
-  (b) bench   ``experiments/bench_kernels.py --size 4096 --rank 512`` with the goals: fused low-rank
+  (b) bench   ``experiments/bench/bench_kernels.py --size 4096 --rank 512`` with the goals: fused low-rank
               update ≥ 1.2× torch, Newton–Schulz ≥ 1.3× torch at 4096², quantization ≥ 70 % of HBM.
   (c) step    a full training step (forward, backward, optimizer; bf16 autocast, batch 8 × 256) on
               LLaMA-130M and -350M shapes: median step time and ``torch.cuda.max_memory_allocated``
@@ -88,8 +88,8 @@ def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> d
 # ----------------------------------------------------------------------------- (c) step time + memory
 def _build(name: str, config: str, seq: int, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     import lrgrad
-    from experiments.configs import build_model, get_config
-    from experiments.optimizers import build_optimizer
+    from lrgrad_experiments.pretrain.configs import build_model, get_config
+    from lrgrad_experiments.pretrain.optimizers import build_optimizer
 
     rank = get_config(config)["rank"]
     model = build_model(config, vocab_size=32000, max_seq_len=seq).to(device)
@@ -220,7 +220,7 @@ def pytest_summary(stdout: str) -> str:
 
 
 def render(sections: dict[str, dict[str, Any]], started: str, total_s: float, argv: list[str]) -> str:
-    out = ["# GPU check", "", f"`python experiments/gpu_check.py {' '.join(argv)}` — {started}, "
+    out = ["# GPU check", "", f"`python experiments/tools/gpu_check.py {' '.join(argv)}` — {started}, "
            f"{total_s / 60:.1f} min in all (`make gpu-check`).", "", "## Machine", "", *machine_lines(), "",
            "| section | status | seconds | command |", "|---|---|---:|---|"]
     for key, sec in sections.items():
@@ -237,7 +237,7 @@ def render(sections: dict[str, dict[str, Any]], started: str, total_s: float, ar
     if bench:
         res = bench["runs"][0]
         table = [line for line in res["stdout"].splitlines() if line.startswith(("|", "GPU:", "goals met"))]
-        out += ["", "## (b) kernel benchmarks (`experiments/bench_kernels.py`)", "", *(table or ["(no output)"])]
+        out += ["", "## (b) kernel benchmarks (`experiments/bench/bench_kernels.py`)", "", *(table or ["(no output)"])]
         if res["returncode"] != 0:
             out += ["", "```", _tail(res["stderr"]), "```"]
     step = sections.get("step")
@@ -296,12 +296,12 @@ def run_all(out: Path, budget_s: float, argv: list[str]) -> int:
                                         *CUDA_TEST_FILES], limit["tests"],
                                        env={"TRITON_INTERPRET": "0"})]}
     print("gpu_check (b): kernel benchmarks", flush=True)
-    sections["bench"] = {"runs": [_run([py, "experiments/bench_kernels.py", "--size", "4096", "--rank", "512"],
+    sections["bench"] = {"runs": [_run([py, "experiments/bench/bench_kernels.py", "--size", "4096", "--rank", "512"],
                                        limit["bench"], env={"TRITON_INTERPRET": "0"})]}
     print("gpu_check (c): step time and peak memory", flush=True)
     step_runs, step_rows = [], []
     for config in STEP_CONFIGS:
-        res = _run([py, "experiments/gpu_check.py", "--section", "step", "--config", config],
+        res = _run([py, "experiments/tools/gpu_check.py", "--section", "step", "--config", config],
                    limit["step"] / len(STEP_CONFIGS), env={"TRITON_INTERPRET": "0"})
         step_runs.append(res)
         rows = _last_json(res["stdout"]).get("rows")

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpoint import CHECKPOINTS_DIR, write_point
+from lrgrad_experiments.pretrain.checkpoint import CHECKPOINTS_DIR, write_point
 
 EVAL_LOG = "eval.jsonl"
 RUN_FILE = "run.json"

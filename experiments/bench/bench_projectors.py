@@ -8,7 +8,7 @@
    rank 128 on the attention/MLP matrices, embeddings/head/norms full-rank) after one
    step, for every optimizer in ``lrgrad.OPTIMIZERS`` and ``torch.optim.AdamW``.
 
-    python experiments/bench_projectors.py --size 2048 --out results/bench_projectors.md
+    python experiments/bench/bench_projectors.py --size 2048 --out results/bench_projectors.md
 """
 
 from __future__ import annotations

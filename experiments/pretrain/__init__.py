@@ -1,0 +1,1 @@
+"""The pretraining CLI's own modules: LLaMA configs, data, checkpoints, run folders, the optimizer menu."""

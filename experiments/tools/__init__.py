@@ -1,0 +1,1 @@
+"""Project tooling that is not part of the library: the GPU check, the fault trial, ahead-of-time kernel builds."""
