@@ -65,11 +65,12 @@ def gram_top_basis(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     (tests/projectors/test_projector_svd_gram.py) checks the captured energy against
     ``torch.linalg.svd`` on steep and flat spectra. When the projected side is the larger one
     (``proj_type="reverse_std"`` etc.) the Gram matrix would be the larger square, so the exact
-    SVD is used instead.
+    SVD is used instead (signed canonically too: the refresh methods share one sign convention).
     """
     m, n = grad.shape
     if (n if side == "right" else m) > min(m, n):
-        return top_singular_basis(grad, rank, side)
+        basis = top_singular_basis(grad, rank, side)
+        return canonical_signs(basis) if side == "right" else canonical_signs(basis.T).T.contiguous()
     top = top_eigenvectors(grad.T @ grad if side == "right" else grad @ grad.T, rank)
     return (top if side == "right" else top.T).contiguous()
 
@@ -180,7 +181,10 @@ def sketch_basis(
        (:func:`nystrom_eigenvectors`, local on the replicated n x k pieces).
 
     Right side: ``Vᵀ`` (r x n). Left side: ``U = orth(G V)`` - ``G_i V`` is local, and
-    the m x r result is gathered by rows (the basis is replicated state). The left side
+    the m x r result is gathered by rows (the basis is replicated state). Both sides come
+    largest first with :func:`canonical_signs`, as the Gram and warm refreshes do, so under
+    ``moment_policy="keep"`` (moments carried by position and sign) the methods can be
+    mixed (tests/projectors/test_projector_svd_order.py). The left side
     is always cold-started: its previous basis lives in the m space, and moving it to
     the n space would cost another n x k collective.
     """
@@ -198,7 +202,8 @@ def sketch_basis(
     right = canonical_signs(nystrom_eigenvectors(q, y)[:, :rank].T)  # r x n
     if side == "right":
         return right.contiguous()
-    return orthonormal_columns(ctx.all_gather_rows(rows @ right.T)).contiguous()  # m x r
+    left = orthonormal_columns(ctx.all_gather_rows(rows @ right.T))  # m x r, replicated: every rank signs alike
+    return canonical_signs(left.T).T.contiguous()
 
 
 def randomized_basis(
