@@ -29,14 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from lrgrad_experiments import machine
+from lrgrad_experiments.paths import REPO as ROOT  # noqa: E402
 from lrgrad_experiments.pretrain.optimizers import REGISTRY, available_optimizers, get_spec  # noqa: E402
 from lrgrad_experiments.pretrain_llama import lm_loss, parse_args, run  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _train_args(opts: argparse.Namespace, optimizer: str, steps: int, out: Path) -> list[str]:
@@ -246,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
               f"state {_fmt_bytes(summary['state_bytes'])}  step {summary['step_time_s'] * 1e3:.0f} ms  "
               f"({summary['wall_s']:.0f} s)", flush=True)
     meta["wall_s"] = time.time() - t_start
-    meta["machine"] = (f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-                       if not torch.cuda.is_available() else torch.cuda.get_device_name())
+    meta["machine"] = machine.describe()
     shown = sys.argv[1:] if argv is None else argv
     meta["command"] = "python experiments/compare.py" + (" " + " ".join(shown) if shown else "")
     meta["missing"] = missing
