@@ -45,17 +45,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import lrgrad  # noqa: E402
 from lrgrad_experiments.pretrain import checkpoint as ckpt  # noqa: E402
 from lrgrad_experiments.pretrain import data as data_mod  # noqa: E402
 from lrgrad_experiments.pretrain import run_dir  # noqa: E402
 from lrgrad_experiments.pretrain.checkpoint import DCP_NAME, STATE_NAME, CheckpointError, CheckpointStore  # noqa: E402
 from lrgrad_experiments.pretrain.configs import MODEL_CONFIGS, build_model, count_params, get_config  # noqa: E402
 from lrgrad_experiments.pretrain.optimizers import REGISTRY, build_optimizer, get_spec, optimizer_class, uses_lrgrad  # noqa: E402
+
+import lrgrad  # noqa: E402
 
 STATE_FORMAT = 2  # state.pt layout; 1 was the single OUT/checkpoint.pt of earlier versions
 

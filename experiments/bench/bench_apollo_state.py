@@ -22,16 +22,13 @@ import sys
 from pathlib import Path
 
 import torch
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import lrgrad  # noqa: E402
+from lrgrad_experiments.paths import REPO as ROOT  # noqa: E402
 from lrgrad_experiments.pretrain.configs import build_model, get_config  # noqa: E402
 from lrgrad_experiments.pretrain.optimizers import REGISTRY, build_optimizer  # noqa: E402
+
+import lrgrad  # noqa: E402
 from lrgrad.subspace import compute_dtype, matrix_shape  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("galore_adamw", "flora_adamw", "fira_adamw", "apollo_adamw", "apollo_mini_adamw")
 
 
@@ -86,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(opts.config, NAMES)
     lines = [f"# Optimizer state on the projected matrices, {opts.config} (vocab 32000, rank "
              f"{get_config(opts.config)['rank']}; APOLLO-Mini rank 1)\n",
-             "`python experiments/bench/bench_apollo_state.py` — state bytes once every param has stepped. *Projected* = the "
+             "`python experiments/bench/bench_apollo_state.py` — state bytes once every param has stepped. "
+             "*Projected* = the "
              "attention/MLP matrices; *rest* = embeddings, head, norms (AdamW in every optimizer).\n",
              "| optimizer | projected matrices MiB | vs AdamW on them | rest MiB |", "|---|---:|---:|---:|"]
     for label, proj, rest, adamw_proj in rows:

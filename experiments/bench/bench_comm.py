@@ -41,14 +41,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LLAMA_1B = {"dim": 2048, "ffn": 5461, "layers": 24, "rank": 512}
 METHODS: dict[str, dict[str, Any]] = {

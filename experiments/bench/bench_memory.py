@@ -24,16 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import lrgrad  # noqa: E402
 from lrgrad_experiments.bench.bench_step import label, make_optimizer  # noqa: E402
+from lrgrad_experiments.paths import REPO as ROOT  # noqa: E402
 from lrgrad_experiments.pretrain.configs import build_model, get_config  # noqa: E402
 from lrgrad_experiments.pretrain.optimizers import available_optimizers, get_spec  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+import lrgrad  # noqa: E402
 
 #: registry name -> lrgrad.estimate_memory's optimizer name
 ESTIMATOR_NAMES = {"adamw_foreach": "adamw", "galore_adamw": "galore", "qgalore_adamw": "qgalore",

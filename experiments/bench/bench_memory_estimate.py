@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from lrgrad_experiments.paths import REPO as ROOT  # noqa: E402
+
 SIZES = ["llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-7b"]
 OPTIMIZERS = [("adamw", "AdamW"), ("galore", "GaLore"), ("galore8bit", "GaLore-8bit"), ("qgalore", "Q-GaLore"),
               ("dct", "DCT"), ("flora", "Flora"), ("auon", "AuON")]

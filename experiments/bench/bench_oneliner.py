@@ -26,19 +26,15 @@ import math
 import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import lrgrad  # noqa: E402
 from lrgrad_experiments.pretrain.configs import build_model, get_config  # noqa: E402
 from lrgrad_experiments.pretrain.data import BatchLoader, eval_batches, load_stdlib  # noqa: E402
+
+import lrgrad  # noqa: E402
 
 PRESETS = ("GaLoreAdamW", "DCTAdamW", "FloraAdamW", "OnlineSubspaceAdamW", "QGaLoreAdamW", "GaLoreAdamW8bit")
 #: shape -> (config, vocab, batch size, sequence length in tokens)

@@ -43,16 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import lrgrad  # noqa: E402
 from lrgrad_experiments.bench import step_floors  # noqa: E402
+from lrgrad_experiments.paths import REPO as ROOT  # noqa: E402
 from lrgrad_experiments.pretrain.configs import build_model, get_config  # noqa: E402
 from lrgrad_experiments.pretrain.optimizers import REGISTRY, available_optimizers, build_optimizer, get_spec  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+import lrgrad  # noqa: E402
+
 NO_REFRESH = 10**9
 BASELINES = ("adamw_foreach", "adamw_fused")
 

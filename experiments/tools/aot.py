@@ -230,7 +230,7 @@ def cases(which: str) -> dict[str, Callable[[], None]]:
 # ----------------------------------------------------------------------------- recording
 def _check_compiled_mode() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("lrgrad_experiments.tools.aot needs compiled (not interpreted) kernels: unset TRITON_INTERPRET")
+        raise RuntimeError("the AOT build needs compiled (not interpreted) kernels: unset TRITON_INTERPRET")
 
 
 @contextlib.contextmanager

@@ -29,16 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from lrgrad_experiments.paths import PRETRAIN_SCRIPT as SCRIPT  # noqa: E402
+from lrgrad_experiments.paths import REPO as ROOT  # noqa: E402
 from lrgrad_experiments.pretrain import checkpoint as ckpt  # noqa: E402
 from lrgrad_experiments.pretrain_llama import main, parse_args, run  # noqa: E402
+
 from lrgrad.distributed import CheckpointError, load_checkpoint, save_checkpoint, write_manifest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "experiments" / "pretrain_llama.py"
 TINY = ["--config", "llama_test", "--optimizer", "galore_adamw", "--batch-size", "4", "--seq-len", "32",
         "--eval-batches", "2", "--max-bytes", "120000", "--no-progress", "--quiet", "--threads", "1",
         "--max-steps", "4", "--eval-every", "2", "--save-every", "2", "--keep-checkpoints", "1",

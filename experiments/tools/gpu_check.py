@@ -42,10 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):
-    sys.path.insert(0, str(ROOT))
+from lrgrad_experiments.paths import REPO as ROOT  # noqa: E402
 
 STEP_CONFIGS = ("llama_130m", "llama_350m")
 STEP_OPTIMIZERS = ("adamw_fused", "galore_adamw", "online_subspace_adamw", "qgalore_adamw_int8", "galore_torch")
@@ -87,9 +84,10 @@ def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> d
 
 # ----------------------------------------------------------------------------- (c) step time + memory
 def _build(name: str, config: str, seq: int, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    import lrgrad
     from lrgrad_experiments.pretrain.configs import build_model, get_config
     from lrgrad_experiments.pretrain.optimizers import build_optimizer
+
+    import lrgrad
 
     rank = get_config(config)["rank"]
     model = build_model(config, vocab_size=32000, max_seq_len=seq).to(device)
