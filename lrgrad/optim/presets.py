@@ -191,6 +191,25 @@ PRESETS: tuple[Preset, ...] = (
     Preset("DCTAdafactor", parent="LowRankAdafactor", projector="dct", choose_projector=False,
            defaults={"moment_policy": "project"}, aliases=("dct_adafactor",),
            doc="Adafactor (factored second moment) in the DCT subspace (arXiv:2505.17967); see ``DCTAdamW``."),
+    # -- Grass: r selected rows/columns, a gather and a scatter-add (no projection GEMM)
+    Preset("GrassAdamW", parent="LowRankAdamW", projector="grass", choose_projector=False,
+           defaults={"moment_policy": "reset"}, aliases=("grass", "grass_adamw"), label="Grass-AdamW",
+           doc=r"""Grass: AdamW on r selected rows (or columns) of the gradient.
+
+    "Grass: Compute Efficient Low-Memory LLM Training with Structured Sparse Gradients",
+    Muhamed et al. 2024, arXiv:2406.17660 (docs/grass.md).
+
+    .. math::
+        \sigma_t &= \text{the } r \text{ coordinates of largest } \|G_{t,i}\|^2 \text{ (or sampled
+            with } q_i \propto \|G_{t,i}\|^2\text{) on steps } 1, T+1, \dots \\
+        R_t &= \rho\, G_t[\sigma_t, :], \quad u_t = \mathrm{AdamW}(R_t), \quad
+        W_t = W_{t-1}(1 - \eta\lambda) - \eta\,\alpha\, \mathrm{scatter}_{\sigma_t}(\rho\, u_t)
+
+    ``down`` is a gather and the update a scatter-add: no projection GEMM; the state per matrix is
+    the two r-row moments and r int32 indices (+ r scales ρ when sampled). ``grass_select``:
+    ``"top"`` (deterministic, ρ = 1), ``"norm"`` (Multinomial-Norm² with replacement,
+    ρ_j = 1/sqrt(r q_j): unbiased), ``"uniform"``. The moments are reset at every reselection
+    (the paper's choice); ``moment_policy="project"`` keeps those of the rows that stay."""),
     # -- Online Subspace Descent: the online-PCA projector
     Preset("OnlineSubspaceAdamW", parent="LowRankAdamW", projector="online_pca", choose_projector=False,
            defaults={"update_proj_gap": 1}, aliases=("online_subspace", "online_subspace_adamw"),
@@ -239,7 +258,7 @@ PRESETS: tuple[Preset, ...] = (
     ``down_new(up_old(m))``)."""),
     # -- full-rank updates from low-rank statistics (lrgrad.optim.full_rank)
     Preset("APOLLOAdamW", parent="LowRankAdamW", projector="random", choose_projector=True,
-           defaults={"full_rank": "apollo", "scale": 1.0}, aliases=("apollo", "apollo_adamw"),
+           defaults={"full_rank": "apollo", "scale": 1.0}, aliases=("apollo", "apollo_adamw"), hf_optim="apollo_adamw",
            label="APOLLO-AdamW", paper_recipe={"lr": 1e-2, "scale": 1.0},
            doc=r"""APOLLO: the raw gradient scaled per channel by a low-rank AdamW's rescaling.
 
@@ -411,8 +430,9 @@ def preset(name: str) -> ResolvedPreset:
 
 
 def preset_of(cls: type) -> ResolvedPreset | None:
-    """The row a class was built from (``None`` for ``LowRankOptimizer`` or a hand-written class)."""
-    return cls.__dict__.get("preset")
+    """The row ``cls`` was built from, or the nearest base class's (a hand-written subclass of a preset);
+    ``None`` for ``LowRankOptimizer`` itself and classes outside the table."""
+    return next((k.__dict__["preset"] for k in cls.__mro__ if "preset" in k.__dict__), None)
 
 
 # ---------------------------------------------------------------------- the classes
@@ -525,6 +545,7 @@ GaLoreAdamW8bit = CLASSES["GaLoreAdamW8bit"]
 QGaLoreAdamW = CLASSES["QGaLoreAdamW"]
 DCTAdamW = CLASSES["DCTAdamW"]
 DCTAdafactor = CLASSES["DCTAdafactor"]
+GrassAdamW = CLASSES["GrassAdamW"]
 OnlineSubspaceAdamW = CLASSES["OnlineSubspaceAdamW"]
 OnlineSubspaceLion = CLASSES["OnlineSubspaceLion"]
 FloraAdamW = CLASSES["FloraAdamW"]
