@@ -9,21 +9,30 @@ keep their arguments and get lrgrad's optimizer instead::
     trainer = Trainer(model, args, train_dataset=data,
                       optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, args))
 
-What is read from ``args``: ``optim`` (``galore_adamw``, ``galore_adamw_8bit``,
-``galore_adafactor`` map to the lrgrad class of the same method; anything else means
-``GaLoreAdamW``), ``optim_target_modules`` (``lrgrad.param_groups``' patterns;
-``None`` means ``"all-linear"``), ``optim_args`` (``"rank=..., update_proj_gap=...,
-scale=..., proj_type=..."``), ``learning_rate``, ``weight_decay`` and, for the AdamW
-rules, ``adam_beta1``/``adam_beta2``/``adam_epsilon``. Keyword arguments of the
-functions below override all of these.
+What is read from ``args``: ``optim`` (transformers' low-rank names map to the lrgrad class of
+the same method: ``galore_adamw``, ``galore_adamw_8bit``, ``galore_adafactor``, ``apollo_adamw``
+- each preset's ``hf_optim`` in ``lrgrad.optim.presets``; any other value names no low-rank method
+and is refused unless ``optimizer=`` says which lrgrad optimizer to build), ``optim_target_modules``
+(``lrgrad.param_groups``' patterns; ``None`` means ``"all-linear"``), ``optim_args`` (``"rank=...,
+update_proj_gap=..., scale=..., proj_type=..."``), ``learning_rate``, ``weight_decay`` and, for the
+optimizers that take Adam's ``betas`` and ``eps``, ``adam_beta1``/``adam_beta2``/``adam_epsilon``.
+Keyword arguments of the functions below override all of these.
+
+Defaults: a name that means transformers' own GaLore (or APOLLO) path gets that path's defaults
+for what ``optim_args`` leaves out (``HF_DEFAULTS``: GaLore rank 128, gap 200, scale 0.25,
+``proj_type="std"``; pinned against the installed transformers by a test), so the run is what
+transformers computes. Every other optimizer (``optimizer="apollo_mini"``, ``"muon"``, ``"flora"``,
+...) keeps its own defaults, as when built directly: APOLLO-Mini rank 1 and scale √128, Muon
+unprojected, Flora gap 1000. A projected preset without a default rank needs ``rank`` (in
+``optim_args`` or as a keyword).
 
 Weight decay follows the Trainer's default optimizer: it applies to matrices
 (projected ones and the embeddings/head), not to 1-D params (biases, norms).
 
-The projected group carries galore-torch's four keys (``HF_LOW_RANK_DEFAULTS`` fill what
-``optim_args`` leaves out), so it refreshes with galore-torch's exact ``torch.linalg.svd``
-(``lrgrad.projectors.svd``): the run is what transformers' galore-torch path computes.
-``optim_args="..., svd=warm"`` (or ``svd="warm"`` as a keyword) takes lrgrad's faster default.
+With a galore-torch name the projected group carries galore-torch's four keys, so it refreshes
+with galore-torch's exact ``torch.linalg.svd`` (``lrgrad.projectors.svd``): the run is what
+transformers' galore-torch path computes. ``optim_args="..., svd=warm"`` (or ``svd="warm"`` as a
+keyword) takes lrgrad's faster default.
 
 ``optimizer_cls_and_kwargs`` is the route that works with FSDP2 in the Trainer (the
 Trainer builds the optimizer and Accelerate swaps its params for the sharded
@@ -45,19 +54,25 @@ from torch import nn
 
 from lrgrad.groups import param_groups
 from lrgrad.optim.lowrank import SUPPORTED_ROUTES
+from lrgrad.optim.presets import PRESETS, ResolvedPreset, preset_of
 from lrgrad.optim.registry import OPTIMIZERS, optimizer_class
 
-#: transformers' ``optim`` names for galore-torch -> the lrgrad class of the same method
-HF_OPTIM_NAMES = {
-    "galore_adamw": "GaLoreAdamW",
-    "galore_adamw_8bit": "GaLoreAdamW8bit",
-    "galore_adafactor": "GaLoreAdafactor",
-}
-#: galore-torch's per-step layerwise variants need hooks the Trainer does not drive
-HF_LAYERWISE_NAMES = ("galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise")
-#: what transformers' GaLore path uses when ``optim_args`` does not say
+#: transformers' ``optim`` names for a low-rank method -> the lrgrad class of the same method
+HF_OPTIM_NAMES = {row.hf_optim: row.name for row in PRESETS if row.hf_optim is not None}
+#: their per-step layerwise variants need hooks the Trainer does not drive
+HF_LAYERWISE_NAMES = tuple(f"{name}_layerwise" for name in HF_OPTIM_NAMES)
+#: what transformers' GaLore path (``trainer_optimizer.py``) uses when ``optim_args`` does not say
 HF_LOW_RANK_DEFAULTS: dict[str, Any] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
-ADAM_RULES = ("adamw", "adamw8bit")
+#: what transformers' APOLLO path uses (its ``proj="random"`` is APOLLOAdamW's own projector)
+HF_APOLLO_DEFAULTS: dict[str, Any] = {"rank": 128, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std",
+                                      "scale_type": "channel"}
+#: transformers' ``optim`` name -> the defaults its path fills in; nothing else gets them
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "galore_adamw": HF_LOW_RANK_DEFAULTS,
+    "galore_adamw_8bit": HF_LOW_RANK_DEFAULTS,
+    "galore_adafactor": HF_LOW_RANK_DEFAULTS,
+    "apollo_adamw": HF_APOLLO_DEFAULTS,
+}
 
 
 def parse_optim_args(text: str | None) -> dict[str, Any]:
@@ -94,7 +109,8 @@ def _optim_name(args: Any) -> str:
 
 
 def resolve_optimizer(optimizer: str | type[torch.optim.Optimizer] | None, args: Any) -> type[torch.optim.Optimizer]:
-    """The lrgrad class to build: given explicitly, else from ``args.optim``, else ``GaLoreAdamW``."""
+    """The lrgrad class to build: given explicitly, else the one ``args.optim`` names; an ``optim``
+    that names no low-rank method (the Trainer's default ``adamw_torch``, ...) is refused."""
     if optimizer is None:
         name = _optim_name(args)
         if name in HF_LAYERWISE_NAMES:
@@ -102,7 +118,13 @@ def resolve_optimizer(optimizer: str | type[torch.optim.Optimizer] | None, args:
                 f"Invalid optim: {name!r} (per-layer updates) cannot be driven by the Trainer's step; use "
                 f"{name.removesuffix('_layerwise')!r} here, or lrgrad.LayerwiseOptimizer in your own loop"
             )
-        optimizer = HF_OPTIM_NAMES.get(name, "GaLoreAdamW")
+        if name not in HF_OPTIM_NAMES:
+            raise ValueError(
+                f"Invalid optim: {name!r} names no low-rank method; set TrainingArguments(optim=...) to one of "
+                f"{sorted(HF_OPTIM_NAMES)}, or pass optimizer= (any name in lrgrad.ALIASES or lrgrad.OPTIMIZERS, "
+                f"e.g. optimizer='apollo_mini')"
+            )
+        optimizer = HF_OPTIM_NAMES[name]
     if isinstance(optimizer, str):
         optimizer = HF_OPTIM_NAMES.get(optimizer, optimizer)
         cls = optimizer_class(optimizer)
@@ -114,9 +136,39 @@ def resolve_optimizer(optimizer: str | type[torch.optim.Optimizer] | None, args:
     raise TypeError(f"Invalid optimizer: expected an lrgrad optimizer class or name, got {optimizer!r}")
 
 
-def _rule_of(cls: type[torch.optim.Optimizer]) -> str:
-    """The update rule a preset runs (built once on a dummy param: presets fix it in ``__init__``)."""
-    return cls([torch.zeros(1, requires_grad=True)]).defaults["rule"]
+def _preset(cls: type[torch.optim.Optimizer]) -> ResolvedPreset:
+    row = preset_of(cls)
+    if row is None:
+        raise TypeError(f"Invalid optimizer: {cls.__name__} is not built from a row of lrgrad.optim.presets, so its "
+                        f"defaults are unknown here; add a row (CONTRIBUTING.md, 'Adding a named optimizer')")
+    return row
+
+
+def _takes_adam_args(row: ResolvedPreset) -> bool:
+    """Whether the Trainer's ``adam_beta1/2`` and ``adam_epsilon`` mean this optimizer's ``betas``/``eps``."""
+    return "betas" in row.defaults and "eps" in row.defaults
+
+
+def _hf_name(optimizer: str | type[torch.optim.Optimizer] | None, args: Any) -> str | None:
+    """transformers' ``optim`` name in effect: ``optimizer`` when it is one, else ``args.optim`` when
+    ``optimizer`` is not given; ``None`` when an lrgrad name or class was asked for."""
+    name = _optim_name(args) if optimizer is None else optimizer
+    return name if isinstance(name, str) and name in HF_DEFAULTS else None
+
+
+def low_rank_defaults(optimizer: str | type[torch.optim.Optimizer] | None, args: Any) -> dict[str, Any]:
+    """The projected group's options where ``optim_args`` and the keywords are silent: transformers' own
+    defaults (``HF_DEFAULTS``) for a name of transformers' low-rank paths, else the preset's own."""
+    name = _hf_name(optimizer, args)
+    if name is not None:
+        return dict(HF_DEFAULTS[name])
+    row = _preset(resolve_optimizer(optimizer, args))
+    if row.defaults["rank"] is None and not row.matrix_only:
+        raise ValueError(
+            f"Invalid rank: {row.name} has no default rank (only transformers' own names {sorted(HF_DEFAULTS)} "
+            f"take transformers' rank 128); pass optim_args='rank=...' or rank=..."
+        )
+    return {"rank": row.defaults["rank"]}
 
 
 def _check_not_deepspeed(args: Any) -> None:
@@ -132,17 +184,23 @@ def build_param_groups(
     model: nn.Module,
     args: Any,
     target_modules: str | Sequence[str] | None = None,
+    *,
+    optimizer: str | type[torch.optim.Optimizer] | None = None,
     **low_rank_options: Any,
 ) -> list[dict[str, Any]]:
-    """``lrgrad.param_groups`` from ``args.optim_target_modules`` and ``args.optim_args``, with the
-    full-rank group split into decayed matrices and undecayed 1-D params (the Trainer's rule)."""
+    """``lrgrad.param_groups`` from ``args.optim_target_modules`` and ``args.optim_args`` (over
+    :func:`low_rank_defaults` of ``optimizer``), with the full-rank group split into decayed matrices
+    and undecayed 1-D params (the Trainer's rule)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
     if target_modules is None:
         target_modules = getattr(args, "optim_target_modules", None) or "all-linear"
     if isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear":
         target_modules = "all-linear"
-    options = {**HF_LOW_RANK_DEFAULTS, **parse_optim_args(getattr(args, "optim_args", None)), **low_rank_options}
+    options = parse_optim_args(getattr(args, "optim_args", None))
+    options.update(low_rank_options)
+    if "rank" not in options or _hf_name(optimizer, args) is not None:
+        options = {**low_rank_defaults(optimizer, args), **options}
     rank = options.pop("rank")
     weight_decay = options.pop("weight_decay", float(getattr(args, "weight_decay", 0.0)))
     low, *rest = param_groups(model, rank=rank, target_modules=target_modules, **options)
@@ -176,12 +234,12 @@ def optimizer_cls_and_kwargs(
     _check_not_deepspeed(args)
     cls = resolve_optimizer(optimizer, args)
     kwargs: dict[str, Any] = {"lr": float(args.learning_rate)}
-    if _rule_of(cls) in ADAM_RULES:
+    if _takes_adam_args(_preset(cls)):
         kwargs.update(betas=(float(args.adam_beta1), float(args.adam_beta2)), eps=float(args.adam_epsilon))
     for key in ("lr", "betas", "eps"):
         if key in options:
             kwargs[key] = options.pop(key)
-    kwargs["params"] = build_param_groups(model, args, target_modules, **options)
+    kwargs["params"] = build_param_groups(model, args, target_modules, optimizer=optimizer, **options)
     return cls, kwargs
 
 
@@ -229,10 +287,12 @@ def create_optimizer_and_scheduler(
 
 
 __all__ = [
+    "HF_DEFAULTS",
     "HF_OPTIM_NAMES",
     "build_param_groups",
     "create_optimizer",
     "create_optimizer_and_scheduler",
+    "low_rank_defaults",
     "optimizer_cls_and_kwargs",
     "parse_optim_args",
     "resolve_optimizer",

@@ -140,3 +140,80 @@ def test_trainer_resume_from_checkpoint_is_bit_identical(tmp_path, route):
     assert resumed.state.global_step == STEPS
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+# ---------------------------------------------------------------------- whose defaults (issue 29.1, 33.9)
+KEYS = ("rule", "projector", "full_rank", "rank", "update_proj_gap", "scale", "scale_type", "proj_type",
+        "moment_policy")
+
+
+@pytest.mark.parametrize("name", ["apollo_mini", "muon", "flora", "fira", "dct"])
+def test_every_other_preset_keeps_its_own_defaults(tmp_path, name):
+    """Only transformers' own names take transformers' GaLore defaults; ``optimizer="apollo_mini"`` is
+    APOLLO-Mini as built directly (rank 1, scale √128), Muon stays unprojected, Flora keeps gap 1000."""
+    model = tiny_llama()
+    cls = lrgrad.OPTIMIZERS[lrgrad.ALIASES[name]]
+    rank = {"flora": RANK, "fira": RANK, "dct": RANK}.get(name)  # presets without a default rank need one
+    options = {} if rank is None else {"rank": rank}
+    opt = create_optimizer(model, make_args(tmp_path, optim_args=""), optimizer=name, **options)
+    direct = cls(lrgrad.param_groups(tiny_llama(), rank=rank if rank is not None else cls.preset.defaults["rank"],
+                                     target_modules=TARGETS), lr=1e-2)
+    assert type(opt) is cls
+    for key in KEYS:
+        assert opt.param_groups[0][key] == direct.param_groups[0][key], key
+    if name == "apollo_mini":
+        assert (opt.param_groups[0]["rank"], opt.param_groups[0]["scale"]) == (1, 128**0.5)
+    if name == "muon":
+        assert opt.param_groups[0]["rank"] is None
+    if name == "flora":
+        assert opt.param_groups[0]["update_proj_gap"] == 1000 and opt.param_groups[0]["scale"] is None
+
+
+def test_a_projected_preset_without_a_rank_names_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="rank.*FloraAdamW"):
+        create_optimizer(tiny_llama(), make_args(tmp_path, optim_args=""), optimizer="flora")
+
+
+def test_an_optim_that_names_no_low_rank_method_is_refused(tmp_path):
+    """The Trainer's default ``optim`` (adamw_torch) is never taken to mean GaLoreAdamW."""
+    with pytest.raises(ValueError, match="optim.*'adamw_torch'.*names no low-rank method"):
+        create_optimizer(tiny_llama(), make_args(tmp_path, optim="adamw_torch"))
+    with pytest.raises(ValueError, match="optim.*'adamw_torch'"):
+        optimizer_cls_and_kwargs(tiny_llama(), make_args(tmp_path, optim="adamw_torch"))
+
+
+def installed_transformers_defaults(function: str, variable: str) -> dict:
+    """``{key: default}`` of the dict ``variable = {"rank": int(ctx.optim_args.pop("rank", 128)), ...}`` in
+    the installed transformers' ``trainer_optimizer.<function>``, read from its source."""
+    import ast
+    import inspect
+
+    from transformers import trainer_optimizer
+
+    tree = ast.parse(inspect.getsource(getattr(trainer_optimizer, function)))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == variable for t in node.targets):
+            out = {}
+            for key, value in zip(node.value.keys, node.value.values):
+                if isinstance(value, ast.Call) and isinstance(value.func, ast.Name):  # int(...) / float(...)
+                    value = value.args[0]
+                assert isinstance(value, ast.Call) and value.func.attr == "pop", ast.dump(value)
+                out[ast.literal_eval(key)] = ast.literal_eval(value.args[1])
+            return out
+    raise AssertionError(f"no {variable} in transformers.trainer_optimizer.{function}")
+
+
+def test_trainer_defaults_are_the_installed_transformers_own(tmp_path):
+    """transformers' GaLore path (``_get_galore_optimizer``) and APOLLO path fill rank/gap/scale/proj_type
+    when ``optim_args`` is silent; the integration fills the same values (read from the installed
+    source, not a copy), and the built optimizer carries them."""
+    from lrgrad.integrations.transformers import HF_APOLLO_DEFAULTS, HF_LOW_RANK_DEFAULTS
+
+    galore = installed_transformers_defaults("_get_galore_optimizer", "galore_optim_kwargs")
+    assert galore == HF_LOW_RANK_DEFAULTS == {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+    apollo = installed_transformers_defaults("_get_apollo_optimizer", "apollo_optim_kwargs")
+    assert apollo.pop("proj") == lrgrad.APOLLOAdamW.preset.projector  # "random": APOLLOAdamW's own projector
+    assert apollo == HF_APOLLO_DEFAULTS
+    for optim, want in [("galore_adamw", galore), ("galore_adafactor", galore), ("apollo_adamw", apollo)]:
+        group = create_optimizer(tiny_llama(), make_args(tmp_path, optim=optim, optim_args="")).param_groups[0]
+        assert {key: group[key] for key in want} == want, optim
