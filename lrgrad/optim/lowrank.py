@@ -44,6 +44,13 @@ from lrgrad.subspace import MOMENT_POLICIES, PROJ_TYPES, compute_dtype, low_rank
 #: group keys that define the *structure* of the state; a state_dict saved with
 #: other values cannot be loaded into this optimizer.
 STRUCTURAL_KEYS = ("rule", "projector", "rank", "proj_type")
+#: group keys that choose the algorithm without changing the state's layout (GaLore vs APOLLO/Fira,
+#: channel vs tensor scaling, what a refresh does to the moments). torch.optim's load_state_dict
+#: would take the saved values, silently switching e.g. GaLoreAdamW into Fira, so they must match too;
+#: a state dict that lacks one (saved before the key existed) is taken to have its default.
+ALGORITHM_KEYS = ("full_rank", "scale_type", "moment_policy")
+#: per-parameter state keys a step may add beyond what init_param_state and the first refresh create
+LAZY_STATE_KEYS = frozenset({"nonfinite_skips"})
 
 #: where low-rank training works beyond one device (docs/distributed.md has the table)
 SUPPORTED_ROUTES = (
@@ -614,6 +621,14 @@ class LowRankOptimizer(Optimizer):
                         f"Invalid state_dict: param group {i} was saved with {key}={saved[key]!r}, "
                         f"this optimizer has {key}={group[key]!r}"
                     )
+            for key in ALGORITHM_KEYS:
+                saved_value = saved.get(key, BASE_DEFAULTS.get(key))
+                if key in group and saved_value != group[key]:
+                    raise ValueError(
+                        f"Invalid state_dict: param group {i} was saved with {key}={saved_value!r}, this "
+                        f"optimizer has {key}={group[key]!r} (another optimizer: loading it would switch the "
+                        f"algorithm)"
+                    )
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"Invalid state_dict: param group {i} has a different number of params")
             for index, p in zip(saved["params"], group["params"]):
@@ -644,13 +659,19 @@ class LowRankOptimizer(Optimizer):
         expected: dict[str, Any] = {}
         self.init_param_state(meta, group, expected)
         structural: tuple[str, ...] = ()
+        known = set(expected) | LAZY_STATE_KEYS
         refreshes = pstate.get("proj_refreshes", 0)
         if self.is_projected(p, group):
             projector = self.projector_for(meta, group)
             structural = projector.structural_state_keys
+            spec = projector.refresh_state_spec(matrix_shape(p), compute_dtype(p.dtype))
+            known |= set(spec) | set(getattr(projector, "refresh_plain_keys", ()))
             if isinstance(refreshes, int) and refreshes > 0:  # the first refresh added its tensors
-                spec = projector.refresh_state_spec(matrix_shape(p), compute_dtype(p.dtype))
                 expected.update({k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in spec.items()})
+        unknown = sorted(str(k) for k in set(pstate) - known)
+        if unknown:
+            raise ValueError(f"Invalid state_dict: state[{unknown[0]!r}] of {where} is not a key this optimizer "
+                             f"keeps (saved by another optimizer, rule or projector?)")
         for key, ref in expected.items():
             if key not in pstate:
                 raise ValueError(f"Invalid state_dict: state[{key!r}] of {where} is missing")

@@ -48,6 +48,9 @@ class Projector:
     option_defaults: ClassVar[dict[str, Any]] = {}
     #: int state entries fixed by the parameter's shape (``load_state_dict`` requires them equal)
     structural_state_keys: ClassVar[tuple[str, ...]] = ()
+    #: plain-number state entries a refresh adds beyond :meth:`init_state` (tensors are in
+    #: :meth:`refresh_state_spec`); ``load_state_dict`` refuses any other key it does not know
+    refresh_plain_keys: ClassVar[tuple[str, ...]] = ()
     #: the one-process options that compute what the default FSDP2 refresh (:meth:`refresh_sharded`)
     #: computes, e.g. the seeded sketch instead of an exact SVD: what tests and comparisons set to
     #: hold a sharded run equal to a one-process run

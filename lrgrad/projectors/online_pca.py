@@ -194,6 +194,7 @@ class OnlinePCAProjector(Projector):
         "pca_ortho_tol": 1e-3,
     }
     sharded_refresh_options: dict[str, Any] = {"pca_init": "randomized"}
+    refresh_plain_keys = ("proj_step", "proj_lr0", "proj_orthonormal")
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
