@@ -6,6 +6,7 @@ functions; ``LRGRAD_KERNELS=torch|triton|auto`` forces a backend for tests and
 benchmarks. Optimizers call only these functions.
 """
 
+from lrgrad.kernels.adamw import adamw_directions_, adamw_step_, adamw_step_reference_, fused_adamw_applies
 from lrgrad.kernels.channel_scale import channel_scale_update_, channel_sumsq
 from lrgrad.kernels.dispatch import backend_for
 from lrgrad.kernels.newton_schulz import newton_schulz
@@ -23,6 +24,9 @@ from lrgrad.kernels.quantization import (
 
 __all__ = [
     "adam_direction_",
+    "adamw_directions_",
+    "adamw_step_",
+    "adamw_step_reference_",
     "auon_normalize",
     "backend_for",
     "channel_scale_update_",
@@ -30,6 +34,7 @@ __all__ = [
     "dequantize_blockwise_8bit",
     "dequantize_int4",
     "dequantize_int8",
+    "fused_adamw_applies",
     "lowrank_update_",
     "newton_schulz",
     "project_down",

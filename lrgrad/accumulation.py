@@ -51,7 +51,6 @@ from typing import Any
 import torch
 
 from lrgrad.optim.lowrank import LowRankOptimizer
-from lrgrad.subspace import compute_dtype, matrix_shape
 
 
 class CompressedAccumulator:
@@ -67,12 +66,10 @@ class CompressedAccumulator:
         self.compressed_params: list[torch.Tensor] = []
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if not (p.requires_grad and optimizer.is_projected(p, group)):
+                # a basis that depends on the summed gradient (SVD), or an update that reads the full
+                # gradient (APOLLO/Fira): accumulate in .grad and step with optimizer.step()
+                if not (p.requires_grad and optimizer.can_compress(p, group)):
                     continue
-                if not getattr(optimizer.projector_for(p, group), "gradient_free", False):
-                    continue  # the basis depends on the summed gradient: accumulate in .grad
-                if optimizer.needs_full_grad(p, group):
-                    continue  # APOLLO/Fira update with the full gradient: accumulate in .grad
                 self._group_of[id(p)] = group
                 self.compressed_params.append(p)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
@@ -89,16 +86,10 @@ class CompressedAccumulator:
         if grad is None:
             return
         self.optimizer.check_grad(grad)
-        opt, group = self.optimizer, self._group_of[id(param)]
-        state = opt.state[param]
-        if not state:
-            opt.init_param_state(param, group, state)
-        projector = opt.projector_for(param, group)
         entry = self._buffers.get(id(param))
-        # The draw the next optimizer step will use (a resample is decided by the step count alone).
-        draw = entry[2] if entry is not None else projector.draw_for_step(state, state["step"] + 1)
-        grad2d = grad.reshape(matrix_shape(param)).to(compute_dtype(param.dtype))
-        low = projector.down(state, grad2d, draw=draw)
+        # projected into the subspace the next optimizer step will use (maximize applied: linear)
+        low, draw = self.optimizer.compress(param, self._group_of[id(param)], grad,
+                                            draw=entry[2] if entry is not None else None)
         if entry is None:
             self._buffers[id(param)] = (param, low, draw)
         else:
@@ -111,23 +102,10 @@ class CompressedAccumulator:
         """Step the compressed params with their accumulated low-rank gradients, then
         every other param through the optimizer's ``step()`` (ordinary ``.grad``)."""
         opt = self.optimizer
-        for param, low, draw in self._buffers.values():
-            group = self._group_of[id(param)]
-            state = opt.state[param]
-            if group["skip_nonfinite"] and opt.nonfinite_flags([low])[0]:
-                opt.count_skip(param)
-                continue
-            if group["maximize"]:
-                low = -low
-            if not opt.advance_subspace(param, group, None):
-                continue
-            if state["proj_refreshes"] != draw:
-                raise RuntimeError(
-                    "CompressedAccumulator: the optimizer stepped this parameter between micro-batches "
-                    "(call acc.step(), not optimizer.step(), once per window)"
-                )
-            opt.apply_low_rank(param, group, low)
+        staged = [opt.stage_compressed(param, self._group_of[id(param)], low, draw)
+                  for param, low, draw in self._buffers.values()]
         self._buffers.clear()
+        opt.apply_staged([item for item in staged if item is not None])
         opt.step()  # full-rank and uncompressed params; compressed ones have grad None and are skipped
 
     def zero_grad(self, set_to_none: bool = True) -> None:

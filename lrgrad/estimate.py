@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from lrgrad._checks import check_bool, check_choice, check_int
-from lrgrad.groups import DEFAULT_EXCLUDE, select_low_rank_modules
+from lrgrad.groups import DEFAULT_EXCLUDE, route_named_params, select_low_rank_modules
+from lrgrad.optim.presets import PRESETS, preset_of
 from lrgrad.optim.registry import optimizer_class
-from lrgrad.rules import RULES
 from lrgrad.subspace import compute_dtype, low_rank_shape, matrix_shape
 
 #: LLaMA shapes of the GaLore / Q-GaLore pretraining runs (arXiv:2403.03507 Table 2; vocab 32000)
@@ -55,9 +55,12 @@ LLAMA_CONFIGS: dict[str, dict[str, int]] = {
 #: GaLore's ranks for those sizes
 LLAMA_RANKS = {"llama-60m": 128, "llama-130m": 256, "llama-350m": 256, "llama-1b": 512, "llama-7b": 1024}
 
-#: the names the estimator documents; any class name or alias in ``lrgrad.OPTIMIZERS`` works too
-OPTIMIZER_NAMES = ("adamw", "galore", "galore8bit", "qgalore", "dct", "online_subspace", "flora", "auon", "muon",
-                   "apollo", "apollo_mini", "fira", "grass")
+#: ``"adamw"`` (``torch.optim.AdamW``, the baseline) and each preset's short name (``lrgrad.optim.presets``);
+#: any class name or alias in ``lrgrad.OPTIMIZERS`` works too
+OPTIMIZER_NAMES = ("adamw", *(row.aliases[0] for row in PRESETS if row.aliases))
+#: how the optimizer is given its params: ``Opt(model.named_parameters(), rank=r)`` (embeddings, the head
+#: and 1-D params full-rank) or ``Opt(model.parameters(), rank=r)`` (no names: every matrix projected)
+ROUTES = ("named_parameters", "parameters")
 _CONFIG_KEYS = {
     "d": ("d", "hidden_size", "dim"),
     "layers": ("layers", "num_hidden_layers", "n_layers"),
@@ -93,8 +96,14 @@ class MemoryEstimate:
         return self.total <= gib * 2**30
 
     def table(self) -> str:
-        """A markdown table (GiB and MiB)."""
-        rows = ["| part | MiB | GiB |", "|---|---:|---:|"]
+        """A markdown table (GiB and MiB) after a line saying what was modelled."""
+        route = self.details.get("route")
+        what = f"`{self.optimizer}`, rank {self.details.get('rank')}"
+        if route is not None:
+            what += f", given `model.{route}()`" + (
+                " (embeddings, head and 1-D params full-rank)" if route == "named_parameters"
+                else " (every matrix whose smaller side exceeds the rank projected)")
+        rows = [f"{what}:", "", "| part | MiB | GiB |", "|---|---:|---:|"]
         for key in ("weights", "gradients", "optimizer_state", "projector_state", "activations", "total"):
             value = getattr(self, key)
             rows.append(f"| {key.replace('_', ' ')} | {value / 2**20:,.1f} | {value / 2**30:.2f} |")
@@ -197,45 +206,52 @@ def quantized_weight_bytes(numel: int, bits: int, group_size: int, handle_dtype:
 
 
 # ---------------------------------------------------------------------- optimizers
-def _matrix_only(cls: type) -> bool:
-    """Whether ``cls`` runs a matrix-only rule (AuON, Muon): its 1-D params need the AdamW group."""
-    rule = cls([torch.empty(2, 2, device="meta")]).defaults.get("rule")
-    return bool(getattr(RULES.get(rule), "matrix_only", False))
+def _preset_rank(optimizer: str, rank: int | None, config_name: str | None) -> int | None:
+    """The rank the estimate uses: ``rank`` if given, else the optimizer's own default (APOLLO-Mini: 1),
+    else GaLore's rank for a named LLaMA config; a projected optimizer with none is an error (a matrix-only
+    rule such as Muon's runs full-rank without one, as it does when built directly)."""
+    if rank is not None or optimizer_class(optimizer) is torch.optim.AdamW:
+        return rank
+    row = preset_of(optimizer_class(optimizer))
+    if row is not None and row.defaults["rank"] is not None:
+        return row.defaults["rank"]
+    if row is not None and row.matrix_only:
+        return None
+    if config_name is not None:
+        return LLAMA_RANKS[config_name]
+    raise ValueError(f"Invalid rank: None; optimizer {optimizer!r} has no default rank, pass rank=")
 
 
-def _groups(params: list[tuple[torch.Tensor, bool]], cls: type, rank: int | None,
-            **options: Any) -> list[dict[str, Any]]:
-    low = [p for p, target in params if target]
-    full = [p for p, target in params if not target]
-    if _matrix_only(cls):  # normalized update for the matrices, AdamW for the rest
-        groups = [{"params": low, "rank": None}]
-        if full:
-            groups.append({"params": full, "rank": None, "rule": "adamw"})
-        return [g for g in groups if g["params"]]
-    groups = [{"params": low, "rank": rank, **options}]
-    if full:
-        groups.append({"params": full, "rank": None})
-    return [g for g in groups if g["params"]]
+def _groups(named: Any, rank: int | None, route: str, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The groups the optimizer gets on ``route``: ``"named_parameters"`` routes ``(name, param)`` pairs as
+    ``Opt(model.named_parameters(), rank=r)`` does (``lrgrad.groups.route_named_params``: embeddings, the head
+    and 1-D params full-rank; the generator ``model.named_parameters()`` by the model's structure);
+    ``"parameters"`` is ``Opt(model.parameters(), rank=r)``: one group, every large-enough matrix projected.
+    ``options`` go to the projected group; frozen params are left out."""
+    if route == "parameters":
+        return [{"params": [p for _, p in named if p.requires_grad], "rank": rank, **options}]
+    routed = route_named_params(named, rank)
+    groups = routed if routed and isinstance(routed[0], dict) else [{"params": list(routed)}]
+    out = []
+    for group in groups:
+        params = [(n, p) for n, p in group["params"] if p.requires_grad]
+        if params:
+            out.append({**group, "params": params, **({} if "rank" in group else {"rank": rank, **options})})
+    return out
 
 
 def make_optimizer(model: nn.Module, optimizer: str, rank: int | None = None, lr: float = 1e-3,
-                   **options: Any) -> torch.optim.Optimizer:
-    """The optimizer :func:`estimate_memory` describes for ``model``: targeted linear weights
-    (``lrgrad.param_groups``) projected with ``rank`` (or, for AuON/Muon, given the normalized
-    update), everything else full-rank (AdamW for AuON/Muon). ``"adamw"``: ``torch.optim.AdamW``."""
+                   route: str = "named_parameters", **options: Any) -> torch.optim.Optimizer:
+    """The optimizer :func:`estimate_memory` describes for ``model``: ``optimizer`` built on ``route``
+    (``"named_parameters"``: ``Opt(model.named_parameters(), rank=r)``; ``"parameters"``:
+    ``Opt(model.parameters(), rank=r)``) with its own defaults, ``options`` in the projected group.
+    ``"adamw"``: ``torch.optim.AdamW``."""
+    check_choice("route", route, ROUTES)
     cls = optimizer_class(optimizer)
     if cls is torch.optim.AdamW:
         return cls([p for p in model.parameters() if p.requires_grad], lr=lr, **options)
-    if not _matrix_only(cls) and rank is None:
-        raise ValueError(f"Invalid rank: None; optimizer {optimizer!r} needs a rank")
-    targets = set(select_low_rank_modules(model, "all-linear", DEFAULT_EXCLUDE))
-    params, seen = [], set()
-    for module_name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append((p, module_name in targets and pname == "weight"))
-    return cls(_groups(params, cls, rank, **options), lr=lr)
+    rank = _preset_rank(optimizer, rank, None)
+    return cls(_groups(model.named_parameters(), rank, route, options), lr=lr)
 
 
 def _rows_on_rank0(shape: tuple[int, ...], world_size: int) -> int:
@@ -264,23 +280,26 @@ def _sharded_rule_bytes(opt: Any, p: torch.Tensor, group: dict[str, Any], world_
 
 
 def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options: dict[str, Any],
-                 world_size: int = 1) -> tuple[int, int]:
-    """(optimizer-state bytes, projector-state bytes) of rank 0, built on meta tensors."""
-    trainable = [s for s in specs if s.trainable]
+                 world_size: int = 1, model: nn.Module | None = None,
+                 route: str = "named_parameters") -> tuple[int, int]:
+    """(optimizer-state bytes, projector-state bytes) of rank 0: the optimizer is built on ``route``
+    (over ``model``'s own params when there is one, so its routing is the user's; else over meta
+    tensors named as in the config) and each param's state is created on a meta tensor."""
+    trainable = {s.name: s for s in specs if s.trainable}
     if optimizer_class(optimizer) is torch.optim.AdamW:
         return sum(int(2 * s.numel * _shard_fraction(s.shape, world_size)) * _dtype_size(s.dtype) + 4
-                   for s in trainable), 0
-    metas = [(torch.empty(s.shape, dtype=s.dtype, device="meta"), s.target) for s in trainable]
-    cls = optimizer_class(optimizer)
-    if not _matrix_only(cls) and rank is None:
-        raise ValueError(f"Invalid rank: None; optimizer {optimizer!r} needs a rank")
-    opt = cls(_groups(metas, cls, rank, **options), lr=1e-3)
+                   for s in trainable.values()), 0
+    metas = {name: torch.empty(s.shape, dtype=s.dtype, device="meta") for name, s in trainable.items()}
+    named = list(metas.items()) if model is None else model.named_parameters()
+    opt = optimizer_class(optimizer)(_groups(named, rank, route, options), lr=1e-3)
+    name_of = {id(p): n for n, p in (metas.items() if model is None else model.named_parameters())}
     state_bytes = proj_bytes = 0
     for group in opt.param_groups:
-        for p in group["params"]:
+        for param in group["params"]:
+            p = metas[name_of[id(param)]]
             state: dict[str, Any] = {}
             opt.init_param_state(p, group, state)
-            opt.state[p] = state
+            opt.state[param] = state
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     nbytes = value.numel() * value.element_size()
@@ -328,6 +347,7 @@ def estimate_memory(
     seq_len: int | None = None,
     weight_group_size: int = 256,
     world_size: int = 1,
+    route: str = "named_parameters",
     **optimizer_options: Any,
 ) -> MemoryEstimate:
     """Estimate the training memory of ``model_or_config`` with ``optimizer``.
@@ -340,8 +360,8 @@ def estimate_memory(
             (``"llama-7b"``, ``"7b"``, ...).
         optimizer: ``"adamw"`` (``torch.optim.AdamW``), an alias in ``OPTIMIZER_NAMES`` / ``lrgrad.ALIASES``,
             or a class name in ``lrgrad.OPTIMIZERS``.
-        rank: projection rank (needed by the projected optimizers; default for named LLaMA
-            configs: GaLore's rank for that size).
+        rank: projection rank. Default: the optimizer's own (APOLLO-Mini: 1; Muon/AuON: none, unprojected);
+            for a projected optimizer without one, GaLore's rank for a named LLaMA config, else an error.
         dtype: weight dtype (default: the module's own; bf16 for configs).
         layerwise: per-layer updates: only one gradient alive at a time.
         weight_bits: 8 or 4 to count the targeted linear weights as ``lrgrad.quantize_weights``
@@ -352,7 +372,12 @@ def estimate_memory(
             gradients, row-sharded moments (full-rank and right-side low-rank; 8-bit blocks per shard)
             divided, left-side low-rank moments and projector state (bases) replicated.
             Activations are per rank as given (``batch_size`` is the per-rank batch).
-        **optimizer_options: passed to the optimizer (e.g. ``proj_bits=8``, ``moment_min_size``).
+        route: how the optimizer gets the params: ``"named_parameters"`` (``Opt(model.named_parameters(),
+            rank=r)`` or ``lrgrad.param_groups``: embeddings, the head and 1-D params full-rank) or
+            ``"parameters"`` (``Opt(model.parameters(), rank=r)``: no names, so every matrix whose smaller
+            side exceeds the rank is projected, the embeddings and the head included). The estimate says
+            which (``details["route"]``, :meth:`MemoryEstimate.table`).
+        **optimizer_options: passed to the optimizer's projected group (e.g. ``proj_bits=8``, ``moment_min_size``).
     """
     optimizer_class(optimizer)  # raises ValueError naming the valid names
     check_int("rank", rank, 1, allow_none=True)
@@ -364,18 +389,22 @@ def estimate_memory(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"Invalid dtype: expected a floating torch.dtype, got {dtype!r}")
     check_bool("layerwise", layerwise)
+    check_choice("route", route, ROUTES)
     if (batch_size is None) != (seq_len is None):
         raise ValueError("Invalid batch_size/seq_len: give both or neither")
     buffer_bytes = 0
-    if isinstance(model_or_config, nn.Module):
-        specs, buffer_bytes = _params_from_module(model_or_config, dtype)
-        cfg = _infer_config(model_or_config)
+    module = model_or_config if isinstance(model_or_config, nn.Module) else None
+    config_name = None
+    if module is not None:
+        specs, buffer_bytes = _params_from_module(module, dtype)
+        cfg = _infer_config(module)
     else:
         cfg = _config_dict(model_or_config)
         specs = _params_from_config(cfg, dtype or torch.bfloat16)
-        if rank is None and isinstance(model_or_config, str):
+        if isinstance(model_or_config, str):
             name = model_or_config.lower()
-            rank = LLAMA_RANKS[name if name.startswith("llama-") else f"llama-{name}"]
+            config_name = name if name.startswith("llama-") else f"llama-{name}"
+    rank = _preset_rank(optimizer, rank, config_name)
     if weight_bits is not None:
         for s in specs:
             if s.target and s.bits is None:
@@ -396,7 +425,7 @@ def estimate_memory(
     grads = [int(s.numel * _shard_fraction(s.shape, world_size)) * _dtype_size(s.dtype) for s in specs
              if s.trainable]
     gradients = (max(grads) if grads else 0) if layerwise else sum(grads)
-    state, projector = _state_bytes(specs, optimizer, rank, optimizer_options, world_size)
+    state, projector = _state_bytes(specs, optimizer, rank, optimizer_options, world_size, module, route)
     activations = 0
     if batch_size is not None:
         if cfg is None:
@@ -407,8 +436,10 @@ def estimate_memory(
         weights=weights, gradients=gradients, optimizer_state=state, projector_state=projector,
         activations=activations, optimizer=optimizer,
         details={"rank": rank, "layerwise": layerwise, "weight_bits": weight_bits, "batch_size": batch_size,
-                 "seq_len": seq_len, "params": sum(s.numel for s in specs), "world_size": world_size},
+                 "seq_len": seq_len, "params": sum(s.numel for s in specs), "world_size": world_size,
+                 "route": route},
     )
 
 
-__all__ = ["LLAMA_CONFIGS", "LLAMA_RANKS", "OPTIMIZER_NAMES", "MemoryEstimate", "estimate_memory", "make_optimizer"]
+__all__ = ["LLAMA_CONFIGS", "LLAMA_RANKS", "OPTIMIZER_NAMES", "ROUTES", "MemoryEstimate", "estimate_memory",
+           "make_optimizer"]

@@ -40,6 +40,7 @@ import torch
 
 from lrgrad._checks import check_int, check_positive
 from lrgrad.optim.lowrank import LowRankOptimizer
+from lrgrad.optim.pipeline import Staged
 
 
 class LayerwiseOptimizer:
@@ -74,7 +75,7 @@ class LayerwiseOptimizer:
 
     def _reset_window(self) -> None:
         self._handled: set[int] = set()
-        self._pending_low: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
+        self._pending_low: list[Staged] = []
         self._pending_full: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sq_norm: torch.Tensor | None = None
 
@@ -97,7 +98,7 @@ class LayerwiseOptimizer:
         self._handled.add(id(param))
         opt.check_grad(grad)
         if self.max_grad_norm is None:
-            opt.step_param(param, group, grad)
+            opt.step_params(group, [param], [grad])
             param.grad = None
             return
         sq = grad.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32).pow(2).sum()
@@ -107,12 +108,10 @@ class LayerwiseOptimizer:
             # kept until step(); the clipped step is then exactly the ordinary loop's
             self._pending_full.append((param, grad))
             return
-        nonfinite = group["skip_nonfinite"] and opt.nonfinite_flags([grad])[0]
-        prepared = opt.prepare_grad(param, group, grad, nonfinite=nonfinite)
-        snapshot = opt.snapshot_state(param)  # the window may still be skipped (a non-finite global norm)
-        low = opt.project_grad(param, group, prepared) if prepared is not None else None
-        if low is not None:
-            self._pending_low.append((param, low, snapshot))
+        # the window may still be skipped (a non-finite global norm): undoable
+        staged = opt.stage(param, group, grad, undoable=True)
+        if staged is not None:
+            self._pending_low.append(staged)
         param.grad = None
 
     @torch.no_grad()
@@ -142,16 +141,14 @@ class LayerwiseOptimizer:
         self.last_grad_norm = norm
         if not math.isfinite(norm):
             self.skipped_steps += 1
-            for p, _, snapshot in self._pending_low:  # no refresh, no counter moves on a skipped step
-                opt.restore_state(p, snapshot)
+            opt.unstage(self._pending_low)  # no refresh, no counter moves on a skipped step
             for p, _ in self._pending_full:
                 p.grad = None
             return
         coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
-        for p, low, _ in self._pending_low:
-            opt.apply_low_rank(p, self._group_of[id(p)], low * coef if coef < 1.0 else low)
+        opt.apply_staged(self._pending_low, grad_scale=coef)  # projection is linear: clip R, not G
         for p, grad in self._pending_full:
-            opt.step_param(p, self._group_of[id(p)], grad * coef if coef < 1.0 else grad)
+            opt.step_params(self._group_of[id(p)], [p], [grad * coef if coef < 1.0 else grad])
             p.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:

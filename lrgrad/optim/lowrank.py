@@ -34,6 +34,7 @@ from lrgrad.groups import caller_stacklevel, is_module_parameters, route_named_p
 from lrgrad.optim.compile_guard import refuse_compiled_step
 from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS, full_rank_update_, init_full_rank_state, validate_full_rank
 from lrgrad.optim.nonfinite import probe as nonfinite_probe
+from lrgrad.optim.pipeline import StepPipeline, full_rank_pieces, prepare
 from lrgrad.projectors import PROJECTORS, Projector
 from lrgrad.projectors.sharded import ShardedProjector
 from lrgrad.projectors.svd import GALORE_TORCH_GROUP_KEYS
@@ -84,17 +85,7 @@ BASE_DEFAULTS: dict[str, Any] = {
 }
 
 
-def finish_deferred(deferred: list) -> None:
-    """Hand each projector class the refresh work its instances deferred in one step (items start
-    with the projector), in the order they were deferred."""
-    by_class: dict[type, list] = {}
-    for item in deferred:
-        by_class.setdefault(type(item[0]), []).append(item)
-    for cls, items in by_class.items():
-        cls.finish_deferred(items)
-
-
-class LowRankOptimizer(Optimizer):
+class LowRankOptimizer(StepPipeline, Optimizer):
     r"""Run the update rule ``rule`` inside the projector ``projector``.
 
     Args:
@@ -192,7 +183,7 @@ class LowRankOptimizer(Optimizer):
         if not isinstance(param_group, dict) or "svd" in param_group or "svd" in getattr(self, "_explicit_options", ()):
             return
         projector = param_group.get("projector", self.defaults.get("projector"))
-        if (isinstance(projector, str) and "svd" in getattr(PROJECTORS.get(projector), "option_defaults", {})
+        if (isinstance(projector, str) and projector in PROJECTORS and "svd" in PROJECTORS[projector].option_defaults
                 and GALORE_TORCH_GROUP_KEYS <= param_group.keys()):
             param_group["svd"] = "exact"
 
@@ -212,6 +203,8 @@ class LowRankOptimizer(Optimizer):
         check_int("update_proj_gap", group["update_proj_gap"], 1)
         check_int("seed", group["seed"], 0)
         check_float("scale", group["scale"], allow_none=True)  # None: the projector's RMS-matched default
+        if group["scale"] is not None and group["scale"] <= 0:  # a negative scale ascends the loss, 0 never moves
+            raise ValueError(f"Invalid scale: {group['scale']} (must be > 0, or None for the RMS-matched default)")
         check_choice("proj_type", group["proj_type"], PROJ_TYPES)
         check_choice("moment_policy", group["moment_policy"], MOMENT_POLICIES)
         check_bool("maximize", group["maximize"])
@@ -253,7 +246,7 @@ class LowRankOptimizer(Optimizer):
     def rule_for_param(self, param: torch.Tensor, group: dict[str, Any]) -> UpdateRule:
         """The rule that updates ``param``: a matrix-only rule hands 1-D params to its fallback."""
         cls = RULES[group["rule"]]
-        if getattr(cls, "matrix_only", False) and param.dim() < 2:
+        if cls.matrix_only and param.dim() < 2:
             fallback = cls.fallback_group(group)
             return RULES[fallback["rule"]](fallback)
         return cls(group)
@@ -301,9 +294,17 @@ class LowRankOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # refuse before the first write, so a refused step changes nothing (a later group's sparse
+        # gradient must not leave the earlier groups stepped)
+        for group in self.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            for g in grads:
+                self.check_grad(g)
+            if grads:
+                self.check_projectable(group)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            self._step_params(group, params, [p.grad for p in params])
+            self.step_params(group, params, [p.grad for p in params])
         return loss
 
     @staticmethod
@@ -333,61 +334,6 @@ class LowRankOptimizer(Optimizer):
         """Refuse gradients no lrgrad optimizer can use (sparse) with a ``ValueError``."""
         if grad.is_sparse:
             raise ValueError("Invalid grad: lrgrad optimizers do not support sparse gradients")
-
-    def _step_params(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """Step ``params`` of ``group`` with the given gradients (never modified)."""
-        if not params:
-            return
-        self.check_projectable(group)
-        for g in grads:
-            self.check_grad(g)
-        rule = self.rule_for(group)
-        full_params, full_grads, low_items = [], [], []
-        keep_full = group["full_rank"] is not None  # APOLLO/Fira update with the full gradient too
-        deferred: list = []  # refresh work the projectors batch across the group's params
-        for p, g in zip(params, grads):
-            g = self.prepare_grad(p, group, g)
-            if self.is_projected(p, group):
-                # a skipped step must leave the state as it was (only the guard skips a projected step here)
-                snapshot = self.snapshot_state(p) if group["skip_nonfinite"] else None
-                # one projector object for the param's whole step: a generated basis (Flora's draw, DCT's
-                # columns) is built once for down() and the update (see Projector.memo)
-                projector = self.projector_for(p, group)
-                projector.deferred = deferred
-                low = self.project_grad(p, group, g, projector)
-                if low is not None:
-                    low_items.append((p, low, snapshot, g if keep_full else None, projector))
-            else:
-                full_params.append(p)
-                full_grads.append(g)
-        finish_deferred(deferred)
-        if group["skip_nonfinite"]:
-            # A NaN/Inf anywhere in G reaches R = down(G) (IEEE propagation through the
-            # matmul), so projected params are checked on the small low-rank gradient. A refresh
-            # may already have run (a gradient-free one, e.g. Flora's resample, even on a
-            # non-finite G): the snapshot puts every state entry and counter back.
-            bad_low = self.nonfinite_flags([item[1] for item in low_items])
-            for (p, _, snapshot, _, _), bad in zip(low_items, bad_low):
-                if bad:
-                    self.restore_state(p, snapshot)
-                    self.count_skip(p)
-            low_items = [item for item, bad in zip(low_items, bad_low) if not bad]
-            bad_full = self.nonfinite_flags(full_grads)
-            for p, bad in zip(full_params, bad_full):
-                if bad:
-                    self.count_skip(p)
-            full_params = [p for p, bad in zip(full_params, bad_full) if not bad]
-            full_grads = [g for g, bad in zip(full_grads, bad_full) if not bad]
-        if low_items:
-            # every projected param's direction in one multi-tensor pass (AdamW: torch's fused kernel)
-            # the low-rank gradients are this step's own tensors (projector.down's results), needed
-            # after the rule only by a full-rank update: otherwise the directions may overwrite them
-            updates = rule.update_many([self.state[item[0]] for item in low_items], [item[1] for item in low_items],
-                                       [self.state[item[0]]["step"] for item in low_items],
-                                       reuse_grads=not keep_full)
-            for (p, low, _, g, projector), update in zip(low_items, updates):
-                self.apply_low_rank(p, group, low, rule, grad=g, update=update, projector=projector)
-        self.apply_full_rank(group, full_params, full_grads, rule)
 
     def mark_stepped(self) -> None:
         """Tell LR schedulers the optimizer stepped, as ``Optimizer.step``'s wrapper does, when the
@@ -459,18 +405,19 @@ class LowRankOptimizer(Optimizer):
         if nonfinite:
             self.count_skip(param)
             return None
-        grad = grad.to(compute_dtype(param.dtype))
-        return -grad if group["maximize"] else grad
+        return prepare(grad, param.dtype, group["maximize"])
 
     def apply_full_rank(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
         rule: UpdateRule | None = None,
     ) -> None:
-        """Run the rule full-rank on prepared gradients (foreach where the rule has it)."""
+        """Run the rule full-rank on raw gradients (foreach where the rule has it), prepared batch by
+        batch: an elementwise rule steps flat slices of at most ``step_workspace_bytes / 4`` elements
+        (``lrgrad.optim.pipeline``), so no whole-tensor fp32 copy of a bf16 param exists."""
         if not params:
             return
         rule = rule or self.rule_for(group)
-        if getattr(rule, "matrix_only", False) and any(p.dim() < 2 for p in params):
+        if rule.matrix_only and any(p.dim() < 2 for p in params):
             vectors = [i for i, p in enumerate(params) if p.dim() < 2]
             self.apply_full_rank(type(rule).fallback_group(group), [params[i] for i in vectors],
                                  [grads[i] for i in vectors])
@@ -485,9 +432,12 @@ class LowRankOptimizer(Optimizer):
             params, grads, states = [params[i] for i in keep], [grads[i] for i in keep], [states[i] for i in keep]
             if not params:
                 return
-        with update_targets(params) as targets:  # quantized weights: fp32 work copies, requantized after
-            rule.apply_full_rank(targets, grads, states, [s["step"] for s in states], lr=float(group["lr"]),
-                                 weight_decay=group["weight_decay"])
+        max_elements = max(1, self.step_workspace_bytes // 4)
+        for ps, gs, ss in full_rank_pieces(params, grads, states, max_elements, rule.elementwise):
+            gs = [prepare(g, p.dtype, group["maximize"]) for p, g in zip(ps, gs)]
+            with update_targets(ps) as targets:  # quantized weights: fp32 work copies, requantized after
+                rule.apply_full_rank(targets, gs, ss, [s["step"] for s in ss], lr=float(group["lr"]),
+                                     weight_decay=group["weight_decay"])
 
     def project_grad(
         self, param: torch.Tensor, group: dict[str, Any], grad: torch.Tensor, projector: Projector | None = None,
@@ -571,24 +521,18 @@ class LowRankOptimizer(Optimizer):
             else:
                 projector.update_param_(state, target2d, update, alpha, decay)
 
-    def step_param(self, param: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> None:
-        """Step one parameter with ``grad`` (used by per-layer updates)."""
-        self._step_params(group, [param], [grad])
-
     def shared_state_bytes(self) -> int:
         """Bytes of buffers projectors share between params instead of keeping per param
         (e.g. one DCT basis per projected size); ``lrgrad.optimizer_state_bytes`` adds them.
 
         Each shared buffer is counted once (projectors report ``{key: bytes}`` through an
-        optional ``shared_buffers(state)``)."""
+        ``shared_buffers(state)``, empty by default)."""
         shared: dict[Any, int] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and self.is_projected(p, group):
-                    buffers = getattr(self.projector_for(p, group), "shared_buffers", None)
-                    if buffers is not None:
-                        shared.update(buffers(state))
+                    shared.update(self.projector_for(p, group).shared_buffers(state))
         return sum(shared.values())
 
     # ------------------------------------------------------------------ checkpoints

@@ -51,6 +51,10 @@ class Projector:
     #: plain-number state entries a refresh adds beyond :meth:`init_state` (tensors are in
     #: :meth:`refresh_state_spec`); ``load_state_dict`` refuses any other key it does not know
     refresh_plain_keys: ClassVar[tuple[str, ...]] = ()
+    #: the subspace never depends on the gradient (Flora's seeded draws): ``refresh`` accepts
+    #: ``grad=None`` and :meth:`draw_for_step` names the next subspace before its gradient exists,
+    #: which is what compressed accumulation (``lrgrad.CompressedAccumulator``) needs
+    gradient_free: ClassVar[bool] = False
     #: the one-process options that compute what the default FSDP2 refresh (:meth:`refresh_sharded`)
     #: computes, e.g. the seeded sketch instead of an exact SVD: what tests and comparisons set to
     #: hold a sharded run equal to a one-process run
@@ -119,6 +123,11 @@ class Projector:
         return NotImplemented
 
     # ---------------------------------------------------------------- maps
+    def memo_bytes(self) -> int:
+        """Bytes of the bases :meth:`memo` holds for this step (the optimizer's step counts them in its
+        bounded workspace, ``lrgrad.optim.pipeline``)."""
+        return sum(t.numel() * t.element_size() for t in self.__dict__.get("_memo", {}).values())
+
     def memo(self, key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``build()`` once per projector object and ``key``: a generated basis (Flora's draw, DCT's
         gathered columns) shared by ``down`` and the update of one step. The optimizer builds one
@@ -139,8 +148,22 @@ class Projector:
         moments keep only codes and fp32 block maxima)."""
         return self.basis(state).to(device=like.device, dtype=like.dtype)
 
-    def down(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
+    def down(self, state: dict[str, Any], grad: torch.Tensor, draw: int | None = None) -> torch.Tensor:
+        """``R`` = ``grad`` in the subspace's coordinates. ``draw``: the subspace of a step that has not
+        refreshed yet (:meth:`draw_for_step`; only ``gradient_free`` projectors are asked for one)."""
+        if draw is not None:
+            raise NotImplementedError(f"{type(self).__name__} is not gradient_free: it projects in its current basis")
         return kernels.project_down(grad, self.basis(state), self.side)
+
+    def draw_for_step(self, state: dict[str, Any], step: int) -> int:
+        """The subspace ``step`` (1-based) will project with, known before its gradient: only a
+        ``gradient_free`` projector can say (an identifier that :meth:`down` takes as ``draw``)."""
+        raise NotImplementedError(f"{type(self).__name__} is not gradient_free: its next subspace needs the gradient")
+
+    def shared_buffers(self, state: dict[str, Any]) -> dict[Any, int]:
+        """``{key: bytes}`` of buffers shared between params instead of kept per param (DCT's one
+        basis per size): ``lrgrad.optimizer_state_bytes`` counts each key once. None by default."""
+        return {}
 
     def take_shared_down(self, shape: tuple[int, ...]) -> torch.Tensor | None:
         """The step's low-rank gradient when the refresh already computed it (online PCA shares its

@@ -48,10 +48,10 @@ from typing import Any
 
 import torch
 
+from lrgrad import kernels
 from lrgrad._checks import check_betas, check_choice, check_int, check_nonnegative, check_positive
 from lrgrad.projectors.base import Projector, guarded_basis
 from lrgrad.projectors.svd import gram_top_basis, sketch_basis
-from lrgrad.step_counts import step_counts
 
 PCA_INITS = ("svd", "random", "randomized")
 #: the randomized initial SVD (and the FSDP2 one): oversampling and power iterations
@@ -446,40 +446,25 @@ def batched_cholesky_qr(stacked: torch.Tensor, deviations: torch.Tensor, side: s
             for row, (k, ok) in enumerate(zip(which, info.tolist())) if ok == 0}
 
 
-def fused_adam_applies(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> bool:
-    """Whether torch's fused AdamW kernel can step these tensors (``g`` is made contiguous by the caller)."""
-    return (hasattr(torch, "_fused_adamw_") and p.device.type in ("cpu", "cuda") and type(p) is torch.Tensor
-            and p.dtype == g.dtype == exp_avg.dtype == exp_avg_sq.dtype
-            and all(t.is_contiguous() for t in (p, exp_avg, exp_avg_sq)))
-
-
 def adam_step_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
                lr: float, beta1: float, beta2: float, eps: float) -> None:
     """Adam on P in place, torch's arithmetic (eps outside the bias-corrected root): one
-    ``torch._fused_adamw_`` pass where torch has it for the tensors, else the op-by-op reference."""
+    fused pass where torch has it for the tensors, else the op-by-op reference (``lrgrad.kernels.adamw_step_``)."""
     adam_steps_([p], [exp_avg], [exp_avg_sq], [g], [step], lr, beta1, beta2, eps)
 
 
 def adam_steps_(ps: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
                 gs: list[torch.Tensor], steps: list[int], lr: float, beta1: float, beta2: float, eps: float) -> None:
     """:func:`adam_step_` for several P on one device with the same hyperparameters: one multi-tensor
-    ``torch._fused_adamw_`` call for those the kernel can step, the op-by-op reference for the rest."""
+    fused pass where the kernel can step them all, else the op-by-op reference
+    (``lrgrad.kernels.adamw_step_`` chooses)."""
     gs = [g.contiguous() for g in gs]  # the left side's loss gradient is a transposed view; the kernel walks memory
-    applies = [fused_adam_applies(*t) for t in zip(ps, gs, exp_avgs, exp_avg_sqs)]
-    fused = [i for i, ok in enumerate(applies) if ok]
-    if fused:
-        torch._fused_adamw_([ps[i] for i in fused], [gs[i] for i in fused], [exp_avgs[i] for i in fused],
-                            [exp_avg_sqs[i] for i in fused], [], step_counts([steps[i] for i in fused], ps[0].device),
-                            amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
-                            maximize=False)
-    for i in (i for i, ok in enumerate(applies) if not ok):
-        adam_step_reference_(ps[i], gs[i], exp_avgs[i], exp_avg_sqs[i], steps[i], lr, beta1, beta2, eps)
+    kernels.adamw_step_(ps, gs, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
+                        eps=eps)
 
 
 def adam_step_reference_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                          step: int, lr: float, beta1: float, beta2: float, eps: float) -> None:
     """:func:`adam_step_` op by op (the reference of its test)."""
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+    kernels.adamw_step_reference_([p], [g], [exp_avg], [exp_avg_sq], [step], lr=lr, beta1=beta1, beta2=beta2,
+                                  weight_decay=0.0, eps=eps)

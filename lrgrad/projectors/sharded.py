@@ -45,12 +45,69 @@ class ShardedProjector:
         self.rank = inner.rank
         self.update_proj_gap = inner.update_proj_gap
 
-    def __getattr__(self, name: str) -> Any:  # name, orthonormal, options, has_basis, state_bytes, ...
-        return getattr(self.inner, name)
+    # ---------------------------------------------------------------- the inner projector's contract
+    # Everything the optimizer, the estimator and L4 read on a projector, forwarded by name (the
+    # maps and the refresh below are the sharded versions): a capability added to ``Projector``
+    # must be added here too, or the wrapper answers with the base class's default.
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def orthonormal(self) -> bool:
+        return self.inner.orthonormal
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.inner.options
+
+    @property
+    def structural_state_keys(self) -> tuple[str, ...]:
+        return self.inner.structural_state_keys
+
+    @property
+    def gradient_free(self) -> bool:
+        return self.inner.gradient_free
+
+    def init_state(self, state: dict[str, Any], shape2d: tuple[int, int], seed: int) -> None:
+        self.inner.init_state(state, shape2d, seed)
+
+    def has_basis(self, state: dict[str, Any]) -> bool:
+        return self.inner.has_basis(state)
+
+    def should_refresh(self, state: dict[str, Any], step: int) -> bool:
+        return self.inner.should_refresh(state, step)
+
+    def draw_for_step(self, state: dict[str, Any], step: int) -> int:
+        return self.inner.draw_for_step(state, step)
+
+    def default_scale(self, shape2d: tuple[int, int]) -> float:
+        return self.inner.default_scale(shape2d)
+
+    def projected_dim(self, shape2d: tuple[int, int]) -> int:
+        return self.inner.projected_dim(shape2d)
+
+    def refresh_state_spec(self, shape2d: tuple[int, int], dtype: torch.dtype) -> dict[str, Any]:
+        return self.inner.refresh_state_spec(shape2d, dtype)
+
+    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
+        return self.inner.basis_bytes(shape2d, dtype)
+
+    def state_bytes(self, state: dict[str, Any]) -> int:
+        return self.inner.state_bytes(state)
+
+    def shared_buffers(self, state: dict[str, Any]) -> dict[Any, int]:
+        return self.inner.shared_buffers(state)
+
+    def memo_bytes(self) -> int:
+        return self.inner.memo_bytes()
+
+    def basis(self, state: dict[str, Any]) -> torch.Tensor:
+        return self.inner.basis(state)
 
     # ---------------------------------------------------------------- refresh
     def refresh(self, state: dict[str, Any], grad2d: Any, step: int, group: dict[str, Any]) -> bool:
-        if grad2d is None or getattr(self.inner, "gradient_free", False):
+        if grad2d is None or self.inner.gradient_free:
             return self.inner.refresh(state, None, step, group)  # e.g. a seeded random basis: no G needed
         # The projector's own sharded refresh (small all-reduces), when it has one for this case.
         result = self.inner.refresh_sharded(state, grad2d.to_local(), step, group, self.ctx)
@@ -87,15 +144,20 @@ class ShardedProjector:
         basis = self.inner.basis_like(state, torch.empty(0, dtype=dtype, device=self.param.to_local().device))
         return basis[self.ctx.row_offset:self.ctx.row_stop] if self.side == "left" else basis
 
-    def down(self, state: dict[str, Any], grad2d: Any) -> Any:
+    def down(self, state: dict[str, Any], grad2d: Any, draw: int | None = None) -> Any:
+        """This rank's rows (right) or the all-reduced sum (left) of ``down``; ``draw`` as the inner
+        projector's (a gradient-free one's next subspace)."""
         from torch.distributed.tensor import Replicate, Shard
 
         local = grad2d.to_local()
         m, n = self.ctx.global_shape
         if self.side == "right":
-            low = self.inner.down(state, local)  # G_i Pᵀ: rows stay on their rank
+            # G_i Pᵀ: rows stay on their rank
+            low = self.inner.down(state, local) if draw is None else self.inner.down(state, local, draw=draw)
             placement = Shard(0) if self.ctx.sharded else Replicate()
             return from_local(low, self.param, [placement], (m, self.rank))
+        if draw is not None:
+            raise NotImplementedError("ShardedProjector: projecting ahead (draw=) on the sharded side is not supported")
         low = self.inner.take_shared_down((self.rank, n))  # already all-reduced by the refresh
         if low is None:
             low = kernels.project_down(local, self._local_basis(state, local.dtype), "left")  # Σ_i P_iᵀ G_i

@@ -53,6 +53,8 @@ class AdamW8bitRule(AdamWRule):
     # (e.g. Flora's random projector) can tell them apart
     linear_keys = ("exp_avg", "exp_avg_codes", "exp_avg_absmax")
     quadratic_keys = ("exp_avg_sq", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+    #: quantization blocks span elements (and the rule chunks its own update, ``UPDATE_CHUNK``)
+    elementwise = False
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:

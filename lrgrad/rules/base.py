@@ -27,6 +27,13 @@ class UpdateRule:
     linear_keys: ClassVar[tuple[str, ...]] = ()
     #: state keys holding averages of squares (second moments)
     quadratic_keys: ClassVar[tuple[str, ...]] = ()
+    #: the rule updates only matrices (Muon, AuON): params with ``dim() < 2`` run in
+    #: :meth:`fallback_group` instead, in the same optimizer (the optimizer and the estimator read it)
+    matrix_only: ClassVar[bool] = False
+    #: each element's update reads only that element of the gradient and of every state tensor (all
+    #: shaped like the param): the optimizer may then step a full-rank param in flat slices to bound
+    #: its temporaries (``lrgrad.optim.pipeline``), with the same result bit for bit
+    elementwise: ClassVar[bool] = False
 
     def __init__(self, group: dict[str, Any]):
         self.group = group
@@ -34,6 +41,12 @@ class UpdateRule:
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
         """Raise ``ValueError``/``TypeError`` for bad rule options in ``group``."""
+
+    @classmethod
+    def fallback_group(cls, group: dict[str, Any]) -> dict[str, Any]:
+        """The param group a ``matrix_only`` rule's 1-D params of ``group`` run in (its ``"rule"`` key
+        names the rule). Only ``matrix_only`` rules are asked."""
+        raise NotImplementedError(f"{cls.__name__} is not matrix_only; it has no fallback group")
 
     def init_state(self, state: dict[str, Any], like: torch.Tensor) -> None:
         """Create the rule's state for a gradient shaped like ``like`` (in the compute dtype)."""
