@@ -222,3 +222,60 @@ def test_fsdp2_dct_refresh_uses_all_reduced_scores(fsdp_results):
         got = rank_results["dct_scores_all_reduced"]
         for key, value in expected.items():
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10, msg=key)
+
+
+def _sketch_refresh_worker(rank: int, world: int, preset: str, options: dict) -> list[dict]:
+    """A refresh every step under FSDP2 (the default ``svd_sharded="sketch"``): per step and projected
+    param, its side, the full gradient the refresh saw, the basis and the refresh counters."""
+    from tiny_model import lm_loss, make_batch
+
+    model = fsdp_model()
+    opt = getattr(lrgrad, preset)(lrgrad.param_groups(model, rank=8, update_proj_gap=1, **options), lr=1e-2)
+    steps = []
+    for i in range(4):
+        tokens = make_batch(seed=i)
+        rows = tokens.shape[0] // world
+        opt.zero_grad()
+        lm_loss(model, tokens[rank * rows:(rank + 1) * rows]).backward()
+        opt.step()
+        record = {}
+        for name, p in model.named_parameters():  # the same order on every rank: full_tensor is a collective
+            state = opt.state[p]
+            if "proj_refreshes" not in state:
+                continue
+            projector = opt.projector_for(p, opt.param_groups[0])
+            record[name] = {"side": projector.side, "grad": p.grad.full_tensor().reshape(p.shape[0], -1).clone(),
+                            "basis": projector.basis(state).clone(), "failures": state["proj_failures"],
+                            "refreshes": state["proj_refreshes"]}
+        steps.append(record)
+    return steps
+
+
+@pytest.mark.parametrize("preset, options", [("GaLoreAdamW", {}), ("QGaLoreAdamW", {"adaptive_gap": False})])
+def test_fsdp2_sketch_refreshes_succeed_and_move_on_both_sides(preset, options):
+    """The default sharded refresh (the seeded sketch from row shards; the left side, down_proj's
+    32 x 35 wide matrix, cold-started and gathered by rows) at every step: no failure counted, a new
+    basis each refresh, on every rank the same, and nearly the top-r energy of an independent oracle
+    (fp64 ``torch.linalg.svd`` of the full gradient). A refresh that failed after the first would keep
+    the old basis with ``proj_failures`` counted, while the one-process reference (the same sketch)
+    failed alike and the weights still matched."""
+    from spectra import captured_energy
+
+    from lrgrad.projectors.svd import top_singular_basis
+
+    results = run_distributed(_sketch_refresh_worker, preset, options)
+    sides = set()
+    for k, (step0, step1) in enumerate(zip(*results)):
+        assert step0.keys() == step1.keys() and step0
+        for name, got in step0.items():
+            assert torch.equal(got["basis"], step1[name]["basis"]), name  # replicated state
+            assert got["failures"] == 0 and got["refreshes"] == k + 1, (name, k)
+            if k:
+                assert not torch.equal(got["basis"], results[0][k - 1][name]["basis"]), (name, k)
+            g, side = got["grad"], got["side"]
+            exact = top_singular_basis(g.double(), got["basis"].shape[0 if side == "right" else 1], side)
+            # one pass (svd_power_iters=0) on TinyLM's gradients; Q-GaLore also rounds its basis to INT4
+            floor = 0.9 if preset == "GaLoreAdamW" else 0.85
+            assert captured_energy(g, got["basis"], side) >= floor * captured_energy(g, exact, side), (name, k)
+            sides.add(side)
+    assert sides == {"left", "right"}
