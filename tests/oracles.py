@@ -189,6 +189,39 @@ def projected_step(rule: str, p: torch.Tensor, g: torch.Tensor, basis: torch.Ten
     return p * (1 - lr * wd) - lr * scale * back
 
 
+def full_rank_from_low_rank_step(mode: str, rule: str, p: torch.Tensor, g: torch.Tensor, basis: torch.Tensor,
+                                 side: str, state: dict, t: int, lr: float, wd: float, scale: float,
+                                 options: dict[str, Any], scale_type: str, gamma: float | None) -> torch.Tensor:
+    """APOLLO (``mode="apollo"``, Zhu et al., arXiv:2412.05270) and Fira (``"fira"``, Chen et al.,
+    arXiv:2410.01623): a full-rank update built from the rule's low-rank direction ``u = ψ(R)``.
+
+        R = down(G),  s_c = ‖u_c‖ / (‖R_c‖ + 1e-8)  (channel c: a row of G on the right side, a column
+        on the left; ``scale_type="tensor"``: one s = ‖u‖_F / (‖R‖_F + 1e-8))
+        APOLLO: S = G ⊙ s;            p <- p (1 - lr wd) - lr scale lim(S)
+        Fira:   S = (G - up(R)) ⊙ s;  p <- p (1 - lr wd) - lr (scale up(u) + lim(S))
+        lim (Fira's norm-growth limiter, γ): S <- S γ (‖S_prev‖ + 1e-8) / ‖S‖ when ‖S‖ exceeds that
+        bound, ‖S_prev‖ being the previous step's norm after limiting (no limit at the first step).
+    """
+    low = g @ basis.T if side == "right" else basis.T @ g
+    u = direction(rule, state, low, t, options)
+    if scale_type == "tensor":
+        s = u.norm() / (low.norm() + 1e-8)
+    elif side == "right":  # R is m x r: one factor per row of G
+        s = (u.norm(dim=1) / (low.norm(dim=1) + 1e-8))[:, None]
+    else:  # R is r x n: one factor per column of G
+        s = (u.norm(dim=0) / (low.norm(dim=0) + 1e-8))[None, :]
+    back = low @ basis if side == "right" else basis @ low
+    scaled = (g if mode == "apollo" else g - back) * s
+    norm = scaled.norm()
+    if gamma is not None and "limiter_prev" in state and norm > gamma * (state["limiter_prev"] + 1e-8):
+        scaled = scaled * (gamma * (state["limiter_prev"] + 1e-8) / norm)
+    state["limiter_prev"] = scaled.norm()
+    if mode == "apollo":
+        return p * (1 - lr * wd) - lr * scale * scaled
+    up_u = u @ basis if side == "right" else basis @ u
+    return p * (1 - lr * wd) - lr * (scale * up_u + scaled)
+
+
 def top_subspace(g: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     """The orthogonal projector onto the top-``rank`` singular subspace of ``g`` on ``side`` (sign-free)."""
     u, _, vh = torch.linalg.svd(g, full_matrices=False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import MATRIX_RULES, full_rank_step, projected_step, top_subspace
+from oracles import MATRIX_RULES, full_rank_from_low_rank_step, full_rank_step, projected_step, top_subspace
 
 import lrgrad
 
@@ -245,3 +245,59 @@ def test_bf16_params_match_oracle(rule, projected):
             assert (expected - before[i]).abs().max() > 2**-7 * before[i].abs().max()  # moved by ulps of the largest
             torch.testing.assert_close(p.detach().double(), expected, rtol=2**-7, atol=1e-30,
                                        msg=f"{rule} step {t} param {i}")
+
+
+#: the full-rank updates from low-rank statistics: (full_rank, projector, scale_type, rank, scale), the
+#: APOLLO, APOLLO-Mini and Fira presets' settings (scales away from 1 so a dropped factor shows)
+FULL_RANK_MODES = {
+    "apollo": ("apollo", "random", "channel", 4, 0.7),
+    "apollo_mini": ("apollo", "random", "tensor", 1, 128 ** 0.5),
+    "fira": ("fira", "svd", "channel", 4, 0.25),
+}
+
+
+def bf16_spacing(x: torch.Tensor) -> torch.Tensor:
+    """The distance between neighbouring bf16 values around each entry of ``x`` (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0**-126))) - 7)
+
+
+@pytest.mark.parametrize("mode", sorted(FULL_RANK_MODES))
+@pytest.mark.parametrize("rule", RULES)
+def test_full_rank_bf16_params_are_the_oracle_rounded_once(rule, mode):
+    """bf16 weights under APOLLO / APOLLO-Mini / Fira (``full_rank=``), both sides: the step is computed
+    in fp32 and rounded to bf16 once, so every entry lies within half a bf16 spacing of the fp64
+    oracle's step from the same bf16 value (plus fp32's own rounding, ~1e-3 of a spacing). Fira adds
+    two terms (the scaled residual and ``scale·up(u)``): writing the first into the bf16 weight and then
+    adding the second rounds twice, which puts a few percent of the entries up to one spacing off."""
+    full_rank, projector, scale_type, rank, scale = FULL_RANK_MODES[mode]
+    options = dict(OPTIONS[rule])
+    shapes = [(24, 16), (16, 24)]  # right side (channels = rows), left side (channels = columns)
+    params = [torch.nn.Parameter((0.05 * torch.randn(*s)).to(torch.bfloat16)) for s in shapes]
+    opt = lrgrad.LowRankOptimizer(params, lr=LR[rule], rule=rule, projector=projector, rank=rank,
+                                  update_proj_gap=2, scale=scale, weight_decay=WD, full_rank=full_rank,
+                                  scale_type=scale_type, norm_growth_limit=1.01, **options)
+    group = opt.param_groups[0]
+    states = [{} for _ in shapes]
+    grads = [gradients(s, STEPS, seed=3 + i) for i, s in enumerate(shapes)]
+    for t in range(1, STEPS + 1):
+        before = [p.detach().double() for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g[t - 1].to(torch.bfloat16)
+        opt.step()
+        for i, p in enumerate(params):
+            projector_obj = opt.projector_for(p, group)
+            basis = projector_obj.basis(opt.state[p]).double()  # the subspace this step used
+            g_bf16 = grads[i][t - 1].to(torch.bfloat16).double()
+            expected = full_rank_from_low_rank_step(full_rank, rule, before[i], g_bf16, basis, projector_obj.side,
+                                                    states[i], t, LR[rule], WD, scale, options, scale_type, 1.01)
+            got = p.detach().double()
+            assert p.dtype == torch.bfloat16
+            assert (expected - before[i]).abs().max() > 2**-7 * before[i].abs().max()  # moved by ulps of the largest
+            # fp32's own error on the largest operands: under a thousandth of their bf16 spacing
+            bound = 0.5 * bf16_spacing(expected) + 2**-20 * before[i].abs().max()
+            excess = (got - expected).abs() - bound
+            assert float(excess.max()) <= 0, (
+                f"{rule} {mode} step {t} param {i}: {int((excess > 0).sum())} of {excess.numel()} entries more "
+                f"than half a bf16 spacing from the oracle (rounded twice?)")
+            torch.testing.assert_close(float(opt.state[p]["limiter_norm"]), float(states[i]["limiter_prev"]),
+                                       rtol=1e-4, atol=0)
