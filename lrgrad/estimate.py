@@ -289,7 +289,8 @@ def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options:
     if optimizer_class(optimizer) is torch.optim.AdamW:
         return sum(int(2 * s.numel * _shard_fraction(s.shape, world_size)) * _dtype_size(s.dtype) + 4
                    for s in trainable.values()), 0
-    metas = {name: torch.empty(s.shape, dtype=s.dtype, device="meta") for name, s in trainable.items()}
+    metas = {name: torch.empty(s.shape, dtype=s.dtype, device="meta", requires_grad=True)
+             for name, s in trainable.items()}
     named = list(metas.items()) if model is None else model.named_parameters()
     opt = optimizer_class(optimizer)(_groups(named, rank, route, options), lr=1e-3)
     name_of = {id(p): n for n, p in (metas.items() if model is None else model.named_parameters())}

@@ -7,6 +7,8 @@ Within 5%: activations, against the bytes a ``transformers`` LLaMA saves for bac
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from tiny_model import TinyLM, lm_loss, make_batch, train
@@ -174,3 +176,43 @@ def test_world_size_counts_rank0_shards():
     assert lrgrad.estimate_memory(model, "galore", rank=8).weights == 4 * (96 * 40 + 40 * 96 + 64 * 40)
     with pytest.raises(ValueError, match="world_size"):
         lrgrad.estimate_memory(model, "galore", rank=8, world_size=0)
+
+
+# ---------------------------------------------------------------------- each optimizer's own defaults, both routes
+def test_each_optimizer_is_estimated_with_its_own_defaults():
+    """APOLLO-Mini is rank 1 (its own default), not GaLore's rank for the config; a module needs no rank
+    for it; Muon without a rank is unprojected, as built directly."""
+    mini = lrgrad.estimate_memory("llama-7b", optimizer="apollo_mini")
+    assert mini.details["rank"] == 1
+    assert mini.optimizer_state == lrgrad.estimate_memory("llama-7b", optimizer="apollo_mini", rank=1).optimizer_state
+    assert mini.optimizer_state < lrgrad.estimate_memory("llama-7b", optimizer="apollo_mini", rank=1024).optimizer_state
+    assert lrgrad.estimate_memory("llama-7b", optimizer="galore").details["rank"] == 1024  # no default: GaLore's
+    for name, cls in (("apollo_mini", lrgrad.APOLLOMiniAdamW), ("muon", lrgrad.Muon)):
+        model = tiny()
+        estimate = lrgrad.estimate_memory(model, optimizer=name)  # no rank
+        opt = cls(model.named_parameters(), lr=1e-3)  # as a user builds it: the class's own defaults
+        train(model, opt, 1)
+        assert estimate.optimizer_state + estimate.projector_state == lrgrad.optimizer_state_bytes(opt), name
+
+
+@pytest.mark.parametrize("name", ["galore", "galore8bit", "dct", "muon"])
+def test_both_routes_are_modelled_and_named(name):
+    """``Opt(model.parameters(), rank=r)`` projects every matrix (embeddings and head too) and
+    ``Opt(model.named_parameters(), rank=r)`` keeps them full-rank: two different states, each estimated
+    exactly, and the estimate says which one it modelled."""
+    cls = lrgrad.OPTIMIZERS[lrgrad.ALIASES[name]]
+    measured = {}
+    for route in ("parameters", "named_parameters"):
+        model = tiny()
+        params = model.parameters() if route == "parameters" else model.named_parameters()
+        with pytest.warns(UserWarning, match="named_parameters") if route == "parameters" and name != "muon" else \
+                contextlib.nullcontext():
+            opt = cls(params, rank=8, lr=1e-3)
+        train(model, opt, 1)
+        estimate = lrgrad.estimate_memory(tiny(), optimizer=name, rank=8, route=route)
+        measured[route] = lrgrad.optimizer_state_bytes(opt)
+        assert estimate.optimizer_state + estimate.projector_state == measured[route], route
+        assert estimate.details["route"] == route and f"model.{route}()" in estimate.table()
+    assert measured["parameters"] != measured["named_parameters"]
+    with pytest.raises(ValueError, match="route"):
+        lrgrad.estimate_memory(tiny(), optimizer=name, rank=8, route="modules")
