@@ -9,7 +9,8 @@
     p  <- p (1 - lr λ) - lr u
 
 Hybrid-AuON first applies ``ns_steps`` (default 1) quintic Newton–Schulz iterations to V
-(Muon's coefficients), then the same scaling.
+(Muon's coefficients; iterates in ``ns_dtype``, as Muon's: ``lrgrad.kernels.precision``), then the
+same scaling (in the momentum's dtype).
 
 The public reference code departs from the paper in two places; both are options here,
 defaulting to the paper:
@@ -33,6 +34,7 @@ import torch
 from lrgrad._checks import check_bool, check_coefficients, check_int, check_positive
 from lrgrad.kernels import auon_normalize, newton_schulz
 from lrgrad.kernels.newton_schulz import MUON_COEFFICIENTS
+from lrgrad.kernels.precision import check_ns_dtype, resolve_ns_dtype
 from lrgrad.rules.matrix import MatrixRule
 
 
@@ -76,6 +78,7 @@ class HybridAuONRule(AuONRule):
         **AuONRule.option_defaults,
         "ns_steps": 1,
         "ns_coefficients": MUON_COEFFICIENTS,
+        "ns_dtype": "auto",
     }
 
     @classmethod
@@ -83,8 +86,10 @@ class HybridAuONRule(AuONRule):
         super().validate_options(group)
         check_int("ns_steps", group["ns_steps"], 1)
         check_coefficients(group["ns_coefficients"])
+        check_ns_dtype(group["ns_dtype"])
 
     def normalize(self, matrix: torch.Tensor) -> torch.Tensor:
-        ortho = newton_schulz(matrix, steps=self.group["ns_steps"],
-                              coefficients=tuple(self.group["ns_coefficients"]), eps=self.group["eps"])
+        group = self.group
+        ortho = newton_schulz(matrix, steps=group["ns_steps"], coefficients=tuple(group["ns_coefficients"]),
+                              eps=group["eps"], dtype=resolve_ns_dtype(group["ns_dtype"], matrix))
         return self.brake(ortho)

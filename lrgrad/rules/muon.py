@@ -7,8 +7,14 @@
     M  = β M + (1 - β) g                       (EMA momentum)
     V  = (1 - β) g + β M   (Nesterov)   or  M
     O  = NS₅(V)                                ≈ U Vᵀ of V = U S Vᵀ (lrgrad.kernels.newton_schulz)
+                                               iterates in ``ns_dtype`` (bf16 where native, see below)
     u  = O · √max(1, rows/cols)                (or 0.2 · √max(rows, cols) with ``match_rms_adamw``)
     p <- p (1 - lr λ) - lr u
+
+``ns_dtype`` (``"auto"`` | ``"bf16"`` | ``"fp32"``, ``lrgrad.kernels.precision``): the precision of the
+Newton–Schulz iterates. ``"auto"`` is bf16 — Muon's reference and ``torch.optim.Muon`` — where bf16
+GEMMs are native (CUDA sm_80+, CPUs with AVX512-BF16/AMX or Arm BF16) and fp32 where bf16 is emulated;
+fp64 momenta stay fp64 unless ``"bf16"`` is asked for. The direction is returned in the momentum's dtype.
 
 N-d params are viewed as ``(shape[0], numel // shape[0])`` matrices. Inside a projector the rule
 sees the low-rank gradient R and orthogonalizes R (its shape sets the scaling factor).
@@ -28,6 +34,7 @@ import torch
 from lrgrad._checks import check_bool, check_coefficients, check_int, check_positive
 from lrgrad.kernels import newton_schulz
 from lrgrad.kernels.newton_schulz import MUON_COEFFICIENTS
+from lrgrad.kernels.precision import check_ns_dtype, resolve_ns_dtype
 from lrgrad.rules.matrix import MatrixRule
 
 
@@ -39,6 +46,7 @@ class MuonRule(MatrixRule):
         "ns_coefficients": MUON_COEFFICIENTS,
         "eps": 1e-7,
         "match_rms_adamw": False,
+        "ns_dtype": "auto",
     }
 
     @classmethod
@@ -48,6 +56,7 @@ class MuonRule(MatrixRule):
         check_coefficients(group["ns_coefficients"])
         check_positive("eps", group["eps"])
         check_bool("match_rms_adamw", group["match_rms_adamw"])
+        check_ns_dtype(group["ns_dtype"])
 
     def shape_factor(self, rows: int, cols: int) -> float:
         if self.group["match_rms_adamw"]:
@@ -58,5 +67,5 @@ class MuonRule(MatrixRule):
     def normalize(self, matrix: torch.Tensor) -> torch.Tensor:
         group = self.group
         ortho = newton_schulz(matrix, steps=group["ns_steps"], coefficients=tuple(group["ns_coefficients"]),
-                              eps=group["eps"])
+                              eps=group["eps"], dtype=resolve_ns_dtype(group["ns_dtype"], matrix))
         return ortho.mul_(self.shape_factor(*matrix.shape))

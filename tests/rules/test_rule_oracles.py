@@ -26,14 +26,17 @@ OPTIONS = {
     "adamw8bit": {"betas": (0.8, 0.95), "eps": 1e-6, "moment_block_size": 16, "moment_min_size": 0},
     "adafactor": {"beta1": 0.8, "beta2_decay": -0.7, "eps": 1e-30, "clip_threshold": 0.9},
     "lion": {"betas": (0.7, 0.97)},
+    # ns_dtype="fp32": the oracles are exact math, so the iterates are pinned to fp32 on every machine
+    # (bf16 iterates, the default where bf16 is native, meet the oracle in tests/rules/test_ns_dtype.py)
     "muon": {"momentum": 0.9, "nesterov": True, "ns_steps": 5, "ns_coefficients": (3.4445, -4.7750, 2.0315),
-             "eps": 1e-4, "match_rms_adamw": False},
+             "eps": 1e-4, "match_rms_adamw": False, "ns_dtype": "fp32"},
     # auon: the public code's brake (cosh(1.5 X), un-normalized numerator); hybrid_auon: the paper's
     # (the auon_normalize kernel); eps and rms_eps large enough that swapping them shows
     "auon": {"momentum": 0.9, "nesterov": False, "eps": 1e-4, "rms_eps": 1e-3, "gamma": 1.5,
              "normalize_numerator": False},
     "hybrid_auon": {"momentum": 0.9, "nesterov": True, "eps": 1e-4, "rms_eps": 1e-3, "gamma": 1.0,
-                    "normalize_numerator": True, "ns_steps": 2, "ns_coefficients": (3.4445, -4.7750, 2.0315)},
+                    "normalize_numerator": True, "ns_steps": 2, "ns_coefficients": (3.4445, -4.7750, 2.0315),
+                    "ns_dtype": "fp32"},
 }
 ADAMW_FALLBACK = {"adamw_lr": 4e-3, "adamw_betas": (0.85, 0.9), "adamw_eps": 1e-7, "adamw_weight_decay": 0.05}
 for _rule in MATRIX_RULES:
