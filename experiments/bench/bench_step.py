@@ -15,9 +15,12 @@ Beside the lrgrad optimizers the same round-robin times (``experiments/bench/ste
   torch Adafactor, bitsandbytes AdamW8bit) over the full-rank params and tensors shaped like
   the low-rank moments; for Flora + its seeded draws; for online PCA its whole step's arithmetic
   (``pca_step_floor``), beside the floor with only its ``BᵀG`` product; for Muon / Hybrid-AuON the
-  bare fp32 Newton–Schulz GEMMs;
+  bare Newton–Schulz GEMMs in the row's precision;
 * each family's *anchor* — galore-torch ``GaLoreAdamW``, ``torch.optim.Adafactor``,
-  bitsandbytes ``AdamW8bit``, ``torch.optim.Muon`` on the same block matrices;
+  bitsandbytes ``AdamW8bit``, ``torch.optim.Muon`` on the same block matrices; Muon and Hybrid-AuON
+  like for like (``NS_VARIANTS``): ``ns_dtype="bf16"`` beside ``torch.optim.Muon`` (bf16 iterates),
+  ``ns_dtype="fp32"`` beside the bare fp32 Newton–Schulz; the page names the CPU and whether its
+  bf16 GEMMs are native, since the bf16/fp32 ratio depends on it;
 * GaLore's refresh: lrgrad (its warm default, the Gram, exact and randomized SVD) and galore-torch
   at ``update_proj_gap=2``, on gradients with a gradient's spectrum (σᵢ ∝ 1/i) whose subspace changes
   at every refresh; refresh cost = median refresh step − median plain step.
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -49,6 +51,7 @@ from lrgrad_experiments.pretrain.configs import build_model, get_config  # noqa:
 from lrgrad_experiments.pretrain.optimizers import REGISTRY, available_optimizers, build_optimizer, get_spec  # noqa: E402
 
 import lrgrad  # noqa: E402
+from lrgrad.kernels.precision import describe_cpu, native_bf16_matmul  # noqa: E402
 
 NO_REFRESH = 10**9
 BASELINES = ("adamw_foreach", "adamw_fused")
@@ -70,11 +73,20 @@ EXTRA_OPTIMIZERS: dict[str, tuple[str, float, str]] = {
 }
 #: extra keyword arguments of some EXTRA_OPTIMIZERS
 EXTRA_OPTIONS: dict[str, dict] = {"galore_adamw_guarded": {"skip_nonfinite": True}}
+#: Muon / Hybrid-AuON with the Newton–Schulz precision pinned (name -> registry name, ns_dtype): bf16 beside
+#: torch.optim.Muon (bf16 iterates), fp32 beside a bare fp32 Newton–Schulz; the registry's rows run "auto"
+NS_VARIANTS: dict[str, tuple[str, str]] = {
+    "muon_bf16": ("muon", "bf16"), "muon_fp32": ("muon", "fp32"),
+    "hybrid_auon_bf16": ("hybrid_auon", "bf16"), "hybrid_auon_fp32": ("hybrid_auon", "fp32"),
+}
 
 
 def make_optimizer(name: str, model: torch.nn.Module, rank: int, gap: int | None = None) -> torch.optim.Optimizer:
     if name in BASELINES:
         return build_optimizer("adamw", model, adamw_impl=name.split("_")[1])
+    if name in NS_VARIANTS:
+        base, ns_dtype = NS_VARIANTS[name]
+        return build_optimizer(base, model, ns_dtype=ns_dtype)
     if name in EXTRA_OPTIMIZERS:
         cls_name, scale, _ = EXTRA_OPTIMIZERS[name]
         groups = lrgrad.param_groups(model, rank=rank, update_proj_gap=gap or NO_REFRESH, scale=scale)
@@ -250,6 +262,12 @@ def label(name: str) -> str:
         return step_floors.LABELS[name]
     if name in EXTRA_OPTIMIZERS:
         return EXTRA_OPTIMIZERS[name][2]
+    if name in NS_VARIANTS:
+        base, ns_dtype = NS_VARIANTS[name]
+        return f"{REGISTRY[base].label} (ns_dtype={ns_dtype})"
+    if name in ("muon", "hybrid_auon"):
+        resolved = "bf16" if native_bf16_matmul("cpu") else "fp32"
+        return f"{REGISTRY[name].label} (ns_dtype=auto: {resolved})"
     return REGISTRY[name].label if name in REGISTRY else name
 
 
@@ -307,8 +325,10 @@ def refresh_table(res: dict[str, Any]) -> list[str]:
 
 def write(results: list[dict[str, Any]], out: Path, command: str, stem: str = "bench_step") -> None:
     out.mkdir(parents=True, exist_ok=True)
+    # the CPU model and whether its bf16 GEMMs are native: a ratio of bf16 rows (Muon, torch.optim.Muon) holds
+    # for that kind of CPU only (2x faster than fp32 with AVX512-BF16, slower than fp32 where emulated)
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
+        f"CPU: {describe_cpu()}, {torch.get_num_threads()} thread(s)"
     lines = ["# Optimizer step time against its floor and its fastest peer\n",
              f"`{command}` — {machine}, torch {torch.__version__}. Steady-state `optimizer.step()` "
              "(no subspace refresh), fixed random gradients, rank = the config's GaLore rank on the "
@@ -318,8 +338,11 @@ def write(results: list[dict[str, Any]], out: Path, command: str, stem: str = "b
              "*floor*: the least work of the family with the fastest pieces (projection GEMMs + the peer's "
              "elementwise rule on the full-rank params and on tensors shaped like the low-rank moments; "
              "for online PCA, its whole step's arithmetic with no bookkeeping, beside the floor with only "
-             "its BᵀG product; for Muon, the bare fp32 Newton–Schulz GEMMs on the same block matrices). "
-             "*anchor*: the peer a user would run instead. `x floor` and `x anchor` are step ms over theirs.\n"]
+             "its BᵀG product; for Muon, the bare Newton–Schulz GEMMs on the same block matrices, in the "
+             "row's precision). *anchor*: the peer a user would run instead; for Muon and Hybrid-AuON like for "
+             "like: `ns_dtype=bf16` (and `auto` where it resolves to bf16) beside `torch.optim.Muon` (bf16 "
+             "iterates) on the same block matrices, `ns_dtype=fp32` beside the bare fp32 Newton–Schulz. "
+             "`x floor` and `x anchor` are step ms over theirs.\n"]
     for res in results:
         lines += [f"## {res['config']} ({res['params'] / 1e6:.1f}M params, vocab {res['vocab']}, rank {res['rank']})\n"]
         lines += table(res)
@@ -376,10 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    default = available_optimizers() + list(EXTRA_OPTIMIZERS)
+    default = available_optimizers() + list(EXTRA_OPTIMIZERS) + list(NS_VARIANTS)
     names = [n for n in (opts.optimizers.split(",") if opts.optimizers else default) if n != "adamw"]
     for n in names:
-        if n not in EXTRA_OPTIMIZERS:
+        if n not in EXTRA_OPTIMIZERS and n not in NS_VARIANTS:
             get_spec(n)
     names = list(BASELINES) + names
     results = []

@@ -20,6 +20,10 @@ from dataclasses import dataclass
 import torch
 
 import lrgrad
+from lrgrad.kernels.precision import native_bf16_matmul
+
+#: the bare Newton–Schulz floor in the precision lrgrad's ``ns_dtype="auto"`` picks on this CPU
+_AUTO_NS = "_bf16" if native_bf16_matmul("cpu") else ""
 
 #: optimizer name -> (floor name, anchor name); None: no such row for that family
 FAMILIES: dict[str, tuple[str | None, str | None]] = {
@@ -33,8 +37,14 @@ FAMILIES: dict[str, tuple[str | None, str | None]] = {
     "galore_adafactor": ("floor_adafactor", "torch_adafactor"),
     "dct_adafactor": ("floor_adafactor", "torch_adafactor"),
     "flora_adafactor": ("floor_adafactor", "torch_adafactor"),
-    "muon": ("floor_muon", "torch_muon"),
-    "hybrid_auon": ("floor_muon_ns1", "torch_muon"),
+    # Newton–Schulz precision like for like: bf16 rows beside torch.optim.Muon (bf16 iterates) and the bare
+    # bf16 NS; fp32 rows beside the bare fp32 NS; the default (ns_dtype="auto") beside the floor of its precision
+    "muon": (f"floor_muon{_AUTO_NS}", "torch_muon"),
+    "muon_bf16": ("floor_muon_bf16", "torch_muon"),
+    "muon_fp32": ("floor_muon", "floor_muon"),
+    "hybrid_auon": (f"floor_muon_ns1{_AUTO_NS}", "torch_muon"),
+    "hybrid_auon_bf16": ("floor_muon_ns1_bf16", "torch_muon"),
+    "hybrid_auon_fp32": ("floor_muon_ns1", "floor_muon_ns1"),
     "auon": ("adamw_fused", "muon"),
 }
 
@@ -52,6 +62,8 @@ LABELS = {
     "floor_adafactor": "floor: projection GEMMs + torch Adafactor",
     "floor_muon": "floor: 5 fp32 Newton–Schulz steps (hidden) + fused AdamW (rest)",
     "floor_muon_ns1": "floor: 1 fp32 Newton–Schulz step (hidden) + fused AdamW (rest)",
+    "floor_muon_bf16": "floor: 5 bf16 Newton–Schulz steps (hidden) + fused AdamW (rest)",
+    "floor_muon_ns1_bf16": "floor: 1 bf16 Newton–Schulz step (hidden) + fused AdamW (rest)",
     "galore_torch": "galore-torch GaLoreAdamW",
     "bnb_adamw8bit": "bitsandbytes AdamW8bit (full rank)",
     "torch_adafactor": "torch Adafactor (foreach, full rank)",
@@ -197,9 +209,10 @@ def pca_step_floor(model: torch.nn.Module, rank: int, pca_lr: float = 5e-3) -> R
     return Runner(step)
 
 
-def newton_schulz_floor(model: torch.nn.Module, rank: int, ns_steps: int) -> Runner:
-    """``ns_steps`` fp32 quintic Newton–Schulz iterations on every block matrix (the bare
-    ``addmm`` calls, on the smaller Gram side) + the weight update, and fused AdamW on the rest."""
+def newton_schulz_floor(model: torch.nn.Module, rank: int, ns_steps: int,
+                        dtype: torch.dtype = torch.float32) -> Runner:
+    """``ns_steps`` quintic Newton–Schulz iterations with iterates in ``dtype`` on every block matrix (the
+    bare ``addmm`` calls, on the smaller Gram side) + the weight update, and fused AdamW on the rest."""
     hidden, rest = hidden_and_rest(model, rank)
     proxies = [torch.zeros_like(p, requires_grad=True) for p in rest]
     for src, dst in zip(rest, proxies):
@@ -211,10 +224,11 @@ def newton_schulz_floor(model: torch.nn.Module, rank: int, ns_steps: int) -> Run
         with torch.no_grad():
             for p in hidden:
                 x = p.grad.T if p.shape[0] > p.shape[1] else p.grad
-                x = x / (torch.linalg.vector_norm(x) + 1e-7)
+                x = (x / (torch.linalg.vector_norm(x) + 1e-7)).to(dtype)
                 for _ in range(ns_steps):
                     gram = x @ x.T
                     x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                x = x.to(p.dtype)
                 p.add_(x.T if p.shape[0] > p.shape[1] else x, alpha=-1e-12)
         adam.step()
 
@@ -222,7 +236,8 @@ def newton_schulz_floor(model: torch.nn.Module, rank: int, ns_steps: int) -> Run
 
 
 def torch_muon(model: torch.nn.Module, rank: int) -> Runner:
-    """``torch.optim.Muon`` on the block matrices + fused AdamW on the rest (embeddings, head, norms)."""
+    """``torch.optim.Muon`` on the block matrices + fused AdamW on the rest (embeddings, head, norms).
+    torch's Newton–Schulz casts the momentum to bf16 and iterates there (5 steps, Muon's coefficients)."""
     hidden, rest = hidden_and_rest(model, rank)
     muon = torch.optim.Muon(hidden, lr=0.01)
     adam = torch.optim.AdamW(rest, lr=3e-3, fused=True)
@@ -268,10 +283,9 @@ def build_reference(name: str, model: torch.nn.Module, rank: int) -> Runner | No
         import bitsandbytes as bnb
 
         return projection_floor(model, rank, lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3))
-    if name == "floor_muon":
-        return newton_schulz_floor(model, rank, 5)
-    if name == "floor_muon_ns1":
-        return newton_schulz_floor(model, rank, 1)
+    if name.startswith("floor_muon"):  # floor_muon[_ns1][_bf16]
+        dtype = torch.bfloat16 if name.endswith("_bf16") else torch.float32
+        return newton_schulz_floor(model, rank, 1 if "_ns1" in name else 5, dtype)
     if name == "torch_muon":
         return torch_muon(model, rank)
     if name == "torch_adafactor":
