@@ -10,7 +10,10 @@ move the weight in expectation (round-to-nearest would drop them: training stall
 Layout of a :class:`QuantizedLinear` (``bits=8``)::
 
     codes  int8 (out, in)        q - 128, q in [0, 255]      (bits=4: uint8, two codes per byte)
-    scale  fp16 (out * in / group_size,)   one per group of ``group_size`` consecutive elements of a row
+    scale  fp16 (out * ceil(in / group_size),)   one per group of ``group_size`` consecutive elements of a
+                                   row; a row length that ``group_size`` does not divide ends in a
+                                   shorter group (LLaMA-1B's down_proj rows of 5461 with 256: 21 full
+                                   groups and one of 85)
     zero   fp16 (same)                      w ~= scale * (q - zero)
     rounding_seed, rounding_step   int64 scalars: the stochastic-rounding generator (resume = bit-identical)
     weight  a float Parameter *handle*: the weight's shape and dtype, backed by one element (stride 0)
@@ -149,9 +152,6 @@ class QuantizedLinear(nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear.__init__: no float weight is ever allocated
         _check_bits(bits)
         check_int("group_size", group_size, 1)
-        if in_features % group_size:
-            raise ValueError(f"Invalid group_size: {group_size} does not divide the row length in_features="
-                             f"{in_features}")
         if rounding not in ROUNDING_MODES:
             raise ValueError(f"Invalid rounding: {rounding!r}; expected one of {ROUNDING_MODES}")
         dtype = dtype or torch.get_default_dtype()
@@ -159,7 +159,8 @@ class QuantizedLinear(nn.Linear):
         self.bits, self.group_size, self.rounding = bits, group_size, rounding
         self.levels = 2**bits - 1
         numel = in_features * out_features
-        groups = numel // group_size
+        self.groups_per_row = -(-in_features // group_size)  # the last one shorter when group_size does not divide
+        groups = out_features * self.groups_per_row
         if bits == 8:
             codes = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         else:
@@ -196,24 +197,39 @@ class QuantizedLinear(nn.Linear):
     def compute_dtype(self) -> torch.dtype:
         return self.weight.dtype
 
+    def _to_groups(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(out, in)`` values as ``(groups, group_size)``: each row cut into ``groups_per_row`` groups,
+        a shorter last group padded with the row's last element (its min and max are unchanged, so
+        the grid is the one of the real elements; the padding is dropped by :meth:`_from_groups`)."""
+        pad = self.groups_per_row * self.group_size - self.in_features
+        if pad:
+            rows = torch.cat([rows, rows[:, -1:].expand(rows.shape[0], pad)], dim=1)
+        return rows.reshape(-1, self.group_size)
+
+    def _from_groups(self, groups: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_to_groups`: ``(out, in)``, the padding dropped."""
+        rows = groups.reshape(self.out_features, self.groups_per_row * self.group_size)
+        return rows[:, : self.in_features] if rows.shape[1] != self.in_features else rows
+
     def _q_from(self, codes: torch.Tensor) -> torch.Tensor:
         """Integer codes q in [0, levels] as fp32, shape (groups, group_size)."""
         if self.bits == 8:
             q = codes.to(torch.float32) + 128.0
         else:
             q = unpack_int4(codes, self.in_features * self.out_features).to(torch.float32)
-        return q.view(-1, self.group_size)
+        return self._to_groups(q.view(self.out_features, self.in_features))
 
     def _encode(self, q: torch.Tensor) -> torch.Tensor:
+        q = self._from_groups(q)
         if self.bits == 8:
-            return (q - 128.0).to(torch.int8).view(self.out_features, self.in_features)
-        return pack_int4(q.to(torch.uint8))
+            return (q - 128.0).to(torch.int8).reshape(self.out_features, self.in_features)
+        return pack_int4(q.to(torch.uint8).reshape(-1))
 
     def _dequantize_from(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = self._q_from(codes)
         w = scale.float()[:, None] * (q - zero.float()[:, None])
-        return w.view(self.out_features, self.in_features).to(dtype)
+        return self._from_groups(w).to(dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as a dense tensor (``dtype`` defaults to the compute dtype)."""
@@ -232,7 +248,7 @@ class QuantizedLinear(nn.Linear):
     @torch.no_grad()
     def set_weight_(self, weight: torch.Tensor, stochastic: bool = False) -> None:
         """Quantize ``weight`` on fresh grids (used at conversion)."""
-        groups = weight.reshape(-1, self.group_size).float()
+        groups = self._to_groups(weight.reshape(self.out_features, self.in_features).float())
         scale, zero = build_grid(groups, self.levels)
         y = groups / scale.float()[:, None] + zero.float()[:, None]
         q = stochastic_round(y, self._next_seed()) if stochastic else torch.round(y)
@@ -249,7 +265,7 @@ class QuantizedLinear(nn.Linear):
         """
         if work.shape != self.weight.shape:
             raise ValueError(f"Invalid work: shape {tuple(work.shape)}, expected {tuple(self.weight.shape)}")
-        groups = work.reshape(-1, self.group_size).float()
+        groups = self._to_groups(work.float())
         q_old = self._q_from(self.codes)
         scale, zero = self.scale.float()[:, None], self.zero.float()[:, None]
         old = scale * (q_old - zero)  # same expression as _dequantize_from: bit-equal to the work copy's start
@@ -363,8 +379,8 @@ def quantize_weights(
 
     Args:
         bits: 8 (INT8 codes) or 4 (packed INT4 codes).
-        group_size: elements per (scale, zero) group, taken along rows; must divide every chosen
-            layer's ``in_features``.
+        group_size: elements per (scale, zero) group, taken along rows; a row length it does not
+            divide ends in a shorter group (as ``lrgrad.estimate_memory(weight_bits=...)`` counts it).
         target_modules: ``"all-linear"`` or name patterns (exact name, dotted suffix, glob);
             every module matched by a pattern must be an ``nn.Linear``.
         exclude: name patterns left in full precision (the output head and embeddings by default).
@@ -413,12 +429,14 @@ def quantize_weights(
         chosen.append((name, module))
     if not chosen:
         raise ValueError(f"Invalid target_modules: {target_modules!r} matched no nn.Linear module")
-    for name, module in chosen:
-        if module.in_features % group_size:
-            raise ValueError(f"Invalid group_size: {group_size} does not divide the row length "
-                             f"in_features={module.in_features} of {name!r}")
-    for i, (name, module) in enumerate(chosen):
-        _set_module(model, name, QuantizedLinear.from_linear(module, bits, group_size, rounding, seed + i))
+    # one layer at a time, each original dropped as soon as its codes exist: the conversion never holds
+    # more than the model plus one layer's fp32 quantization temporaries
+    chosen.reverse()
+    del module
+    for i in range(len(chosen)):
+        name, linear = chosen.pop()
+        _set_module(model, name, QuantizedLinear.from_linear(linear, bits, group_size, rounding, seed + i))
+        del linear
     return model
 
 
