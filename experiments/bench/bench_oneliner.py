@@ -1,17 +1,22 @@
 """The one-liner against torch.optim.AdamW at the same lr: does switching keep the loss?
 
-    python experiments/bench/bench_oneliner.py                          # both shapes, lr 1e-3 and 3e-3
+    python experiments/bench/bench_oneliner.py --out results/oneliner.md   # both shapes, lr 1e-3 and 3e-3
     python experiments/bench/bench_oneliner.py --shapes byte --steps 300 --lrs 1e-3
 
 For each model shape and each lr η, trains the same LLaMA (same init, same batches, same
 warmup + cosine schedule) with ``torch.optim.AdamW(model.parameters(), lr=η)`` and with every
-projected preset written the way a user switching from AdamW writes it::
+preset of ``lrgrad.OPTIMIZERS`` written the way a user switching from AdamW writes it::
 
     lrgrad.GaLoreAdamW(model.named_parameters(), rank=r, lr=η)    # no other argument
 
-and prints the final validation loss of each, relative to AdamW's (the goal: within +3%).
-Two more rows show what the defaults replace: ``model.parameters()`` (no names: embeddings and
-head projected too) and the old default ``scale=0.25`` with ``model.parameters()``.
+(``rank=r`` only for presets that need one: APOLLO-Mini keeps its rank 1, Muon/AuON/Hybrid-AuON
+run unprojected; their AdamW fallback for 1-D params and the routed embeddings/head runs at its
+own default ``adamw_lr``), and prints the final validation loss of each, relative to AdamW's at
+the same lr (the goal: within +3%). A preset whose own default lr is not AdamW's (Adafactor 1e-2,
+Lion 1e-4, Muon 0.02, AuON 0.055) and APOLLO-Mini at its paper's lr (1e-2) get one more row at
+that lr, compared with AdamW's best loss of the shape. Two more rows show what the defaults
+replace: ``model.parameters()`` (no names: embeddings and head projected too) and galore-torch's
+``scale=0.25`` with ``model.parameters()``.
 
 Shapes: ``byte`` is ``llama_9m`` (hidden 128, 4 layers, vocab 256) on the embedded corpus,
 byte-level; ``vocab32k`` is the same blocks with a 32000-token vocabulary, on the embedded corpus
@@ -22,6 +27,7 @@ the untied head hold 91% of the parameters, as in a real small LLM. One torch th
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import platform
 import sys
@@ -36,7 +42,14 @@ from lrgrad_experiments.pretrain.data import BatchLoader, eval_batches, load_std
 
 import lrgrad  # noqa: E402
 
-PRESETS = ("GaLoreAdamW", "DCTAdamW", "FloraAdamW", "OnlineSubspaceAdamW", "QGaLoreAdamW", "GaLoreAdamW8bit")
+#: every registered preset, in registry order
+PRESETS = tuple(lrgrad.OPTIMIZERS)
+#: presets that run without a rank by default (matrix rules without a projector) or keep their own
+OWN_RANK = ("APOLLOMiniAdamW", "Muon", "AuON", "HybridAuON")
+#: a preset's own lr where it is not AdamW's: its constructor default, or the paper's (APOLLO-Mini)
+PAPER_LR = {"APOLLOMiniAdamW": 1e-2}
+#: the suffix of a row run at the preset's own lr
+OWN_LR = " @ own lr"
 #: shape -> (config, vocab, batch size, sequence length in tokens)
 SHAPES: dict[str, tuple[str, int, int, int]] = {
     "byte": ("llama_9m", 256, 8, 64),
@@ -52,6 +65,13 @@ def pair_tokens(stream: np.ndarray, vocab: int) -> np.ndarray:
     return ((pairs[:, 0] << 8 | pairs[:, 1]) % vocab).astype(np.int64)
 
 
+def own_lr(preset: str) -> float:
+    """The lr a preset is meant to run at: the paper's (``PAPER_LR``) or its constructor default."""
+    if preset in PAPER_LR:
+        return PAPER_LR[preset]
+    return float(inspect.signature(lrgrad.OPTIMIZERS[preset].__init__).parameters["lr"].default)
+
+
 def build_optimizer(variant: str, model: torch.nn.Module, lr: float, rank: int) -> torch.optim.Optimizer:
     if variant == "AdamW":
         return torch.optim.AdamW(model.parameters(), lr=lr)
@@ -61,7 +81,9 @@ def build_optimizer(variant: str, model: torch.nn.Module, lr: float, rank: int) 
         return lrgrad.GaLoreAdamW(model.parameters(), rank=rank, lr=lr, scale=0.25)
     if variant.startswith("GaLoreAdamW, scale="):
         return lrgrad.GaLoreAdamW(model.named_parameters(), rank=rank, lr=lr, scale=float(variant.split("=")[1]))
-    return lrgrad.OPTIMIZERS[variant](model.named_parameters(), rank=rank, lr=lr)
+    preset = variant.removesuffix(OWN_LR)
+    kwargs = {} if preset in OWN_RANK else {"rank": rank}
+    return lrgrad.OPTIMIZERS[preset](model.named_parameters(), lr=lr, **kwargs)
 
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -119,8 +141,12 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = ["| shape | lr | optimizer (one line, defaults) | final val loss | vs AdamW | within 3% |",
              "|---|---|---|---:|---:|---|"]
     base = {(r["shape"], r["lr"]): r["val_loss"] for r in results if r["variant"] == "AdamW"}
+    best: dict[str, float] = {}
+    for (shape, _), loss in base.items():
+        best[shape] = min(loss, best.get(shape, math.inf))
     for r in results:
-        ref = base.get((r["shape"], r["lr"]))
+        own = r["variant"].endswith(OWN_LR)  # at the preset's own lr: against AdamW's best lr of the shape
+        ref = best.get(r["shape"]) if own else base.get((r["shape"], r["lr"]))
         if not ref:  # AdamW not in this run (--skip-adamw): no verdict
             rel_cell, ok = "n/a", "n/a"
         else:
@@ -145,29 +171,40 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out the AdamW reference runs (to split a sweep over processes)")
     parser.add_argument("--config", default=None, help="model shape instead of each shape's llama_9m (tests)")
     parser.add_argument("--max-bytes", type=int, default=6_000_000, help="bytes of the corpus to read")
+    parser.add_argument("--no-own-lr", action="store_true", help="leave out the rows at each preset's own lr")
+    parser.add_argument("--out", default=None, help="also write the report (markdown) to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = args.variants or [*PRESETS, "GaLoreAdamW, model.parameters()",
                                  "GaLoreAdamW, model.parameters(), scale=0.25 (old default)"]
+    own_rows = [] if args.no_own_lr else [v for v in variants if v in lrgrad.OPTIMIZERS and own_lr(v) not in args.lrs]
     results = []
     start = time.time()
     for shape in args.shapes:
         data = load_data(shape, args.eval_batches, args.max_bytes)
         config = args.config or SHAPES[shape][0]
-        for lr in args.lrs:
-            for variant in ([] if args.skip_adamw else ["AdamW"]) + variants:
-                r = train(variant, shape, lr, args.steps, data, config)
-                results.append(r)
-                print(f"{shape} lr={lr:g} {variant}: val {r['val_loss']:.4f} ({r['seconds']:.0f} s)", flush=True)
+        runs = [(lr, variant) for lr in args.lrs for variant in ([] if args.skip_adamw else ["AdamW"]) + variants]
+        runs += [(own_lr(v), v + OWN_LR) for v in own_rows]
+        for lr, variant in runs:
+            r = train(variant, shape, lr, args.steps, data, config)
+            results.append(r)
+            print(f"{shape} lr={lr:g} {variant}: val {r['val_loss']:.4f} ({r['seconds']:.0f} s)", flush=True)
     shapes = {s: (args.config or SHAPES[s][0], *SHAPES[s][1:]) for s in args.shapes}
     rank = get_config(args.config or "llama_9m")["rank"]
     command = " ".join(["python experiments/bench/bench_oneliner.py", *(argv if argv is not None else sys.argv[1:])])
-    print(f"\n`{command}` — "
-          f"{args.steps} steps, warmup 10% + cosine to 10%, clip 1.0, wd 0.01 (AdamW's default), rank = "
-          f"hidden/4 = {rank}, every other argument at its default; shapes (config, vocab, batch, seq) {shapes}; "
-          f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), "
-          f"{(time.time() - start) / 60:.1f} min.\n")
-    print(table(results))
+    from lrgrad_experiments.machine import describe
+
+    header = (f"`{command}` — "
+              f"{args.steps} steps, warmup 10% + cosine to 10%, clip 1.0, wd 0.01 (AdamW's default), rank = "
+              f"hidden/4 = {rank} (APOLLO-Mini: its own 1; Muon/AuON/Hybrid-AuON: unprojected), every other "
+              f"argument at its default; a row `@ own lr` runs the preset at its own default lr (APOLLO-Mini: "
+              f"the paper's 1e-2) and is compared with AdamW's best lr of its shape; shapes (config, vocab, batch, "
+              f"seq) {shapes}; {describe()}, {platform.machine()}, {(time.time() - start) / 60:.1f} min.")
+    report = f"{header}\n\n{table(results)}\n"
+    print("\n" + report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# The one-liner against torch.optim.AdamW at the same lr\n\n" + report)
     return 0
 
 
