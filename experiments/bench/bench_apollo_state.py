@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from lrgrad_experiments import machine
 from lrgrad_experiments.paths import REPO as ROOT  # noqa: E402
 from lrgrad_experiments.pretrain.configs import build_model, get_config  # noqa: E402
 from lrgrad_experiments.pretrain.optimizers import REGISTRY, build_optimizer  # noqa: E402
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
     rows = measure(opts.config, NAMES)
     lines = [f"# Optimizer state on the projected matrices, {opts.config} (vocab 32000, rank "
-             f"{get_config(opts.config)['rank']}; APOLLO-Mini rank 1)\n",
+             f"{get_config(opts.config)['rank']}; APOLLO-Mini rank 1)\n", f"Machine: {machine.describe()}\n",
              "`python experiments/bench/bench_apollo_state.py` — state bytes once every param has stepped. "
              "*Projected* = the "
              "attention/MLP matrices; *rest* = embeddings, head, norms (AdamW in every optimizer).\n",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lrgrad_experiments import machine
 from lrgrad_experiments.bench.bench_step import label, make_optimizer  # noqa: E402
 from lrgrad_experiments.paths import REPO as ROOT  # noqa: E402
 from lrgrad_experiments.pretrain.configs import build_model, get_config  # noqa: E402
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = sys.argv[1:] if argv is None else argv
     command = "python experiments/bench/bench_memory.py" + (" " + " ".join(shown) if shown else "")
     measured = [measure(c, names, opts.vocab) for c in opts.configs.split(",")]
-    lines = ["# Optimizer-state memory\n", f"`{command}`\n",
+    lines = ["# Optimizer-state memory\n", f"`{command}`\n", f"Machine: {machine.describe()}\n",
              "## Measured (`lrgrad.optimizer_state_bytes` after one step; fp32 params)\n"]
     for res in measured:
         base = res["rows"]["adamw_foreach"]["state_bytes"]

@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from lrgrad_experiments import machine
 from lrgrad_experiments.paths import REPO as ROOT  # noqa: E402
 
 SIZES = ["llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-7b"]
@@ -175,7 +176,8 @@ def main() -> None:
         return
     sections = ["# Training memory: estimator and measured peak", "",
                 f"Command: `.venv/bin/python experiments/bench/bench_memory_estimate.py"
-                f"{' --no-measure' if args.no_measure else ''}`", "", estimator_tables()]
+                f"{' --no-measure' if args.no_measure else ''}`", "",
+                f"Machine: {machine.describe()}", "", estimator_tables()]
     if not args.no_measure:
         sections += ["", measure(args.steps, args.seq_len)]
     text = "\n".join(sections) + "\n"

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from lrgrad_experiments import machine
 
 import lrgrad
 
@@ -101,7 +102,7 @@ def bench(workload_name: str, device: str, repeats: int) -> dict[str, dict[str, 
 
 def table(results: dict[str, dict[str, dict[str, float]]], device: str) -> str:
     lines = [
-        f"Device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"Device: {device}; {machine.describe()}; "
         "best-of-N step time (median beside it).",
         "",
         "| workload | optimizer | step (ms) | median (ms) | × AdamW fused | × AdamW foreach | state (MiB) |",

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
 import torch
+from lrgrad_experiments import machine
 from torch import nn
 
 import lrgrad
@@ -151,9 +151,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     lines = ["# bench_projectors", ""]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    lines.append(f"torch {torch.__version__}, {where}")
+    lines.append(machine.describe())
     lines.append("")
     if not args.skip_timing:
         rows = refresh_costs(args.size, rank, device, args.repeats)
