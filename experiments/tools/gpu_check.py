@@ -13,6 +13,10 @@ and the rest still runs):
               and a steady GaLoreAdamW step with no host sync (``set_sync_debug_mode("error")``).
   (b) bench   ``experiments/bench/bench_kernels.py --size 4096 --rank 512`` with the goals: fused low-rank
               update ≥ 1.2× torch, Newton–Schulz ≥ 1.3× torch at 4096², quantization ≥ 70 % of HBM.
+  (b2) ns     Newton–Schulz (Muon's 5 quintic steps) with bf16 and fp32 iterates at 1024² and 4096²:
+              ``lrgrad.kernels.newton_schulz(dtype=...)`` (bf16: the Triton syrk kernels; fp32: cuBLAS),
+              the torch reference at the same precision and ``torch.optim.Muon``'s bf16 iteration: ms,
+              TFLOP/s and bf16's speed-up over fp32 (Muon's ``ns_dtype``: docs/normalized.md).
   (c) step    a full training step (forward, backward, optimizer; bf16 autocast, batch 8 × 256) on
               LLaMA-130M and -350M shapes: median step time and ``torch.cuda.max_memory_allocated``
               for AdamW (fused), GaLoreAdamW, OnlineSubspaceAdamW, QGaLoreAdamW + INT8 weights and galore-torch's
@@ -51,7 +55,9 @@ STEP_OPTIMIZERS = ("adamw_fused", "galore_adamw", "online_subspace_adamw", "qgal
 #: (bmm, batched Cholesky) take other library paths on a GPU than on the CPU
 CUDA_TEST_FILES = ("tests/kernels/test_kernels_cuda.py", "tests/projectors/test_projector_online_pca_batched.py",
                    "tests/optim/test_step_counts.py")
-LIMITS = {"tests": 200, "bench": 120, "step": 150, "train": 130}
+LIMITS = {"tests": 200, "bench": 100, "ns": 40, "step": 130, "train": 130}
+#: (b2): square sizes of the Newton–Schulz precision rows
+NS_SIZES = ((1024, 1024), (4096, 4096))
 
 
 def no_cuda_reason() -> str | None:
@@ -162,6 +168,74 @@ def step_section(config: str, steps: int = 6, batch: int = 8, seq: int = 256,
     return rows
 
 
+# ----------------------------------------------------------------------------- (b2) Newton–Schulz precision
+def _median_ms(fn, device: str, repeats: int) -> float:
+    """Median wall time of ``fn()`` in ms (synchronized; after one warm-up call that compiles)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _ns_cases(x: torch.Tensor, steps: int) -> dict[str, Any]:
+    """The Newton–Schulz calls (b2) times on ``x``."""
+    from lrgrad.kernels import newton_schulz
+    from lrgrad.kernels.newton_schulz import MUON_COEFFICIENTS, newton_schulz_reference
+
+    cases = {
+        "lrgrad newton_schulz, bf16 iterates": lambda: newton_schulz(x, steps, dtype=torch.bfloat16),
+        "lrgrad newton_schulz, fp32 iterates": lambda: newton_schulz(x, steps, dtype=torch.float32),
+        "torch reference, bf16 iterates": lambda: newton_schulz_reference(x, steps, dtype=torch.bfloat16),
+        "torch reference, fp32 iterates": lambda: newton_schulz_reference(x, steps, dtype=torch.float32),
+    }
+    try:
+        from torch.optim._muon import _zeropower_via_newtonschulz
+
+        cases["torch.optim.Muon (bf16)"] = lambda: _zeropower_via_newtonschulz(x, MUON_COEFFICIENTS, steps, 1e-7)
+    except ImportError:  # an older torch without Muon: the row is left out
+        pass
+    return cases
+
+
+def ns_section(sizes=NS_SIZES, device: str = "cuda", repeats: int = 20, steps: int = 5) -> list[dict[str, Any]]:
+    """Newton–Schulz with bf16 and fp32 iterates: the dispatched entry point (on CUDA: the Triton kernel for
+    bf16, cuBLAS for fp32 without TF32), the torch reference at each precision, and torch.optim.Muon's bf16
+    iteration; ``device="cpu"`` only exercises the code (tests)."""
+    rows = []
+    for m, n in sizes:
+        x = torch.randn(m, n, device=device)
+        k, d = min(m, n), max(m, n)
+        flops = steps * (4.0 * k * k * d + 2.0 * k**3)  # X Xᵀ, B·X (2k²d each) and A·A (2k³) on the wide side
+        for name, fn in _ns_cases(x, steps).items():
+            row: dict[str, Any] = {"shape": f"{m}x{n}", "case": name}
+            try:
+                ms = _median_ms(fn, device, repeats)
+                row.update(ms=ms, tflops=flops / ms / 1e9)
+            except Exception as exc:  # one broken row must not hide the others
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            rows.append(row)
+    return rows
+
+
+def ns_table(rows: list[dict[str, Any]]) -> list[str]:
+    """(b2)'s markdown: each row with its speed over the lrgrad fp32 row of the same shape."""
+    out = ["| shape | Newton–Schulz (5 steps) | ms | TFLOP/s | speed vs lrgrad fp32 |", "|---|---|---:|---:|---:|"]
+    base = {r["shape"]: r["ms"] for r in rows if r["case"] == "lrgrad newton_schulz, fp32 iterates" and "ms" in r}
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['shape']} | {r['case']} | – | – | {r['error']} |")
+            continue
+        speed = f"{base[r['shape']] / r['ms']:.2f}×" if r["shape"] in base else "–"
+        out.append(f"| {r['shape']} | {r['case']} | {r['ms']:.2f} | {r['tflops']:.1f} | {speed} |")
+    return out
+
+
 # ----------------------------------------------------------------------------- (d) 300-step run
 def train_command(optimizer: str, out_dir: Path, steps: int = 300) -> list[str]:
     return [sys.executable, "experiments/pretrain_llama.py", "--config", "llama_60m", "--optimizer", optimizer,
@@ -238,6 +312,12 @@ def render(sections: dict[str, dict[str, Any]], started: str, total_s: float, ar
         out += ["", "## (b) kernel benchmarks (`experiments/bench/bench_kernels.py`)", "", *(table or ["(no output)"])]
         if res["returncode"] != 0:
             out += ["", "```", _tail(res["stderr"]), "```"]
+    ns = sections.get("ns")
+    if ns:
+        out += ["", "## (b2) Newton–Schulz: bf16 vs fp32 iterates", "", *ns_table(ns.get("rows", []))]
+        for res in ns.get("runs", []):
+            if res["returncode"] != 0:
+                out += ["", "```", _tail(res["stderr"]), "```"]
     step = sections.get("step")
     if step:
         out += ["", "## (c) training step: time and peak memory (batch 8 × 256, bf16 autocast)", "",
@@ -296,6 +376,12 @@ def run_all(out: Path, budget_s: float, argv: list[str]) -> int:
     print("gpu_check (b): kernel benchmarks", flush=True)
     sections["bench"] = {"runs": [_run([py, "experiments/bench/bench_kernels.py", "--size", "4096", "--rank", "512"],
                                        limit["bench"], env={"TRITON_INTERPRET": "0"})]}
+    print("gpu_check (b2): Newton–Schulz, bf16 vs fp32 iterates", flush=True)
+    res = _run([py, "experiments/tools/gpu_check.py", "--section", "ns"], limit["ns"], env={"TRITON_INTERPRET": "0"})
+    ns_rows = _last_json(res["stdout"]).get("ns_rows")
+    if not ns_rows and res["returncode"] == 0:
+        res["returncode"] = "no result"
+    sections["ns"] = {"runs": [res], "rows": ns_rows or []}
     print("gpu_check (c): step time and peak memory", flush=True)
     step_runs, step_rows = [], []
     for config in STEP_CONFIGS:
@@ -329,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "results" / "gpu.md"))
     parser.add_argument("--budget-s", type=float, default=600.0, help="time for all sections together")
-    parser.add_argument("--section", choices=("step",), default=None, help=argparse.SUPPRESS)  # subprocess entry
+    parser.add_argument("--section", choices=("step", "ns"), default=None, help=argparse.SUPPRESS)  # subprocesses
     parser.add_argument("--config", default="llama_130m", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     reason = no_cuda_reason()
@@ -340,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.section == "step":
         print(json.dumps({"rows": step_section(args.config)}))
+        return 0
+    if args.section == "ns":
+        print(json.dumps({"ns_rows": ns_section()}))
         return 0
     shown = sys.argv[1:] if argv is None else argv
     return run_all(Path(args.out), args.budget_s, shown)

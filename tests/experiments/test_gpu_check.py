@@ -33,12 +33,17 @@ def test_run_all_writes_every_section(tmp_path, monkeypatch):
                   "peak_bytes": 3 * 2**30, "loss": 10.0},
                  {"config": "llama_130m", "optimizer": "galore_torch", "error": "not installed"}]
 
+    ns_rows = [{"shape": "4096x4096", "case": "lrgrad newton_schulz, fp32 iterates", "ms": 40.0, "tflops": 17.2},
+               {"shape": "4096x4096", "case": "lrgrad newton_schulz, bf16 iterates", "ms": 10.0, "tflops": 68.7}]
+
     def fake_run(cmd, timeout, env=None):
         assert env == {"TRITON_INTERPRET": "0"} and timeout > 0
         if "pytest" in cmd:
             return _result(cmd, "....\n12 passed, 1 skipped in 30.0s\n")
         if "experiments/bench/bench_kernels.py" in cmd:
             return _result(cmd, bench_out)
+        if "--section" in cmd and "ns" in cmd:
+            return _result(cmd, json.dumps({"ns_rows": ns_rows}) + "\n")
         if "--section" in cmd:
             return _result(cmd, json.dumps({"rows": step_rows}) + "\n")
         out_dir = Path(cmd[cmd.index("--out-dir") + 1])
@@ -60,6 +65,7 @@ def test_run_all_writes_every_section(tmp_path, monkeypatch):
     assert "| adamw | 5.0000 | 4.0000 | 3.5000 | 30 | ok |" in text
     assert "| galore_adamw | 5.1000 | 4.2000 | 3.7000 | 30 | FAILED (exit 3) |" in text
     assert "- GPU 0: stub" in text
+    assert "| 4096x4096 | lrgrad newton_schulz, bf16 iterates | 10.00 | 68.7 | 4.00× |" in text
 
 
 def test_pytest_summary_line():
@@ -79,3 +85,22 @@ def test_step_section_builds_and_steps_every_optimizer_on_cpu():
             continue
         assert "error" not in row, row
         assert math.isfinite(row["loss"]) and row["step_s"] > 0
+
+
+def test_ns_section_times_both_precisions_on_cpu(monkeypatch):
+    """Section (b2)'s code path on the CPU (tiny shapes): every Newton–Schulz row runs, lrgrad's at each
+    precision and torch.optim.Muon's, and the table gives each row's speed over lrgrad's fp32 row."""
+    import math
+
+    monkeypatch.setenv("LRGRAD_KERNELS", "torch")
+    rows = gpu_check.ns_section(sizes=((12, 20), (20, 12)), device="cpu", repeats=1)
+    cases = {r["case"] for r in rows}
+    assert {"lrgrad newton_schulz, bf16 iterates", "lrgrad newton_schulz, fp32 iterates",
+            "torch.optim.Muon (bf16)"} <= cases
+    assert len(rows) == 2 * len(cases)
+    for row in rows:
+        assert "error" not in row, row
+        assert math.isfinite(row["ms"]) and row["ms"] > 0 and row["tflops"] > 0
+    table = gpu_check.ns_table(rows)
+    fp32 = [line for line in table if "lrgrad newton_schulz, fp32 iterates" in line]
+    assert len(fp32) == 2 and all(line.endswith("| 1.00× |") for line in fp32)
