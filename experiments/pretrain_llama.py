@@ -5,8 +5,12 @@
         --seq-len 256 --batch-size 128 --grad-accum 4 --max-steps 10000 --update-proj-gap 200 --bf16 on
 
 Recipe (arXiv:2403.03507): cosine schedule with 10% linear warmup down to 10% of the peak lr,
-gradient clipping (global norm, default 1.0), no weight decay, gradient accumulation, bf16
-autocast where supported (CUDA with bf16; off on CPU unless ``--bf16 on``).
+gradient clipping (global norm, default 1.0), gradient accumulation, bf16 autocast where supported
+(CUDA with bf16; off on CPU unless ``--bf16 on``). The optimizer's defaults follow ``--recipe``:
+``galore-paper`` (the default: the GaLore paper's lr 0.01, scale 0.25, no weight decay; each other
+method its paper's lr and scale) or ``library`` (each optimizer's own defaults, as
+``lrgrad.GaLoreAdamW(groups, rank=r)`` builds it: lr 1e-3, the RMS-matched scale, weight decay 0.01).
+Explicit ``--lr``, ``--scale``, ``--weight-decay`` win over either.
 
 Data: the embedded corpus (Python standard library sources, byte-level) by default, a folder
 or a pre-tokenized ``.bin`` with ``--data PATH``, or C4 with ``--data c4`` (see ``data.py``).
@@ -50,7 +54,14 @@ from lrgrad_experiments.pretrain import data as data_mod  # noqa: E402
 from lrgrad_experiments.pretrain import run_dir  # noqa: E402
 from lrgrad_experiments.pretrain.checkpoint import DCP_NAME, STATE_NAME, CheckpointError, CheckpointStore  # noqa: E402
 from lrgrad_experiments.pretrain.configs import MODEL_CONFIGS, build_model, count_params, get_config  # noqa: E402
-from lrgrad_experiments.pretrain.optimizers import REGISTRY, build_optimizer, get_spec, optimizer_class, uses_lrgrad  # noqa: E402
+from lrgrad_experiments.pretrain.optimizers import (  # noqa: E402
+    RECIPES,
+    REGISTRY,
+    build_optimizer,
+    get_spec,
+    optimizer_class,
+    uses_lrgrad,
+)
 
 import lrgrad  # noqa: E402
 
@@ -63,6 +74,8 @@ RESUME_MAY_CHANGE = {
     "max_steps": "the cosine schedule is recomputed for the new length from the resumed step",
     "eval_every": "", "eval_batches": "", "save_every": "", "keep_checkpoints": "",
 }
+#: arguments added after runs were saved: the value a run.json that predates them stands for
+ADDED_ARGS: dict[str, Any] = {"recipe": "galore-paper"}
 #: how this process runs, not what it trains: never compared on resume
 RUNTIME_ONLY = ("out_dir", "resume", "overwrite", "stop_after", "threads", "device", "no_progress", "quiet", "wandb",
                 "wandb_project")
@@ -83,12 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     a("--config", f"model size: {', '.join(MODEL_CONFIGS)}", "llama_9m")
     a("--optimizer", f"one of: {', '.join(REGISTRY)}", "galore_adamw")
-    a("--lr", "peak lr", type=float, shown="the method's paper lr")
+    a("--recipe", "where the optimizer's unset defaults come from: 'galore-paper' (the GaLore paper's pretraining "
+      "recipe: lr 0.01 (AuON 0.055, AdamW 0.003), scale 0.25 (Flora/APOLLO 1, APOLLO-Mini sqrt(128)), weight "
+      "decay 0) or 'library' (each optimizer's own, as lrgrad builds it: lr 1e-3, RMS-matched scale, weight decay "
+      "0.01; Muon lr 0.02)", "galore-paper", choices=list(RECIPES))
+    a("--lr", "peak lr", type=float, shown="the recipe's")
     a("--rank", "projection rank", type=int, shown="the config's paper rank")
     a("--update-proj-gap", "steps between subspace refreshes / resamples", type=int,
       shown="the method's: GaLore 200, Flora 1000, ...")
-    a("--scale", "GaLore scale alpha", type=float, shown="the method's")
-    a("--weight-decay", "decoupled weight decay", 0.0, type=float)
+    a("--scale", "GaLore scale alpha", type=float, shown="the recipe's")
+    a("--weight-decay", "decoupled weight decay", type=float, shown="the recipe's: 0 for galore-paper, the "
+      "optimizer's for library")
     a("--opt-arg", "extra optimizer option (value parsed as JSON when possible), repeatable", [],
       shown="none", action="append", metavar="KEY=VALUE")
     a("--adamw-impl", "torch AdamW variant", "foreach", choices=["foreach", "fused", "for-loop"])
@@ -131,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.weight_decay is None and args.recipe == "galore-paper":
+        args.weight_decay = 0.0  # the paper's; recorded as such in run.json
     validate_args(args)
     return args
 
@@ -448,7 +468,7 @@ def build_training(args: argparse.Namespace, model: torch.nn.Module) -> Training
         opt_kwargs.update(rank=rank, update_proj_gap=args.update_proj_gap, scale=args.scale)
     elif spec.kind == "adamw":
         opt_kwargs.update(adamw_impl=args.adamw_impl)
-    optimizer = build_optimizer(args.optimizer, model, **opt_kwargs)
+    optimizer = build_optimizer(args.optimizer, model, recipe=args.recipe, **opt_kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda_factory(args.max_steps, args.warmup_ratio, args.min_lr_ratio))
     clip = args.grad_clip if args.grad_clip and args.grad_clip > 0 else None
@@ -539,6 +559,7 @@ def _flag(key: str) -> str:
 
 def compare_resume_args(saved: dict[str, Any], now: dict[str, Any], path: Path) -> dict[str, list[Any]]:
     """The honoured changes ``{arg: [old, new]}``; refuse every other difference in one message."""
+    saved = {**ADDED_ARGS, **saved}
     changed = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v}
     refused = {k: ov for k, ov in changed.items() if k not in RESUME_MAY_CHANGE}
     if refused:

@@ -33,11 +33,11 @@ from lrgrad.dtensor import is_dtensor, low_rank_zeros
 from lrgrad.groups import caller_stacklevel, is_module_parameters, route_named_params
 from lrgrad.optim.compile_guard import refuse_compiled_step
 from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS, full_rank_update_, init_full_rank_state, validate_full_rank
+from lrgrad.optim.group_keys import normalize_group
 from lrgrad.optim.nonfinite import probe as nonfinite_probe
 from lrgrad.optim.pipeline import StepPipeline, full_rank_pieces, prepare
 from lrgrad.projectors import PROJECTORS, Projector
 from lrgrad.projectors.sharded import ShardedProjector
-from lrgrad.projectors.svd import GALORE_TORCH_GROUP_KEYS
 from lrgrad.qweights import update_targets
 from lrgrad.rules import RULES, UpdateRule
 from lrgrad.subspace import MOMENT_POLICIES, PROJ_TYPES, compute_dtype, low_rank_shape, matrix_shape, projection_side
@@ -164,7 +164,9 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             # takes its own option defaults, not the constructor rule's (eps, betas, ...)
             for key, value in RULES[rule].option_defaults.items():
                 param_group.setdefault(key, value)
-        self._galore_torch_compat(param_group)
+        if isinstance(param_group, dict):  # keys written for other libraries: honoured, refused or warned
+            normalize_group(param_group, self.defaults, getattr(self, "_explicit_options", ()),
+                            self.__dict__.setdefault("_warned_keys", set()))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -174,18 +176,6 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             raise
         for p in group["params"]:
             self._param_index.setdefault(id(p), len(self._param_index))
-
-    def _galore_torch_compat(self, param_group: Any) -> None:
-        """A param group written for galore-torch (it carries ``rank``, ``update_proj_gap``, ``scale``
-        and ``proj_type``) refreshes with galore-torch's exact ``torch.linalg.svd`` unless ``svd`` is
-        set in the group or the constructor: it then reproduces galore-torch (README, "The one-liner").
-        Every other group gets the SVD projector's faster default (``svd="warm"``)."""
-        if not isinstance(param_group, dict) or "svd" in param_group or "svd" in getattr(self, "_explicit_options", ()):
-            return
-        projector = param_group.get("projector", self.defaults.get("projector"))
-        if (isinstance(projector, str) and projector in PROJECTORS and "svd" in PROJECTORS[projector].option_defaults
-                and GALORE_TORCH_GROUP_KEYS <= param_group.keys()):
-            param_group["svd"] = "exact"
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         lr = group["lr"]

@@ -12,7 +12,7 @@ CLI read their names and defaults from the same rows.
 A row names only what it changes; ``parent`` rows pass theirs on (``APOLLOMiniAdamW`` is
 ``APOLLOAdamW`` with rank 1, a tensor-wise scale and α = √128). Adding a method is adding a row::
 
-    Preset("GaLoreLion", parent="LowRankLion", projector="svd", aliases=("galore_lion",),
+    Preset("GaLoreLion", parent="LowRankLion", projector="svd", choose_projector=False, aliases=("galore_lion",),
            doc="Lion inside GaLore's SVD subspace (arXiv:2403.03507 x arXiv:2302.06675).")
 """
 
@@ -135,36 +135,6 @@ PRESETS: tuple[Preset, ...] = (
            aliases=("galore_adafactor",), hf_optim="galore_adafactor", label="GaLore-Adafactor",
            paper_recipe={"lr": 1e-2, "scale": 0.25},
            doc="GaLore with Adafactor's factored second moment in the low-rank space (arXiv:2403.03507)."),
-    Preset("GaLoreAdamW8bit", parent="LowRankAdamW", rule="adamw8bit", projector="svd", choose_projector=False,
-           aliases=("galore8bit", "galore_adamw_8bit"), hf_optim="galore_adamw_8bit", label="GaLore-AdamW8bit",
-           doc="""GaLore (fp32 SVD basis, fixed gap) with 8-bit blockwise Adam moments.
-
-    "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
-    Zhao et al. 2024, arXiv:2403.03507 (its "8-bit GaLore"), moments as in
-    ``rule="adamw8bit"`` (arXiv:2110.02861)."""),
-    Preset("QGaLoreAdamW", parent="LowRankAdamW", rule="adamw8bit", projector="qgalore", choose_projector=False,
-           aliases=("qgalore", "qgalore_adamw"), label="Q-GaLore-AdamW", paper_recipe={"lr": 1e-2, "scale": 0.25},
-           doc=r"""Q-GaLore: AdamW with 8-bit moments inside an INT4-quantized SVD subspace.
-
-    "Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank
-    Gradients", Zhang et al. 2024, arXiv:2407.08296. The INT8-weight part of Q-GaLore
-    (stochastic rounding of quantized weights) lives with ``lrgrad.quantize_weights``.
-    Per projected m x n matrix (right side shown):
-
-    .. math::
-        P_t &= Q_4\big(V_{:r}^\top(\mathrm{svd}(G_t))\big) \text{ refreshed every } T_\ell \text{ steps} \\
-        R_t &= G_t\, \hat P_t^\top, \quad u_t = \mathrm{AdamW}_{8\text{bit}}(R_t) \\
-        W_t &= W_{t-1}(1 - \eta\lambda) - \eta\,\alpha\, u_t \hat P_t
-
-    where :math:`Q_4` stores the basis as packed INT4 codes with fp16 scale/zero
-    per group of ``proj_quant_group_size`` and :math:`\hat P` is its dequantization.
-    The per-layer gap :math:`T_\ell` starts at ``update_proj_gap`` and doubles
-    (up to ``max_proj_gap``, default 8x) while the last ``adaptive_window``
-    subspace overlaps ``‖P_{old} P_{new}^\top‖_F^2 / r`` stay ``≥ adaptive_threshold``;
-    it halves again when the subspace moves. Adam moments of at least
-    ``moment_min_size`` elements are stored blockwise 8-bit (``moment_block_size``);
-    params outside the projector (embeddings, norms) use the same 8-bit AdamW.
-    ``proj_bits=8`` stores INT8 codes; ``adaptive_gap=False`` keeps a fixed gap."""),
     # -- DCT: a shared DCT-II basis, r indices per matrix
     Preset("DCTAdamW", parent="LowRankAdamW", projector="dct", choose_projector=False,
            defaults={"moment_policy": "project"}, aliases=("dct", "dct_adamw"), label="DCT-AdamW",
@@ -231,6 +201,37 @@ PRESETS: tuple[Preset, ...] = (
     Preset("OnlineSubspaceLion", parent="LowRankLion", projector="online_pca", choose_projector=False,
            defaults={"update_proj_gap": 1}, aliases=("online_subspace_lion",),
            doc="Online Subspace Descent with Lion (arXiv:2408.12857); see ``OnlineSubspaceAdamW``."),
+    # -- 8-bit moments: GaLore with 8-bit Adam, Q-GaLore (INT4 basis, adaptive gap)
+    Preset("GaLoreAdamW8bit", parent="LowRankAdamW", rule="adamw8bit", projector="svd", choose_projector=False,
+           aliases=("galore8bit", "galore_adamw_8bit"), hf_optim="galore_adamw_8bit", label="GaLore-AdamW8bit",
+           doc="""GaLore (fp32 SVD basis, fixed gap) with 8-bit blockwise Adam moments.
+
+    "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+    Zhao et al. 2024, arXiv:2403.03507 (its "8-bit GaLore"), moments as in
+    ``rule="adamw8bit"`` (arXiv:2110.02861)."""),
+    Preset("QGaLoreAdamW", parent="LowRankAdamW", rule="adamw8bit", projector="qgalore", choose_projector=False,
+           aliases=("qgalore", "qgalore_adamw"), label="Q-GaLore-AdamW", paper_recipe={"lr": 1e-2, "scale": 0.25},
+           doc=r"""Q-GaLore: AdamW with 8-bit moments inside an INT4-quantized SVD subspace.
+
+    "Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank
+    Gradients", Zhang et al. 2024, arXiv:2407.08296. The INT8-weight part of Q-GaLore
+    (stochastic rounding of quantized weights) lives with ``lrgrad.quantize_weights``.
+    Per projected m x n matrix (right side shown):
+
+    .. math::
+        P_t &= Q_4\big(V_{:r}^\top(\mathrm{svd}(G_t))\big) \text{ refreshed every } T_\ell \text{ steps} \\
+        R_t &= G_t\, \hat P_t^\top, \quad u_t = \mathrm{AdamW}_{8\text{bit}}(R_t) \\
+        W_t &= W_{t-1}(1 - \eta\lambda) - \eta\,\alpha\, u_t \hat P_t
+
+    where :math:`Q_4` stores the basis as packed INT4 codes with fp16 scale/zero
+    per group of ``proj_quant_group_size`` and :math:`\hat P` is its dequantization.
+    The per-layer gap :math:`T_\ell` starts at ``update_proj_gap`` and doubles
+    (up to ``max_proj_gap``, default 8x) while the last ``adaptive_window``
+    subspace overlaps ``‖P_{old} P_{new}^\top‖_F^2 / r`` stay ``≥ adaptive_threshold``;
+    it halves again when the subspace moves. Adam moments of at least
+    ``moment_min_size`` elements are stored blockwise 8-bit (``moment_block_size``);
+    params outside the projector (embeddings, norms) use the same 8-bit AdamW.
+    ``proj_bits=8`` stores INT8 codes; ``adaptive_gap=False`` keeps a fixed gap."""),
     # -- Flora: seeded random projections, never stored
     Preset("FloraAdamW", parent="LowRankAdamW", projector="random", choose_projector=False,
            defaults={"update_proj_gap": 1000, "moment_policy": "project"}, aliases=("flora", "flora_adamw"),

@@ -25,7 +25,7 @@ Side convention (shared by every projector and by ``lrgrad.kernels``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -70,6 +70,13 @@ class Projector:
         #: :meth:`finish_deferred` to run once every param of the group has been projected; None:
         #: the refresh does all its work at once (per-layer updates, accumulation, FSDP2)
         self.deferred: list | None = None
+
+    @classmethod
+    def compat_options(cls, group: Mapping[str, Any]) -> dict[str, Any]:
+        """Options that make a param group written for another library's implementation of this
+        projector run as it does there (set unless the group or the constructor sets them; e.g. an
+        SVD group with galore-torch's four keys gets its exact SVD). Default: none."""
+        return {}
 
     @classmethod
     def finish_deferred(cls, items: list) -> None:

@@ -32,6 +32,7 @@ enters the basis.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -192,7 +193,7 @@ def sketch_basis(
     n = rows.shape[1]
     width = min(rank + oversample, n)
     omega = torch.randn(n, width, generator=generator, device=rows.device, dtype=rows.dtype)
-    if previous is not None and side == "right":
+    if previous is not None:
         omega[:, :rank] = previous.T.to(rows.dtype)
     q = orthonormal_columns(omega)
     for it in range(power_iters + 1):
@@ -250,6 +251,12 @@ class SVDProjector(Projector):
     option_defaults: dict[str, Any] = {"svd": "warm", "svd_oversample": 8, "svd_power_iters": 0,
                                        "svd_warm_tol": 1e-3, "svd_warm_iters": 3, "svd_sharded": "sketch"}
     sharded_refresh_options: dict[str, Any] = {"svd": "randomized"}
+
+    @classmethod
+    def compat_options(cls, group: Mapping[str, Any]) -> dict[str, Any]:
+        """A group with galore-torch's four keys refreshes with galore-torch's exact ``torch.linalg.svd``
+        (README, "The one-liner"); every other group keeps the faster ``svd="warm"``."""
+        return {"svd": "exact"} if GALORE_TORCH_GROUP_KEYS <= group.keys() else {}
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:

@@ -94,8 +94,11 @@ def test_help_shows_every_default_exactly_once(capsys):
         if action.default not in (None, False, []) and "%(default)s" in action.help:
             assert f"(default: {action.default})" in " ".join(text.split()), action.dest
     flat = " ".join(text.split())
-    for words in ("--lr LR peak lr (default: the method's paper lr)", "--weight-decay WEIGHT_DECAY decoupled "
-                  "weight decay (default: 0.0)", "--keep-checkpoints KEEP_CHECKPOINTS keep the newest K checkpoint "
+    for words in ("--lr LR peak lr (default: the recipe's)", "--weight-decay WEIGHT_DECAY decoupled "
+                  "weight decay (default: the recipe's: 0 for galore-paper, the optimizer's for library)",
+                  "--recipe {galore-paper,library} where the optimizer's unset defaults come from: 'galore-paper' "
+                  "(the GaLore paper's pretraining recipe: lr 0.01",
+                  "--keep-checkpoints KEEP_CHECKPOINTS keep the newest K checkpoint "
                   "folders (default: 2)", "--layerwise per-layer updates"):
         assert words in flat
 
@@ -148,3 +151,37 @@ def test_resume_with_a_changed_data_or_subspace_argument_is_refused(tmp_path, ca
     assert len(err.splitlines()) == 1
     assert f"{flag} was {old}, now {shown}" in err and "resume with the checkpoint's values" in err
     assert (sorted(p.name for p in (out / "checkpoints").iterdir()), (out / "eval.jsonl").read_text()) == before
+
+
+def test_the_recipe_decides_the_unset_defaults():
+    """``--recipe galore-paper`` (the default): the paper's lr 0.01, scale 0.25, no weight decay;
+    ``--recipe library``: exactly what the class builds by itself (lr 1e-3, wd 0.01, RMS-matched scale);
+    explicit values win over either (issue 29.7)."""
+    from lrgrad_experiments.pretrain.configs import build_model
+    from lrgrad_experiments.pretrain.optimizers import build_optimizer
+
+    import lrgrad
+
+    model = build_model("llama_test", vocab_size=64, max_seq_len=32)
+    paper = build_optimizer("galore_adamw", model, rank=8)
+    assert (paper.defaults["lr"], paper.defaults["weight_decay"], paper.param_groups[0]["scale"]) == (1e-2, 0.0, 0.25)
+    library = build_optimizer("galore_adamw", model, rank=8, recipe="library")
+    direct = lrgrad.GaLoreAdamW(lrgrad.param_groups(model, rank=8), lr=1e-3)
+    assert library.defaults == direct.defaults
+    assert [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in library.param_groups] == [
+        {k: v for k, v in g.items() if k not in ("params", "param_names")} for g in direct.param_groups]
+    mini = build_optimizer("apollo_mini_adamw", model, rank=8, recipe="library")
+    assert (mini.param_groups[0]["rank"], mini.param_groups[0]["scale"]) == (1, 128**0.5)
+    torch_adamw = build_optimizer("adamw", model, recipe="library")
+    assert (torch_adamw.defaults["lr"], torch_adamw.defaults["weight_decay"]) == (1e-3, 1e-2)
+    assert build_optimizer("galore_adamw", model, rank=8, recipe="library", lr=3e-3).defaults["lr"] == 3e-3
+    assert parse_args(["--recipe", "library"]).weight_decay is None  # the optimizer's own
+    assert parse_args([]).weight_decay == 0.0  # the paper's, recorded in run.json
+    with pytest.raises(ValueError, match="recipe"):
+        build_optimizer("galore_adamw", model, rank=8, recipe="paper")
+
+
+def test_the_readme_says_which_recipe_the_cli_follows():
+    flat = " ".join((ROOT / "README.md").read_text().split())
+    assert "`--recipe galore-paper`: lr 0.01, scale 0.25, weight decay 0" in flat
+    assert "`--recipe library` gives every optimizer its own defaults" in flat

@@ -1,0 +1,62 @@
+"""Param-group keys written for other libraries: honoured, refused by name, or warned about (issue 29.9)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import lrgrad
+
+
+def matrix(seed: int = 0, shape: tuple[int, int] = (24, 40)) -> torch.nn.Parameter:
+    torch.manual_seed(seed)
+    return torch.nn.Parameter(torch.randn(*shape, dtype=torch.float64))
+
+
+def run(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: int = 3) -> None:
+    for step in range(steps):
+        for i, p in enumerate(params):
+            torch.manual_seed(100 * step + i)
+            p.grad = torch.randn_like(p)
+        opt.step()
+
+
+def test_pytorch_optimizers_projection_type_is_proj_type():
+    """pytorch-optimizer's GaLore writes ``projection_type``; the group runs that side, exactly as
+    lrgrad's own ``proj_type`` does (and not the default ``std``, which projects the other side of 24 x 40)."""
+    theirs, ours, default = matrix(), matrix(), matrix()
+    opt = lrgrad.GaLoreAdamW([{"params": [theirs], "rank": 4, "projection_type": "right"}], lr=1e-2)
+    assert opt.param_groups[0]["proj_type"] == "right" and "projection_type" not in opt.param_groups[0]
+    run(opt, [theirs])
+    run(lrgrad.GaLoreAdamW([{"params": [ours], "rank": 4, "proj_type": "right"}], lr=1e-2), [ours])
+    run(lrgrad.GaLoreAdamW([{"params": [default], "rank": 4}], lr=1e-2), [default])
+    assert torch.equal(theirs, ours)
+    assert not torch.allclose(theirs, default)
+
+
+def test_apollo_torchs_proj_is_projector():
+    opt = lrgrad.APOLLOAdamW([{"params": [matrix()], "rank": 4, "proj": "svd"}], lr=1e-2)
+    assert opt.param_groups[0]["projector"] == "svd"
+    with pytest.raises(ValueError, match="proj.*'svd'.*projector='random'"):
+        lrgrad.APOLLOAdamW([{"params": [matrix()], "rank": 4, "proj": "svd", "projector": "random"}])
+
+
+@pytest.mark.parametrize(("key", "instead"), [("alpha", "scale"), ("quant_n_bit", "proj_bits"),
+                                              ("cos_threshold", "adaptive_threshold")])
+def test_keys_lrgrad_spells_otherwise_are_refused_by_name(key, instead):
+    with pytest.raises(ValueError, match=f"Invalid {key}:.*{instead}"):
+        lrgrad.FiraAdamW([{"params": [matrix()], "rank": 4, key: 1}], lr=1e-2)
+
+
+def test_an_unknown_key_in_a_projected_group_warns_once():
+    groups = [{"params": [matrix(0)], "rank": 4, "amsgrad": True}, {"params": [matrix(1)], "rank": 4, "amsgrad": True}]
+    with pytest.warns(UserWarning, match="'amsgrad' is not an option") as record:
+        opt = lrgrad.GaLoreAdamW(groups, lr=1e-2)
+        opt.add_param_group({"params": [matrix(2)], "rank": 4, "amsgrad": True})
+    assert sum("amsgrad" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known keys (the rule's, the projector's, torch's) never warn
+        lrgrad.GaLoreAdamW([{"params": [matrix()], "rank": 4, "betas": (0.9, 0.95), "svd": "gram",
+                             "param_names": ["w"]}], lr=1e-2)
