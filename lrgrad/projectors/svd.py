@@ -193,7 +193,7 @@ def sketch_basis(
     n = rows.shape[1]
     width = min(rank + oversample, n)
     omega = torch.randn(n, width, generator=generator, device=rows.device, dtype=rows.dtype)
-    if previous is not None:
+    if previous is not None and side == "right":
         omega[:, :rank] = previous.T.to(rows.dtype)
     q = orthonormal_columns(omega)
     for it in range(power_iters + 1):
