@@ -20,23 +20,25 @@ import lrgrad
 from lrgrad.projectors.svd import top_singular_basis
 
 REFRESHES, RANK = 4, 6
-#: (shape, side under proj_type="std"): wide matrices project the left side
-SHAPES = [((24, 60), "left"), ((60, 24), "right")]
+#: (shape, proj_type, side): wide matrices project the left side under "std", the larger side under
+#: "reverse_std" (a tall matrix's left side, a wide one's right side)
+SHAPES = [((24, 60), "std", "left"), ((60, 24), "std", "right"), ((60, 24), "reverse_std", "left"),
+          ((24, 60), "reverse_std", "right")]
 #: the sketch's captured energy against the exact top-r energy: one pass (power_iters=0) on a spectrum
 #: falling as i^-1 loses a few percent; a refresh left stale by a failure captures ~1/3 (a new subspace)
 MIN_ENERGY = {0: 0.9, 1: 0.99}
 
 
-@pytest.mark.parametrize("shape, side", SHAPES, ids=["left", "right"])
+@pytest.mark.parametrize("shape, proj_type, side", SHAPES, ids=["left", "right", "left-larger", "right-larger"])
 @pytest.mark.parametrize("preset, options", [
     ("GaLoreAdamW", {"svd": "randomized"}),                          # the one-process randomized SVD
     ("GaLoreAdamW", {"svd": "randomized", "svd_power_iters": 1}),
     ("GaLoreAdamW8bit", {"svd": "randomized"}),
     ("QGaLoreAdamW", {"svd": "randomized", "adaptive_gap": False}),  # warm-started from its INT4 basis
 ], ids=["galore", "galore-power1", "galore8bit", "qgalore"])
-def test_every_sketch_refresh_succeeds_and_moves_the_basis(preset, options, shape, side):
+def test_every_sketch_refresh_succeeds_and_moves_the_basis(preset, options, shape, proj_type, side):
     w = torch.nn.Parameter(torch.zeros(*shape))
-    opt = getattr(lrgrad, preset)([w], lr=1e-2, rank=RANK, update_proj_gap=1, **options)
+    opt = getattr(lrgrad, preset)([w], lr=1e-2, rank=RANK, update_proj_gap=1, proj_type=proj_type, **options)
     projector = opt.projector_for(w, opt.param_groups[0])
     assert projector.side == side
     previous = None
