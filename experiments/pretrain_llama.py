@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--layerwise", "per-layer updates from gradient hooks (lrgrad.LayerwiseOptimizer)", action="store_true")
     a("--weight-bits", "INT8 weights (lrgrad.quantize_weights)", type=int, choices=[8], shown="full-precision")
     a("--data", "'stdlib' (embedded), 'c4', a folder of text files or a .bin token file", "stdlib")
+    a("--tokenizer", "Hugging Face tokenizer (hub name or local folder) for 'c4' or a folder of text files, whose "
+      "documents are then tokenized and packed as C4's", shown="t5-base for c4, byte-level otherwise")
     a("--data-dtype", "token dtype of a .bin file", "uint16", choices=["uint16", "uint8"])
     a("--vocab-size", "vocabulary of a .bin file", type=int, shown="max id + 1")
     a("--bytes-per-token", "text bytes per token of a .bin file (bits per byte)", 1.0, type=float)
@@ -177,6 +179,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.data not in ("stdlib", "c4") and not Path(args.data).exists():
         raise ValueError(f"Invalid data path: {args.data!r} does not exist (expected 'stdlib', 'c4', a folder "
                          "or a .bin token file)")
+    if args.tokenizer is not None and (args.data == "stdlib" or not (args.data == "c4" or Path(args.data).is_dir())):
+        raise ValueError(f"Invalid --tokenizer with --data {args.data!r}: a tokenizer applies to 'c4' or a folder of "
+                         "text files")
     if args.layerwise and get_spec(args.optimizer).class_name is None:
         raise ValueError("Invalid optimizer for --layerwise: torch AdamW has no per-layer mode; "
                          "use an lrgrad optimizer")
@@ -409,9 +414,11 @@ class Data:
 
 
 def build_data(args: argparse.Namespace) -> Data:
-    if args.data == "c4":
-        loader = data_mod.C4Stream(args.batch_size, args.seq_len, seed=args.seed)
-        val_stream = data_mod.C4Stream(args.batch_size, args.seq_len, seed=args.seed, split="validation")
+    if args.data == "c4" or args.tokenizer is not None:  # documents tokenized and packed (C4's pipeline)
+        stream = dict(seed=args.seed, tokenizer=args.tokenizer or "t5-base", source=args.data,
+                      val_percent=args.val_percent)
+        loader = data_mod.C4Stream(args.batch_size, args.seq_len, **stream)
+        val_stream = data_mod.C4Stream(args.batch_size, args.seq_len, split="validation", **stream)
         val_batches = [val_stream.next() for _ in range(args.eval_batches)]
         return Data(loader, val_batches, loader.vocab_size, args.bytes_per_token)
     corpus = data_mod.load_corpus(args.data, args.val_percent, args.max_bytes, args.data_dtype,

@@ -15,6 +15,9 @@ MODEL_CONFIGS: dict[str, dict[str, int]] = {
                  "rank": 32},
     "llama_20m": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
                   "rank": 64},
+    # the long-run CPU size (experiments/bench/long_run.py): 10.8M params at byte level, ~1 s a step on one thread
+    "llama_35m": {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 6,
+                  "rank": 96},
     "llama_60m": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
                   "rank": 128},
     "llama_130m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,

@@ -262,48 +262,104 @@ class DataSourceError(RuntimeError):
     """A data source that cannot be used here (missing package, unreachable hub)."""
 
 
-class C4Stream:
-    """The paper's data: C4 streamed from the Hugging Face hub, tokenized, packed into windows.
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
-    Position = batches consumed; resuming re-reads the stream and skips that many batches.
+
+class C4Stream:
+    """The paper's data: documents tokenized with a Hugging Face tokenizer, packed into windows.
+
+    ``source="c4"`` streams C4 (``allenai/c4``, ``en``) from the hub with ``datasets`` (the train split
+    shuffled with ``seed`` in a 10,000-document buffer); a folder path reads its text files instead,
+    one document per file, split train/validation by file exactly like the byte-level folders (the
+    train files in a seeded order) — the tokenizing and packing are the same code, only the documents'
+    source differs, which is how this is tested without a network. ``tokenizer`` is a hub name
+    (``t5-base``) or a local tokenizer folder. Position = batches consumed; resuming re-reads the
+    stream and skips that many batches.
     """
 
     def __init__(self, batch_size: int, seq_len: int, seed: int = 0, tokenizer: str = "t5-base",
-                 split: str = "train"):
+                 split: str = "train", source: str = "c4", val_percent: float = 5.0):
+        if split not in ("train", "validation"):
+            raise ValueError(f"Invalid split: {split!r}; expected 'train' or 'validation'")
         try:
-            import datasets  # noqa: F401
             from transformers import AutoTokenizer
-        except ImportError as exc:
-            raise DataSourceError(
-                "--data c4 needs the 'datasets' package (pip install datasets) and a reachable Hugging Face hub; "
-                "use the embedded corpus (--data stdlib) or --data PATH instead"
-            ) from exc
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-            self.dataset = datasets.load_dataset("allenai/c4", "en", split=split, streaming=True)
+        except ImportError as exc:  # pragma: no cover - transformers is a dependency of the experiments
+            raise DataSourceError(f"tokenized data needs transformers ({exc})") from exc
+        self.source, self.split, self.val_percent = source, split, val_percent
+        if source == "c4":
+            try:
+                import datasets  # noqa: F401
+            except ImportError as exc:
+                raise DataSourceError(
+                    "--data c4 needs the 'datasets' package (pip install datasets) and a reachable Hugging Face "
+                    "hub; use the embedded corpus (--data stdlib) or --data PATH instead"
+                ) from exc
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+                self.dataset = datasets.load_dataset("allenai/c4", "en", split=split, streaming=True)
+                if split == "train":
+                    self.dataset = self.dataset.shuffle(seed=seed, buffer_size=10_000)
+            except Exception as exc:  # network errors come in many types
+                raise DataSourceError(
+                    f"--data c4: could not reach the Hugging Face hub ({type(exc).__name__}: {exc}); "
+                    "use the embedded corpus (--data stdlib) or --data PATH instead"
+                ) from exc
+        else:
+            root = Path(source)
+            if not root.is_dir():
+                raise ValueError(f"Invalid data path: {source!r} is not a directory (tokenized data reads a folder "
+                                 "of text files, or 'c4')")
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            except Exception as exc:  # a hub name without a network, a folder without a tokenizer
+                raise DataSourceError(f"--tokenizer {tokenizer!r}: could not load it ({type(exc).__name__}: "
+                                      f"{_first_line(exc)})") from exc
+            files = list_text_files(root)
+            train, val = split_files(files, val_percent)
+            if not train or not val:  # tiny folders, as load_folder
+                train, val = files[:-1], files[-1:]
+            if not train:
+                raise ValueError(f"Invalid data path: {source!r} needs at least two files (train and validation)")
+            chosen = train if split == "train" else val
             if split == "train":
-                self.dataset = self.dataset.shuffle(seed=seed, buffer_size=10_000)
-        except Exception as exc:  # network errors come in many types
-            raise DataSourceError(
-                f"--data c4: could not reach the Hugging Face hub ({type(exc).__name__}: {exc}); "
-                "use the embedded corpus (--data stdlib) or --data PATH instead"
-            ) from exc
+                chosen = [chosen[i] for i in np.random.default_rng(seed).permutation(len(chosen))]
+            self.dataset = [{"text": (root / f).read_text(encoding="utf-8", errors="replace")} for f in chosen]
         self.vocab_size = len(self.tokenizer)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.position = 0
         self._it = self._windows()
 
     def _windows(self):
+        """Windows of ``seq_len + 1`` tokens over the documents joined end to end (tokenized 64 at a time)."""
         buf: list[int] = []
         w = self.seq_len + 1
-        for row in self.dataset:
-            buf.extend(self.tokenizer(row["text"])["input_ids"])
+        texts: list[str] = []
+
+        def drain():
+            nonlocal buf
+            for ids in self.tokenizer(texts)["input_ids"]:
+                buf.extend(ids)
+            texts.clear()
             while len(buf) >= w:
                 yield buf[:w]
                 buf = buf[w:]
 
+        for row in self.dataset:
+            texts.append(row["text"])
+            if len(texts) == 64:
+                yield from drain()
+        if texts:
+            yield from drain()
+
     def next(self) -> torch.Tensor:
-        rows = [next(self._it) for _ in range(self.batch_size)]
+        try:
+            rows = [next(self._it) for _ in range(self.batch_size)]
+        except (StopIteration, RuntimeError) as exc:  # a generator's StopIteration surfaces as RuntimeError
+            raise DataSourceError(f"tokenized data from {self.source!r} ({self.split}) ran out after "
+                                  f"{self.position} batches of {self.batch_size} x {self.seq_len + 1} tokens") \
+                from exc
         self.position += 1
         return torch.tensor(rows, dtype=torch.int64)
 

@@ -1,0 +1,254 @@
+"""Long runs on one CPU thread: which method wins after 2000+ steps, not 200.
+
+    nohup setsid .venv/bin/python experiments/bench/long_run.py > runs/long_run.log 2>&1 &
+
+A byte-level LLaMA (``llama_35m``: 10.8M params at vocab 256; 6 layers, hidden 384, rank 96) on the
+embedded corpus, sequence 256, batch 4, 2000 steps, cosine with 10% warmup, clip 1.0, every method at
+its paper defaults (``pretrain/optimizers.py``; refresh gap 200 as the papers) and at AdamW's best lr
+from a short sweep, two seeds. Each run is an ordinary ``pretrain_llama.py`` run in its own folder
+``runs/long_run/<method>-lr<lr>-s<seed>-<steps>/`` (checkpoints, ``eval.jsonl``), stepped in chunks of
+``--chunk-steps`` with ``--stop-after`` and ``--resume``, so the queue survives a kill at any moment
+(at most ``--save-every`` steps are lost) and continues where it stopped when the same command is run
+again. After every chunk ``results/long_run.md``, ``.png`` and ``.json`` are rewritten
+(``long_run_report.py``), so the table fills in as runs finish.
+
+The queue, most informative first: paper defaults of the first seed (AdamW, GaLore, APOLLO-Mini, Fira,
+Muon, then the rest), the AdamW lr sweep (``--sweep-steps`` steps per lr, the schedule scaled to that
+length), every method at the sweep's best lr, then the other seeds in the same order.
+``--budget-minutes`` stops starting chunks after that long; ``--list`` prints the queue and its state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lrgrad_experiments.bench import long_run_report as report
+from lrgrad_experiments.paths import REPO, RESULTS
+from lrgrad_experiments.pretrain.optimizers import available_optimizers, get_spec
+from lrgrad_experiments.pretrain_llama import parse_args, run
+
+#: the order runs start in: the baseline, the paper's method, then what a short run cannot tell apart
+METHOD_ORDER = ("adamw", "galore_adamw", "apollo_mini_adamw", "fira_adamw", "muon", "apollo_adamw",
+                "online_subspace_adamw", "dct_adamw", "flora_adamw", "qgalore_adamw")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the queue; its folder name is a function of what it trains."""
+
+    method: str
+    lr: float
+    seed: int
+    steps: int
+    role: str  # "paper" (the method's own lr), "best" (AdamW's best lr), "sweep" (AdamW lr sweep)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.method}-lr{self.lr:g}-s{self.seed}-{self.steps}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="llama_35m", help="model size (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=list(METHOD_ORDER), help="optimizers, in queue order")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=2000, help="steps of a run (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (default: %(default)s)")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches (default: %(default)s)")
+    p.add_argument("--sweep-lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2],
+                   help="AdamW lrs of the sweep (default: %(default)s)")
+    p.add_argument("--sweep-steps", type=int, default=400, help="steps of a sweep run (default: %(default)s)")
+    p.add_argument("--chunk-steps", type=int, default=250, help="steps per invocation of a run (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default: %(default)s)")
+    p.add_argument("--budget-minutes", type=float, default=0.0,
+                   help="start no chunk after this many minutes; 0: run the whole queue (default: %(default)s)")
+    p.add_argument("--data", default="stdlib", help="'stdlib' or a folder of text files (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--out-root", default=str(REPO / "runs" / "long_run"), help="run folders (default: %(default)s)")
+    p.add_argument("--results", default=str(RESULTS), help="where long_run.md/.png/.json go (default: %(default)s)")
+    p.add_argument("--list", action="store_true", help="print the queue and each run's state, run nothing")
+    p.add_argument("--report-only", action="store_true", help="rewrite the results from the run folders, run nothing")
+    return p
+
+
+def paper_lr(method: str) -> float:
+    return get_spec(method).lr
+
+
+# ---------------------------------------------------------------------------- run state
+def run_dir(opts: argparse.Namespace, spec: RunSpec) -> Path:
+    return Path(opts.out_root) / spec.tag
+
+
+def is_done(opts: argparse.Namespace, spec: RunSpec) -> bool:
+    return (run_dir(opts, spec) / "done.json").is_file()
+
+
+def has_checkpoint(opts: argparse.Namespace, spec: RunSpec) -> bool:
+    folder = run_dir(opts, spec) / "checkpoints"
+    return folder.is_dir() and any(p.name.startswith("step-") and p.is_dir() and not p.name.endswith(".damaged")
+                                   for p in folder.iterdir())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line a kill cut short
+                continue
+    return out
+
+
+def best_sweep_lr(opts: argparse.Namespace) -> float | None:
+    """AdamW's lr with the lowest final validation loss in the sweep (first seed); None until it finished."""
+    finals = {}
+    for lr in opts.sweep_lrs:
+        spec = RunSpec("adamw", lr, opts.seeds[0], opts.sweep_steps, "sweep")
+        if not is_done(opts, spec):
+            return None
+        finals[lr] = json.loads((run_dir(opts, spec) / "done.json").read_text())["final_val_loss"]
+    return min(finals, key=finals.get)
+
+
+def build_queue(opts: argparse.Namespace) -> tuple[list[RunSpec], float | None]:
+    """Every run in start order (the best-lr runs appear once the sweep finished) and the best lr."""
+    methods = [m for m in opts.methods if m in available_optimizers()]
+    best = best_sweep_lr(opts)
+    queue: list[RunSpec] = []
+
+    def add(spec: RunSpec) -> None:
+        if all(spec.tag != q.tag for q in queue):  # AdamW at its best lr may be its paper run
+            queue.append(spec)
+
+    for i, seed in enumerate(opts.seeds):
+        for m in methods:
+            add(RunSpec(m, paper_lr(m), seed, opts.steps, "paper"))
+        if i == 0:
+            for lr in opts.sweep_lrs:
+                add(RunSpec("adamw", lr, seed, opts.sweep_steps, "sweep"))
+        if best is not None:
+            for m in methods:
+                add(RunSpec(m, best, seed, opts.steps, "best"))
+    return queue, best
+
+
+# ---------------------------------------------------------------------------- running
+def train_argv(opts: argparse.Namespace, spec: RunSpec) -> list[str]:
+    """The ``pretrain_llama.py`` arguments of one chunk of ``spec``."""
+    argv = ["--config", opts.config, "--optimizer", spec.method, "--lr", repr(spec.lr),
+            "--max-steps", str(spec.steps), "--batch-size", str(opts.batch_size), "--seq-len", str(opts.seq_len),
+            "--eval-every", str(opts.eval_every if spec.role != "sweep" else max(1, spec.steps // 10)),
+            "--eval-batches", str(opts.eval_batches), "--save-every", str(opts.save_every),
+            "--keep-checkpoints", "1", "--seed", str(spec.seed), "--data", opts.data,
+            "--threads", str(opts.threads), "--out-dir", str(run_dir(opts, spec)),
+            "--stop-after", str(opts.chunk_steps), "--no-progress", "--quiet"]
+    if spec.role == "best" and get_spec(spec.method).kind == "normalized":
+        argv += ["--opt-arg", f"adamw_lr={spec.lr!r}"]  # every group at AdamW's best lr
+    argv.append("--resume" if has_checkpoint(opts, spec) else "--overwrite")
+    return argv
+
+
+def run_chunk(opts: argparse.Namespace, spec: RunSpec) -> Any:
+    """Train ``spec`` for up to ``--chunk-steps`` steps; record timings; mark it done at its last step."""
+    folder = run_dir(opts, spec)
+    t0 = time.time()
+    summary = run(parse_args(train_argv(opts, spec)))
+    record = {"steps": summary["steps"], "step_time_s": summary["step_time_s"],
+              "opt_step_time_s": summary["opt_step_time_s"], "wall_s": time.time() - t0,
+              "params": summary["params"], "state_bytes": summary["state_bytes"], "time": time.time()}
+    with open(folder / "chunks.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if summary["steps"] >= spec.steps:
+        done = {"spec": spec.__dict__, "final_val_loss": summary["final_val_loss"],
+                "final_val_bpb": summary["final_val_bpb"], "params": summary["params"],
+                "state_bytes": summary["state_bytes"]}
+        tmp = folder / ".done.json.tmp"
+        tmp.write_text(json.dumps(done))
+        tmp.rename(folder / "done.json")
+    return summary["stopped_by_signal"]
+
+
+def next_run(opts: argparse.Namespace) -> RunSpec | None:
+    queue, _ = build_queue(opts)
+    return next((s for s in queue if not is_done(opts, s)), None)
+
+
+def continue_command(opts: argparse.Namespace) -> str:
+    """The command that continues this queue (every non-default option), detached as the runs need."""
+    parser = build_parser()
+    argv = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "list", "report_only", "budget_minutes"):
+            continue
+        value = getattr(opts, action.dest)
+        if value == action.default:
+            continue
+        argv.append(action.option_strings[0])
+        argv += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    args = " ".join(argv)
+    return ("nohup setsid .venv/bin/python experiments/bench/long_run.py" + (f" {args}" if args else "")
+            + " > runs/long_run.log 2>&1 &")
+
+
+def write_report(opts: argparse.Namespace) -> Path:
+    queue, best = build_queue(opts)
+    runs = []
+    for spec in queue:
+        folder = run_dir(opts, spec)
+        runs.append({"spec": spec.__dict__, "tag": spec.tag, "done": is_done(opts, spec),
+                     "history": read_jsonl(folder / "eval.jsonl"), "chunks": read_jsonl(folder / "chunks.jsonl")})
+    return report.write(Path(opts.results), opts, runs, best, continue_command(opts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "sweep_steps", "chunk_steps",
+                 "save_every", "threads"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"Invalid {name}: {getattr(opts, name)} (must be >= 1)")
+    unknown = [m for m in opts.methods if m not in available_optimizers()]
+    if unknown:
+        raise ValueError(f"Invalid methods: {unknown}; choose from {', '.join(available_optimizers())}")
+    torch.set_num_threads(opts.threads)
+    if opts.list:
+        queue, best = build_queue(opts)
+        print(f"best AdamW lr from the sweep: {best if best is not None else 'sweep not finished'}")
+        for spec in queue:
+            state = "done" if is_done(opts, spec) else ("started" if has_checkpoint(opts, spec) else "queued")
+            print(f"{state:8s} {spec.role:6s} {spec.tag}")
+        return 0
+    if opts.report_only:
+        print(write_report(opts))
+        return 0
+    t_start = time.time()
+    while (spec := next_run(opts)) is not None:
+        if opts.budget_minutes and time.time() - t_start > 60 * opts.budget_minutes:
+            print(f"budget of {opts.budget_minutes} min spent; continue with: {continue_command(opts)}", flush=True)
+            break
+        print(f"[{time.strftime('%H:%M:%S')}] {spec.tag} ({spec.role})", flush=True)
+        stopped = run_chunk(opts, spec)
+        write_report(opts)
+        if stopped not in (None, "stop_after"):  # a signal: the chunk saved a checkpoint; stop the queue
+            print(f"stopped by a signal; continue with: {continue_command(opts)}", flush=True)
+            return 130
+    else:
+        print("queue finished", flush=True)
+    write_report(opts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

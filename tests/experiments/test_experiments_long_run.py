@@ -1,0 +1,93 @@
+"""experiments/bench/long_run.py: the queue's order, runs in chunks equal to runs in one go, and the report's
+crossing steps and win/loss verdicts (called only beyond the seed spread)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from lrgrad_experiments.bench import long_run
+from lrgrad_experiments.bench import long_run_report as report
+
+
+def _opts(tmp_path: Path, *extra: str):
+    return long_run.build_parser().parse_args(["--out-root", str(tmp_path / "runs"), "--results",
+                                               str(tmp_path / "results"), *extra])
+
+
+def test_queue_starts_with_the_most_informative_runs(tmp_path):
+    queue, best = long_run.build_queue(_opts(tmp_path))
+    assert best is None  # no sweep finished: no best-lr runs queued yet
+    first = [(s.method, s.seed, s.role) for s in queue[:5]]
+    assert first == [("adamw", 0, "paper"), ("galore_adamw", 0, "paper"), ("apollo_mini_adamw", 0, "paper"),
+                     ("fira_adamw", 0, "paper"), ("muon", 0, "paper")]
+    roles = [s.role for s in queue]
+    first_seed1 = next(i for i, s in enumerate(queue) if s.seed == 1)
+    assert set(roles[:first_seed1]) == {"paper", "sweep"} and roles.index("sweep") < first_seed1
+    assert all(s.steps == 2000 for s in queue if s.role == "paper")
+    assert len({s.tag for s in queue}) == len(queue)
+
+
+def _tiny(tmp_path: Path, name: str, chunk: int) -> list[str]:
+    return ["--config", "llama_test", "--methods", "adamw", "galore_adamw", "--seeds", "0", "--steps", "6",
+            "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "2",
+            "--sweep-lrs", "0.001", "0.003", "--sweep-steps", "4", "--chunk-steps", str(chunk), "--save-every", "2",
+            "--data", str(tmp_path / "text"), "--out-root", str(tmp_path / name), "--results",
+            str(tmp_path / f"{name}-results")]
+
+
+def test_runs_in_chunks_equal_runs_in_one_go_and_fill_the_report(tmp_path):
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(6):  # a small byte-level corpus (split by file)
+        (text / f"f{i}.txt").write_text(" ".join(f"word{j % (7 + i)} value{j % 5}" for j in range(3000)))
+    assert long_run.main(_tiny(tmp_path, "chunked", chunk=2)) == 0
+    assert long_run.main(_tiny(tmp_path, "whole", chunk=100)) == 0
+    runs = sorted(p.name for p in (tmp_path / "chunked").iterdir())
+    # paper runs, the sweep, and the best-lr runs that follow it (AdamW's best-lr run is its paper run or not)
+    assert {"adamw-lr0.003-s0-6", "galore_adamw-lr0.01-s0-6", "adamw-lr0.001-s0-4", "adamw-lr0.003-s0-4"} <= set(runs)
+    best = long_run.best_sweep_lr(long_run.build_parser().parse_args(_tiny(tmp_path, "chunked", 2)))
+    assert best in (0.001, 0.003) and f"galore_adamw-lr{best:g}-s0-6" in runs
+    for name in runs:
+        chunked = (tmp_path / "chunked" / name / "eval.jsonl").read_text().splitlines()
+        whole = (tmp_path / "whole" / name / "eval.jsonl").read_text().splitlines()
+        assert [json.loads(x)["val_loss"] for x in chunked] == [json.loads(x)["val_loss"] for x in whole], name
+        chunks = (tmp_path / "chunked" / name / "chunks.jsonl").read_text().splitlines()
+        assert len(chunks) == (3 if name.endswith("-6") else 2)  # 6 steps in chunks of 2, the sweep's 4
+    md = (tmp_path / "chunked-results" / "long_run.md").read_text()
+    assert "Runs finished: " in md and "| GaLore-AdamW (`galore_adamw`) | 0.01 | 1/1 |" in md
+    assert "1 seed: no spread yet" in md and f"AdamW's best lr ({best:g})" in md
+    assert (tmp_path / "chunked-results" / "long_run.png").stat().st_size > 0
+    # a second invocation finds everything done and runs nothing
+    assert long_run.main(_tiny(tmp_path, "chunked", chunk=2)) == 0
+    assert len((tmp_path / "chunked" / "galore_adamw-lr0.01-s0-6" / "chunks.jsonl").read_text().splitlines()) == 3
+
+
+def test_crossing_names_the_last_crossing():
+    base = {100: 3.0, 200: 2.5, 300: 2.2, 400: 2.0}
+    assert report.crossing({100: 2.9, 200: 2.4, 300: 2.1, 400: 1.9}, base) == "below from the first eval"
+    assert report.crossing({100: 3.1, 200: 2.6, 300: 2.1, 400: 1.9}, base) == "below from step 300"
+    assert report.crossing({100: 2.9, 200: 2.6, 300: 2.1, 400: 2.1}, base) == "above from step 400"
+
+
+def _run(method: str, seed: int, final: float, role: str = "paper", lr: float = 0.01) -> dict:
+    history = [{"step": 100, "val_loss": final + 0.5}, {"step": 200, "val_loss": final}]
+    return {"spec": {"method": method, "lr": lr, "seed": seed, "steps": 200, "role": role}, "done": True,
+            "history": history, "chunks": [{"step_time_s": 1.0, "params": 10}]}
+
+
+def test_a_win_is_called_only_beyond_both_seed_spreads():
+    adamw = [_run("adamw", 0, 2.00, lr=0.003), _run("adamw", 1, 2.02, lr=0.003)]
+    clear = [_run("galore_adamw", 0, 1.90), _run("galore_adamw", 1, 1.91)]  # -0.105, spreads 0.01 + 0.02
+    lines, numbers = report.table(adamw + clear, "paper", [0, 1])
+    row = next(line for line in lines if "`galore_adamw`" in line)
+    assert "**win**" in row and "-0.1050" in row
+    close = [_run("galore_adamw", 0, 1.99), _run("galore_adamw", 1, 2.03)]  # -0.000, spreads 0.04 + 0.02
+    lines, _ = report.table(adamw + close, "paper", [0, 1])
+    row = next(line for line in lines if "`galore_adamw`" in line)
+    assert "within seed spread" in row and "**win**" not in row
+    worse = [_run("galore_adamw", 0, 2.20), _run("galore_adamw", 1, 2.21)]
+    lines, _ = report.table(adamw + worse, "paper", [0, 1])
+    assert "**loss**" in next(line for line in lines if "`galore_adamw`" in line)
+    assert numbers[1]["paired_deltas"] == pytest.approx([-0.10, -0.11])
