@@ -42,6 +42,11 @@ from lrgrad.qweights import update_targets
 from lrgrad.rules import RULES, UpdateRule
 from lrgrad.subspace import MOMENT_POLICIES, PROJ_TYPES, compute_dtype, low_rank_shape, matrix_shape, projection_side
 
+#: ``state_dtype``: the dtype of a full-rank param's rule state (its moments): ``"fp32"`` (the compute
+#: dtype: fp32, fp64 for fp64 params) or ``"param"`` (the param's own, as ``torch.optim.AdamW`` keeps
+#: bf16 moments for bf16 params); low-rank state is always in the compute dtype (docs/memory.md)
+STATE_DTYPES = ("fp32", "param")
+
 #: group keys that define the *structure* of the state; a state_dict saved with
 #: other values cannot be loaded into this optimizer.
 STRUCTURAL_KEYS = ("rule", "projector", "rank", "proj_type")
@@ -64,6 +69,11 @@ ZERO_PARTITIONED_MESSAGE = (
 )
 
 
+def full_rank_state_dtype(param: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
+    """The dtype of a full-rank param's rule state and of the gradient its rule reads (``state_dtype``)."""
+    return param.dtype if group["state_dtype"] == "param" else compute_dtype(param.dtype)
+
+
 def refuse_zero_partitioned(group: dict[str, Any]) -> None:
     """A group with a rank may not hold DeepSpeed ZeRO-3 params (tagged ``ds_id``; they carry no data):
     checked at construction and again at the first step (params swapped in after construction)."""
@@ -81,6 +91,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "foreach": None,
     "skip_nonfinite": False,
     "seed": 0,
+    "state_dtype": "fp32",
     **FULL_RANK_DEFAULTS,  # full_rank=None | "apollo" | "fira", scale_type, norm_growth_limit
 }
 
@@ -115,6 +126,10 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             a non-finite basis in place (``state["proj_failures"]``). Mixed-precision runs
             with ``torch.amp.GradScaler`` need no guard: the scaler skips ``step()`` itself.
         seed: base of the per-parameter seeds used by randomized projectors.
+        state_dtype: the dtype of full-rank params' rule state (moments): ``"fp32"`` (the default:
+            the compute dtype, fp64 for fp64 params) or ``"param"`` (the param's dtype, as
+            ``torch.optim.AdamW``: bf16 moments for bf16 params, half the bytes, and AdamW's fused
+            kernel on bf16 tensors). Low-rank state is always in the compute dtype (docs/memory.md).
         full_rank: ``None`` (the projected update ``up(u)``), ``"apollo"`` or ``"fira"``: a full-rank
             update scaled by statistics of the low-rank rule (see ``lrgrad.optim.full_rank``).
         scale_type: ``"channel"`` or ``"tensor"`` scaling factors for ``full_rank``.
@@ -200,6 +215,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         check_bool("maximize", group["maximize"])
         check_bool("skip_nonfinite", group["skip_nonfinite"])
         check_bool("foreach", group["foreach"], allow_none=True)
+        check_choice("state_dtype", group["state_dtype"], STATE_DTYPES)
         RULES[group["rule"]].validate_options(group)
         PROJECTORS[group["projector"]].validate_options(group)
         validate_full_rank(group)
@@ -272,7 +288,8 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 init_full_rank_state(state, dtype, param.device)
         else:
             rule = self.rule_for_param(param, group)
-            rule.init_state(state, torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format))
+            rule.init_state(state, torch.zeros_like(param, dtype=full_rank_state_dtype(param, group),
+                                                    memory_format=torch.preserve_format))
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -395,7 +412,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         if nonfinite:
             self.count_skip(param)
             return None
-        return prepare(grad, param.dtype, group["maximize"])
+        return prepare(grad, compute_dtype(param.dtype), group["maximize"])
 
     def apply_full_rank(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -424,7 +441,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 return
         max_elements = max(1, self.step_workspace_bytes // 4)
         for ps, gs, ss in full_rank_pieces(params, grads, states, max_elements, rule.elementwise):
-            gs = [prepare(g, p.dtype, group["maximize"]) for p, g in zip(ps, gs)]
+            gs = [prepare(g, full_rank_state_dtype(p, group), group["maximize"]) for p, g in zip(ps, gs)]
             with update_targets(ps) as targets:  # quantized weights: fp32 work copies, requantized after
                 rule.apply_full_rank(targets, gs, ss, [s["step"] for s in ss], lr=float(group["lr"]),
                                      weight_decay=group["weight_decay"])

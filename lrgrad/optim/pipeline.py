@@ -39,7 +39,7 @@ import torch
 from lrgrad.dtensor import is_dtensor
 from lrgrad.optim.nonfinite import probe as nonfinite_probe
 from lrgrad.qweights import QuantizedWeight
-from lrgrad.subspace import compute_dtype, matrix_shape
+from lrgrad.subspace import matrix_shape
 
 #: the default byte budget of one chunk of the step (see the module docstring)
 STEP_WORKSPACE_BYTES = 32 * 2**20
@@ -66,10 +66,10 @@ class Staged:
         return self.low.numel() * self.low.element_size() + self.projector.memo_bytes()
 
 
-def prepare(grad: torch.Tensor, param_dtype: torch.dtype, maximize: bool) -> torch.Tensor:
-    """The prepare stage: ``grad`` in the compute dtype of a ``param_dtype`` param, negated for
-    ``maximize`` (a new tensor whenever it differs; the input is never written)."""
-    grad = grad.to(compute_dtype(param_dtype))
+def prepare(grad: torch.Tensor, dtype: torch.dtype, maximize: bool) -> torch.Tensor:
+    """The prepare stage: ``grad`` in ``dtype`` (the compute dtype, or a full-rank param's state dtype),
+    negated for ``maximize`` (a new tensor whenever it differs; the input is never written)."""
+    grad = grad.to(dtype)
     return -grad if maximize else grad
 
 
