@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-#: name -> hidden size, MLP size, layers, heads, GaLore rank
+from lrgrad.estimate import LLAMA_CONFIGS, LLAMA_RANKS
+
+
+def _paper_size(name: str) -> dict[str, int]:
+    """A paper size in transformers' names, from the one table of paper shapes (``lrgrad.estimate``)."""
+    shape = LLAMA_CONFIGS[name]
+    return {"hidden_size": shape["d"], "intermediate_size": shape["ffn"], "num_hidden_layers": shape["layers"],
+            "num_attention_heads": shape["heads"], "rank": LLAMA_RANKS[name]}
+
+
+#: name -> hidden size, MLP size, layers, heads, GaLore rank: CPU sizes, then the paper's (llama_60m ... llama_7b)
 MODEL_CONFIGS: dict[str, dict[str, int]] = {
     "llama_9m": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
                  "rank": 32},
@@ -18,16 +28,7 @@ MODEL_CONFIGS: dict[str, dict[str, int]] = {
     # the long-run CPU size (experiments/bench/long_run.py): 10.8M params at byte level, ~1 s a step on one thread
     "llama_35m": {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 6,
                   "rank": 96},
-    "llama_60m": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
-                  "rank": 128},
-    "llama_130m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
-                   "num_attention_heads": 12, "rank": 256},
-    "llama_350m": {"hidden_size": 1024, "intermediate_size": 2736, "num_hidden_layers": 24,
-                   "num_attention_heads": 16, "rank": 256},
-    "llama_1b": {"hidden_size": 2048, "intermediate_size": 5461, "num_hidden_layers": 24,
-                 "num_attention_heads": 32, "rank": 512},
-    "llama_7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                 "num_attention_heads": 32, "rank": 1024},
+    **{name.replace("-", "_"): _paper_size(name) for name in LLAMA_CONFIGS},
 }
 
 #: a tiny shape for tests only (not a paper size)
