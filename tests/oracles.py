@@ -258,3 +258,16 @@ def grass_basis(indices: list[int], scales: list[float] | None, dim: int, side: 
     for j, i in enumerate(indices):
         basis[j, i] += 1.0 if scales is None else scales[j]
     return basis if side == "right" else basis.T
+
+
+# ---------------------------------------------------------------- FRUGAL's full-rank step
+def frugal_step(p: torch.Tensor, g: torch.Tensor, basis: torch.Tensor, side: str, state: dict, t: int, lr: float,
+                wd: float, scale: float, residual_lr_scale: float, options: dict[str, Any]) -> torch.Tensor:
+    """Zmushko et al., arXiv:2412.07837 (Alg. 1): AdamW on R = down(G) (state-full, in the subspace),
+    signSGD on the residual G − up(R) (state-free), decoupled decay first:
+    ``p ← p(1 − lr·wd) − lr·scale·up(u) − lr·c·sign(G − up(R))``."""
+    low = g @ basis.T if side == "right" else basis.T @ g
+    u = direction("adamw", state, low, t, options)
+    back_u = u @ basis if side == "right" else basis @ u
+    back_g = low @ basis if side == "right" else basis @ low
+    return p * (1 - lr * wd) - lr * scale * back_u - lr * residual_lr_scale * torch.sign(g - back_g)

@@ -12,6 +12,7 @@ from lrgrad.optim.presets import (
     FiraAdamW,
     FloraAdafactor,
     FloraAdamW,
+    FRUGALAdamW,
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
@@ -30,7 +31,7 @@ from lrgrad.optim.presets import (
 )
 from lrgrad.optim.registry import ALIASES, OPTIMIZERS, optimizer_class, register_optimizer
 
-__all__ = ["ALIASES", "OPTIMIZERS", "PRESETS", "Preset", "APOLLOAdamW", "APOLLOMiniAdamW", "FiraAdamW",
+__all__ = ["ALIASES", "OPTIMIZERS", "PRESETS", "Preset", "APOLLOAdamW", "APOLLOMiniAdamW", "FiraAdamW", "FRUGALAdamW",
            "DCTAdafactor", "DCTAdamW", "OnlineSubspaceAdamW", "OnlineSubspaceLion",
            "FloraAdafactor", "FloraAdamW",
            "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdafactor", "LowRankAdamW", "LowRankLion",

@@ -1,8 +1,9 @@
-r"""Full-rank updates from low-rank statistics: APOLLO and Fira, for any projector and any rule.
+r"""Full-rank updates from low-rank statistics: APOLLO, Fira and FRUGAL, for any projector and any rule.
 
 "APOLLO: SGD-like Memory, AdamW-level Performance", Zhu et al. 2024, arXiv:2412.05270;
 "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?", Chen et al. 2024,
-arXiv:2410.01623.
+arXiv:2410.01623; "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable
+Training", Zmushko et al. 2025, arXiv:2412.07837.
 
 A param group option ``full_rank`` changes only what the optimizer does with the rule's
 low-rank direction ``u = ψ(R)``, ``R = down(G)``. The projector still picks the subspace and
@@ -19,6 +20,12 @@ the rule still keeps its (low-rank) state; then, instead of GaLore's ``up(u)``:
   ``S = G ⊙ s``;  ``W ← (1 − ηλ) W − η·scale·lim(S)``;
 * ``full_rank="fira"``: GaLore's update plus the residual the subspace misses, scaled per channel,
   ``S = (G − up(R)) ⊙ s``;  ``W ← (1 − ηλ) W − η·(scale·up(u) + lim(S))``;
+* ``full_rank="frugal"``: GaLore's update plus a *state-free* signSGD step on the residual,
+  ``S = c · sign(G − up(R))`` with ``c = frugal_lr_scale`` (1);
+  ``W ← (1 − ηλ) W − η·(scale·up(u) + S)``: the rule (Adam) keeps state only in the subspace,
+  the rest of the matrix moves by the sign of what the subspace misses (no channel scale, no
+  limiter: FRUGAL has none, and ‖S‖ = c·sqrt(#nonzero) could not grow anyway;
+  ``norm_growth_limit`` is ignored and the limiter's slot stays at −1);
 * ``lim`` is Fira's **norm-growth limiter** (γ = ``norm_growth_limit``, 1.01; ``None`` turns it
   off): if ``‖S_t‖ > γ (‖S_{t−1}‖ + ε_s)`` then ``S_t ← S_t · γ (‖S_{t−1}‖ + ε_s) / ‖S_t‖``, where
   ``‖S_{t−1}‖`` is the norm after the previous step's limiting. Its one number of state is the
@@ -44,17 +51,18 @@ from typing import Any
 import torch
 
 from lrgrad import kernels
-from lrgrad._checks import check_choice
+from lrgrad._checks import check_choice, check_float
 from lrgrad.dtensor import is_dtensor
 from lrgrad.projectors.sharded import ShardedProjector
 from lrgrad.subspace import compute_dtype
 
-FULL_RANK_MODES = (None, "apollo", "fira")
+FULL_RANK_MODES = (None, "apollo", "fira", "frugal")
 SCALE_TYPES = ("channel", "tensor")
 #: ε_s of the scale's denominator and of the limiter's (both references use 1e-8)
 SCALE_EPS = 1e-8
 #: the group options this module adds to every lrgrad optimizer
-FULL_RANK_DEFAULTS: dict[str, Any] = {"full_rank": None, "scale_type": "channel", "norm_growth_limit": 1.01}
+FULL_RANK_DEFAULTS: dict[str, Any] = {"full_rank": None, "scale_type": "channel", "norm_growth_limit": 1.01,
+                                       "frugal_lr_scale": 1.0}
 #: the limiter's state key
 LIMITER_KEY = "limiter_norm"
 
@@ -70,6 +78,7 @@ def validate_full_rank(group: dict[str, Any]) -> None:
             raise TypeError(f"Invalid norm_growth_limit: expected a float > 1 or None, got {gamma!r}")
         if not 1.0 <= gamma < float("inf"):
             raise ValueError(f"Invalid norm_growth_limit: {gamma} (must be a finite value >= 1, or None)")
+    check_float("frugal_lr_scale", group["frugal_lr_scale"], minimum=0.0)
 
 
 def init_full_rank_state(state: dict[str, Any], dtype: torch.dtype, device: torch.device) -> None:
@@ -116,6 +125,9 @@ def full_rank_update_(
 
     g, r, u = _local(grad2d), _local(low), _local(update)
     dtype = compute_dtype(g.dtype)
+    if mode == "frugal":
+        _frugal_update_(projector, state, param2d, g, low, update, group, lr, decay, scale)
+        return
     channel_dim = 0 if side == "right" else 1  # rows of G (R is m×r) or columns (R is r×n)
     low_reduce = 1 if side == "right" else 0
     u_sq = (u.to(dtype) ** 2).sum(dim=low_reduce)
@@ -143,6 +155,26 @@ def full_rank_update_(
     kernels.channel_scale_update_(work, g, coef, channel_dim, alpha=-lr, decay=decay, base=base)
     del base
     projector.update_param_(state, work, update, -lr * scale, 1.0)  # + scale·up(u), fused GEMM
+    if work is not target:
+        target.copy_(work)
+
+
+def _frugal_update_(projector: Any, state: dict[str, Any], param2d: Any, g: torch.Tensor, low: Any, update: Any,
+                    group: dict[str, Any], lr: float, decay: float, scale: float) -> None:
+    """FRUGAL: ``W ← decay·W − η·c·sign(G − up(R)) − η·scale·up(u)``. One m×n temporary (the residual,
+    signed in place), as the paper's algorithm; the residual and its sign are local to each FSDP2 shard,
+    so nothing crosses ranks."""
+    dtype = compute_dtype(g.dtype)
+    residual = _local(projector.up(state, low)).to(dtype)
+    residual.neg_().add_(g).sign_()  # sign(G − up(R)); torch.sign(0) = 0, as the reference
+    residual.mul_(lr * group["frugal_lr_scale"])
+    target = _local(param2d)
+    work = target if target.dtype == dtype else target.to(dtype)  # low-precision weights: rounded once
+    if decay != 1.0:
+        work.mul_(decay)
+    work.sub_(residual)
+    del residual
+    projector.update_param_(state, work, update, -lr * scale, 1.0)  # + scale·up(u), the projector's own map
     if work is not target:
         target.copy_(work)
 

@@ -30,6 +30,7 @@ import torch
 from lrgrad._checks import check_bool
 from lrgrad.optim.adafactor_compat import translate_adafactor_kwargs
 from lrgrad.optim.embedding_routing import route_embeddings_to_adamw
+from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS
 from lrgrad.optim.lowrank import BASE_DEFAULTS, LowRankOptimizer
 from lrgrad.optim.registry import register_optimizer
 from lrgrad.projectors import PROJECTORS
@@ -44,7 +45,7 @@ APOLLO_MINI_SCALE = math.sqrt(128.0)
 #: the keyword-only hyperparameters every signature lists first (galore-torch's group keys first)
 HEADLINE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "moment_policy")
 #: the keys of ``BASE_DEFAULTS`` that belong to ``full_rank``; listed only by presets that set it
-FULL_RANK_KEYS = ("full_rank", "scale_type", "norm_growth_limit")
+FULL_RANK_KEYS = tuple(FULL_RANK_DEFAULTS)
 #: a constructor-only flag of presets whose rule is matrix-only (Muon, AuON): named embeddings/heads
 #: go to the rule's fallback group (``lrgrad.optim.embedding_routing``)
 EMBEDDING_FLAG = "adamw_for_embeddings"
@@ -164,6 +165,7 @@ PRESETS: tuple[Preset, ...] = (
     # -- Grass: r selected rows/columns, a gather and a scatter-add (no projection GEMM)
     Preset("GrassAdamW", parent="LowRankAdamW", projector="grass", choose_projector=False,
            defaults={"moment_policy": "reset"}, aliases=("grass", "grass_adamw"), label="Grass-AdamW",
+           paper_recipe={"lr": 1e-2, "scale": 0.25},
            doc=r"""Grass: AdamW on r selected rows (or columns) of the gradient.
 
     "Grass: Compute Efficient Low-Memory LLM Training with Structured Sparse Gradients",
@@ -305,6 +307,24 @@ PRESETS: tuple[Preset, ...] = (
     ``P`` is GaLore's top-r SVD basis (``projector="svd"``; any lrgrad projector works); the
     residual is the part of ``G`` the subspace misses, and ``lim_γ`` (γ = 1.01) Fira's norm-growth
     limiter. State: GaLore's (moments + basis) and one limiter scalar per matrix."""),
+    Preset("FRUGALAdamW", parent="LowRankAdamW", projector="svd", choose_projector=True,
+           defaults={"full_rank": "frugal", "scale": 1.0, "norm_growth_limit": None},
+           aliases=("frugal", "frugal_adamw"), label="FRUGAL-AdamW",
+           paper_recipe={"lr": 1e-3, "scale": 1.0},  # the reference's scripts: lr 1e-3, both lr scales 1
+           doc=r"""FRUGAL: AdamW in a subspace, state-free signSGD on the rest of the gradient.
+
+    "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable Training",
+    Zmushko et al. 2025, arXiv:2412.07837 (docs/frugal.md).
+
+    .. math::
+        R_t = \mathrm{down}(G_t), \quad u_t = \mathrm{AdamW}(R_t) \\
+        W_t = W_{t-1}(1 - \eta\lambda) - \eta\,\big(\alpha\,\mathrm{up}(u_t)
+              + c\,\mathrm{sign}(G_t - \mathrm{up}(R_t))\big)
+
+    ``projector`` is GaLore's SVD subspace by default (any lrgrad projector works: ``"random"``,
+    ``"grass"``, ``"dct"``, ...); α = ``scale`` = 1 and c = ``frugal_lr_scale`` = 1 as the reference
+    (its ``proj_params_lr_scale`` and ``inactive_lr_scale``). State: the rule's in the subspace and
+    the projector's; the residual's update keeps none. No norm-growth limiter (FRUGAL has none)."""),
     # -- normalized momentum (matrix-only rules: 1-D params, named embeddings and heads get AdamW)
     Preset("AuON", rule="auon", projector="svd", choose_projector=True,
            defaults={"lr": 0.055, "weight_decay": 0.0, "scale": 1.0}, aliases=("auon",), label="AuON",
@@ -554,6 +574,7 @@ FloraAdafactor = CLASSES["FloraAdafactor"]
 APOLLOAdamW = CLASSES["APOLLOAdamW"]
 APOLLOMiniAdamW = CLASSES["APOLLOMiniAdamW"]
 FiraAdamW = CLASSES["FiraAdamW"]
+FRUGALAdamW = CLASSES["FRUGALAdamW"]
 AuON = CLASSES["AuON"]
 HybridAuON = CLASSES["HybridAuON"]
 Muon = CLASSES["Muon"]

@@ -47,15 +47,15 @@ def test_every_projector_trains_with_every_rule(projector, rule):
         assert opt.projector_for(p, group).has_basis(opt.state[p])
 
 
-#: rules that produce a direction APOLLO/Fira can read channel scales off
+#: rules that produce a direction APOLLO/Fira can read channel scales off (FRUGAL adds it to its residual step)
 DIRECTION_RULES = ("adamw", "adamw8bit", "adafactor", "lion")
 
 
-@pytest.mark.parametrize("full_rank", ["apollo", "fira"])
+@pytest.mark.parametrize("full_rank", ["apollo", "fira", "frugal"])
 @pytest.mark.parametrize("rule", DIRECTION_RULES)
 @pytest.mark.parametrize("projector", PROJECTOR_NAMES)
 def test_full_rank_updates_train_with_every_projector_and_rule(projector, rule, full_rank):
-    """APOLLO's / Fira's full-rank update (``full_rank=...``) in every projector under every direction rule."""
+    """APOLLO's / Fira's / FRUGAL's full-rank update (``full_rank=...``) in every projector, every direction rule."""
     torch.manual_seed(0)
     model = TinyLM()
     opt = make(model, projector, rule, full_rank=full_rank)
@@ -66,13 +66,16 @@ def test_full_rank_updates_train_with_every_projector_and_rule(projector, rule, 
     assert len(projected) == 14
     for p, _ in projected:
         limiter = opt.state[p]["limiter_norm"]
-        assert limiter.dim() == 0 and float(limiter) > 0  # the limiter saw every step
+        if full_rank == "frugal":  # a state-free residual step: FRUGAL has no limiter
+            assert limiter.dim() == 0 and float(limiter) == -1
+        else:
+            assert limiter.dim() == 0 and float(limiter) > 0  # the limiter saw every step
 
 
-@pytest.mark.parametrize("full_rank", ["apollo", "fira"])
+@pytest.mark.parametrize("full_rank", ["apollo", "fira", "frugal"])
 @pytest.mark.parametrize("projector", PROJECTOR_NAMES)
 def test_full_rank_resume_is_bit_identical(projector, full_rank):
-    """APOLLO/Fira: 5 steps straight == 2 steps + weights_only save/load + 3 steps (refreshes on 1, 3, 5)."""
+    """APOLLO/Fira/FRUGAL: 5 steps straight == 2 steps + weights_only save/load + 3 steps (refreshes on 1, 3, 5)."""
     torch.manual_seed(2)
     reference = TinyLM()
     start = copy.deepcopy(reference.state_dict())
