@@ -54,7 +54,7 @@ STRUCTURAL_KEYS = ("rule", "projector", "rank", "proj_type")
 #: channel vs tensor scaling, what a refresh does to the moments). torch.optim's load_state_dict
 #: would take the saved values, silently switching e.g. GaLoreAdamW into Fira, so they must match too;
 #: a state dict that lacks one (saved before the key existed) is taken to have its default.
-ALGORITHM_KEYS = ("full_rank", "scale_type", "moment_policy")
+ALGORITHM_KEYS = ("full_rank", "scale_type", "moment_policy", "limiter_input")
 #: per-parameter state keys a step may add beyond what init_param_state and the first refresh create
 LAZY_STATE_KEYS = frozenset({"nonfinite_skips"})
 

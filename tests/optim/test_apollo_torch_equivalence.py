@@ -104,13 +104,13 @@ def _set_grads(params, batch) -> None:
             ((p @ x - y) ** 2).sum().backward()
 
 
-def _run_both(apollo, *, scale_type, alpha, betas, limiter):
+def _run_both(apollo, *, scale_type, alpha, betas, limiter, limiter_input="update"):
     weights, batches = _problem()
     ours_p = [torch.nn.Parameter(w.clone()) for w in weights]
     theirs_p = [torch.nn.Parameter(w.clone()) for w in weights]
     ours = lrgrad.APOLLOAdamW([{"params": ours_p, "rank": RANK}], lr=0.05, betas=betas, eps=0.0, weight_decay=0.0,
                               update_proj_gap=GAP, scale=alpha, scale_type=scale_type,
-                              norm_growth_limit=1.01 if limiter else None)
+                              norm_growth_limit=1.01 if limiter else None, limiter_input=limiter_input)
     theirs = apollo.AdamW([{"params": theirs_p, "rank": RANK, "proj": "random", "scale_type": scale_type,
                             "update_proj_gap": GAP, "scale": alpha**2, "proj_type": "std"}],
                           lr=0.05, betas=betas, eps=0.0, weight_decay=0.0, disable_nl=not limiter)
@@ -144,6 +144,33 @@ def test_matches_apollo_torch_norm_growth_limiter(shared_projection, scale_type,
     _, _, _, unlimited = _run_both(shared_projection, scale_type=scale_type, alpha=alpha, betas=(0.0, 0.0),
                                    limiter=False)
     assert max(float((a - b).detach().abs().max()) for a, b in zip(params, unlimited)) > 1e-3
+
+
+@pytest.mark.parametrize("scale_type, alpha", [("channel", 1.0), ("tensor", math.sqrt(128.0))])
+def test_limiter_input_uncorrected_is_apollo_torch_with_the_papers_betas(shared_projection, scale_type, alpha):
+    """``limiter_input="uncorrected"`` limits where apollo-torch does (before Adam's bias correction):
+    equal to it with the limiter on and the paper's betas. lrgrad's default (``"update"``, the paper's
+    Algorithm 1: the applied update is limited) is a different algorithm in the first steps."""
+    diffs, moved, _, _ = _run_both(shared_projection, scale_type=scale_type, alpha=alpha, betas=(0.9, 0.999),
+                                   limiter=True, limiter_input="uncorrected")
+    assert moved > 1e-2
+    assert max(diffs) < 1e-12, diffs
+    default, _, _, _ = _run_both(shared_projection, scale_type=scale_type, alpha=alpha, betas=(0.9, 0.999),
+                                 limiter=True)
+    assert max(default) > 1e-2, default
+
+
+def test_limiter_input_is_checked_and_decides_the_algorithm():
+    w = torch.nn.Parameter(torch.randn(12, 8))
+    with pytest.raises(ValueError, match="limiter_input"):
+        lrgrad.APOLLOAdamW([w], rank=2, limiter_input="before")
+    with pytest.raises(ValueError, match="limiter_input"):  # Lion has no bias correction to undo
+        lrgrad.LowRankLion([w], rank=2, projector="random", full_rank="apollo", limiter_input="uncorrected")
+    source = lrgrad.APOLLOAdamW([w], rank=2, limiter_input="uncorrected")
+    w.grad = torch.randn(12, 8)
+    source.step()
+    with pytest.raises(ValueError, match="limiter_input"):
+        lrgrad.APOLLOAdamW([w], rank=2).load_state_dict(source.state_dict())
 
 
 def test_apollo_mini_preset_is_rank_one_tensor_scaling():
