@@ -172,6 +172,11 @@ class Projector:
         basis per size): ``lrgrad.optimizer_state_bytes`` counts each key once. None by default."""
         return {}
 
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of ``t`` over the ranks that share this param's rows (FSDP2's wrapper); ``t`` itself
+        in one process. Full-rank updates (``lrgrad.optim.full_rank``) reduce their statistics with it."""
+        return t
+
     def take_shared_down(self, shape: tuple[int, ...]) -> torch.Tensor | None:
         """The step's low-rank gradient when the refresh already computed it (online PCA shares its
         ``G Pᵀ`` product), else ``None``; the FSDP2 wrapper asks before its own all-reduce."""

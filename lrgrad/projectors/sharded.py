@@ -102,6 +102,9 @@ class ShardedProjector:
     def memo_bytes(self) -> int:
         return self.inner.memo_bytes()
 
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.ctx.all_reduce(t) if self.ctx.sharded else t
+
     def basis(self, state: dict[str, Any]) -> torch.Tensor:
         return self.inner.basis(state)
 
