@@ -212,6 +212,28 @@ def print_plan(p: dict[str, Any], est: dict[str, Any], opts: argparse.Namespace)
     print("\n".join(lines), flush=True)
 
 
+def plan_table(opts: argparse.Namespace) -> str:
+    """Every row's estimate (``--plan`` with no row): one GPU for 60M/130M, the scripts' 4/8 for 350M/1B."""
+    gpus = {"60m": 1, "130m": 1, "350m": 4, "1b": 8}
+    lines = ["| paper | method | size | GPUs | steps | tokens | est. wall h | est. GPU-h | est. GiB/GPU | paper ppl |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for paper, method in recipes.RECIPES:
+        for size in recipes.SIZES:
+            row_opts = argparse.Namespace(**{**vars(opts), "paper": paper, "method": method, "size": size})
+            p = {**plan(row_opts, gpus[size]), "parallel": "fsdp2" if gpus[size] > 1 else "none"}
+            est = estimate(p, row_opts)
+            number = recipes.PAPER_PPL.get((paper, method), {}).get(size)
+            mem = f"{est['memory_gib']:.1f}" if est["memory_gib"] is not None else "—"
+            lines.append(f"| {paper} | {method} | {size} | {gpus[size]} | {p['steps']:,} | {est['tokens'] / 1e9:.2f}B "
+                         f"| {est['wall_hours']:.1f} | {est['train_gpu_hours']:.1f} | {mem} | "
+                         f"{f'{number.ppl:.2f}' if number else '—'} |")
+    lines.append("")
+    lines.append(f"Estimate: {est['assumption'].split(',')[0]}; the optimizer step, data loading and startup are not "
+                 "included; memory from lrgrad.estimate_memory at the scripts' micro-batch (FSDP2 shards for 4/8 "
+                 "GPUs).")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- the table
 def read_row(folder: Path) -> dict[str, Any] | None:
     row_file = folder / "row.json"
@@ -274,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         print(write_table(Path(opts.results), out_root))
         return 0
     missing = [f"--{k}" for k in ("paper", "method", "size") if getattr(opts, k) is None]
+    if opts.plan and len(missing) == 3:
+        print(plan_table(opts))
+        return 0
     if missing:
         print(f"error: {', '.join(missing)} required (or --table)", file=sys.stderr)
         return 2

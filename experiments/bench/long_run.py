@@ -1,6 +1,6 @@
 """Long runs on one CPU thread: which method wins after 2000+ steps, not 200.
 
-    nohup setsid .venv/bin/python experiments/bench/long_run.py > runs/long_run.log 2>&1 &
+    nohup setsid .venv/bin/python experiments/bench/long_run.py >> runs/long_run.log 2>&1 &
 
 A byte-level LLaMA (``llama_35m``: 10.8M params at vocab 256; 6 layers, hidden 384, rank 96) on the
 embedded corpus, sequence 256, batch 4, 2000 steps, cosine with 10% warmup, clip 1.0, every method at
@@ -200,7 +200,7 @@ def continue_command(opts: argparse.Namespace) -> str:
         argv += [str(v) for v in value] if isinstance(value, list) else [str(value)]
     args = " ".join(argv)
     return ("nohup setsid .venv/bin/python experiments/bench/long_run.py" + (f" {args}" if args else "")
-            + " > runs/long_run.log 2>&1 &")
+            + " >> runs/long_run.log 2>&1 &")
 
 
 def write_report(opts: argparse.Namespace) -> Path:

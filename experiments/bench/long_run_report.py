@@ -75,8 +75,8 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int],
     by = {(r["spec"]["method"], r["spec"]["seed"]): r for r in of_role}
     demo = _demo_gaps()
     lines = ["| method | lr | seeds done | final val loss (mean, seed spread) | Δ vs AdamW (paired mean, its spread) "
-             "| verdict | curve vs AdamW | demo (200 steps) vs AdamW | step s (noisy) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| verdict | curve vs AdamW | demo (200 steps) vs AdamW | same sign at length? | step s (noisy) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     numbers = []
     for m in methods:
         runs_m = [by[(m, s)] for s in seeds if (m, s) in by]
@@ -86,11 +86,15 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int],
         finals = [_final(r) for r in done]
         partial = [r for r in runs_m if not r["done"] and r["history"]]
         if finals:
-            loss = f"{statistics.fmean(finals):.4f} ± {_spread(finals) / 2:.4f}" if len(finals) > 1 else \
+            loss = f"{statistics.fmean(finals):.4f} (spread {_spread(finals):.4f})" if len(finals) > 1 else \
                 f"{finals[0]:.4f} (1 seed)"
         elif partial:
             h = partial[0]["history"][-1]
             loss = f"running: {h['val_loss']:.4f} at step {h['step']}"
+            base = by.get(("adamw", partial[0]["spec"]["seed"]))
+            at = _curve(base).get(h["step"]) if base and m != "adamw" else None
+            if at is not None:
+                loss += f" (AdamW {at:.4f})"
         else:
             loss = "queued"
         paired = [_final(r) - _final(base_done[r["spec"]["seed"]]) for r in done if r["spec"]["seed"] in base_done]
@@ -111,13 +115,15 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int],
             if paired_runs and m != "adamw" else "—"
         times = [c["step_time_s"] for r in runs_m for c in r["chunks"] if c.get("step_time_s")]
         short = f"{demo[m]:+.1f}%" if m in demo and m != "adamw" else "—"
+        holds = "—"
+        if paired and m in demo and m != "adamw":  # does the 200-step ordering survive 10x the steps?
+            holds = "yes" if (statistics.fmean(paired) < 0) == (demo[m] < 0) else "**no: the order flips**"
         label = get_spec(m).label or m
+        step_s = f"{statistics.median(times):.2f}" if times else "—"
         lines.append(f"| {label} (`{m}`) | {lr:g} | {len(done)}/{len(seeds)} | {loss} | {delta} | {verdict} | {cross} "
-                     f"| {short} | {statistics.median(times):.2f} |" if times else
-                     f"| {label} (`{m}`) | {lr:g} | {len(done)}/{len(seeds)} | {loss} | {delta} | {verdict} | {cross} "
-                     f"| {short} | — |")
+                     f"| {short} | {holds} | {step_s} |")
         numbers.append({"method": m, "lr": lr, "finals": finals, "paired_deltas": paired, "crossing": cross,
-                        "demo_gap_percent": demo.get(m)})
+                        "demo_gap_percent": demo.get(m), "short_run_order_holds": holds})
     return lines, numbers
 
 
@@ -185,14 +191,17 @@ def write(results: Path, opts: argparse.Namespace, runs: list[dict[str, Any]], b
         f"steps. Machine: {machine.describe()}, shared with other jobs (step times are noisy; compare losses, "
         "not times).",
         "",
-        f"Runs finished: {done} of {len(runs)} queued. Continue (resumes every unfinished run from its checkpoint):",
+        f"Runs finished: {done} of {len(runs)} queued"
+        + ("" if best is not None else " (the runs at AdamW's best lr join the queue when the sweep finishes)")
+        + ". Continue (resumes every unfinished run from its checkpoint; one process, one thread):",
         "",
         f"    {command}",
         "",
         "A difference is called a **win**/**loss** only with 2+ seeds and when it is larger than both sides' seed "
         "spreads added (max - min over the seeds); \"curve vs AdamW\" is where the mean validation curve ends up "
         "relative to AdamW's and the step of its last crossing. \"demo\" is the same method's gap in "
-        "`results/demo.md` (llama_9m, 200 steps, gap 20).",
+        "`results/demo.md` (llama_9m, 200 steps, gap 20, each method at its paper lr); \"same sign at length?\" "
+        "says whether the long run keeps the demo's order against AdamW.",
         "",
         "## Each method at its paper defaults",
         "",
