@@ -271,3 +271,12 @@ def frugal_step(p: torch.Tensor, g: torch.Tensor, basis: torch.Tensor, side: str
     back_u = u @ basis if side == "right" else basis @ u
     back_g = low @ basis if side == "right" else basis @ low
     return p * (1 - lr * wd) - lr * scale * back_u - lr * residual_lr_scale * torch.sign(g - back_g)
+
+
+# ---------------------------------------------------------------- GoLore's moment transport
+def golore_carry(state: dict, p_old: torch.Tensor, p_new: torch.Tensor, side: str) -> None:
+    """He et al., arXiv:2410.11289 (the reference's AdamW): at a subspace change the first moment is
+    re-expressed in the new subspace, ``M ← P_newᵀ P_old M`` (left) / ``M P_old P_newᵀ`` (right), and the
+    second moment is kept as it is."""
+    if "m" in state:
+        state["m"] = p_new.T @ (p_old @ state["m"]) if side == "left" else (state["m"] @ p_old) @ p_new.T

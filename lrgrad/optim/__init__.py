@@ -18,6 +18,7 @@ from lrgrad.optim.presets import (
     GaLoreAdamW8bit,
     GaLoreAuON,
     GaLoreMuon,
+    GoLoreAdamW,
     GrassAdamW,
     HybridAuON,
     LowRankAdafactor,
@@ -32,6 +33,7 @@ from lrgrad.optim.presets import (
 from lrgrad.optim.registry import ALIASES, OPTIMIZERS, optimizer_class, register_optimizer
 
 __all__ = ["ALIASES", "OPTIMIZERS", "PRESETS", "Preset", "APOLLOAdamW", "APOLLOMiniAdamW", "FiraAdamW", "FRUGALAdamW",
+           "GoLoreAdamW",
            "DCTAdafactor", "DCTAdamW", "OnlineSubspaceAdamW", "OnlineSubspaceLion",
            "FloraAdafactor", "FloraAdamW",
            "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdafactor", "LowRankAdamW", "LowRankLion",

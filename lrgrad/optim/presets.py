@@ -162,6 +162,25 @@ PRESETS: tuple[Preset, ...] = (
     Preset("DCTAdafactor", parent="LowRankAdafactor", projector="dct", choose_projector=False,
            defaults={"moment_policy": "project"}, aliases=("dct_adafactor",),
            doc="Adafactor (factored second moment) in the DCT subspace (arXiv:2505.17967); see ``DCTAdamW``."),
+    # -- GoLore: GaLore's SVD subspace for a warm-up, random orthonormal subspaces after it
+    Preset("GoLoreAdamW", parent="LowRankAdamW", projector="golore", choose_projector=False,
+           defaults={"moment_policy": "project"}, aliases=("golore", "golore_adamw"), label="GoLore-AdamW",
+           paper_recipe={"lr": 1e-3, "scale": 1.0},  # the reference's pretraining script (pkumelon/Golore)
+           doc=r"""GoLore: AdamW in random orthonormal subspaces after a GaLore warm-up.
+
+    "Subspace Optimization for Large Language Models with Convergence Guarantees", He et al.,
+    ICML 2025, arXiv:2410.11289 (docs/golore.md).
+
+    .. math::
+        P_t &= \begin{cases} \text{top-}r \text{ SVD basis of } G_t & t \le T_s \\
+               \text{Haar-random orthonormal } r\text{-frame (seeded)} & t > T_s \end{cases}
+               \text{ on steps } 1, T+1, \dots \\
+        R_t &= G_t P_t^\top, \quad u_t = \mathrm{AdamW}(R_t), \quad
+        W_t = W_{t-1}(1 - \eta\lambda) - \eta\,\alpha\, u_t P_t
+
+    ``golore_switch`` = T_s (default 0: random from the start; the paper's runs switch at 80% of
+    training). At a refresh the first moment is carried into the new subspace and the second kept
+    (``moment_policy="project"``, ``golore_v_transfer="keep"``), as the reference does."""),
     # -- Grass: r selected rows/columns, a gather and a scatter-add (no projection GEMM)
     Preset("GrassAdamW", parent="LowRankAdamW", projector="grass", choose_projector=False,
            defaults={"moment_policy": "reset"}, aliases=("grass", "grass_adamw"), label="Grass-AdamW",
@@ -567,6 +586,7 @@ QGaLoreAdamW = CLASSES["QGaLoreAdamW"]
 DCTAdamW = CLASSES["DCTAdamW"]
 DCTAdafactor = CLASSES["DCTAdafactor"]
 GrassAdamW = CLASSES["GrassAdamW"]
+GoLoreAdamW = CLASSES["GoLoreAdamW"]
 OnlineSubspaceAdamW = CLASSES["OnlineSubspaceAdamW"]
 OnlineSubspaceLion = CLASSES["OnlineSubspaceLion"]
 FloraAdamW = CLASSES["FloraAdamW"]

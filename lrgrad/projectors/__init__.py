@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lrgrad.projectors.base import Projector
 from lrgrad.projectors.dct import DCTProjector
+from lrgrad.projectors.golore import GoLoreProjector
 from lrgrad.projectors.grass import GrassProjector
 from lrgrad.projectors.online_pca import OnlinePCAProjector
 from lrgrad.projectors.qgalore import QGaLoreProjector
@@ -26,7 +27,8 @@ register_projector(RandomProjector)
 register_projector(DCTProjector)
 register_projector(OnlinePCAProjector)
 register_projector(GrassProjector)
+register_projector(GoLoreProjector)
 
-__all__ = ["DCTProjector", "GrassProjector", "OnlinePCAProjector",
+__all__ = ["DCTProjector", "GoLoreProjector", "GrassProjector", "OnlinePCAProjector",
            "MOMENT_POLICIES", "PROJECTORS", "PROJ_TYPES", "Projector", "QGaLoreProjector", "RandomProjector",
            "SVDProjector", "projection_side", "register_projector"]

@@ -11,7 +11,12 @@ from tiny_model import TinyLM, lm_loss, make_batch, train
 
 import lrgrad
 
-METHODS = ["GrassAdamW", "FRUGALAdamW"]
+METHODS = ["GrassAdamW", "FRUGALAdamW", "GoLoreAdamW"]
+#: each method with its default options and with the options that change its path (a sampled Grass
+#: selection; FRUGAL inside Grass; GoLore's SVD warm-up before the random frames)
+CASES = [("GrassAdamW", {}), ("GrassAdamW", {"grass_select": "norm"}), ("FRUGALAdamW", {}),
+         ("FRUGALAdamW", {"projector": "grass", "grass_select": "norm"}), ("GoLoreAdamW", {}),
+         ("GoLoreAdamW", {"golore_switch": 2})]
 
 
 def _run(model, name: str, layerwise: bool, windows: int = 3, accumulation: int = 2, max_norm: float = 0.05,
@@ -31,11 +36,8 @@ def _run(model, name: str, layerwise: bool, windows: int = 3, accumulation: int 
     return lw
 
 
-@pytest.mark.parametrize("options", [{}, {"grass_select": "norm"}], ids=["default", "sampled"])
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize(("name", "options"), CASES)
 def test_layerwise_equals_ordinary_with_accumulation_and_clipping(name, options):
-    if "grass_select" in options and name != "GrassAdamW":
-        options = {"projector": "grass", **options}
     torch.manual_seed(0)
     base = TinyLM().double()
     a, b = copy.deepcopy(base), copy.deepcopy(base)
