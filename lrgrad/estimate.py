@@ -42,7 +42,7 @@ from lrgrad._checks import check_bool, check_choice, check_int
 from lrgrad.groups import DEFAULT_EXCLUDE, route_named_params, select_low_rank_modules
 from lrgrad.optim.presets import PRESETS, preset_of
 from lrgrad.optim.registry import optimizer_class
-from lrgrad.subspace import compute_dtype, low_rank_shape, matrix_shape
+from lrgrad.subspace import basis_shape, compute_dtype, low_rank_shape, matrix_shape
 
 #: LLaMA shapes of the GaLore / Q-GaLore pretraining runs (arXiv:2403.03507 Table 2; vocab 32000)
 LLAMA_CONFIGS: dict[str, dict[str, int]] = {
@@ -81,14 +81,28 @@ class MemoryEstimate:
     activations: int
     optimizer: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    #: the optimizer step's temporaries beyond its state (module docstring, "peak")
+    transients: int = 0
+    #: the process before any tensor: interpreter, torch, transformers (``RUNTIME_BYTES``)
+    runtime: int = 0
 
     @property
     def total(self) -> int:
         return self.weights + self.gradients + self.optimizer_state + self.projector_state + self.activations
 
+    @property
+    def peak(self) -> int:
+        """The training process's peak (module docstring): runtime, weights and state, plus the larger of
+        what the step holds (every gradient and the step's temporaries) and what the backward pass holds
+        (the activations, and with per-layer updates one gradient and its step's temporaries too)."""
+        at_step = self.gradients + self.transients
+        in_backward = self.activations + (at_step if self.details.get("layerwise") else 0)
+        return self.runtime + self.weights + self.optimizer_state + self.projector_state + max(at_step, in_backward)
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["total"] = self.total
+        out["peak"] = self.peak
         return out
 
     def fits(self, gib: float) -> bool:
@@ -104,7 +118,8 @@ class MemoryEstimate:
                 " (embeddings, head and 1-D params full-rank)" if route == "named_parameters"
                 else " (every matrix whose smaller side exceeds the rank projected)")
         rows = [f"{what}:", "", "| part | MiB | GiB |", "|---|---:|---:|"]
-        for key in ("weights", "gradients", "optimizer_state", "projector_state", "activations", "total"):
+        for key in ("weights", "gradients", "optimizer_state", "projector_state", "activations", "total",
+                    "transients", "runtime", "peak"):
             value = getattr(self, key)
             rows.append(f"| {key.replace('_', ' ')} | {value / 2**20:,.1f} | {value / 2**30:.2f} |")
         return "\n".join(rows)
@@ -279,25 +294,71 @@ def _sharded_rule_bytes(opt: Any, p: torch.Tensor, group: dict[str, Any], world_
     return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
 
 
+#: the process before any tensor exists: the interpreter with torch and transformers imported (VmRSS
+#: measured by experiments/bench/bench_peak_memory.py on CPU, torch 2.13, glibc with its allocator
+#: settings; a GPU process adds its CUDA context instead)
+RUNTIME_BYTES = int(0.44 * 2**30)
+#: fp32 copies of one projected matrix alive at once while its update is applied (lrgrad/optim/pipeline.py):
+#: a bf16 weight is updated through its fp32 copy and the GEMM's result (2); APOLLO/Fira hold the prepared
+#: gradient, its channel-scaled copy and the weight's fp32 work copy (3); an INT8 weight its dequantized
+#: work copy and requantization's temporaries (5)
+APPLY_COPIES = {"low_precision": 2, "full_rank": 3, "quantized": 5}
+#: fp32 copies a full-rank slice needs in the unfused AdamW path (gradient, weight, denominator)
+FULL_RANK_COPIES = 3
+
+
+def _transients(opt: Any, p: torch.Tensor, group: dict[str, Any], spec: _Param) -> tuple[int, int, int, int]:
+    """(chunk bytes, stage bytes, apply bytes, full-rank bytes) of one param's step (module docstring)."""
+    compute = compute_dtype(p.dtype)
+    size = _dtype_size(compute)
+    copy = p.dtype != compute  # the prepared gradient (and the update's work copy) are new tensors
+    numel = p.numel()
+    if opt.is_projected(p, group):
+        projector = opt.projector_for(p, group)
+        shape2d = matrix_shape(p)
+        chunk = math.prod(low_rank_shape(shape2d, group["rank"], projector.side)) * size
+        if projector.gradient_free:  # Flora's draw lives from down() to the update
+            chunk += math.prod(basis_shape(shape2d, group["rank"], projector.side)) * size
+        if spec.bits:
+            copies = APPLY_COPIES["quantized"]
+        elif group["full_rank"] is not None:
+            copies = APPLY_COPIES["full_rank"] if copy else 1
+        else:
+            copies = APPLY_COPIES["low_precision"] if copy else 0
+        return chunk, numel * size * copy, numel * size * copies, 0
+    rule = opt.rule_for_param(p, group)
+    state_dtype = p.dtype if group["state_dtype"] == "param" else compute
+    if state_dtype == p.dtype and rule.elementwise:
+        return 0, 0, 0, 0  # the fused kernel, in place
+    rows = min(numel, opt.step_workspace_bytes // 4) if rule.elementwise else numel
+    return 0, 0, 0, rows * _dtype_size(state_dtype) * FULL_RANK_COPIES
+
+
 def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options: dict[str, Any],
                  world_size: int = 1, model: nn.Module | None = None,
-                 route: str = "named_parameters") -> tuple[int, int]:
-    """(optimizer-state bytes, projector-state bytes) of rank 0: the optimizer is built on ``route``
-    (over ``model``'s own params when there is one, so its routing is the user's; else over meta
-    tensors named as in the config) and each param's state is created on a meta tensor."""
+                 route: str = "named_parameters", layerwise: bool = False) -> tuple[int, int, int]:
+    """(optimizer-state bytes, projector-state bytes, step transients) of rank 0: the optimizer is built
+    on ``route`` (over ``model``'s own params when there is one, so its routing is the user's; else over
+    meta tensors named as in the config) and each param's state is created on a meta tensor."""
     trainable = {s.name: s for s in specs if s.trainable}
     if optimizer_class(optimizer) is torch.optim.AdamW:
+        # torch's single-tensor AdamW (CPU) makes sqrt(v) and its quotient: two copies of the largest param
+        largest = max((s.numel * _dtype_size(s.dtype) for s in trainable.values()), default=0)
         return sum(int(2 * s.numel * _shard_fraction(s.shape, world_size)) * _dtype_size(s.dtype) + 4
-                   for s in trainable.values()), 0
+                   for s in trainable.values()), 0, 2 * largest
     metas = {name: torch.empty(s.shape, dtype=s.dtype, device="meta", requires_grad=True)
              for name, s in trainable.items()}
     named = list(metas.items()) if model is None else model.named_parameters()
     opt = optimizer_class(optimizer)(_groups(named, rank, route, options), lr=1e-3)
     name_of = {id(p): n for n, p in (metas.items() if model is None else model.named_parameters())}
     state_bytes = proj_bytes = 0
+    chunks, stages, applies, fulls = [0], [0], [0], [0]
     for group in opt.param_groups:
         for param in group["params"]:
             p = metas[name_of[id(param)]]
+            for out, value in zip((chunks, stages, applies, fulls), _transients(opt, p, group,
+                                                                                 trainable[name_of[id(param)]])):
+                out.append(value)
             state: dict[str, Any] = {}
             opt.init_param_state(p, group, state)
             opt.state[param] = state
@@ -313,7 +374,10 @@ def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options:
             if opt.is_projected(p, group):  # what the first refresh will allocate
                 proj_bytes += opt.projector_for(p, group).basis_bytes(matrix_shape(p), compute_dtype(p.dtype))
     proj_bytes += opt.shared_state_bytes()
-    return state_bytes, proj_bytes
+    # one chunk of low-rank gradients (one param per-layer) while the largest update is applied, or the
+    # largest prepared gradient while it is projected, or a full-rank batch of slices
+    chunk = max(chunks) if layerwise else min(sum(chunks), opt.step_workspace_bytes + max(chunks))
+    return state_bytes, proj_bytes, max(chunk + max(applies), max(stages), max(fulls))
 
 
 # ---------------------------------------------------------------------- activations
@@ -426,7 +490,8 @@ def estimate_memory(
     grads = [int(s.numel * _shard_fraction(s.shape, world_size)) * _dtype_size(s.dtype) for s in specs
              if s.trainable]
     gradients = (max(grads) if grads else 0) if layerwise else sum(grads)
-    state, projector = _state_bytes(specs, optimizer, rank, optimizer_options, world_size, module, route)
+    state, projector, transients = _state_bytes(specs, optimizer, rank, optimizer_options, world_size, module,
+                                                route, layerwise)
     activations = 0
     if batch_size is not None:
         if cfg is None:
@@ -435,7 +500,7 @@ def estimate_memory(
         activations = llama_activation_bytes(cfg, batch_size, seq_len, act_dtype)
     return MemoryEstimate(
         weights=weights, gradients=gradients, optimizer_state=state, projector_state=projector,
-        activations=activations, optimizer=optimizer,
+        activations=activations, optimizer=optimizer, transients=transients, runtime=RUNTIME_BYTES,
         details={"rank": rank, "layerwise": layerwise, "weight_bits": weight_bits, "batch_size": batch_size,
                  "seq_len": seq_len, "params": sum(s.numel for s in specs), "world_size": world_size,
                  "route": route},

@@ -419,7 +419,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         rule: UpdateRule | None = None,
     ) -> None:
         """Run the rule full-rank on raw gradients (foreach where the rule has it), prepared batch by
-        batch: an elementwise rule steps flat slices of at most ``step_workspace_bytes / 4`` elements
+        batch: a rule that can slice its state steps flat slices of at most ``step_workspace_bytes / 4`` elements
         (``lrgrad.optim.pipeline``), so no whole-tensor fp32 copy of a bf16 param exists."""
         if not params:
             return
@@ -440,7 +440,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             if not params:
                 return
         max_elements = max(1, self.step_workspace_bytes // 4)
-        for ps, gs, ss in full_rank_pieces(params, grads, states, max_elements, rule.elementwise):
+        for ps, gs, ss in full_rank_pieces(params, grads, states, max_elements, rule):
             gs = [prepare(g, full_rank_state_dtype(p, group), group["maximize"]) for p, g in zip(ps, gs)]
             with update_targets(ps) as targets:  # quantized weights: fp32 work copies, requantized after
                 rule.apply_full_rank(targets, gs, ss, [s["step"] for s in ss], lr=float(group["lr"]),

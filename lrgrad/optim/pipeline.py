@@ -22,8 +22,9 @@ low-rank gradients and the bases its projectors generated (Flora's draws, DCT's 
 projected gradient at once; the rule still batches every param of a chunk in one multi-tensor pass.
 A projected param's prepared full gradient lives only while it is projected; an update that reads
 the full gradient (APOLLO, Fira) prepares it again when it is applied, so one fp32 copy exists at a
-time. Full-rank params of an elementwise rule (``UpdateRule.elementwise``: AdamW) are stepped on
-flat slices of at most ``step_workspace_bytes / 4`` elements, batched across params, so a bf16
+time. Full-rank params whose rule can view its state in slices (``UpdateRule.slice_state``: AdamW elementwise,
+8-bit AdamW by whole blocks) are stepped on flat slices of at most ``step_workspace_bytes / 4``
+elements, batched across params, so a bf16
 embedding never gets a whole-tensor fp32 copy of its gradient, weight or denominator; other rules
 step whole tensors in batches of that size. Elementwise arithmetic on slices is the arithmetic on the
 whole tensor, so the chunking changes no bit (tested against the unchunked step).
@@ -73,38 +74,32 @@ def prepare(grad: torch.Tensor, dtype: torch.dtype, maximize: bool) -> torch.Ten
     return -grad if maximize else grad
 
 
-def _sliceable(p: torch.Tensor, g: torch.Tensor, state: dict[str, Any]) -> bool:
-    """Whether ``p``, ``g`` and every tensor of ``state`` can be cut into matching flat views."""
-    if is_dtensor(p) or isinstance(p, QuantizedWeight) or not (p.is_contiguous() and g.is_contiguous()):
-        return False
-    return all(v.shape == p.shape and v.is_contiguous() and not is_dtensor(v)
-               for v in state.values() if isinstance(v, torch.Tensor))
-
-
-def _pieces(p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], size: int):
-    """Flat views of at most ``size`` elements of ``p``, ``g`` and the state tensors, in order."""
+def _pieces(p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], size: int, rule: Any):
+    """``(param, grad, state)`` views of at most ``size`` flat elements each, or the param whole when the
+    rule cannot slice its state (``UpdateRule.slice_state``) or a tensor cannot be viewed flat."""
+    numel = p.numel()
+    whole = [(p, g, state)]
+    if (numel <= size or is_dtensor(p) or isinstance(p, QuantizedWeight)
+            or not (p.is_contiguous() and g.is_contiguous())):
+        return whole
+    states = [rule.slice_state(state, p, start, min(start + size, numel)) for start in range(0, numel, size)]
+    if any(s is None for s in states):
+        return whole
     flat_p, flat_g = p.view(-1), g.view(-1)
-    flat_state = {k: v.view(-1) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-    for start in range(0, p.numel(), size):
-        stop = start + size
-        yield (flat_p[start:stop], flat_g[start:stop],
-               {k: v[start:stop] if isinstance(v, torch.Tensor) else v for k, v in flat_state.items()})
+    return [(flat_p[start:start + size], flat_g[start:start + size], piece)
+            for start, piece in zip(range(0, numel, size), states)]
 
 
 def full_rank_pieces(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
-                     max_elements: int, elementwise: bool):
+                     max_elements: int, rule: Any):
     """Batches ``(params, grads, states)`` that cover every element once, each of at most
-    ``max_elements`` elements: with an ``elementwise`` rule a large param is cut into flat views
-    (its state tensors alike, so in-place updates land in the real state); otherwise, or when a
-    tensor cannot be viewed flat, a param larger than the budget forms a batch of its own."""
+    ``max_elements`` elements: a large param is cut into flat views where ``rule.slice_state`` can
+    view its state alike (so in-place updates land in the real state); otherwise a param larger than
+    the budget forms a batch of its own."""
     batch: tuple[list, list, list] = ([], [], [])
     size = 0
     for p, g, state in zip(params, grads, states):
-        if elementwise and p.numel() > max_elements and _sliceable(p, g, state):
-            pieces = _pieces(p, g, state, max_elements)
-        else:
-            pieces = iter([(p, g, state)])
-        for piece in pieces:
+        for piece in _pieces(p, g, state, max_elements, rule):
             n = piece[0].numel()
             if batch[0] and size + n > max_elements:
                 yield batch

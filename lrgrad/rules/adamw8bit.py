@@ -53,7 +53,7 @@ class AdamW8bitRule(AdamWRule):
     # (e.g. Flora's random projector) can tell them apart
     linear_keys = ("exp_avg", "exp_avg_codes", "exp_avg_absmax")
     quadratic_keys = ("exp_avg_sq", "exp_avg_sq_codes", "exp_avg_sq_absmax")
-    #: quantization blocks span elements (and the rule chunks its own update, ``UPDATE_CHUNK``)
+    #: quantization blocks span elements: slices must start on a block (:meth:`slice_state`)
     elementwise = False
 
     @classmethod
@@ -89,6 +89,21 @@ class AdamW8bitRule(AdamWRule):
                 blocks = quant.num_groups(local[f"{key}_codes"].numel(), self.group["moment_block_size"])
                 local[f"{key}_absmax"] = local[f"{key}_absmax"].view(-1)[:blocks]
         return local
+
+    def slice_state(self, state: dict[str, Any], param: torch.Tensor, start: int, stop: int) -> dict[str, Any] | None:
+        """Whole blocks are independent: a slice that starts on a block boundary and ends on one (or at the
+        end) is stepped exactly as the same elements of the whole param. Small (fp32) moments slice as
+        AdamW's."""
+        if not self.is_quantized(state):
+            return self.slice_like_param(state, param, start, stop)  # AdamW's arithmetic: elementwise
+        block = self.group["moment_block_size"]
+        if start % block or (stop % block and stop != param.numel()) or any(is_dtensor(v) for v in state.values()):
+            return None
+        out = dict(state)
+        for key, _ in QUANTIZED_MOMENTS:
+            out[f"{key}_codes"] = state[f"{key}_codes"].view(-1)[start:stop]
+            out[f"{key}_absmax"] = state[f"{key}_absmax"][start // block: quant.num_groups(stop, block)]
+        return out
 
     def load_moment(self, state: dict[str, Any], key: str, signed: bool, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized moment ``key`` (``"exp_avg"`` / ``"exp_avg_sq"``) in ``dtype``."""

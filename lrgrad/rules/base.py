@@ -86,6 +86,26 @@ class UpdateRule:
             if work is not p:
                 p.copy_(work)
 
+    def slice_state(self, state: dict[str, Any], param: torch.Tensor, start: int, stop: int) -> dict[str, Any] | None:
+        """Views of a full-rank param's ``state`` for its flat elements ``[start, stop)``: stepping every
+        slice is then stepping the param, bit for bit, with temporaries of one slice
+        (``lrgrad.optim.pipeline``). ``None``: the param is stepped whole. By default an ``elementwise``
+        rule slices each state tensor shaped like the param (contiguous, not a DTensor)."""
+        return self.slice_like_param(state, param, start, stop) if self.elementwise else None
+
+    @staticmethod
+    def slice_like_param(state: dict[str, Any], param: torch.Tensor, start: int, stop: int) -> dict[str, Any] | None:
+        """``state`` with each tensor shaped like ``param`` replaced by its flat view ``[start, stop)``; ``None``
+        when a tensor has another shape, is not contiguous or is a DTensor."""
+        out: dict[str, Any] = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                if value.shape != param.shape or not value.is_contiguous() or is_dtensor(value):
+                    return None
+                value = value.view(-1)[start:stop]
+            out[key] = value
+        return out
+
     def local_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """FSDP2: ``state`` with each DTensor replaced by this rank's local tensor (the same
         storage, so in-place writes land in the DTensor). Rules whose local layout needs
