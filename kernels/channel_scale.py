@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from lrgrad._checks import check_choice, check_tensor
 from lrgrad.kernels.dispatch import backend_for
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,17 +38,12 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check(grad: torch.Tensor, base: torch.Tensor | None, channel_dim: int) -> None:
-    if not isinstance(grad, torch.Tensor):
-        raise TypeError(f"Invalid grad: expected a tensor, got {type(grad).__name__}")
-    if grad.dim() != 2:
-        raise ValueError(f"Invalid grad: expected a matrix, got shape {tuple(grad.shape)}")
+    check_tensor("grad", grad, ndim=2)
     if base is not None:
-        if not isinstance(base, torch.Tensor):
-            raise TypeError(f"Invalid base: expected a tensor or None, got {type(base).__name__}")
+        check_tensor("base", base)
         if base.shape != grad.shape:
             raise ValueError(f"Invalid base: shape {tuple(base.shape)} differs from grad {tuple(grad.shape)}")
-    if isinstance(channel_dim, bool) or channel_dim not in (0, 1):
-        raise ValueError(f"Invalid channel_dim: {channel_dim!r}; expected 0 (rows) or 1 (columns)")
+    check_choice("channel_dim", channel_dim, (0, 1))
 
 
 # ---------------------------------------------------------------------- references

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lrgrad._checks import check_choice, check_coefficients, check_int, check_nonnegative, check_tensor
+
 MUON_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 #: the precisions the iterates may be kept in
 ITERATE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -36,20 +38,13 @@ ITERATE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.
 
 def _check(x: torch.Tensor, steps: int, coefficients: Sequence[float], eps: float,
            dtype: torch.dtype | None = None) -> None:
-    if dtype is not None and dtype not in ITERATE_DTYPES:
-        raise ValueError(f"Invalid dtype: {dtype}; expected one of {ITERATE_DTYPES} (or None: the input's)")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"Invalid x: expected a tensor, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"Invalid x: expected a matrix (or a batch of matrices), got shape {tuple(x.shape)}")
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"Invalid steps: expected an int, got {type(steps).__name__}")
-    if steps < 0:
-        raise ValueError(f"Invalid steps: {steps} (must be >= 0)")
-    if len(coefficients) != 3:
+    check_choice("dtype", dtype, (None, *ITERATE_DTYPES))
+    check_tensor("x", x, min_ndim=2)
+    check_int("steps", steps, 0)
+    if len(coefficients) != 3:  # a kernel argument: a wrong count is a bad value (ValueError), as torch's
         raise ValueError(f"Invalid coefficients: expected (a, b, c), got {coefficients!r}")
-    if not eps >= 0.0:
-        raise ValueError(f"Invalid eps: {eps}")
+    check_coefficients(coefficients, "coefficients")
+    check_nonnegative("eps", eps)
 
 
 def newton_schulz_reference(

@@ -22,33 +22,22 @@ from __future__ import annotations
 
 import torch
 
+from lrgrad._checks import check_choice, check_tensor
 from lrgrad.kernels import dispatch, reference
 from lrgrad.kernels.dispatch import backend_for
 
 SIDES = ("left", "right")
 
 
-def _check_side(side: str) -> None:
-    if side not in SIDES:
-        raise ValueError(f"Invalid side: {side!r}; expected one of {SIDES}")
-
-
-def _check_matrix(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"Invalid {name}: expected a tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"Invalid {name}: expected a matrix, got shape {tuple(t.shape)}")
-
-
 def project_down(grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
     """right: ``G Pᵀ`` (m×r); left: ``Pᵀ G`` (r×n). cuBLAS via torch on every backend."""
-    _check_side(side)
+    check_choice("side", side, SIDES)
     return reference.project_down(grad, basis, side)
 
 
 def project_up(update: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
     """right: ``U P`` (m×n); left: ``P U`` (m×n). cuBLAS via torch on every backend."""
-    _check_side(side)
+    check_choice("side", side, SIDES)
     return reference.project_up(update, basis, side)
 
 
@@ -64,10 +53,10 @@ def lowrank_update_(
     its epilogue reads each param tile, applies ``decay`` and the step, and rounds once to
     ``param.dtype`` — no m×n temporary. fp64 (and other dtypes) use the torch reference.
     """
-    _check_side(side)
-    _check_matrix("param", param)
-    _check_matrix("update", update)
-    _check_matrix("basis", basis)
+    check_choice("side", side, SIDES)
+    check_tensor("param", param, ndim=2)
+    check_tensor("update", update, ndim=2)
+    check_tensor("basis", basis, ndim=2)
     left, right = (update, basis) if side == "right" else (basis, update)
     if left.shape[1] != right.shape[0] or (left.shape[0], right.shape[1]) != tuple(param.shape):
         raise ValueError(

@@ -26,8 +26,9 @@ from __future__ import annotations
 import torch
 
 from lrgrad import quant as reference
+from lrgrad._checks import check_group_stats, check_int, check_numel, check_seed, check_tensor
 from lrgrad.kernels.dispatch import backend_for, triton_or_torch
-from lrgrad.quant import check_codes_shape, check_float_tensor, check_group_size, num_groups
+from lrgrad.quant import num_groups
 
 _MAX_NUMEL = 2**31 - 1
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,11 +42,6 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(-1).contiguous()
 
 
-def _check_seed(seed: int | None) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"Invalid seed: expected an int or None, got {type(seed).__name__}")
-
-
 def _resolve_seed(seed: int | None) -> int:
     """A non-negative int the kernels can take: the given seed mod 2^63 - 1, or a global draw."""
     if seed is None:
@@ -55,8 +51,8 @@ def _resolve_seed(seed: int | None) -> int:
 
 def quantize_int4(x: torch.Tensor, group_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(packed uint8, scale fp16, zero fp16)``; see ``lrgrad.quant.quantize_int4``."""
-    check_float_tensor(x)
-    check_group_size("group_size", group_size)
+    check_tensor("x", x, floating=True)
+    check_int("group_size", group_size, 1)
     if _use_triton(x) and group_size % 2 == 0 and x.dtype in _FLOAT_DTYPES:
         from lrgrad.kernels import triton_quant
 
@@ -70,7 +66,7 @@ def dequantize_int4(
     group_size: int = 256, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_int4`; see ``lrgrad.quant.dequantize_int4``."""
-    check_group_size("group_size", group_size)
+    check_int("group_size", group_size, 1)
     shape = torch.Size(shape)
     numel = shape.numel()
     if _use_triton(packed) and dtype in _FLOAT_DTYPES:
@@ -78,7 +74,7 @@ def dequantize_int4(
             raise TypeError(f"Invalid packed: expected uint8 codes, got {packed.dtype}")
         if packed.numel() != num_groups(numel, 2):
             raise ValueError(f"Invalid packed: {packed.numel()} bytes cannot hold {numel} INT4 codes")
-        _check_stats(scale, zero, numel, group_size)
+        check_group_stats(scale, zero, numel, group_size)
         from lrgrad.kernels import triton_quant
 
         return triton_or_torch(
@@ -90,22 +86,13 @@ def dequantize_int4(
     return reference.dequantize_int4(packed, scale, zero, shape, group_size, dtype)
 
 
-def _check_stats(scale: torch.Tensor, zero: torch.Tensor, numel: int, group_size: int) -> None:
-    groups = num_groups(numel, group_size)
-    if scale.numel() != groups or zero.numel() != groups:
-        raise ValueError(
-            f"Invalid scale/zero: expected {groups} groups of {group_size} for {numel} elements, "
-            f"got {scale.numel()} scales and {zero.numel()} zeros"
-        )
-
-
 def stochastic_round(x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
     """``floor(x) + Bernoulli(x − floor(x))``, unbiased; deterministic given ``seed``.
 
     Triton path: the Bernoulli draws are ``tl.rand(seed, i) < frac_i`` (Philox, element index ``i``).
     """
-    check_float_tensor(x)
-    _check_seed(seed)
+    check_tensor("x", x, floating=True)
+    check_seed("seed", seed)
     if _use_triton(x) and x.dtype in _FLOAT_DTYPES:
         from lrgrad.kernels import triton_quant
 
@@ -124,9 +111,9 @@ def quantize_int8(
     ``stochastic=True`` rounds ``x / scale`` with the seeded Philox stream (INT8 weight
     requantization: small updates survive in expectation).
     """
-    check_float_tensor(x)
-    check_group_size("group_size", group_size)
-    _check_seed(seed)
+    check_tensor("x", x, floating=True)
+    check_int("group_size", group_size, 1)
+    check_seed("seed", seed)
     if _use_triton(x) and x.dtype in _FLOAT_DTYPES:
         from lrgrad.kernels import triton_quant
 
@@ -147,12 +134,12 @@ def dequantize_int8(
     group_size: int = 256, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_int8`; see ``lrgrad.quant.dequantize_int8``."""
-    check_group_size("group_size", group_size)
+    check_int("group_size", group_size, 1)
     if _use_triton(codes) and dtype in _FLOAT_DTYPES:
         if codes.dtype != torch.int8:
             raise TypeError(f"Invalid codes: expected int8, got {codes.dtype}")
-        shape = codes.shape if shape is None else check_codes_shape(shape, codes.numel())
-        _check_stats(scale, zero, codes.numel(), group_size)
+        shape = codes.shape if shape is None else check_numel("shape", shape, codes.numel())
+        check_group_stats(scale, zero, codes.numel(), group_size)
         from lrgrad.kernels import triton_quant
 
         return triton_or_torch(
@@ -168,8 +155,8 @@ def quantize_blockwise_8bit(
     x: torch.Tensor, block_size: int = 256, signed: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, absmax fp32)`` with the companded code map; see ``lrgrad.quant.quantize_blockwise_8bit``."""
-    check_float_tensor(x)
-    check_group_size("block_size", block_size)
+    check_tensor("x", x, floating=True)
+    check_int("block_size", block_size, 1)
     if _use_triton(x) and x.dtype in _FLOAT_DTYPES:
         from lrgrad.kernels import triton_quant
 
@@ -187,12 +174,12 @@ def dequantize_blockwise_8bit(
     block_size: int = 256, signed: bool = True, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise_8bit`; see ``lrgrad.quant.dequantize_blockwise_8bit``."""
-    check_group_size("block_size", block_size)
+    check_int("block_size", block_size, 1)
     if _use_triton(codes) and dtype in _FLOAT_DTYPES:
         expected = torch.int8 if signed else torch.uint8
         if codes.dtype != expected:
             raise TypeError(f"Invalid codes: expected {expected} for signed={signed}, got {codes.dtype}")
-        shape = codes.shape if shape is None else check_codes_shape(shape, codes.numel())
+        shape = codes.shape if shape is None else check_numel("shape", shape, codes.numel())
         if absmax.numel() != num_groups(codes.numel(), block_size):
             raise ValueError(f"Invalid absmax: expected {num_groups(codes.numel(), block_size)} blocks of "
                              f"{block_size} for {codes.numel()} elements, got {absmax.numel()}")

@@ -1,4 +1,4 @@
-"""Argument validation: the one place lrgrad's checks live (layer 0, imports only the stdlib).
+"""Argument validation: the one place the checks of lrgrad and its kernels live (layer 0: imports torch only).
 
 Every check raises ``TypeError`` for a value of the wrong type and ``ValueError``
 for a value out of range, with a message that starts ``"Invalid <name>: "`` so
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 
 def _is_number(value: Any) -> bool:
@@ -112,5 +114,46 @@ def check_coefficients(coefficients: Any, name: str = "ns_coefficients") -> None
         raise TypeError(f"Invalid {name}: expected a tuple of 3 floats (a, b, c), got {coefficients!r}")
 
 
+def check_tensor(name: str, value: Any, *, ndim: int | None = None, min_ndim: int | None = None,
+                 floating: bool = False) -> None:
+    """A ``torch.Tensor``; ``ndim``: exactly that many dimensions (2: a matrix), ``min_ndim``: at least
+    (2: a matrix or a batch of them); ``floating``: a floating-point dtype."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"Invalid {name}: expected a tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        what = "a matrix" if ndim == 2 else f"a {ndim}-D tensor"
+        raise ValueError(f"Invalid {name}: expected {what}, got shape {tuple(value.shape)}")
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(f"Invalid {name}: expected at least {min_ndim} dimensions (a matrix or a batch of "
+                         f"matrices), got shape {tuple(value.shape)}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"Invalid {name}: expected a floating-point tensor, got {value.dtype}")
+
+
+def check_numel(name: str, shape: Any, numel: int) -> torch.Size:
+    """``shape`` as a ``torch.Size`` holding exactly ``numel`` elements (e.g. the shape codes decode to)."""
+    shape = torch.Size(shape)
+    if shape.numel() != numel:
+        raise ValueError(f"Invalid {name}: {tuple(shape)} has {shape.numel()} elements, the codes hold {numel}")
+    return shape
+
+
+def check_group_stats(scale: torch.Tensor, zero: torch.Tensor, numel: int, group_size: int) -> None:
+    """One scale and one zero point per group of ``group_size`` of ``numel`` quantized elements."""
+    groups = -(-numel // group_size)
+    if scale.numel() != groups or zero.numel() != groups:
+        raise ValueError(
+            f"Invalid scale/zero: expected {groups} groups of {group_size} for {numel} elements, "
+            f"got {scale.numel()} scales and {zero.numel()} zeros"
+        )
+
+
+def check_seed(name: str, value: Any) -> None:
+    """An int (any sign: it is reduced to the generator's range) or ``None`` (a fresh draw)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"Invalid {name}: expected an int or None, got {type(value).__name__}")
+
+
 __all__ = ["check_beta", "check_betas", "check_bool", "check_choice", "check_coefficients", "check_float",
-           "check_int", "check_nonnegative", "check_positive"]
+           "check_group_stats", "check_int", "check_nonnegative", "check_numel", "check_positive", "check_seed",
+           "check_tensor"]

@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from lrgrad._checks import check_int
+from lrgrad._checks import check_int, check_numel, check_tensor
 
 #: fp16 holds every integer up to 2048 exactly; the scale is kept >= max|x| / ZERO_LIMIT
 ZERO_LIMIT = 1024.0
@@ -49,25 +49,6 @@ SIGNED_POWER = 2.0
 UNSIGNED_POWER = 4.0
 SIGNED_LEVELS = 127
 UNSIGNED_LEVELS = 255
-
-
-# ------------------------------------------------------------------ validation
-def check_group_size(name: str, value: int) -> None:
-    check_int(name, value, 1)
-
-
-def check_float_tensor(x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"Invalid x: expected a Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"Invalid x: expected a floating-point tensor, got {x.dtype}")
-
-
-def check_codes_shape(shape: torch.Size | tuple[int, ...], numel: int, name: str = "shape") -> torch.Size:
-    shape = torch.Size(shape)
-    if shape.numel() != numel:
-        raise ValueError(f"Invalid {name}: {tuple(shape)} has {shape.numel()} elements, the codes hold {numel}")
-    return shape
 
 
 def num_groups(numel: int, group_size: int) -> int:
@@ -139,8 +120,8 @@ def quantize_int4(x: torch.Tensor, group_size: int = 256) -> tuple[torch.Tensor,
     ``zero`` are fp16 with one entry per group of ``group_size`` consecutive
     (flattened) elements. ``|x − dequantize_int4(...)| ≤ scale / 2`` per element.
     """
-    check_float_tensor(x)
-    check_group_size("group_size", group_size)
+    check_tensor("x", x, floating=True)
+    check_int("group_size", group_size, 1)
     flat = x.detach().reshape(-1).float()
     if flat.numel() == 0:
         empty16 = torch.empty(0, dtype=torch.float16, device=x.device)
@@ -189,7 +170,7 @@ def dequantize_int4(
     group_size: int = 256, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_int4`: a ``dtype`` tensor of ``shape``."""
-    check_group_size("group_size", group_size)
+    check_int("group_size", group_size, 1)
     shape = torch.Size(shape)
     numel = shape.numel()
     codes = unpack_int4(packed, numel)
@@ -204,7 +185,7 @@ def stochastic_round(x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
     the int ``seed``, so the result is a deterministic function of ``(x, seed)``
     (``seed=None`` draws from the global generator).
     """
-    check_float_tensor(x)
+    check_tensor("x", x, floating=True)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"Invalid seed: expected an int or None, got {type(seed).__name__}")
     generator = None
@@ -230,8 +211,8 @@ def quantize_int8(
     (see :func:`stochastic_round`), unbiased, ``|error| < scale``; small updates
     survive in expectation instead of being rounded away.
     """
-    check_float_tensor(x)
-    check_group_size("group_size", group_size)
+    check_tensor("x", x, floating=True)
+    check_int("group_size", group_size, 1)
     flat = x.detach().reshape(-1).float()
     if flat.numel() == 0:
         empty16 = torch.empty(0, dtype=torch.float16, device=x.device)
@@ -248,10 +229,10 @@ def dequantize_int8(
     group_size: int = 256, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_int8` (``shape`` defaults to ``codes.shape``)."""
-    check_group_size("group_size", group_size)
+    check_int("group_size", group_size, 1)
     if codes.dtype != torch.int8:
         raise TypeError(f"Invalid codes: expected int8, got {codes.dtype}")
-    shape = codes.shape if shape is None else check_codes_shape(shape, codes.numel())
+    shape = codes.shape if shape is None else check_numel("shape", shape, codes.numel())
     flat = codes.reshape(-1).to(torch.int16) + 128
     return _dequantize_groups(flat, scale, zero, flat.numel(), group_size).to(dtype).view(shape)
 
@@ -281,8 +262,8 @@ def quantize_blockwise_8bit(
     ``|y(x̂) − y(x)| ≤ 1 / (2 · levels)``; equivalently the relative error of an
     element is about ``p / (2 · levels · y)`` — 0.8 % at the block maximum for both maps.
     """
-    check_float_tensor(x)
-    check_group_size("block_size", block_size)
+    check_tensor("x", x, floating=True)
+    check_int("block_size", block_size, 1)
     flat = x.detach().reshape(-1).float()
     if flat.numel() == 0:
         dtype = torch.int8 if signed else torch.uint8
@@ -306,11 +287,11 @@ def dequantize_blockwise_8bit(
     block_size: int = 256, signed: bool = True, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise_8bit` (``shape`` defaults to ``codes.shape``)."""
-    check_group_size("block_size", block_size)
+    check_int("block_size", block_size, 1)
     expected = torch.int8 if signed else torch.uint8
     if codes.dtype != expected:
         raise TypeError(f"Invalid codes: expected {expected} for signed={signed}, got {codes.dtype}")
-    shape = codes.shape if shape is None else check_codes_shape(shape, codes.numel())
+    shape = codes.shape if shape is None else check_numel("shape", shape, codes.numel())
     numel = codes.numel()
     blocks = num_groups(numel, block_size)
     if absmax.numel() != blocks:

@@ -33,6 +33,10 @@ LAYERS = [
     ("lrgrad.integrations", 4),
 ]
 INDEPENDENT = [("lrgrad.rules", "lrgrad.projectors")]
+#: the one direction between the two source folders: kernels/ (installed as lrgrad.kernels, L1) reads these
+#: L0 modules of lrgrad/ and nothing else of it - lrgrad.quant is the torch reference its quantization
+#: kernels reproduce bit for bit (codes, scales, code maps), _checks the argument checks
+KERNELS_READ = frozenset({"lrgrad._checks", "lrgrad.quant", "lrgrad.dtensor", "lrgrad.step_counts"})
 
 
 def modules() -> dict[str, Path]:
@@ -112,6 +116,14 @@ def test_imports_never_go_up_a_layer():
             if layer_of(target) > layer_of(module):
                 upward.append(f"{module} (L{layer_of(module)}) imports {target} (L{layer_of(target)})")
     assert not upward, "\n".join(sorted(upward))
+
+
+def test_kernels_read_only_the_declared_l0_modules_of_lrgrad():
+    """The folder picture matches the import picture: kernels/ depends on lrgrad/ only through KERNELS_READ
+    (CONTRIBUTING's layer table says the same); lrgrad/ reaches kernels/ only as ``lrgrad.kernels``."""
+    crossing = {f"{module} -> {target}" for module, targets in graph().items() if module.startswith("lrgrad.kernels")
+                for target in targets if not target.startswith("lrgrad.kernels") and target not in KERNELS_READ}
+    assert not crossing, "\n".join(sorted(crossing))
 
 
 def test_rules_and_projectors_are_independent():
