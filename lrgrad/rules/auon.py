@@ -31,11 +31,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from lrgrad._checks import check_bool, check_coefficients, check_int, check_positive
+from lrgrad._checks import check_bool, check_positive
 from lrgrad.kernels import auon_normalize, newton_schulz
-from lrgrad.kernels.newton_schulz import MUON_COEFFICIENTS
-from lrgrad.kernels.precision import check_ns_dtype, resolve_ns_dtype
-from lrgrad.rules.matrix import MatrixRule
+from lrgrad.kernels.precision import resolve_ns_dtype
+from lrgrad.rules.matrix import NEWTON_SCHULZ_DEFAULTS, MatrixRule, validate_newton_schulz
 
 
 class AuONRule(MatrixRule):
@@ -76,17 +75,14 @@ class HybridAuONRule(AuONRule):
     name = "hybrid_auon"
     option_defaults: ClassVar[dict[str, Any]] = {
         **AuONRule.option_defaults,
-        "ns_steps": 1,
-        "ns_coefficients": MUON_COEFFICIENTS,
-        "ns_dtype": "auto",
+        **NEWTON_SCHULZ_DEFAULTS,
+        "ns_steps": 1,  # the paper's one iteration before the cosh scaling
     }
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
         super().validate_options(group)
-        check_int("ns_steps", group["ns_steps"], 1)
-        check_coefficients(group["ns_coefficients"])
-        check_ns_dtype(group["ns_dtype"])
+        validate_newton_schulz(group)
 
     def normalize(self, matrix: torch.Tensor) -> torch.Tensor:
         group = self.group

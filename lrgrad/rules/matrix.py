@@ -12,7 +12,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from lrgrad._checks import check_beta, check_betas, check_bool, check_nonnegative
+from lrgrad._checks import check_beta, check_betas, check_bool, check_coefficients, check_int, check_nonnegative
+from lrgrad.kernels.newton_schulz import MUON_COEFFICIENTS
+from lrgrad.kernels.precision import check_ns_dtype
 from lrgrad.rules.adamw import AdamWRule
 from lrgrad.rules.base import UpdateRule
 
@@ -24,6 +26,17 @@ ADAMW_FALLBACK_DEFAULTS: dict[str, Any] = {
     "adamw_eps": 1e-8,
     "adamw_weight_decay": None,
 }
+
+
+#: the Newton–Schulz options of the rules that orthogonalize (Muon: 5 iterations; Hybrid-AuON changes ns_steps)
+NEWTON_SCHULZ_DEFAULTS: dict[str, Any] = {"ns_steps": 5, "ns_coefficients": MUON_COEFFICIENTS, "ns_dtype": "auto"}
+
+
+def validate_newton_schulz(group: dict[str, Any]) -> None:
+    """``ns_steps`` >= 1, three quintic coefficients, an ``ns_dtype`` (``lrgrad.kernels.precision``)."""
+    check_int("ns_steps", group["ns_steps"], 1)
+    check_coefficients(group["ns_coefficients"])
+    check_ns_dtype(group["ns_dtype"])
 
 
 class MatrixRule(UpdateRule):

@@ -31,32 +31,27 @@ from typing import Any, ClassVar
 
 import torch
 
-from lrgrad._checks import check_bool, check_coefficients, check_int, check_positive
+from lrgrad._checks import check_bool, check_positive
 from lrgrad.kernels import newton_schulz
-from lrgrad.kernels.newton_schulz import MUON_COEFFICIENTS
-from lrgrad.kernels.precision import check_ns_dtype, resolve_ns_dtype
-from lrgrad.rules.matrix import MatrixRule
+from lrgrad.kernels.precision import resolve_ns_dtype
+from lrgrad.rules.matrix import NEWTON_SCHULZ_DEFAULTS, MatrixRule, validate_newton_schulz
 
 
 class MuonRule(MatrixRule):
     name = "muon"
     option_defaults: ClassVar[dict[str, Any]] = {
         **MatrixRule.option_defaults,
-        "ns_steps": 5,
-        "ns_coefficients": MUON_COEFFICIENTS,
+        **NEWTON_SCHULZ_DEFAULTS,
         "eps": 1e-7,
         "match_rms_adamw": False,
-        "ns_dtype": "auto",
     }
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
         super().validate_options(group)
-        check_int("ns_steps", group["ns_steps"], 1)
-        check_coefficients(group["ns_coefficients"])
+        validate_newton_schulz(group)
         check_positive("eps", group["eps"])
         check_bool("match_rms_adamw", group["match_rms_adamw"])
-        check_ns_dtype(group["ns_dtype"])
 
     def shape_factor(self, rows: int, cols: int) -> float:
         if self.group["match_rms_adamw"]:
