@@ -307,7 +307,8 @@ APPLY_COPIES = {"low_precision": 2, "full_rank": 3, "quantized": 5}
 FULL_RANK_COPIES = 3
 
 
-def _transients(opt: Any, p: torch.Tensor, group: dict[str, Any], spec: _Param) -> tuple[int, int, int, int]:
+def _transients(opt: Any, p: torch.Tensor, group: dict[str, Any], spec: _Param,
+                state: dict[str, Any]) -> tuple[int, int, int, int]:
     """(chunk bytes, stage bytes, apply bytes, full-rank bytes) of one param's step (module docstring)."""
     compute = compute_dtype(p.dtype)
     size = _dtype_size(compute)
@@ -330,7 +331,9 @@ def _transients(opt: Any, p: torch.Tensor, group: dict[str, Any], spec: _Param) 
     state_dtype = p.dtype if group["state_dtype"] == "param" else compute
     if state_dtype == p.dtype and rule.elementwise:
         return 0, 0, 0, 0  # the fused kernel, in place
-    rows = min(numel, opt.step_workspace_bytes // 4) if rule.elementwise else numel
+    rows = min(numel, opt.step_workspace_bytes // 4)
+    if rows < numel and rule.slice_state(state, p, 0, rows) is None:
+        rows = numel  # stepped whole
     return 0, 0, 0, rows * _dtype_size(state_dtype) * FULL_RANK_COPIES
 
 
@@ -356,11 +359,11 @@ def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options:
     for group in opt.param_groups:
         for param in group["params"]:
             p = metas[name_of[id(param)]]
-            for out, value in zip((chunks, stages, applies, fulls), _transients(opt, p, group,
-                                                                                 trainable[name_of[id(param)]])):
-                out.append(value)
             state: dict[str, Any] = {}
             opt.init_param_state(p, group, state)
+            for out, value in zip((chunks, stages, applies, fulls),
+                                  _transients(opt, p, group, trainable[name_of[id(param)]], state)):
+                out.append(value)
             opt.state[param] = state
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
