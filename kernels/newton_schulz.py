@@ -47,13 +47,8 @@ def _check(x: torch.Tensor, steps: int, coefficients: Sequence[float], eps: floa
     check_nonnegative("eps", eps)
 
 
-def newton_schulz_reference(
-    x: torch.Tensor,
-    steps: int = 5,
-    coefficients: Sequence[float] = MUON_COEFFICIENTS,
-    eps: float = 1e-7,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+def newton_schulz_reference(x: torch.Tensor, steps: int = 5, coefficients: Sequence[float] = MUON_COEFFICIENTS,
+                            eps: float = 1e-7, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Plain torch quintic Newton–Schulz on the last two dims of ``x``; returns a new tensor.
 
     The iterates are kept in ``dtype`` (default: the dtype of ``x``); the result has ``x``'s

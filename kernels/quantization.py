@@ -61,15 +61,15 @@ def quantize_int4(x: torch.Tensor, group_size: int = 256) -> tuple[torch.Tensor,
     return reference.quantize_int4(x, group_size)
 
 
-def dequantize_int4(
-    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: torch.Size | tuple[int, ...],
-    group_size: int = 256, dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Inverse of :func:`quantize_int4`; see ``lrgrad.quant.dequantize_int4``."""
-    check_int("group_size", group_size, 1)
-    shape = torch.Size(shape)
-    numel = shape.numel()
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    shape: torch.Size | tuple[int, ...], group_size: int = 256,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_int4`; see ``lrgrad.quant.dequantize_int4`` (which checks the arguments
+    of the torch path)."""
     if _use_triton(packed) and dtype in _FLOAT_DTYPES:
+        check_int("group_size", group_size, 1)
+        shape = torch.Size(shape)
+        numel = shape.numel()
         if packed.dtype != torch.uint8:
             raise TypeError(f"Invalid packed: expected uint8 codes, got {packed.dtype}")
         if packed.numel() != num_groups(numel, 2):

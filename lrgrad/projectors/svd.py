@@ -207,15 +207,8 @@ def sketch_basis(
     return canonical_signs(left.T).T.contiguous()
 
 
-def randomized_basis(
-    grad: torch.Tensor,
-    rank: int,
-    side: str,
-    previous: torch.Tensor | None,
-    oversample: int,
-    power_iters: int,
-    generator: torch.Generator,
-) -> torch.Tensor:
+def randomized_basis(grad: torch.Tensor, rank: int, side: str, previous: torch.Tensor | None, oversample: int,
+                     power_iters: int, generator: torch.Generator) -> torch.Tensor:
     """Randomized top-r singular vectors of a whole ``grad`` (:func:`sketch_basis` in one process)."""
     return sketch_basis(grad, rank, side, previous, oversample, power_iters, generator)
 

@@ -208,15 +208,8 @@ class AdamW8bitRule(AdamWRule):
             self._update_range_reference(codes, absmax, flat_grad, direction, whole, numel, step)
         return direction.view_as(grad)
 
-    def apply_full_rank(
-        self,
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: list[dict[str, Any]],
-        steps: list[int],
-        lr: float,
-        weight_decay: float,
-    ) -> None:
+    def apply_full_rank(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
+                        steps: list[int], lr: float, weight_decay: float) -> None:
         # Small (fp32) states take AdamW's foreach path untouched; quantized ones go one by one.
         small = [i for i, s in enumerate(states) if not self.is_quantized(s)]
         large = [i for i, s in enumerate(states) if self.is_quantized(s)]
