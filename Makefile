@@ -44,7 +44,10 @@ LATEST ?= .venv-latest
 test-latest:
 	rm -rf $(LATEST) && python3 -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet $(TORCH_INDEX) $(TORCH)
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]' -e './experiments[wandb]'
+	# hold torch where $(TORCH) put it: an eager upgrade would otherwise replace a CPU build with PyPI's CUDA one
+	$(LATEST)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LATEST)/torch-pin.txt
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt \
+		-e '.[dev]' -e './experiments[wandb]'
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --no-deps $(TEST_PEERS)
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/freeze.txt
 	python3 .ci/drift.py $(CONSTRAINTS) $(LATEST)/freeze.txt | tee $(LATEST)/drift.txt
