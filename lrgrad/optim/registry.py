@@ -15,6 +15,10 @@ import torch
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {}
 #: short name (``"galore"``, ``"qgalore"``, ...) -> class name
 ALIASES: dict[str, str] = {}
+#: names of torch's own optimizers that lrgrad compares against (the estimator, the experiments): not
+#: lrgrad optimizers - ``"adamw"`` here is ``torch.optim.AdamW``, while ``RULES["adamw"]`` is lrgrad's
+#: AdamW *rule*, which every AdamW preset runs inside its projector
+BASELINES: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW}
 
 
 def register_optimizer(*aliases: str) -> Callable[[type], type]:
@@ -30,13 +34,13 @@ def register_optimizer(*aliases: str) -> Callable[[type], type]:
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The class for a class name or alias; ``"adamw"`` is ``torch.optim.AdamW``."""
-    if name == "adamw":
-        return torch.optim.AdamW
+    """The class for a class name or alias, or a torch baseline (``BASELINES``: ``"adamw"``)."""
+    if isinstance(name, str) and name in BASELINES:
+        return BASELINES[name]
     if not isinstance(name, str) or (name not in OPTIMIZERS and name not in ALIASES):
-        raise ValueError(f"Invalid optimizer: {name!r}; expected 'adamw', one of {sorted(ALIASES)} "
-                         f"or a class name in lrgrad.OPTIMIZERS")
+        raise ValueError(f"Invalid optimizer: {name!r}; expected a torch baseline {sorted(BASELINES)}, one of "
+                         f"{sorted(ALIASES)} or a class name in lrgrad.OPTIMIZERS")
     return OPTIMIZERS[ALIASES.get(name, name)]
 
 
-__all__ = ["ALIASES", "OPTIMIZERS", "optimizer_class", "register_optimizer"]
+__all__ = ["ALIASES", "BASELINES", "OPTIMIZERS", "optimizer_class", "register_optimizer"]
