@@ -6,6 +6,7 @@ from lrgrad.optim.presets import (
     APOLLOAdamW,
     APOLLOMiniAdamW,
     AuON,
+    CondaAdamW,
     DCTAdafactor,
     DCTAdamW,
     DCTAuON,
@@ -33,7 +34,7 @@ from lrgrad.optim.presets import (
 from lrgrad.optim.registry import ALIASES, OPTIMIZERS, optimizer_class, register_optimizer
 
 __all__ = ["ALIASES", "OPTIMIZERS", "PRESETS", "Preset", "APOLLOAdamW", "APOLLOMiniAdamW", "FiraAdamW", "FRUGALAdamW",
-           "GoLoreAdamW",
+           "CondaAdamW", "GoLoreAdamW",
            "DCTAdafactor", "DCTAdamW", "OnlineSubspaceAdamW", "OnlineSubspaceLion",
            "FloraAdafactor", "FloraAdamW",
            "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdafactor", "LowRankAdamW", "LowRankLion",

@@ -51,6 +51,13 @@ FULL_RANK_KEYS = tuple(FULL_RANK_DEFAULTS)
 EMBEDDING_FLAG = "adamw_for_embeddings"
 
 
+def _conda_beta(lr: Any, options: dict[str, Any], defaults: Mapping[str, Any]) -> Any:
+    """Conda's momentum is Adam's first moment: its β (``conda_beta``) is ``betas[0]`` unless given."""
+    if options.get("conda_beta") is None:
+        options["conda_beta"] = options.get("betas", defaults["betas"])[0]
+    return lr
+
+
 def _adafactor_kwargs(lr: Any, options: dict[str, Any], defaults: Mapping[str, Any]) -> Any:
     """``transformers.Adafactor``'s keywords (``decay_rate``, ``eps=(eps1, eps2)``, ...) in lrgrad's terms."""
     lr, eps, decay = translate_adafactor_kwargs(lr, options.get("eps", defaults["eps"]),
@@ -181,6 +188,25 @@ PRESETS: tuple[Preset, ...] = (
     ``golore_switch`` = T_s (default 0: random from the start; the paper's runs switch at 80% of
     training). At a refresh the first moment is carried into the new subspace and the second kept
     (``moment_policy="project"``, ``golore_v_transfer="keep"``), as the reference does."""),
+    # -- Conda: Adam's second moment in the basis of the momentum's SVD
+    Preset("CondaAdamW", parent="LowRankAdamW", projector="conda", choose_projector=False,
+           defaults={"moment_policy": "project", "update_proj_gap": 2000}, aliases=("conda", "conda_adamw"),
+           label="Conda-AdamW", paper_recipe={"lr": 1e-3, "scale": 1.0}, translate=_conda_beta,
+           doc=r"""Conda: Adam whose second moment lives in the orthonormal basis of the momentum's SVD.
+
+    "Conda: Column-Normalized Adam for Training Large Language Models Faster", Wang et al. 2025
+    (docs/conda.md; equal to ``pytorch_optimizer.Conda`` in float64).
+
+    .. math::
+        M_t &= \beta_1 M_{t-1} + (1-\beta_1) G_t, \quad P_t = \text{top-}r\text{ SVD basis of } M_t
+              \text{ on steps } 1, T, 2T, \dots \\
+        v_t &= \beta_2 v_{t-1} + (1-\beta_2) (G_t P_t^\top)^2, \quad
+        W_t = W_{t-1}(1 - \eta\lambda) - \eta\,\alpha\,
+              \frac{M_t P_t^\top / (1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon} P_t
+
+    The momentum is full size (projector state); ``v`` is r-sized and kept in coordinates across
+    refreshes. The reference keeps every singular vector; a ``rank`` below ``min(m, n)`` is lrgrad's
+    memory-saving extension. ``update_proj_gap`` 2000 and the exact SVD as the reference."""),
     # -- Grass: r selected rows/columns, a gather and a scatter-add (no projection GEMM)
     Preset("GrassAdamW", parent="LowRankAdamW", projector="grass", choose_projector=False,
            defaults={"moment_policy": "reset"}, aliases=("grass", "grass_adamw"), label="Grass-AdamW",
@@ -586,6 +612,7 @@ QGaLoreAdamW = CLASSES["QGaLoreAdamW"]
 DCTAdamW = CLASSES["DCTAdamW"]
 DCTAdafactor = CLASSES["DCTAdafactor"]
 GrassAdamW = CLASSES["GrassAdamW"]
+CondaAdamW = CLASSES["CondaAdamW"]
 GoLoreAdamW = CLASSES["GoLoreAdamW"]
 OnlineSubspaceAdamW = CLASSES["OnlineSubspaceAdamW"]
 OnlineSubspaceLion = CLASSES["OnlineSubspaceLion"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lrgrad.projectors.base import Projector
+from lrgrad.projectors.conda import CondaProjector
 from lrgrad.projectors.dct import DCTProjector
 from lrgrad.projectors.golore import GoLoreProjector
 from lrgrad.projectors.grass import GrassProjector
@@ -28,7 +29,8 @@ register_projector(DCTProjector)
 register_projector(OnlinePCAProjector)
 register_projector(GrassProjector)
 register_projector(GoLoreProjector)
+register_projector(CondaProjector)
 
-__all__ = ["DCTProjector", "GoLoreProjector", "GrassProjector", "OnlinePCAProjector",
+__all__ = ["CondaProjector", "DCTProjector", "GoLoreProjector", "GrassProjector", "OnlinePCAProjector",
            "MOMENT_POLICIES", "PROJECTORS", "PROJ_TYPES", "Projector", "QGaLoreProjector", "RandomProjector",
            "SVDProjector", "projection_side", "register_projector"]
