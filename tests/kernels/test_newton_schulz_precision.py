@@ -103,3 +103,38 @@ def test_default_dtype_is_the_input_dtype(monkeypatch):
 def test_bad_dtype_names_the_parameter():
     with pytest.raises(ValueError, match="dtype"):
         newton_schulz(torch.randn(4, 6), dtype=torch.int32)
+
+
+def test_galore_muon_bf16_triton_backend_follows_torch_backend(monkeypatch):
+    """GaLoreMuon with bf16 iterates: the Triton kernel (interpreter) and the torch path give the same two
+    steps to the bf16 Newton–Schulz tolerance: |Δp| ≤ 2 paths · steps · lr · 4·5·u_bf16 · max|O| · Muon's
+    shape factor (max|O| ≤ 1.25; the factor of an m×r or r×n low-rank R is at most √(max(m, n)/r))."""
+    import copy
+
+    from tiny_model import TinyLM, train
+
+    import lrgrad
+    from lrgrad.kernels import triton_newton_schulz
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    twin = copy.deepcopy(model)
+    calls = []
+    kernel = triton_newton_schulz.newton_schulz
+    monkeypatch.setattr(triton_newton_schulz, "newton_schulz",
+                        lambda *a, **k: (calls.append(k.get("dtype")), kernel(*a, **k))[1])
+
+    def run(m, backend):
+        monkeypatch.setenv("LRGRAD_KERNELS", backend)
+        opt = lrgrad.GaLoreMuon(lrgrad.param_groups(m, rank=8, update_proj_gap=2), lr=1e-2, ns_dtype="bf16")
+        return train(m, opt, steps=2)
+
+    losses_torch = run(model, "torch")
+    assert not calls
+    losses_triton = run(twin, "triton")
+    assert calls and set(calls) == {torch.bfloat16}, "the Triton kernel must have run with bf16 iterates"
+    assert losses_triton == pytest.approx(losses_torch, rel=1e-3)
+    for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        factor = (max(a.shape) / 8) ** 0.5 if a.dim() == 2 else 1.0
+        bound = 2 * 2 * 1e-2 * 4 * 5 * unit_roundoff(torch.bfloat16) * 1.25 * factor
+        assert (a - b).abs().max().item() <= bound, n
