@@ -29,8 +29,11 @@ def cpu_flags() -> set[str]:
 
 
 def bf16_native() -> bool:
-    """Whether the CPU has bf16 dot products (AVX512-BF16 or AMX); without them bf16 GEMMs are emulated."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    """Whether the CPU has bf16 dot products (AVX512-BF16 or AMX; aarch64 BF16); without them bf16 GEMMs are
+    emulated. The same test that picks Muon's Newton–Schulz precision (``ns_dtype="auto"``)."""
+    from lrgrad.kernels.precision import native_bf16_matmul
+
+    return native_bf16_matmul("cpu")
 
 
 def describe() -> str:
