@@ -274,8 +274,8 @@ def test_fsdp2_sketch_refreshes_succeed_and_move_on_both_sides(preset, options):
                 assert not torch.equal(got["basis"], results[0][k - 1][name]["basis"]), (name, k)
             g, side = got["grad"], got["side"]
             exact = top_singular_basis(g.double(), got["basis"].shape[0 if side == "right" else 1], side)
-            # one pass (svd_power_iters=0) on TinyLM's gradients; Q-GaLore also rounds its basis to INT4
-            floor = 0.9 if preset == "GaLoreAdamW" else 0.85
+            # one pass (svd_power_iters=0) on TinyLM's gradients keeps >= 98.6% (Q-GaLore's INT4 basis >= 97%)
+            floor = 0.97 if preset == "GaLoreAdamW" else 0.95
             assert captured_energy(g, got["basis"], side) >= floor * captured_energy(g, exact, side), (name, k)
             sides.add(side)
     assert sides == {"left", "right"}

@@ -92,6 +92,7 @@ def test_every_preset_has_one_documented_row():
 
 @pytest.mark.parametrize("name", sorted(lrgrad.OPTIMIZERS))
 def test_documented_defaults_are_the_code_defaults(name):
+    assert name in DOCUMENTED, f"{name} has no row in docs/defaults.md"
     group = built_defaults(name)
     documented = DOCUMENTED[name]
     assert len(documented) >= len(SINGLE_VALUE_COLUMNS) + 6  # the table's columns, the shared options, full_rank

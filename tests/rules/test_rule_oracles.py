@@ -275,7 +275,8 @@ def test_full_rank_bf16_params_are_the_oracle_rounded_once(rule, mode):
     full_rank, projector, scale_type, rank, scale = FULL_RANK_MODES[mode]
     options = dict(OPTIONS[rule])
     shapes = [(24, 16), (16, 24)]  # right side (channels = rows), left side (channels = columns)
-    params = [torch.nn.Parameter((0.05 * torch.randn(*s)).to(torch.bfloat16)) for s in shapes]
+    gen = torch.Generator().manual_seed(11)
+    params = [torch.nn.Parameter((0.05 * torch.randn(*s, generator=gen)).to(torch.bfloat16)) for s in shapes]
     opt = lrgrad.LowRankOptimizer(params, lr=LR[rule], rule=rule, projector=projector, rank=rank,
                                   update_proj_gap=2, scale=scale, weight_decay=WD, full_rank=full_rank,
                                   scale_type=scale_type, norm_growth_limit=1.01, **options)
