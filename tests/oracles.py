@@ -280,3 +280,58 @@ def golore_carry(state: dict, p_old: torch.Tensor, p_new: torch.Tensor, side: st
     second moment is kept as it is."""
     if "m" in state:
         state["m"] = p_new.T @ (p_old @ state["m"]) if side == "left" else (state["m"] @ p_old) @ p_new.T
+
+
+# ---------------------------------------------------------------- LDAdam
+def ldadam_step(p: torch.Tensor, g: torch.Tensor, state: dict, t: int, lr: float, wd: float, scale: float,
+                rank: int, side: str, betas: tuple[float, float], eps: float, rho: float, basis: str,
+                error_feedback: bool) -> torch.Tensor:
+    """Robert et al., arXiv:2410.16103 (Alg. 1-3), one step at 1-based ``t``; ``state`` holds the basis
+    ``P``, the moments ``m``, ``v`` and the error ``e``. The subspace is re-estimated every step from
+    ``ρ·up(m̂) + (1 − ρ)·G̃`` (one power-iteration step from the old basis, or its SVD), the moments are
+    moved into it (m linearly; v's variance part by T∘T, its mean part exactly), and the error of the
+    projection and of the transport is fed back into the next gradient."""
+    b1, b2 = betas
+
+    def up(basis_, x):
+        return x @ basis_ if side == "right" else basis_ @ x
+
+    def down(basis_, x):
+        return x @ basis_.T if side == "right" else basis_.T @ x
+
+    def top(x):
+        u, _, vh = torch.linalg.svd(x, full_matrices=False)
+        return vh[:rank] if side == "right" else u[:, :rank]
+
+    gt = g + state["e"] if error_feedback and "e" in state else g
+    lost = torch.zeros_like(g)
+    if t == 1:
+        new = top(gt)
+        state["m"] = torch.zeros_like(down(new, gt))
+        state["v"] = torch.zeros_like(state["m"])
+    else:
+        old = state["P"]
+        c1, c2 = 1 - b1 ** (t - 1), 1 - b2 ** (t - 1)
+        blend = rho * up(old, state["m"]) / c1 + (1 - rho) * gt
+        if basis == "svd":
+            new = top(blend)
+        elif side == "right":
+            new = torch.linalg.qr(blend.T @ (blend @ old.T))[0].T
+        else:
+            new = torch.linalg.qr(blend @ (blend.T @ old))[0]
+        change = old @ new.T if side == "right" else new.T @ old
+        m, v = state["m"], state["v"]
+        m_new = m @ change if side == "right" else change @ m
+        variance = v / c2 - m * m / c1**2
+        moved = variance @ (change * change) if side == "right" else (change * change) @ variance
+        state["v"] = c2 * (moved + m_new * m_new / c1**2).abs()
+        state["m"] = m_new
+        lost = b1 / (1 - b1) * (up(old, m) - up(new, m_new))
+    state["P"] = new
+    r = down(new, gt)
+    if error_feedback:
+        state["e"] = gt - up(new, r) + lost
+    state["m"] = b1 * state["m"] + (1 - b1) * r
+    state["v"] = b2 * state["v"] + (1 - b2) * r * r
+    u = (state["m"] / (1 - b1**t)) / ((state["v"] / (1 - b2**t)).sqrt() + eps)
+    return p * (1 - lr * wd) - lr * scale * up(new, u)

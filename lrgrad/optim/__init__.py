@@ -22,6 +22,7 @@ from lrgrad.optim.presets import (
     GoLoreAdamW,
     GrassAdamW,
     HybridAuON,
+    LDAdamW,
     LowRankAdafactor,
     LowRankAdamW,
     LowRankLion,
@@ -34,7 +35,7 @@ from lrgrad.optim.presets import (
 from lrgrad.optim.registry import ALIASES, OPTIMIZERS, optimizer_class, register_optimizer
 
 __all__ = ["ALIASES", "OPTIMIZERS", "PRESETS", "Preset", "APOLLOAdamW", "APOLLOMiniAdamW", "FiraAdamW", "FRUGALAdamW",
-           "CondaAdamW", "GoLoreAdamW",
+           "CondaAdamW", "GoLoreAdamW", "LDAdamW",
            "DCTAdafactor", "DCTAdamW", "OnlineSubspaceAdamW", "OnlineSubspaceLion",
            "FloraAdafactor", "FloraAdamW",
            "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdafactor", "LowRankAdamW", "LowRankLion",

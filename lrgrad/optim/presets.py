@@ -207,6 +207,22 @@ PRESETS: tuple[Preset, ...] = (
     The momentum is full size (projector state); ``v`` is r-sized and kept in coordinates across
     refreshes. The reference keeps every singular vector; a ``rank`` below ``min(m, n)`` is lrgrad's
     memory-saving extension. ``update_proj_gap`` 2000 and the exact SVD as the reference."""),
+    # -- LDAdam: a subspace per step, projection-aware moment transport, error feedback
+    Preset("LDAdamW", parent="LowRankAdamW", projector="ldadam", choose_projector=False,
+           defaults={"betas": (0.908, 0.99), "update_proj_gap": 1, "moment_policy": "project", "scale": 1.0},
+           aliases=("ldadam", "ldadamw"), label="LDAdamW", paper_recipe={"lr": 1e-3, "scale": 1.0},
+           doc=r"""LDAdam: Adam from low-dimensional gradient statistics, with error feedback.
+
+    "LDAdam: Adaptive Optimization from Low-Dimensional Gradient Statistics", Robert et al., ICLR 2025,
+    arXiv:2410.16103 (docs/ldadam.md).
+
+    Every step: the subspace is one block power iteration from the last, on
+    :math:`B = \rho\,\mathrm{up}(m)/(1-\beta_1^{t-1}) + (1-\rho)\,\tilde G_t`, where
+    :math:`\tilde G_t = G_t + e_{t-1}` carries the error fed back; Adam's moments are moved into it
+    (m by :math:`T = P_{old} P_{new}^\top`, v's variance by :math:`T \circ T`, its mean exactly); the error
+    :math:`e_t` is what the projection drops of :math:`\tilde G_t` plus what the transport drops of the
+    momentum (times :math:`\beta_1/(1-\beta_1)`). Defaults as the reference: betas (0.908, 0.99),
+    ``ldadam_rho`` 0.908, power iteration, error feedback on, α = 1."""),
     # -- Grass: r selected rows/columns, a gather and a scatter-add (no projection GEMM)
     Preset("GrassAdamW", parent="LowRankAdamW", projector="grass", choose_projector=False,
            defaults={"moment_policy": "reset"}, aliases=("grass", "grass_adamw"), label="Grass-AdamW",
@@ -613,6 +629,7 @@ DCTAdamW = CLASSES["DCTAdamW"]
 DCTAdafactor = CLASSES["DCTAdafactor"]
 GrassAdamW = CLASSES["GrassAdamW"]
 CondaAdamW = CLASSES["CondaAdamW"]
+LDAdamW = CLASSES["LDAdamW"]
 GoLoreAdamW = CLASSES["GoLoreAdamW"]
 OnlineSubspaceAdamW = CLASSES["OnlineSubspaceAdamW"]
 OnlineSubspaceLion = CLASSES["OnlineSubspaceLion"]

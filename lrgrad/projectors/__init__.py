@@ -7,6 +7,7 @@ from lrgrad.projectors.conda import CondaProjector
 from lrgrad.projectors.dct import DCTProjector
 from lrgrad.projectors.golore import GoLoreProjector
 from lrgrad.projectors.grass import GrassProjector
+from lrgrad.projectors.ldadam import LDAdamProjector
 from lrgrad.projectors.online_pca import OnlinePCAProjector
 from lrgrad.projectors.qgalore import QGaLoreProjector
 from lrgrad.projectors.random import RandomProjector
@@ -30,7 +31,9 @@ register_projector(OnlinePCAProjector)
 register_projector(GrassProjector)
 register_projector(GoLoreProjector)
 register_projector(CondaProjector)
+register_projector(LDAdamProjector)
 
-__all__ = ["CondaProjector", "DCTProjector", "GoLoreProjector", "GrassProjector", "OnlinePCAProjector",
+__all__ = ["CondaProjector", "DCTProjector", "GoLoreProjector", "GrassProjector", "LDAdamProjector",
+           "OnlinePCAProjector",
            "MOMENT_POLICIES", "PROJECTORS", "PROJ_TYPES", "Projector", "QGaLoreProjector", "RandomProjector",
            "SVDProjector", "projection_side", "register_projector"]

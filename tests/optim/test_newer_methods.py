@@ -11,12 +11,16 @@ from tiny_model import TinyLM, lm_loss, make_batch, train
 
 import lrgrad
 
-METHODS = ["GrassAdamW", "FRUGALAdamW", "GoLoreAdamW", "CondaAdamW"]
+METHODS = ["GrassAdamW", "FRUGALAdamW", "GoLoreAdamW", "CondaAdamW", "LDAdamW"]
 #: each method with its default options and with the options that change its path (a sampled Grass
 #: selection; FRUGAL inside Grass; GoLore's SVD warm-up before the random frames)
 CASES = [("GrassAdamW", {}), ("GrassAdamW", {"grass_select": "norm"}), ("FRUGALAdamW", {}),
          ("FRUGALAdamW", {"projector": "grass", "grass_select": "norm"}), ("GoLoreAdamW", {}),
-         ("GoLoreAdamW", {"golore_switch": 2}), ("CondaAdamW", {})]
+         ("GoLoreAdamW", {"golore_switch": 2}), ("CondaAdamW", {}), ("LDAdamW", {}),
+         ("LDAdamW", {"ldadam_error_feedback": False})]
+#: projectors that advance state with the gradient they project (Conda's momentum, LDAdam's error buffer):
+#: per-layer clipping projects the unclipped gradient and scales R afterwards, so they run it unclipped
+UNCLIPPED = ("CondaAdamW", "LDAdamW")
 
 
 def _run(model, name: str, layerwise: bool, windows: int = 3, accumulation: int = 2, max_norm: float | None = 0.05,
@@ -39,10 +43,7 @@ def _run(model, name: str, layerwise: bool, windows: int = 3, accumulation: int 
 
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_layerwise_equals_ordinary_with_accumulation_and_clipping(name, options):
-    # Conda's projector advances its momentum with the gradient it projects, and per-layer clipping
-    # projects the unclipped gradient (it scales R later): Conda runs per-layer without clipping
-    # (docs/conda.md, "Contract notes")
-    max_norm = None if name == "CondaAdamW" else 0.05
+    max_norm = None if name in UNCLIPPED else 0.05  # docs/conda.md, "Contract notes"
     torch.manual_seed(0)
     base = TinyLM().double()
     a, b = copy.deepcopy(base), copy.deepcopy(base)
