@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--no-references", action="store_true", help="leave out the floors and anchors")
     p.add_argument("--no-refresh", action="store_true", help="leave out the refresh measurement")
+    p.add_argument("--stem", default="bench_step", help="output file names: <out>/<stem>.md, .json, .png")
     opts = p.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -412,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
         print("\n".join(table(res) + [""] + gemm_line(res) + refresh_table(res)), flush=True)
     shown = sys.argv[1:] if argv is None else argv
-    write(results, Path(opts.out), "python experiments/bench/bench_step.py" + (" " + " ".join(shown) if shown else ""))
+    write(results, Path(opts.out), "python experiments/bench/bench_step.py" + (" " + " ".join(shown) if shown else ""),
+          stem=opts.stem)
     return 0
 
 
