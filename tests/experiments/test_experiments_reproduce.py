@@ -131,3 +131,30 @@ def test_two_processes_under_gloo_follow_one_process(local_c4, tmp_path, mode, r
     assert losses[0] == pytest.approx(single, rel=rel)  # the global batch's gradient, in two halves
     plan = json.loads(next((tmp_path / "ddp").iterdir()).joinpath("row.json").read_text())["plan"]
     assert (plan["world"], plan["micro_batch"], plan["grad_accum"]) == (2, 1, 2)
+
+
+def test_gpu_rows_splits_its_minutes_between_a_calibration_and_the_steps_that_fit(tmp_path, monkeypatch):
+    """experiments/tools/gpu_rows.py without a GPU: reproduce.main is replaced by a recorder that writes the
+    row.json a real chunk would (0.5 s a step), so the arithmetic of the budget is what is checked."""
+    from lrgrad_experiments.tools import gpu_rows
+
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        method = argv[argv.index("--method") + 1]
+        row = Path(argv[argv.index("--out-root") + 1]) / f"galore-{method}-60m-s0-custom-x"
+        row.mkdir(parents=True, exist_ok=True)
+        (row / "row.json").write_text(json.dumps({"run": {"step_time_s": 0.5}}))
+        return 0
+
+    monkeypatch.setattr(gpu_rows.reproduce, "main", fake_main)
+    monkeypatch.setattr(gpu_rows, "hub_reachable", lambda timeout=3.0: True)
+    assert gpu_rows.main(["--minutes", "2", "--out-root", str(tmp_path)]) == 0
+    assert [c[c.index("--method") + 1] for c in calls] == ["adamw", "adamw", "galore_adamw", "galore_adamw"]
+    stops = [int(c[c.index("--stop-after") + 1]) for c in calls]
+    assert stops[0] == stops[2] == gpu_rows.CALIBRATION_STEPS
+    # each method gets half of 120 s; 90% of what is left of it at 0.5 s a step
+    assert 100 <= stops[1] <= 108 and 100 <= stops[3] <= 108
+    assert all(c[c.index("--paper") + 1] == "galore" and c[c.index("--size") + 1] == "60m" for c in calls)
+    assert all("--data" not in c for c in calls)  # the hub answers: C4, the protocol's data
