@@ -72,15 +72,8 @@ class AdamWRule(UpdateRule):
                 return outs
         return super().update_many(states, grads, steps)
 
-    def apply_full_rank(
-        self,
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: list[dict[str, Any]],
-        steps: list[int],
-        lr: float,
-        weight_decay: float,
-    ) -> None:
+    def apply_full_rank(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
+                        steps: list[int], lr: float, weight_decay: float) -> None:
         if not params:
             return
         if self.group.get("foreach") is False:
