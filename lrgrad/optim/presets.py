@@ -473,7 +473,7 @@ class ResolvedPreset:
     @property
     def matrix_only(self) -> bool:
         """Whether the rule updates matrices only (1-D params and named embeddings take its fallback)."""
-        return bool(getattr(RULES[self.rule], "matrix_only", False))
+        return RULES[self.rule].matrix_only
 
 
 _BY_NAME = {row.name: row for row in PRESETS}
