@@ -29,6 +29,7 @@ which is what makes resuming bit-identical.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import sysconfig
@@ -329,46 +330,48 @@ class C4Stream:
         self.vocab_size = len(self.tokenizer)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.position = 0
-        self._it = self._windows()
+        self._start(0, [])
 
-    def _windows(self):
-        """Windows of ``seq_len + 1`` tokens over the documents joined end to end (tokenized 64 at a time)."""
-        buf: list[int] = []
+    #: documents tokenized per call (a fast tokenizer encodes a list in parallel)
+    DOCS_PER_CALL = 64
+
+    def _start(self, docs: int, buffer: list[int]) -> None:
+        """Continue the stream after ``docs`` documents, with ``buffer`` the tokens read but not yet batched."""
+        skip = getattr(self.dataset, "skip", None)  # a streamed dataset skips without tokenizing
+        self._docs_iter = iter(skip(docs)) if skip is not None and docs else itertools.islice(self.dataset, docs, None)
+        self._docs, self._buf = docs, list(buffer)
+
+    def _window(self) -> list[int]:
+        """The next ``seq_len + 1`` tokens of the documents joined end to end."""
         w = self.seq_len + 1
-        texts: list[str] = []
-
-        def drain():
-            nonlocal buf
+        while len(self._buf) < w:
+            texts = [row["text"] for row in itertools.islice(self._docs_iter, self.DOCS_PER_CALL)]
+            if not texts:
+                raise DataSourceError(f"tokenized data from {self.source!r} ({self.split}) ran out after "
+                                      f"{self.position} batches of {self.batch_size} x {w} tokens")
+            self._docs += len(texts)
             for ids in self.tokenizer(texts)["input_ids"]:
-                buf.extend(ids)
-            texts.clear()
-            while len(buf) >= w:
-                yield buf[:w]
-                buf = buf[w:]
-
-        for row in self.dataset:
-            texts.append(row["text"])
-            if len(texts) == 64:
-                yield from drain()
-        if texts:
-            yield from drain()
+                self._buf.extend(ids)
+        row = self._buf[:w]
+        del self._buf[:w]
+        return row
 
     def next(self) -> torch.Tensor:
-        try:
-            rows = [next(self._it) for _ in range(self.batch_size)]
-        except (StopIteration, RuntimeError) as exc:  # a generator's StopIteration surfaces as RuntimeError
-            raise DataSourceError(f"tokenized data from {self.source!r} ({self.split}) ran out after "
-                                  f"{self.position} batches of {self.batch_size} x {self.seq_len + 1} tokens") \
-                from exc
+        rows = [self._window() for _ in range(self.batch_size)]
         self.position += 1
         return torch.tensor(rows, dtype=torch.int64)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed}
+    def state_dict(self) -> dict[str, Any]:
+        """Position, and where the stream stands: documents consumed and the tokens read but not yet batched
+        (so a resume skips the documents instead of tokenizing the whole stream again)."""
+        return {"position": self.position, "seed": self.seed, "docs": self._docs, "buffer": list(self._buf)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        target = int(state["position"])
-        self._it = self._windows()
-        self.position = 0
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+        if "docs" in state:
+            self._start(int(state["docs"]), [int(t) for t in state["buffer"]])
+            return
+        target, self.position = self.position, 0  # a state without the stream's place: read up to it again
+        self._start(0, [])
         while self.position < target:
             self.next()

@@ -158,3 +158,57 @@ def test_gpu_rows_splits_its_minutes_between_a_calibration_and_the_steps_that_fi
     assert 100 <= stops[1] <= 108 and 100 <= stops[3] <= 108
     assert all(c[c.index("--paper") + 1] == "galore" and c[c.index("--size") + 1] == "60m" for c in calls)
     assert all("--data" not in c for c in calls)  # the hub answers: C4, the protocol's data
+
+
+class _Streamed(list):
+    """A list of documents with ``skip`` (what a streamed Hugging Face dataset offers)."""
+
+    skipped: list[int] = []
+
+    def skip(self, n):
+        _Streamed.skipped.append(n)
+        return iter(self[n:])
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_tokenized_stream_resumes_from_its_place_without_reading_it_again(local_c4, monkeypatch, streamed):
+    from lrgrad_experiments.pretrain.data import C4Stream
+
+    text, tokenizer = local_c4
+    monkeypatch.setattr(C4Stream, "DOCS_PER_CALL", 2)  # several tokenizer calls in a short stream
+
+    def stream():
+        s = C4Stream(2, 32, seed=3, tokenizer=str(tokenizer), source=str(text))
+        if streamed:
+            s.dataset = _Streamed(s.dataset)
+            s._start(0, [])
+        return s
+
+    a = stream()
+    for _ in range(20):
+        a.next()
+    state = a.state_dict()
+    assert 0 < state["docs"] < len(a.dataset) and state["buffer"]  # mid-stream, with tokens pending
+    expected = [a.next() for _ in range(60)]  # past the pending tokens: new documents are read
+    calls = {}
+    for how, saved in (("from its place", state), ("read again", {"position": state["position"]})):
+        b = stream()
+        counter = {"n": 0}
+        original = b.tokenizer.__class__.__call__
+        monkeypatch.setattr(b.tokenizer.__class__, "__call__", _counting(original, counter))
+        b.load_state_dict(saved)
+        got = [b.next() for _ in range(60)]
+        monkeypatch.setattr(b.tokenizer.__class__, "__call__", original)
+        assert all((x == y).all() for x, y in zip(got, expected)) and b.position == 80, how
+        calls[how] = counter["n"]
+    # the saved place tokenizes only what follows it; a state without it re-tokenizes the first 20 batches
+    assert calls["from its place"] < calls["read again"]
+    if streamed:
+        assert _Streamed.skipped[-1] == state["docs"]
+
+
+def _counting(fn, counter):
+    def wrapper(self, *args, **kwargs):
+        counter["n"] += 1
+        return fn(self, *args, **kwargs)
+    return wrapper
