@@ -7,7 +7,8 @@ batch 512 as 2 x 256, bf16): a 20-step chunk measures the step time, then a seco
 as the method's share of ``--minutes`` allows. The rows are partial and say so; ``results/reproduce.md``
 records their perplexity at the last evaluation, tokens/s and peak memory (``torch.cuda.max_memory_allocated``).
 
-Data: C4 with the t5-base tokenizer when the Hugging Face hub answers. Otherwise (a lent box with no network)
+Data: C4 with the t5-base tokenizer when the Hugging Face hub answers and ``datasets`` is installed.
+Otherwise (a lent box with no network)
 the embedded corpus (the Python standard library's sources) with a 32,100-token BPE tokenizer trained here on
 it — the 60M model's real shapes and vocabulary size, so tokens/s and memory are the row's, but the loss is
 not C4's, and it is evaluated on 196,608 tokens (what the sources' validation files hold): the row names the
@@ -17,6 +18,7 @@ deviations and claims no gap. ``--eval-every`` 200 (also named) gives loss point
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import socket
@@ -72,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
     start = time.time()
     common = ["--paper", "galore", "--size", "60m", "--eval-every", str(opts.eval_every), "--out-root", opts.out_root]
-    if hub_reachable():
+    has_datasets = importlib.util.find_spec("datasets") is not None  # not a dependency: `pip install datasets`
+    if has_datasets and hub_reachable():
         print("gpu_rows: C4 + t5-base from the Hugging Face hub", flush=True)
     else:
         folder = Path(tempfile.mkdtemp(prefix="gpu_rows_tokenizer_"))
-        print(f"gpu_rows: no Hugging Face hub; training a 32,100-token BPE tokenizer on {stdlib_root()}", flush=True)
+        why = "no Hugging Face hub" if has_datasets else "no `datasets` package"
+        print(f"gpu_rows: {why}; training a 32,100-token BPE tokenizer on {stdlib_root()}", flush=True)
         corpus = folder / "stdlib_py"  # the sources only (the stdlib folder also holds binaries)
         for f in stdlib_sources():
             target = corpus / f.relative_to(stdlib_root())

@@ -150,6 +150,7 @@ def test_gpu_rows_splits_its_minutes_between_a_calibration_and_the_steps_that_fi
 
     monkeypatch.setattr(gpu_rows.reproduce, "main", fake_main)
     monkeypatch.setattr(gpu_rows, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(gpu_rows.importlib.util, "find_spec", lambda name: object())  # as if datasets were there
     assert gpu_rows.main(["--minutes", "2", "--out-root", str(tmp_path)]) == 0
     assert [c[c.index("--method") + 1] for c in calls] == ["adamw", "adamw", "galore_adamw", "galore_adamw"]
     stops = [int(c[c.index("--stop-after") + 1]) for c in calls]
