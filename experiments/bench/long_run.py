@@ -14,7 +14,7 @@ again. After every chunk ``results/long_run.md``, ``.png`` and ``.json`` are rew
 
 The queue, most informative first: paper defaults of the first seed (AdamW, GaLore, APOLLO-Mini, Fira,
 Muon, then the rest), the AdamW lr sweep (``--sweep-steps`` steps per lr, the schedule scaled to that
-length), every method at the sweep's best lr, then the other seeds in the same order.
+length), the paper defaults of the other seeds, then every method at the sweep's best lr, seed by seed.
 ``--budget-minutes`` stops starting chunks after that long; ``--list`` prints the queue and its state.
 """
 
@@ -133,13 +133,16 @@ def build_queue(opts: argparse.Namespace) -> tuple[list[RunSpec], float | None]:
         if all(spec.tag != q.tag for q in queue):  # AdamW at its best lr may be its paper run
             queue.append(spec)
 
+    # paper defaults for every seed first (their seed spread is what turns a difference into a verdict),
+    # the sweep after the first seed, the best-lr runs last
     for i, seed in enumerate(opts.seeds):
         for m in methods:
             add(RunSpec(m, paper_lr(m), seed, opts.steps, "paper"))
         if i == 0:
             for lr in opts.sweep_lrs:
                 add(RunSpec("adamw", lr, seed, opts.sweep_steps, "sweep"))
-        if best is not None:
+    if best is not None:
+        for seed in opts.seeds:
             for m in methods:
                 add(RunSpec(m, best, seed, opts.steps, "best"))
     return queue, best

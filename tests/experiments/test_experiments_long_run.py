@@ -27,6 +27,16 @@ def test_queue_starts_with_the_most_informative_runs(tmp_path):
     assert set(roles[:first_seed1]) == {"paper", "sweep"} and roles.index("sweep") < first_seed1
     assert all(s.steps == 2000 for s in queue if s.role == "paper")
     assert len({s.tag for s in queue}) == len(queue)
+    # a finished sweep (1e-3 best) adds the best-lr runs after every seed's paper-default runs
+    opts = _opts(tmp_path)
+    for lr, loss in zip(opts.sweep_lrs, (2.0, 2.1, 2.2)):
+        folder = long_run.run_dir(opts, long_run.RunSpec("adamw", lr, 0, opts.sweep_steps, "sweep"))
+        folder.mkdir(parents=True)
+        (folder / "done.json").write_text(json.dumps({"final_val_loss": loss}))
+    queue, best = long_run.build_queue(opts)
+    roles = [s.role for s in queue]
+    assert best == 1e-3 and roles.index("best") > max(i for i, r in enumerate(roles) if r == "paper")
+    assert [s.seed for s in queue if s.role == "best"] == [0] * 10 + [1] * 10  # AdamW at 1e-3 is not a paper run
 
 
 def _tiny(tmp_path: Path, name: str, chunk: int) -> list[str]:
