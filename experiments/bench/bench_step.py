@@ -93,10 +93,10 @@ def make_optimizer(name: str, model: torch.nn.Module, rank: int, gap: int | None
         return lrgrad.OPTIMIZERS[cls_name](groups, lr=1e-2, weight_decay=0.0, **EXTRA_OPTIONS.get(name, {}))
     spec = get_spec(name)
     if spec.kind == "lowrank":
-        # steady state: no refresh inside the timed steps (online subspace descent updates P every
-        # step by design, so it keeps its own gap)
+        # steady state: no refresh inside the timed steps (online subspace descent and LDAdam update P
+        # every step by design, so they keep their own gap)
         if gap is None:
-            gap = None if name == "online_subspace_adamw" else NO_REFRESH
+            gap = None if name in ("online_subspace_adamw", "ldadamw") else NO_REFRESH
         return build_optimizer(name, model, rank=rank, update_proj_gap=gap)
     return build_optimizer(name, model)
 

@@ -46,6 +46,15 @@ FAMILIES: dict[str, tuple[str | None, str | None]] = {
     "hybrid_auon_bf16": ("floor_muon_ns1_bf16", "torch_muon"),
     "hybrid_auon_fp32": ("floor_muon_ns1", "floor_muon_ns1"),
     "auon": ("adamw_fused", "muon"),
+    # the newer methods (docs/grass.md, frugal.md, golore.md, conda.md, ldadam.md) beside the GaLore floor and
+    # pytorch-optimizer's implementation where it has one (its GaLore for those it has not)
+    "grass_adamw": ("floor_adamw", "po_galore"),
+    "golore_adamw": ("floor_adamw", "po_galore"),
+    "frugal_adamw": ("floor_adamw", "po_fira"),
+    "fira_adamw": ("floor_adamw", "po_fira"),
+    "apollo_adamw": ("floor_adamw_draw", "po_apollo"),
+    "conda_adamw": ("floor_adamw", "po_conda"),
+    "ldadamw": ("floor_adamw", "po_galore"),
 }
 
 #: floors measured beside a family's own floor: online PCA's BᵀG-only floor (the least any online PCA
@@ -68,6 +77,10 @@ LABELS = {
     "bnb_adamw8bit": "bitsandbytes AdamW8bit (full rank)",
     "torch_adafactor": "torch Adafactor (foreach, full rank)",
     "torch_muon": "torch Muon (hidden) + fused AdamW (rest)",
+    "po_galore": "pytorch-optimizer GaLore",
+    "po_apollo": "pytorch-optimizer APOLLO",
+    "po_fira": "pytorch-optimizer Fira",
+    "po_conda": "pytorch-optimizer Conda (full rotation, hidden) + fused AdamW (rest)",
 }
 
 
@@ -268,8 +281,43 @@ def galore_torch_available() -> bool:
     return True
 
 
+def pytorch_optimizer_available() -> bool:
+    try:
+        import pytorch_optimizer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pytorch_optimizer_peer(name: str, model: torch.nn.Module, rank: int) -> Runner | None:
+    """pytorch-optimizer's GaLore / APOLLO / Fira (its galore-torch-style groups: the block matrices with
+    rank, gap beyond the run, scale, projection type) and Conda (its own full rotation on the block
+    matrices, fused AdamW on the rest); None when the package is not installed."""
+    if not pytorch_optimizer_available():
+        return None
+    import pytorch_optimizer as po
+
+    mats, rest = split_params(model, rank)
+    if name == "po_conda":
+        conda = po.Conda(mats, lr=1e-3, update_proj_gap=10**9)
+        adamw = torch.optim.AdamW(rest, lr=1e-3, fused=True)
+
+        def step() -> None:
+            conda.step()
+            adamw.step()
+
+        return Runner(step, lambda: lrgrad.optimizer_state_bytes(conda) + lrgrad.optimizer_state_bytes(adamw))
+    cls, scale, projection = {"po_galore": (po.GaLore, 0.25, "std"), "po_apollo": (po.APOLLO, 1.0, "random"),
+                              "po_fira": (po.Fira, 0.25, "std")}[name]
+    opt = cls([{"params": rest}, {"params": mats, "rank": rank, "update_proj_gap": 10**9, "scale": scale,
+                                  "projection_type": projection}], lr=1e-2)
+    return Runner(opt.step, lambda: lrgrad.optimizer_state_bytes(opt))
+
+
 def build_reference(name: str, model: torch.nn.Module, rank: int) -> Runner | None:
     """A floor or anchor runner by name; None when its peer library is not installed."""
+    if name.startswith("po_"):
+        return pytorch_optimizer_peer(name, model, rank)
     if name in ("floor_adamw", "floor_adamw_draw", "floor_adamw_pca"):
         return projection_floor(model, rank, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
                                 draw=name == "floor_adamw_draw", pca=name == "floor_adamw_pca")
