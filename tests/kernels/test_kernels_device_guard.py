@@ -8,11 +8,11 @@ import contextlib
 import types
 
 import torch
+from lrgrad_experiments.tools import aot
 from triton.runtime.interpreter import InterpretedFunction
 
 from lrgrad import kernels
 from lrgrad.kernels import (
-    aot,
     triton_channel_scale,
     triton_matmul,
     triton_normalize,
