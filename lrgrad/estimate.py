@@ -242,16 +242,19 @@ def _groups(named: Any, rank: int | None, route: str, options: Mapping[str, Any]
     ``Opt(model.named_parameters(), rank=r)`` does (``lrgrad.groups.route_named_params``: embeddings, the head
     and 1-D params full-rank; the generator ``model.named_parameters()`` by the model's structure);
     ``"parameters"`` is ``Opt(model.parameters(), rank=r)``: one group, every large-enough matrix projected.
-    ``options`` go to the projected group; frozen params are left out."""
+    ``options`` go to the projected group (``state_dtype``, which is about full-rank params, to every
+    group); frozen params are left out."""
     if route == "parameters":
         return [{"params": [p for _, p in named if p.requires_grad], "rank": rank, **options}]
     routed = route_named_params(named, rank)
     groups = routed if routed and isinstance(routed[0], dict) else [{"params": list(routed)}]
+    every = {k: v for k, v in options.items() if k == "state_dtype"}
     out = []
     for group in groups:
         params = [(n, p) for n, p in group["params"] if p.requires_grad]
         if params:
-            out.append({**group, "params": params, **({} if "rank" in group else {"rank": rank, **options})})
+            out.append({**group, "params": params, **every,
+                        **({} if "rank" in group else {"rank": rank, **options})})
     return out
 
 
@@ -334,7 +337,7 @@ def _transients(opt: Any, p: torch.Tensor, group: dict[str, Any], spec: _Param,
     rows = min(numel, opt.step_workspace_bytes // 4)
     if rows < numel and rule.slice_state(state, p, 0, rows) is None:
         rows = numel  # stepped whole
-    return 0, 0, 0, rows * _dtype_size(state_dtype) * FULL_RANK_COPIES
+    return 0, 0, 0, rows * _dtype_size(state_dtype)
 
 
 def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options: dict[str, Any],
@@ -380,7 +383,10 @@ def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options:
     # one chunk of low-rank gradients (one param per-layer) while the largest update is applied, or the
     # largest prepared gradient while it is projected, or a full-rank batch of slices
     chunk = max(chunks) if layerwise else min(sum(chunks), opt.step_workspace_bytes + max(chunks))
-    return state_bytes, proj_bytes, max(chunk + max(applies), max(stages), max(fulls))
+    # full-rank slices are batched across params up to the workspace's elements (a larger whole param alone)
+    # (per-layer updates step one param at a time)
+    full = (max(fulls) if layerwise else max(min(sum(fulls), opt.step_workspace_bytes), max(fulls))) * FULL_RANK_COPIES
+    return state_bytes, proj_bytes, max(chunk + max(applies), max(stages), full)
 
 
 # ---------------------------------------------------------------------- activations

@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=None, help="results folder (default: the repository's results/)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in --out's peak_memory.json that this run does not measure")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -310,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out) if args.out else REPO / "results"
     results = []
+    saved = out / "peak_memory.json"
+    if args.append and saved.is_file():
+        measured_now = {(c, r) for c in args.configs.split(",") for r in args.rows.split(",")}
+        results = [r for r in json.loads(saved.read_text()) if (r["config"], r["row"]) not in measured_now]
     for config in args.configs.split(","):
         for row in args.rows.split(","):
             result = run_child(row, config, args.vocab, args.seq_len, args.steps)
