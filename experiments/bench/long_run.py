@@ -120,7 +120,8 @@ def best_sweep_lr(opts: argparse.Namespace) -> float | None:
         if not is_done(opts, spec):
             return None
         finals[lr] = json.loads((run_dir(opts, spec) / "done.json").read_text())["final_val_loss"]
-    return min(finals, key=finals.get)
+    finite = {lr: loss for lr, loss in finals.items() if loss is not None}  # a diverged lr is not the best
+    return min(finite, key=finite.get) if finite else None
 
 
 def build_queue(opts: argparse.Namespace) -> tuple[list[RunSpec], float | None]:
@@ -175,13 +176,22 @@ def run_chunk(opts: argparse.Namespace, spec: RunSpec) -> Any:
     with open(folder / "chunks.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     if summary["steps"] >= spec.steps:
-        done = {"spec": spec.__dict__, "final_val_loss": summary["final_val_loss"],
-                "final_val_bpb": summary["final_val_bpb"], "params": summary["params"],
-                "state_bytes": summary["state_bytes"]}
-        tmp = folder / ".done.json.tmp"
-        tmp.write_text(json.dumps(done))
-        tmp.rename(folder / "done.json")
+        mark_done(folder, {"spec": spec.__dict__, "final_val_loss": summary["final_val_loss"],
+                           "final_val_bpb": summary["final_val_bpb"], "params": summary["params"],
+                           "state_bytes": summary["state_bytes"]})
     return summary["stopped_by_signal"]
+
+
+def mark_done(folder: Path, result: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".done.json.tmp"
+    tmp.write_text(json.dumps(result))
+    tmp.rename(folder / "done.json")
+
+
+def read_done(opts: argparse.Namespace, spec: RunSpec) -> dict[str, Any] | None:
+    path = run_dir(opts, spec) / "done.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def next_run(opts: argparse.Namespace) -> RunSpec | None:
@@ -211,7 +221,8 @@ def write_report(opts: argparse.Namespace) -> Path:
     runs = []
     for spec in queue:
         folder = run_dir(opts, spec)
-        runs.append({"spec": spec.__dict__, "tag": spec.tag, "done": is_done(opts, spec),
+        result = read_done(opts, spec) or {}
+        runs.append({"spec": spec.__dict__, "tag": spec.tag, "done": bool(result), "diverged": result.get("diverged"),
                      "history": read_jsonl(folder / "eval.jsonl"), "chunks": read_jsonl(folder / "chunks.jsonl")})
     return report.write(Path(opts.results), opts, runs, best, continue_command(opts))
 
@@ -242,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"budget of {opts.budget_minutes} min spent; continue with: {continue_command(opts)}", flush=True)
             break
         print(f"[{time.strftime('%H:%M:%S')}] {spec.tag} ({spec.role})", flush=True)
-        stopped = run_chunk(opts, spec)
+        try:
+            stopped = run_chunk(opts, spec)
+        except FloatingPointError as exc:  # the loss went non-finite: a result (the method diverged), not a crash
+            print(f"{spec.tag} diverged: {exc}", flush=True)
+            mark_done(run_dir(opts, spec), {"spec": spec.__dict__, "final_val_loss": None, "diverged": str(exc)})
+            stopped = None
         write_report(opts)
         if stopped not in (None, "stop_after"):  # a signal: the chunk saved a checkpoint; stop the queue
             print(f"stopped by a signal; continue with: {continue_command(opts)}", flush=True)

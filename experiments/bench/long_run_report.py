@@ -22,7 +22,9 @@ DEMO_JSON = RESULTS / "demo.json"
 
 
 def _final(run: dict[str, Any]) -> float | None:
-    return run["history"][-1]["val_loss"] if run["done"] and run["history"] else None
+    if run.get("diverged") or not run["done"] or not run["history"]:
+        return None
+    return run["history"][-1]["val_loss"]
 
 
 def _curve(run: dict[str, Any]) -> dict[int, float]:
@@ -80,8 +82,10 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int],
     numbers = []
     for m in methods:
         runs_m = [by[(m, s)] for s in seeds if (m, s) in by]
-        done = [r for r in runs_m if r["done"]]
-        base_done = {s: by[("adamw", s)] for s in seeds if ("adamw", s) in by and by[("adamw", s)]["done"]}
+        done = [r for r in runs_m if r["done"] and not r.get("diverged")]
+        diverged = [r for r in runs_m if r.get("diverged")]
+        base_done = {s: by[("adamw", s)] for s in seeds
+                     if ("adamw", s) in by and by[("adamw", s)]["done"] and not by[("adamw", s)].get("diverged")}
         lr = runs_m[0]["spec"]["lr"] if runs_m else None
         finals = [_final(r) for r in done]
         partial = [r for r in runs_m if not r["done"] and r["history"]]
@@ -95,8 +99,13 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int],
             at = _curve(base).get(h["step"]) if base and m != "adamw" else None
             if at is not None:
                 loss += f" (AdamW {at:.4f})"
-        else:
+        elif not diverged:
             loss = "queued"
+        else:
+            loss = ""
+        if diverged:  # a non-finite loss stopped these seeds: part of the result, not a missing run
+            loss += ("; " if loss else "") + "; ".join(f"**diverged** (seed {r['spec']['seed']}: {r['diverged']})"
+                                                        for r in diverged)
         paired = [_final(r) - _final(base_done[r["spec"]["seed"]]) for r in done if r["spec"]["seed"] in base_done]
         base_finals = [_final(r) for r in base_done.values()]
         delta, verdict = "—", "—"
@@ -120,7 +129,8 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int],
             holds = "yes" if (statistics.fmean(paired) < 0) == (demo[m] < 0) else "**no: the order flips**"
         label = get_spec(m).label or m
         step_s = f"{statistics.median(times):.2f}" if times else "—"
-        lines.append(f"| {label} (`{m}`) | {lr:g} | {len(done)}/{len(seeds)} | {loss} | {delta} | {verdict} | {cross} "
+        n_done = len(done) + len(diverged)
+        lines.append(f"| {label} (`{m}`) | {lr:g} | {n_done}/{len(seeds)} | {loss} | {delta} | {verdict} | {cross} "
                      f"| {short} | {holds} | {step_s} |")
         numbers.append({"method": m, "lr": lr, "finals": finals, "paired_deltas": paired, "crossing": cross,
                         "demo_gap_percent": demo.get(m), "short_run_order_holds": holds})

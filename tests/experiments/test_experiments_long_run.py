@@ -101,3 +101,28 @@ def test_a_win_is_called_only_beyond_both_seed_spreads():
     lines, _ = report.table(adamw + worse, "paper", [0, 1])
     assert "**loss**" in next(line for line in lines if "`galore_adamw`" in line)
     assert numbers[1]["paired_deltas"] == pytest.approx([-0.10, -0.11])
+
+
+def test_a_diverged_run_is_a_result_and_the_queue_goes_on(tmp_path, monkeypatch):
+    """A method whose loss goes non-finite is marked diverged (in the table) and the next run starts."""
+    real_run = long_run.run
+
+    def run(args):
+        if args.optimizer == "galore_adamw":
+            raise FloatingPointError("training loss became nan at step 3")
+        return real_run(args)
+
+    monkeypatch.setattr(long_run, "run", run)
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(4):
+        (text / f"f{i}.txt").write_text(" ".join(f"word{j % (5 + i)}" for j in range(3000)))
+    argv = [*_tiny(tmp_path, "q", chunk=100), "--sweep-lrs", "0.003"]
+    assert long_run.main(argv) == 0
+    opts = long_run.build_parser().parse_args(argv)
+    galore = long_run.RunSpec("galore_adamw", 0.01, 0, 6, "paper")
+    assert long_run.read_done(opts, galore)["diverged"] == "training loss became nan at step 3"
+    queue, best = long_run.build_queue(opts)
+    assert best == 0.003 and all(long_run.is_done(opts, s) for s in queue)  # the queue went on to the end
+    md = (tmp_path / "q-results" / "long_run.md").read_text()
+    assert "**diverged** (seed 0: training loss became nan at step 3)" in md
