@@ -209,7 +209,8 @@ PRESETS: tuple[Preset, ...] = (
     memory-saving extension. ``update_proj_gap`` 2000 and the exact SVD as the reference."""),
     # -- LDAdam: a subspace per step, projection-aware moment transport, error feedback
     Preset("LDAdamW", parent="LowRankAdamW", projector="ldadam", choose_projector=False,
-           defaults={"betas": (0.908, 0.99), "update_proj_gap": 1, "moment_policy": "project", "scale": 1.0},
+           defaults={"betas": (0.908, 0.99), "update_proj_gap": 1, "moment_policy": "project", "scale": 1.0,
+                     "ldadam_error_feedback": True},
            aliases=("ldadam", "ldadamw"), label="LDAdamW", paper_recipe={"lr": 1e-3, "scale": 1.0},
            doc=r"""LDAdam: Adam from low-dimensional gradient statistics, with error feedback.
 

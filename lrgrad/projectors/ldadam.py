@@ -22,7 +22,8 @@ refresh step t (every step in the preset) with ``t' = t − 1`` completed steps 
 
 Then AdamW runs on ``R = down_new(G̃_t)`` as usual. ``ρ`` = ``ldadam_rho`` (0.908), the betas are the
 AdamW rule's (``betas``: the projector declares the key, so both read the same group value), error
-feedback ``ldadam_error_feedback`` (True).
+feedback ``ldadam_error_feedback`` (off for the bare projector, which then is a plain projector with a
+per-step power-iteration subspace; the ``LDAdamW`` preset turns it on, as the reference).
 
 Contract notes (docs/ldadam.md): the projector reads the rule's ``exp_avg``/``exp_avg_sq`` by name
 (Adam's moments), advances its error buffer in :meth:`down` (the
@@ -59,7 +60,7 @@ class LDAdamProjector(Projector):
 
     name = "ldadam"
     orthonormal = True
-    option_defaults: dict[str, Any] = {"ldadam_rho": 0.908, "ldadam_basis": "power", "ldadam_error_feedback": True,
+    option_defaults: dict[str, Any] = {"ldadam_rho": 0.908, "ldadam_basis": "power", "ldadam_error_feedback": False,
                                        "betas": (0.9, 0.999)}
 
     @classmethod
