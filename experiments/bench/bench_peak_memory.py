@@ -217,7 +217,7 @@ def table(results: list[dict[str, Any]], config: str) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = r["peak_rss"] / base["peak_rss"] if base else float("nan")
-        est = r.get("estimate", {}).get("peak", r.get("estimate", {}).get("total"))
+        est = _estimate_or_saved(r)
         target = TARGETS.get(r["row"]) if config == "llama_1b" else None
         target_text = f"<= {target:.2f}" if target else "—"
         est_text = f"{est / GIB:.2f}" if est else "—"
@@ -225,7 +225,33 @@ def table(results: list[dict[str, Any]], config: str) -> list[str]:
         lines.append(f"| {ROWS[r['row']][0]} | {r['peak_rss'] / GIB:.2f} | {ratio:.2f} | {target_text} | "
                      f"{r['live_peak'] / GIB:.2f} | {r['state'] / GIB:.2f} | {est_text} | {est_ratio} | "
                      f"{r['seconds']:.0f} |")
+    missing = [row for row in ROWS if row not in {r["row"] for r in rows} and ROWS[row][1]]
+    if missing and base:
+        lines += ["", "Not measured in this run (estimates only; ratio to the measured AdamW row):", "",
+                  "| optimizer | estimated peak (GiB) | vs AdamW (measured) | target |", "|---|---:|---:|---:|"]
+        for row in missing:
+            est = _estimate(config, row, first["seq_len"] if "seq_len" in first else 256)
+            target = TARGETS.get(row) if config == "llama_1b" else None
+            lines.append(f"| {ROWS[row][0]} | {est / GIB:.2f} | {est / base['peak_rss']:.2f} | "
+                         f"{f'<= {target:.2f}' if target else '—'} |")
     return lines
+
+
+def _estimate_or_saved(r: dict[str, Any]) -> int | None:
+    """The current estimator's peak for a measured row of a named LLaMA config, else the one the child saved."""
+    try:
+        return _estimate(r["config"], r["row"], r.get("seq_len", 256)) if ROWS[r["row"]][1] else None
+    except ValueError:
+        return r.get("estimate", {}).get("peak")
+
+
+def _estimate(config: str, row: str, seq_len: int) -> int:
+    """``estimate_memory(...).peak`` of ``row`` for a named LLaMA config (``llama_1b`` -> ``"llama-1b"``)."""
+    import lrgrad
+
+    kwargs = dict(ROWS[row][1])
+    kwargs.setdefault("rank", RANKS.get(config, 8))
+    return lrgrad.estimate_memory(config.replace("_", "-"), batch_size=1, seq_len=seq_len, **kwargs).peak
 
 
 def extrapolated_7b() -> list[str]:
@@ -299,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results folder (default: the repository's results/)")
     p.add_argument("--append", action="store_true",
                    help="keep the rows already in --out's peak_memory.json that this run does not measure")
+    p.add_argument("--report", action="store_true", help="only rewrite the pages from --out's peak_memory.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -313,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else REPO / "results"
     results = []
     saved = out / "peak_memory.json"
+    if args.report:
+        write(json.loads(saved.read_text()), out, describe())
+        return 0
     if args.append and saved.is_file():
         measured_now = {(c, r) for c in args.configs.split(",") for r in args.rows.split(",")}
         results = [r for r in json.loads(saved.read_text()) if (r["config"], r["row"]) not in measured_now]
