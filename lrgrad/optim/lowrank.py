@@ -616,7 +616,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             projector = self.projector_for(meta, group)
             structural = projector.structural_state_keys
             spec = projector.refresh_state_spec(matrix_shape(p), compute_dtype(p.dtype))
-            known |= set(spec) | set(getattr(projector, "refresh_plain_keys", ()))
+            known |= set(spec) | set(projector.refresh_plain_keys)
             if isinstance(refreshes, int) and refreshes > 0:  # the first refresh added its tensors
                 expected.update({k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in spec.items()})
         unknown = sorted(str(k) for k in set(pstate) - known)

@@ -69,6 +69,10 @@ class ShardedProjector:
     def gradient_free(self) -> bool:
         return self.inner.gradient_free
 
+    @property
+    def refresh_plain_keys(self) -> tuple[str, ...]:
+        return self.inner.refresh_plain_keys
+
     def init_state(self, state: dict[str, Any], shape2d: tuple[int, int], seed: int) -> None:
         self.inner.init_state(state, shape2d, seed)
 
