@@ -121,11 +121,12 @@ def test_bench_step_and_memory(tmp_path):
 def test_gemm_work_counts_each_projected_matrix_by_hand():
     """Projected at rank 2: a 12 x 8 (d = 8) and a 12 x 12 (d = 12) weight. GaLore: 2·m·n·r each; online
     PCA adds C (m·n·r) and K, KP, the Gram and L⁻¹P (4·r²·d). The 2 x 12 and 12 x 2 weights
-    (min(m, n) <= rank) and the biases are not projected."""
+    (min(m, n) <= rank) and the biases are not projected, nor is the output layer (the last linear of a
+    model without get_output_embeddings: lrgrad.groups.head_modules), here a 12 -> 2 head."""
     from lrgrad_experiments.bench import step_floors
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 2), torch.nn.Linear(2, 12),
-                                torch.nn.Linear(12, 12))
+                                torch.nn.Linear(12, 12), torch.nn.Linear(12, 2))
     work = step_floors.gemm_work(model, rank=2)
     galore = 2 * (12 * 8 * 2) + 2 * (12 * 12 * 2)
     extra = (12 * 8 * 2 + 4 * 2 * 2 * 8) + (12 * 12 * 2 + 4 * 2 * 2 * 12)
