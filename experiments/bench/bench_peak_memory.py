@@ -305,7 +305,7 @@ def write(results: list[dict[str, Any]], out: Path, describe: str) -> None:
         x = range(len(rows))
         ax.bar([i - 0.27 for i in x], [r["peak_rss"] / GIB for r in rows], 0.27, label="peak RSS")
         ax.bar(list(x), [r["live_peak"] / GIB for r in rows], 0.27, label="live tensors")
-        ax.bar([i + 0.27 for i in x], [r.get("estimate", {}).get("peak", 0) / GIB for r in rows], 0.27,
+        ax.bar([i + 0.27 for i in x], [(_estimate_or_saved(r) or 0) / GIB for r in rows], 0.27,
                label="estimate")
         ax.set_xticks(list(x), names, rotation=30, ha="right")
         ax.set_ylabel("GiB")
