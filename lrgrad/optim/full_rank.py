@@ -46,6 +46,7 @@ squares, so every rank takes the same limiter decision.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -64,6 +65,13 @@ FULL_RANK_DEFAULTS: dict[str, Any] = {"full_rank": None, "scale_type": "channel"
                                        "frugal_lr_scale": 1.0}
 #: the limiter's state key
 LIMITER_KEY = "limiter_norm"
+#: what the norm-growth limiter compares step to step (docs/apollo.md, "limiter input"):
+#: "update": the update that is applied, S = G ⊙ s with s from the rule's direction (APOLLO's
+#: Algorithm 1, arXiv:2412.05270; Fira's limiter, arXiv:2410.01623); "uncorrected": S / c_t with
+#: c_t = √(1−β2ᵗ)/(1−β1ᵗ), Adam's bias-correction factor, i.e. S computed from m/(√v + ε) before the
+#: bias correction, which is where apollo-torch (v1.0.3) limits (AdamW rules only)
+LIMITER_INPUTS = ("update", "uncorrected")
+FULL_RANK_DEFAULTS["limiter_input"] = "update"
 
 
 def validate_full_rank(group: dict[str, Any]) -> None:
@@ -77,6 +85,10 @@ def validate_full_rank(group: dict[str, Any]) -> None:
             raise TypeError(f"Invalid norm_growth_limit: expected a float > 1 or None, got {gamma!r}")
         if not 1.0 <= gamma < float("inf"):
             raise ValueError(f"Invalid norm_growth_limit: {gamma} (must be a finite value >= 1, or None)")
+    check_choice("limiter_input", group.get("limiter_input", "update"), LIMITER_INPUTS)
+    if group.get("limiter_input") == "uncorrected" and group.get("rule") not in ("adamw", "adamw8bit"):
+        raise ValueError(f"Invalid limiter_input: 'uncorrected' divides by Adam's bias correction, which rule "
+                         f"{group.get('rule')!r} does not have; use 'update'")
     check_float("frugal_lr_scale", group["frugal_lr_scale"], minimum=0.0)
 
 
@@ -140,7 +152,12 @@ def full_rank_update_(
         scales = scales.expand(channels)
     # a zero scale drops its channel even where ‖G_c‖² overflowed (0·inf would be NaN)
     norm_sq = all_reduce(torch.where(scales > 0, scales * scales * g_sq, 0.0).sum().reshape(1)).reshape(())
-    divisor = _limit(state, norm_sq.sqrt(), group["norm_growth_limit"])
+    norm = norm_sq.sqrt()
+    if group.get("limiter_input", "update") == "uncorrected":  # apollo-torch's: before Adam's bias correction
+        beta1, beta2 = group["betas"]
+        step = state["step"]
+        norm = norm * ((1 - beta1**step) / math.sqrt(1 - beta2**step))
+    divisor = _limit(state, norm, group["norm_growth_limit"])
     coef = (scales / divisor).contiguous()
     target = _local(param2d)
     if mode == "apollo":
