@@ -59,6 +59,10 @@ class Projector:
     #: computes, e.g. the seeded sketch instead of an exact SVD: what tests and comparisons set to
     #: hold a sharded run equal to a one-process run
     sharded_refresh_options: ClassVar[dict[str, Any]] = {}
+    #: False for a projector that keeps full-size state advanced from the whole gradient (Conda's
+    #: momentum, LDAdam's error buffer): under FSDP2 its ``refresh_sharded`` refuses the params with a
+    #: ``ValueError`` instead of running on row shards it cannot see whole
+    supports_sharding: ClassVar[bool] = True
 
     def __init__(self, rank: int, update_proj_gap: int, side: str, options: dict[str, Any]):
         self.rank = rank

@@ -52,6 +52,7 @@ class CondaProjector(SVDProjector):
     """The momentum's top-r singular subspace; the momentum (m x n) is projector state."""
 
     name = "conda"
+    supports_sharding = False
     option_defaults: dict[str, Any] = {**SVDProjector.option_defaults, "svd": "exact", "conda_beta": None}
     sharded_refresh_options: dict[str, Any] = {}
 

@@ -59,6 +59,7 @@ class LDAdamProjector(Projector):
     """LDAdam's per-step subspace, moment transport and error feedback (requires the AdamW rule)."""
 
     name = "ldadam"
+    supports_sharding = False
     orthonormal = True
     option_defaults: dict[str, Any] = {"ldadam_rho": 0.908, "ldadam_basis": "power", "ldadam_error_feedback": False,
                                        "betas": (0.9, 0.999)}

@@ -74,7 +74,10 @@ def gathers_raise(allowed: list | None = None):
 
 #: lrgrad's own projectors: the spawned workers do not import the test modules that register others
 #: (tests/toy_projector.py), so the parametrization must not depend on what was collected before
-BUILTIN_PROJECTORS = sorted(name for name, cls in PROJECTORS.items() if cls.__module__.startswith("lrgrad."))
+BUILTIN = {name: cls for name, cls in PROJECTORS.items() if cls.__module__.startswith("lrgrad.")}
+BUILTIN_PROJECTORS = sorted(name for name, cls in BUILTIN.items() if cls.supports_sharding)
+#: projectors that declare they cannot run on row shards: FSDP2 must refuse them, before any write
+UNSHARDABLE_PROJECTORS = sorted(name for name, cls in BUILTIN.items() if not cls.supports_sharding)
 
 
 def fsdp_model():
@@ -84,7 +87,17 @@ def fsdp_model():
 def native_worker(rank: int, world: int, ckpt: str) -> dict:
     from lrgrad.dtensor import count_collectives, is_dtensor
 
-    results: dict = {"weights": {}, "largest_collective": {}, "gathered": {}}
+    results: dict = {"weights": {}, "largest_collective": {}, "gathered": {}, "refused": {}}
+    for projector in UNSHARDABLE_PROJECTORS:
+        model = fsdp_model()
+        before = full_state(model)
+        opt = make_optimizer(model, projector, "adamw", sharded=True)
+        try:
+            train_steps(model, opt, 0, 1, rank, world)
+            results["refused"][projector] = None
+        except ValueError as exc:
+            changed = [k for k, v in full_state(model).items() if not torch.equal(v, before[k])]
+            results["refused"][projector] = (str(exc), changed)
     for projector in BUILTIN_PROJECTORS:
         for rule in RULE_NAMES:
             model = fsdp_model()
@@ -249,3 +262,15 @@ def test_layerwise_under_fsdp2_equals_single_process(native):
     for rank_results in results:
         for key, value in rank_results["layerwise"].items():
             torch.testing.assert_close(value, want[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("projector", UNSHARDABLE_PROJECTORS)
+def test_fsdp2_refuses_a_projector_that_cannot_run_on_shards(native, projector):
+    """Conda's momentum and LDAdam's error buffer are full size: FSDP2 gets a ValueError, not a wrong step."""
+    results, _ = native
+    for rank_results in results:
+        refused = rank_results["refused"][projector]
+        assert refused is not None, f"{projector} stepped on FSDP2-sharded params"
+        message, changed = refused
+        assert message.startswith("Invalid params") and "FSDP2" in message
+        assert changed == [], f"the refused step wrote {changed}"
