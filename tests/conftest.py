@@ -18,6 +18,10 @@ sys.path.insert(0, str(TESTS / "distributed"))  # the 2-process harness, used fr
 # pytest` from the root adds the working directory, so drop it here before anything imports.
 REPO = TESTS.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+# The same for every Python the tests start: `python -c`/`-m` children and multiprocessing's
+# forkserver (which imports its preload modules with its own sys.path, the working directory first)
+# must not see the root either. Python >= 3.11 honours this; nothing else changes for scripts.
+os.environ["PYTHONSAFEPATH"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -77,8 +77,10 @@ def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> d
     """Run ``cmd`` from the repository root; never raises (timeouts and crashes are results)."""
     start = time.perf_counter()
     try:
+        # PYTHONSAFEPATH: `python -m` from the root must not put the root (and its kernels/ folder,
+        # which shadows Hugging Face's `kernels`) on the child's sys.path
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
+                              env={**os.environ, "PYTHONSAFEPATH": "1", **(env or {})})
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as exc:
         code = "timeout"
