@@ -156,10 +156,18 @@ def test_bad_input():
         lrgrad.estimate_memory(model, dtype=torch.int8)
 
 
+class HeadlessDict(torch.nn.ModuleDict):
+    """A model that says it has no output head, as Hugging Face's headless models do (``LlamaModel``):
+    without that answer the last linear of the tree would be taken for the head and kept full-rank."""
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+
 def test_world_size_counts_rank0_shards():
     """FSDP2 (``Shard(0)``, rank 0 holds ceil(rows / 3)): weights, gradients, full-rank and right-side
     moments shard by rows, left-side moments and bases are replicated; 8-bit blocks count per shard."""
-    model = torch.nn.ModuleDict({"up": torch.nn.Linear(40, 96, bias=False),  # 96 x 40: right side
+    model = HeadlessDict({"up": torch.nn.Linear(40, 96, bias=False),  # 96 x 40: right side
                                  "down": torch.nn.Linear(96, 40, bias=False),  # 40 x 96: left side
                                  "embed": torch.nn.Embedding(64, 40)})  # full rank
     est = lrgrad.estimate_memory(model, "galore", rank=8, world_size=3)
