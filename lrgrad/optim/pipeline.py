@@ -170,15 +170,18 @@ class StepPipeline:
             self.init_param_state(param, group, state)
         if not self.is_projected(param, group):
             return Staged(param, group, grad)
-        nonfinite = undoable and group["skip_nonfinite"] and self.nonfinite_flags([grad])[0]
+        # one projector object for the param's whole step: a generated basis (Flora's draw, DCT's
+        # columns) is built once for down() and the update (Projector.memo)
+        projector = self.projector_for(param, group)
+        # the whole gradient is checked here when the chunk's check of the low-rank one cannot see
+        # every entry: a caller that applies later, or a projector whose down() drops entries
+        read_whole = undoable or not projector.down_reads_every_entry
+        nonfinite = read_whole and group["skip_nonfinite"] and self.nonfinite_flags([grad])[0]
         prepared = self.prepare_grad(param, group, grad, nonfinite=nonfinite)
         if prepared is None:
             return None
         # a skipped step must leave the state as it was: keep the state before the refresh
         snapshot = self.snapshot_state(param) if undoable or group["skip_nonfinite"] else None
-        # one projector object for the param's whole step: a generated basis (Flora's draw, DCT's
-        # columns) is built once for down() and the update (Projector.memo)
-        projector = self.projector_for(param, group)
         projector.deferred = deferred
         low = self.project_grad(param, group, prepared, projector)
         if low is None:

@@ -63,6 +63,10 @@ class Projector:
     #: momentum, LDAdam's error buffer): under FSDP2 its ``refresh_sharded`` refuses the params with a
     #: ``ValueError`` instead of running on row shards it cannot see whole
     supports_sharding: ClassVar[bool] = True
+    #: every entry of G reaches ``down(G)`` (a dense basis): a NaN/Inf in G shows in the low-rank
+    #: gradient, so ``skip_nonfinite`` checks only that small tensor. False for a selection (Grass's
+    #: gather drops the unselected rows): the skip check then reads the whole gradient
+    down_reads_every_entry: ClassVar[bool] = True
 
     def __init__(self, rank: int, update_proj_gap: int, side: str, options: dict[str, Any]):
         self.rank = rank

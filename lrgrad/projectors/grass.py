@@ -83,6 +83,7 @@ class GrassProjector(Projector):
     """Grass's sparse projection: r selected coordinates of the projected side (arXiv:2406.17660)."""
 
     name = "grass"
+    down_reads_every_entry = False  # a gather: a NaN in an unselected row never reaches down(G)
     orthonormal = True  # per instance: False for the sampled selections (see __init__)
     option_defaults: dict[str, Any] = {"grass_select": "top"}
     structural_state_keys = ("proj_dim",)

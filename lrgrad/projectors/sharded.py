@@ -70,6 +70,10 @@ class ShardedProjector:
         return self.inner.gradient_free
 
     @property
+    def down_reads_every_entry(self) -> bool:
+        return self.inner.down_reads_every_entry
+
+    @property
     def refresh_plain_keys(self) -> tuple[str, ...]:
         return self.inner.refresh_plain_keys
 
