@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,11 +46,11 @@ def test_native_bf16_from_the_cpu_flags(cpuinfo, machine, native):
     assert precision.cpu_has_native_bf16(precision.cpu_flags(cpuinfo), machine) is native
 
 
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="Linux only: /proc/cpuinfo is the independent source")
 def test_this_cpu_detection_agrees_with_proc_cpuinfo():
     """torch's own probe (used when present) and the flags Linux lists give the same answer here."""
     flags = precision.cpu_flags()
-    if not flags:
-        pytest.skip("no /proc/cpuinfo on this OS: nothing independent to compare with")
+    assert flags, "/proc/cpuinfo lists no flags"
     assert precision.cpu_has_native_bf16() == precision.cpu_has_native_bf16(flags, platform.machine())
     assert precision.native_bf16_matmul("cpu") == precision.cpu_has_native_bf16(flags, platform.machine())
     described = precision.describe_cpu()
