@@ -1,4 +1,4 @@
-"""Checkpoint helpers shared by the tests: a weights_only round trip and exact state comparison."""
+"""Helpers shared by the tests: a weights_only round trip, exact state comparison, oracle data."""
 
 from __future__ import annotations
 
@@ -54,3 +54,13 @@ def assert_rerun_and_resume_bit_identical(make_optimizer: Any, grads: list[torch
     again, _ = run(grads)
     assert torch.equal(full, again)
     return opt_full
+
+
+def regression_problem(m: int, n: int, steps: int, batch: int, seed: int = 0):
+    """A float64 m x n start and ``steps`` batches ``(x, y)`` (n x batch, m x batch) of a linear
+    least-squares task, drawn in that order from one seeded generator: the oracle tests' shared data."""
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    data = [(torch.randn(n, batch, generator=gen, dtype=torch.float64),
+             torch.randn(m, batch, generator=gen, dtype=torch.float64)) for _ in range(steps)]
+    return start, data

@@ -7,6 +7,7 @@ from __future__ import annotations
 import oracles
 import pytest
 import torch
+from state_utils import regression_problem
 
 import lrgrad
 from lrgrad.estimate import make_optimizer
@@ -35,12 +36,7 @@ def _oracle_basis(projector: str, g: torch.Tensor, side: str, ours: torch.Tensor
 
 
 def _run(projector: str, side: str, moment_policy: str = "keep", scale: float = 0.7, residual: float = 0.5):
-    gen = torch.Generator().manual_seed(0)
-    m, n = SHAPES[side]
-    start = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    data = [(torch.randn(n, 12, generator=gen, dtype=torch.float64), torch.randn(m, 12, generator=gen,
-                                                                                 dtype=torch.float64))
-            for _ in range(STEPS)]
+    start, data = regression_problem(*SHAPES[side], STEPS, 12)
     w = torch.nn.Parameter(start.clone())
     opt = lrgrad.FRUGALAdamW([{"params": [w], "rank": RANK, "proj_type": side}], lr=LR, weight_decay=WD,
                              projector=projector, update_proj_gap=GAP, scale=scale, frugal_lr_scale=residual,

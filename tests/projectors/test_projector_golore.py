@@ -6,6 +6,7 @@ from __future__ import annotations
 import oracles
 import pytest
 import torch
+from state_utils import regression_problem
 
 import lrgrad
 
@@ -22,12 +23,7 @@ def _grad(w, x, y):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_matches_the_paper(side, switch):
     """Refreshes on steps 1, 4, 7, 10: SVD while t <= switch, random after; m carried, v kept."""
-    gen = torch.Generator().manual_seed(0)
-    m, n = SHAPES[side]
-    start = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    data = [(torch.randn(n, 8, generator=gen, dtype=torch.float64), torch.randn(m, 8, generator=gen,
-                                                                                dtype=torch.float64))
-            for _ in range(STEPS)]
+    start, data = regression_problem(*SHAPES[side], STEPS, 8)
     w = torch.nn.Parameter(start.clone())
     opt = lrgrad.GoLoreAdamW([{"params": [w], "rank": RANK, "proj_type": side}], lr=LR, weight_decay=WD,
                              update_proj_gap=GAP, golore_switch=switch, svd="exact", scale=1.5)

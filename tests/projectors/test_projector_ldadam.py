@@ -6,6 +6,7 @@ from __future__ import annotations
 import oracles
 import pytest
 import torch
+from state_utils import regression_problem
 
 import lrgrad
 
@@ -22,12 +23,7 @@ def _grad(w, x, y):
 @pytest.mark.parametrize("basis", ["power", "svd"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_matches_the_paper(side, basis, error_feedback):
-    gen = torch.Generator().manual_seed(0)
-    m, n = SHAPES[side]
-    start = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    data = [(torch.randn(n, 8, generator=gen, dtype=torch.float64), torch.randn(m, 8, generator=gen,
-                                                                                dtype=torch.float64))
-            for _ in range(STEPS)]
+    start, data = regression_problem(*SHAPES[side], STEPS, 8)
     w = torch.nn.Parameter(start.clone())
     opt = lrgrad.LDAdamW([{"params": [w], "rank": RANK, "proj_type": side}], lr=LR, weight_decay=WD,
                          ldadam_basis=basis, ldadam_error_feedback=error_feedback, scale=1.5)
