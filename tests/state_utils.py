@@ -64,3 +64,23 @@ def regression_problem(m: int, n: int, steps: int, batch: int, seed: int = 0):
     data = [(torch.randn(n, batch, generator=gen, dtype=torch.float64),
              torch.randn(m, batch, generator=gen, dtype=torch.float64)) for _ in range(steps)]
     return start, data
+
+
+def least_squares_problem(shapes, steps: int, seed: int = 7, batch: int = 16):
+    """float64 weights for ``shapes`` and ``steps`` batches of ``(x, y)`` per weight (``x``: n x batch,
+    ``y``: m x batch) for the loss ``||W x - y||²`` (:func:`set_least_squares_grads`): the problem the
+    equivalence tests against other libraries step both optimizers on, drawn in one fixed order."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(m, n, generator=gen, dtype=torch.float64) for m, n in shapes]
+    batches = [[(torch.randn(n, batch, generator=gen, dtype=torch.float64),
+                 torch.randn(m, batch, generator=gen, dtype=torch.float64)) for m, n in shapes]
+               for _ in range(steps)]
+    return weights, batches
+
+
+def set_least_squares_grads(params, batch) -> None:
+    """Each param's ``.grad`` = the gradient of ``||p x - y||²`` for its ``(x, y)`` in ``batch``."""
+    for p, (x, y) in zip(params, batch):
+        p.grad = None
+        with torch.enable_grad():
+            ((p @ x - y) ** 2).sum().backward()

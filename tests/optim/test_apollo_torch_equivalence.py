@@ -35,6 +35,7 @@ import types
 
 import pytest
 import torch
+from state_utils import least_squares_problem, set_least_squares_grads
 
 import lrgrad
 from lrgrad.projectors.random import RandomProjector
@@ -88,24 +89,8 @@ def shared_projection(monkeypatch):
     return apollo
 
 
-def _problem():
-    gen = torch.Generator().manual_seed(7)
-    weights = [torch.randn(m, n, generator=gen, dtype=torch.float64) for m, n in SHAPES]
-    batches = [[(torch.randn(n, 16, generator=gen, dtype=torch.float64),
-                 torch.randn(m, 16, generator=gen, dtype=torch.float64)) for m, n in SHAPES]
-               for _ in range(STEPS)]
-    return weights, batches
-
-
-def _set_grads(params, batch) -> None:
-    for p, (x, y) in zip(params, batch):
-        p.grad = None
-        with torch.enable_grad():
-            ((p @ x - y) ** 2).sum().backward()
-
-
 def _run_both(apollo, *, scale_type, alpha, betas, limiter, limiter_input="update"):
-    weights, batches = _problem()
+    weights, batches = least_squares_problem(SHAPES, STEPS)
     ours_p = [torch.nn.Parameter(w.clone()) for w in weights]
     theirs_p = [torch.nn.Parameter(w.clone()) for w in weights]
     ours = lrgrad.APOLLOAdamW([{"params": ours_p, "rank": RANK}], lr=0.05, betas=betas, eps=0.0, weight_decay=0.0,
@@ -116,8 +101,8 @@ def _run_both(apollo, *, scale_type, alpha, betas, limiter, limiter_input="updat
                           lr=0.05, betas=betas, eps=0.0, weight_decay=0.0, disable_nl=not limiter)
     diffs = []
     for batch in batches:
-        _set_grads(ours_p, batch)
-        _set_grads(theirs_p, batch)
+        set_least_squares_grads(ours_p, batch)
+        set_least_squares_grads(theirs_p, batch)
         ours.step()
         theirs.step()
         diffs.append(max(float((a - b).detach().abs().max() / b.detach().abs().max())

@@ -27,6 +27,7 @@ import importlib.util
 
 import pytest
 import torch
+from state_utils import least_squares_problem, set_least_squares_grads
 
 import lrgrad
 
@@ -41,22 +42,6 @@ def _reference():
     from pytorch_optimizer.optimizer.utils.galore import GaLoreProjector
 
     return Conda, GaLoreProjector
-
-
-def _problem():
-    gen = torch.Generator().manual_seed(7)
-    weights = [torch.randn(m, n, generator=gen, dtype=torch.float64) for m, n in SHAPES]
-    batches = [[(torch.randn(n, 16, generator=gen, dtype=torch.float64),
-                 torch.randn(m, 16, generator=gen, dtype=torch.float64)) for m, n in SHAPES]
-               for _ in range(STEPS)]
-    return weights, batches
-
-
-def _set_grads(params, batch) -> None:
-    for p, (x, y) in zip(params, batch):
-        p.grad = None
-        with torch.enable_grad():
-            ((p @ x - y) ** 2).sum().backward()
 
 
 def _fp32_svd_like_the_reference(monkeypatch) -> None:
@@ -81,7 +66,7 @@ def test_matches_to_the_references_fp32_svd_without_the_patch():
 
 def _run_both(betas):
     conda, projector_cls = _reference()
-    weights, batches = _problem()
+    weights, batches = least_squares_problem(SHAPES, STEPS)
     ours_p = [torch.nn.Parameter(w.clone()) for w in weights]
     theirs_p = [torch.nn.Parameter(w.clone()) for w in weights]
     ours = lrgrad.CondaAdamW([{"params": ours_p, "rank": RANK}], lr=LR, betas=betas, eps=0.0, weight_decay=0.0,
@@ -96,8 +81,8 @@ def _run_both(betas):
                                                        projection_type="std"))
     diffs = []
     for batch in batches:
-        _set_grads(ours_p, batch)
-        _set_grads(theirs_p, batch)
+        set_least_squares_grads(ours_p, batch)
+        set_least_squares_grads(theirs_p, batch)
         ours.step()
         theirs.step()
         diffs.append(max(float((a - b).detach().abs().max() / b.detach().abs().max())
