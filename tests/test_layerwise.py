@@ -6,29 +6,9 @@ import copy
 
 import pytest
 import torch
-from tiny_model import TinyLM, lm_loss, make_batch
+from tiny_model import TinyLM, lm_loss, make_batch, run_windows
 
 import lrgrad
-
-
-def run(model, layerwise: bool, windows: int, accumulation: int, max_norm: float | None, name="GaLoreAdamW"):
-    cls = getattr(lrgrad, name)
-    opt = cls(lrgrad.param_groups(model, rank=8, update_proj_gap=2), lr=0.02)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    lw = lrgrad.LayerwiseOptimizer(opt, accumulation, max_norm, scheduler=sched) if layerwise else None
-    for w in range(windows):
-        for micro in range(accumulation):
-            loss = lm_loss(model, make_batch(batch=4, seed=w * accumulation + micro)) / accumulation
-            loss.backward()
-            if layerwise:
-                lw.step()
-        if not layerwise:
-            if max_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-    return opt, lw
 
 
 @pytest.mark.parametrize("max_norm", [None, 0.05])
@@ -37,8 +17,8 @@ def test_layerwise_equals_ordinary_with_accumulation(max_norm, name):
     torch.manual_seed(0)
     base = TinyLM().double()
     a, b = copy.deepcopy(base), copy.deepcopy(base)
-    opt_a, _ = run(a, layerwise=False, windows=3, accumulation=4, max_norm=max_norm, name=name)
-    opt_b, lw = run(b, layerwise=True, windows=3, accumulation=4, max_norm=max_norm, name=name)
+    opt_a, _ = run_windows(a, name, layerwise=False, windows=3, accumulation=4, max_norm=max_norm, scheduler=True)
+    opt_b, lw = run_windows(b, name, layerwise=True, windows=3, accumulation=4, max_norm=max_norm, scheduler=True)
     for (key, x), y in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-10, msg=key)
     assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"] == 0.02 * 0.5**3

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import lrgrad
+
 VOCAB = 64
 
 
@@ -89,3 +91,29 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, batch_
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def run_windows(model: nn.Module, name: str, layerwise: bool, windows: int, accumulation: int,
+                max_norm: float | None, scheduler: bool = False, **options):
+    """``windows`` optimizer steps of ``lrgrad.OPTIMIZERS[name]`` (rank 8, refresh gap 2, lr 0.02), each over
+    ``accumulation`` micro-batches, clipped to ``max_norm`` (None: no clip) and, with ``scheduler``, halving
+    the lr per step: with ``layerwise`` through ``lrgrad.LayerwiseOptimizer`` (stepped per micro-batch),
+    else the ordinary loop. Returns ``(optimizer, layerwise wrapper or None)``."""
+    opt = lrgrad.OPTIMIZERS[name](lrgrad.param_groups(model, rank=8, update_proj_gap=2), lr=0.02, **options)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) if scheduler else None
+    lw = lrgrad.LayerwiseOptimizer(opt, accumulation, max_norm, scheduler=sched) if layerwise else None
+    for w in range(windows):
+        for micro in range(accumulation):
+            loss = lm_loss(model, make_batch(batch=4, seed=w * accumulation + micro)) / accumulation
+            loss.backward()
+            if layerwise:
+                lw.step()
+        if not layerwise:
+            if max_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            opt.step()
+            if sched is not None:
+                sched.step()
+            opt.zero_grad()
+    return opt, lw
+

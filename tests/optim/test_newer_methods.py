@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from tiny_model import TinyLM, lm_loss, make_batch, train
+from tiny_model import TinyLM, run_windows, train
 
 import lrgrad
 
@@ -23,32 +23,14 @@ CASES = [("GrassAdamW", {}), ("GrassAdamW", {"grass_select": "norm"}), ("FRUGALA
 UNCLIPPED = ("CondaAdamW", "LDAdamW")
 
 
-def _run(model, name: str, layerwise: bool, windows: int = 3, accumulation: int = 2, max_norm: float | None = 0.05,
-         **options):
-    opt = lrgrad.OPTIMIZERS[name](lrgrad.param_groups(model, rank=8, update_proj_gap=2), lr=0.02, **options)
-    lw = lrgrad.LayerwiseOptimizer(opt, accumulation, max_norm) if layerwise else None
-    for w in range(windows):
-        for micro in range(accumulation):
-            loss = lm_loss(model, make_batch(batch=4, seed=w * accumulation + micro)) / accumulation
-            loss.backward()
-            if layerwise:
-                lw.step()
-        if not layerwise:
-            if max_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            opt.step()
-            opt.zero_grad()
-    return lw
-
-
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_layerwise_equals_ordinary_with_accumulation_and_clipping(name, options):
     max_norm = None if name in UNCLIPPED else 0.05  # docs/conda.md, "Contract notes"
     torch.manual_seed(0)
     base = TinyLM().double()
     a, b = copy.deepcopy(base), copy.deepcopy(base)
-    _run(a, name, layerwise=False, max_norm=max_norm, **options)
-    lw = _run(b, name, layerwise=True, max_norm=max_norm, **options)
+    run_windows(a, name, layerwise=False, windows=3, accumulation=2, max_norm=max_norm, **options)
+    _, lw = run_windows(b, name, layerwise=True, windows=3, accumulation=2, max_norm=max_norm, **options)
     for (key, x), y in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-10, msg=key)
     if max_norm is not None:
