@@ -12,9 +12,10 @@ from a short sweep, two seeds. Each run is an ordinary ``pretrain_llama.py`` run
 again. After every chunk ``results/long_run.md``, ``.png`` and ``.json`` are rewritten
 (``long_run_report.py``), so the table fills in as runs finish.
 
-The queue, most informative first: paper defaults of the first seed (AdamW, GaLore, APOLLO-Mini, Fira,
-Muon, then the rest), the AdamW lr sweep (``--sweep-steps`` steps per lr, the schedule scaled to that
-length), the paper defaults of the other seeds, then every method at the sweep's best lr, seed by seed.
+The queue, most informative first: AdamW at its default lr, the short AdamW lr sweep (``--sweep-steps``
+steps per lr, the schedule scaled to that length), the paper defaults of the first seed (GaLore,
+APOLLO-Mini, Fira, Muon, then the rest, the 2024-25 methods last), the paper defaults of the other seeds,
+then every method at the sweep's best lr, seed by seed.
 ``--budget-minutes`` stops starting chunks after that long; ``--list`` prints the queue and its state.
 """
 
@@ -36,7 +37,9 @@ from lrgrad_experiments.pretrain_llama import parse_args, run
 
 #: the order runs start in: the baseline, the paper's method, then what a short run cannot tell apart
 METHOD_ORDER = ("adamw", "galore_adamw", "apollo_mini_adamw", "fira_adamw", "muon", "apollo_adamw",
-                "online_subspace_adamw", "dct_adamw", "flora_adamw", "qgalore_adamw")
+                "online_subspace_adamw", "dct_adamw", "flora_adamw", "qgalore_adamw",
+                # the 2024-25 methods, after the ones the papers compare
+                "grass_adamw", "frugal_adamw", "golore_adamw", "conda_adamw", "ldadamw")
 
 
 @dataclass(frozen=True)
@@ -135,13 +138,14 @@ def build_queue(opts: argparse.Namespace) -> tuple[list[RunSpec], float | None]:
             queue.append(spec)
 
     # paper defaults for every seed first (their seed spread is what turns a difference into a verdict),
-    # the sweep after the first seed, the best-lr runs last
+    # the short AdamW sweep right after the first run (a few minutes; it names the lr of the best-lr
+    # runs), the best-lr runs last
     for i, seed in enumerate(opts.seeds):
-        for m in methods:
+        for j, m in enumerate(methods):
             add(RunSpec(m, paper_lr(m), seed, opts.steps, "paper"))
-        if i == 0:
-            for lr in opts.sweep_lrs:
-                add(RunSpec("adamw", lr, seed, opts.sweep_steps, "sweep"))
+            if i == 0 and j == 0:
+                for lr in opts.sweep_lrs:
+                    add(RunSpec("adamw", lr, seed, opts.sweep_steps, "sweep"))
     if best is not None:
         for seed in opts.seeds:
             for m in methods:

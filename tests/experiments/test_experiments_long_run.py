@@ -19,9 +19,10 @@ def _opts(tmp_path: Path, *extra: str):
 def test_queue_starts_with_the_most_informative_runs(tmp_path):
     queue, best = long_run.build_queue(_opts(tmp_path))
     assert best is None  # no sweep finished: no best-lr runs queued yet
-    first = [(s.method, s.seed, s.role) for s in queue[:5]]
-    assert first == [("adamw", 0, "paper"), ("galore_adamw", 0, "paper"), ("apollo_mini_adamw", 0, "paper"),
-                     ("fira_adamw", 0, "paper"), ("muon", 0, "paper")]
+    first = [(s.method, s.lr, s.seed, s.role) for s in queue[:6]]
+    assert first == [("adamw", 3e-3, 0, "paper"), ("adamw", 1e-3, 0, "sweep"), ("adamw", 3e-3, 0, "sweep"),
+                     ("adamw", 1e-2, 0, "sweep"), ("galore_adamw", 1e-2, 0, "paper"),
+                     ("apollo_mini_adamw", 1e-2, 0, "paper")]
     roles = [s.role for s in queue]
     first_seed1 = next(i for i, s in enumerate(queue) if s.seed == 1)
     assert set(roles[:first_seed1]) == {"paper", "sweep"} and roles.index("sweep") < first_seed1
@@ -36,7 +37,11 @@ def test_queue_starts_with_the_most_informative_runs(tmp_path):
     queue, best = long_run.build_queue(opts)
     roles = [s.role for s in queue]
     assert best == 1e-3 and roles.index("best") > max(i for i, r in enumerate(roles) if r == "paper")
-    assert [s.seed for s in queue if s.role == "best"] == [0] * 10 + [1] * 10  # AdamW at 1e-3 is not a paper run
+    assert len({s.method for s in queue if s.role == "paper"}) == len(long_run.METHOD_ORDER)
+    # a method whose own lr is the best one has its paper run stand for its best-lr run
+    separate = [m for m in long_run.METHOD_ORDER if long_run.paper_lr(m) != 1e-3]
+    assert "adamw" in separate and len(separate) < len(long_run.METHOD_ORDER)
+    assert [(s.method, s.seed) for s in queue if s.role == "best"] == [(m, seed) for seed in (0, 1) for m in separate]
 
 
 def _tiny(tmp_path: Path, name: str, chunk: int) -> list[str]:
