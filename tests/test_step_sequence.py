@@ -13,7 +13,7 @@ PIPELINE = {"step_params", "stage", "apply_staged", "unstage", "can_compress", "
 STAGES = {"prepare_grad", "project_grad", "advance_subspace", "apply_low_rank", "apply_full_rank",
           "init_param_state", "snapshot_state", "restore_state", "count_skip", "nonfinite_flags",
           "projector_for", "rule_for", "rule_for_param", "down", "up", "refresh", "update_many", "update",
-          "update_param_", "draw_for_step", "finish_deferred"}
+          "update_param_", "draw_for_step", "finish_deferred", "corrected_grad", "advance"}
 
 
 def called_attributes(path: Path) -> set[str]:

@@ -37,7 +37,7 @@ from lrgrad.optim.group_keys import normalize_group
 from lrgrad.optim.nonfinite import probe as nonfinite_probe
 from lrgrad.optim.pipeline import StepPipeline, full_rank_pieces, prepare
 from lrgrad.projectors import PROJECTORS, Projector
-from lrgrad.projectors.sharded import ShardedProjector
+from lrgrad.projectors.sharded import ShardedProjector, unshardable_message
 from lrgrad.qweights import update_targets
 from lrgrad.rules import RULES, UpdateRule
 from lrgrad.subspace import MOMENT_POLICIES, PROJ_TYPES, compute_dtype, low_rank_shape, matrix_shape, projection_side
@@ -350,7 +350,8 @@ class LowRankOptimizer(StepPipeline, Optimizer):
     def check_projectable(self, group: dict[str, Any]) -> None:
         """Once per group with a ``rank``: make sure it does not silently run full-rank.
 
-        DeepSpeed ZeRO (stages 1-3) replaces a group's params by one flattened 1-D
+        A projector that declares ``supports_sharding = False`` on FSDP2 (DTensor) params raises a
+        ``ValueError``. DeepSpeed ZeRO (stages 1-3) replaces a group's params by one flattened 1-D
         partition after the optimizer is built, so no projector ever sees a matrix and
         the "GaLore" run is plain AdamW with AdamW's memory. Params swapped for 1-D
         tensors after construction (DeepSpeed's signature) raise a ``ValueError``; a
@@ -360,6 +361,9 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         checked = self.__dict__.setdefault("_projectable_checked", set())
         if group["rank"] is None or id(group) in checked:
             return
+        if not PROJECTORS[group["projector"]].supports_sharding and any(
+                is_dtensor(p) and self.is_projected(p, group) for p in group["params"]):
+            raise ValueError(unshardable_message(PROJECTORS[group["projector"]]))  # FSDP2: before any write
         checked.add(id(group))
         refuse_zero_partitioned(group)
         params = [p for p in group["params"] if p.numel()]  # empty params are a no-op, not a fallback
@@ -451,15 +455,23 @@ class LowRankOptimizer(StepPipeline, Optimizer):
     ) -> torch.Tensor | None:
         """Refresh the subspace if due, then return the low-rank gradient (None: skip this step).
 
+        The projector sees the step's gradient through its hooks in this order, once each:
+        ``corrected_grad`` (the matrix the step works on, e.g. LDAdam's ``G + e``), the refresh,
+        ``down``, then ``advance`` (its full-size state moved forward: Conda's momentum, LDAdam's
+        error buffer). Under FSDP2 the wrapper hands each hook this rank's rows.
+
         Split from :meth:`apply_low_rank` so per-layer updates can project inside
         a backward hook and apply the rule later (exact global-norm clipping).
         """
         if projector is None:
             projector = self.projector_for(param, group)
-        grad2d = grad.reshape(matrix_shape(param))
+        state = self.state[param]
+        grad2d = projector.corrected_grad(state, grad.reshape(matrix_shape(param)))
         if not self.advance_subspace(param, group, grad2d, projector):
             return None
-        return projector.down(self.state[param], grad2d)
+        low = projector.down(state, grad2d)
+        projector.advance(state, grad2d, low)
+        return low
 
     def advance_subspace(
         self, param: torch.Tensor, group: dict[str, Any], grad2d: torch.Tensor | None,

@@ -63,6 +63,11 @@ class Projector:
     #: momentum, LDAdam's error buffer): under FSDP2 its ``refresh_sharded`` refuses the params with a
     #: ``ValueError`` instead of running on row shards it cannot see whole
     supports_sharding: ClassVar[bool] = True
+    #: state entries shaped like the gradient (m x n) that :meth:`advance` moves forward row by row
+    #: (Conda's momentum, LDAdam's error buffer). Under FSDP2 each is a ``Shard(0)`` DTensor laid out
+    #: like the weight (so distributed checkpoints shard it), and the hooks (:meth:`corrected_grad`,
+    #: :meth:`refresh_sharded`, :meth:`carry_moments`, :meth:`advance`) see this rank's rows of it
+    row_state_keys: ClassVar[tuple[str, ...]] = ()
     #: every entry of G reaches ``down(G)`` (a dense basis): a NaN/Inf in G shows in the low-rank
     #: gradient, so ``skip_nonfinite`` checks only that small tensor. False for a selection (Grass's
     #: gather drops the unselected rows): the skip check then reads the whole gradient
@@ -78,6 +83,10 @@ class Projector:
         #: :meth:`finish_deferred` to run once every param of the group has been projected; None:
         #: the refresh does all its work at once (per-layer updates, accumulation, FSDP2)
         self.deferred: list | None = None
+        #: set by the FSDP2 wrapper (``lrgrad.projectors.sharded``): this param's
+        #: :class:`lrgrad.dtensor.ShardContext` - the rows of G this rank holds and the collectives
+        #: over them - while the hooks run on local rows; None in one process (every row is local)
+        self.shard_ctx: Any = None
 
     @classmethod
     def compat_options(cls, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,6 +145,48 @@ class Projector:
         with the same subspace. Return ``NotImplemented`` (the default) to have the
         gradient all-gathered and :meth:`refresh` called on it instead."""
         return NotImplemented
+
+    # ---------------------------------------------------------------- the step's gradient
+    def corrected_grad(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
+        """The matrix this step works on: ``grad`` itself (the default), or ``grad`` corrected by
+        projector state (LDAdam's ``G + e``, error feedback). The optimizer calls it once per step,
+        before the refresh; the refresh, :meth:`down` and :meth:`advance` all receive what it returns.
+        Row-local (row i of the result reads row i of ``grad`` and of :attr:`row_state_keys` only):
+        under FSDP2 it runs on this rank's rows. Return a new tensor; never write ``grad``."""
+        return grad
+
+    def advance(self, state: dict[str, Any], grad: torch.Tensor, low: torch.Tensor) -> None:
+        """Move full-size state (:attr:`row_state_keys`) forward with this step's gradient: the
+        optimizer calls it once per step taken, after :meth:`down`, with ``grad`` (what
+        :meth:`corrected_grad` returned) and ``low = down(grad)``. Under FSDP2 ``grad`` is this
+        rank's rows ``[shard_ctx.row_offset, shard_ctx.row_stop)``, and ``low`` those rows of R
+        (right side) or the whole, all-reduced R (left side): :meth:`up_rows` maps it back to the
+        same rows. Assign new tensors (a skipped step's snapshot keeps the old ones). No-op by default."""
+
+    def local_rows(self, num_rows: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of an m-row matrix this process holds (all of them in one process)."""
+        ctx = self.shard_ctx
+        return (ctx.row_offset, ctx.row_stop) if ctx is not None and ctx.sharded else (0, num_rows)
+
+    def up_rows(self, update: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """This process's rows of ``up(update)`` in the dense ``basis`` (``kernels.project_up``): right
+        side, ``update`` holds those rows already (``U_i P``); left side, the basis's rows (``P_i U``)."""
+        if self.side == "left":
+            start, stop = self.local_rows(basis.shape[0])
+            basis = basis[start:stop] if (start, stop) != (0, basis.shape[0]) else basis
+        return kernels.project_up(update, basis, self.side)
+
+    def down_rows(self, rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """``down`` of a row-sharded full-size matrix from this process's ``rows`` of it, in the dense
+        ``basis``: right side, the same rows of ``X Pᵀ`` (local); left side, ``Σ_i P_iᵀ X_i``
+        (one r x n all-reduce under FSDP2)."""
+        if self.side == "right":
+            return kernels.project_down(rows, basis, "right")
+        start, stop = self.local_rows(basis.shape[0])
+        if (start, stop) == (0, basis.shape[0]):
+            return kernels.project_down(rows, basis, "left")
+        low = kernels.project_down(rows, basis[start:stop], "left")
+        return self.shard_ctx.all_reduce(low)
 
     # ---------------------------------------------------------------- maps
     def memo_bytes(self) -> int:
@@ -238,10 +289,16 @@ class Projector:
         by default. ``load_state_dict`` checks a saved state against it; the memory estimator sums it."""
         return {"proj_basis": (basis_shape(shape2d, self.rank, self.side), dtype)}
 
-    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
-        """Bytes of :meth:`refresh_state_spec` (what the first refresh allocates)."""
-        return sum(math.prod(shape) * torch.empty((), dtype=dt).element_size()
-                   for shape, dt in self.refresh_state_spec(shape2d, dtype).values())
+    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype, world_size: int = 1) -> int:
+        """Bytes of :meth:`refresh_state_spec` (what the first refresh allocates) on one process, or on
+        rank 0 of ``world_size`` FSDP2 ranks: :attr:`row_state_keys` hold ``ceil(m / world_size)`` rows
+        there (the largest ``Shard(0)`` shard), everything else is replicated."""
+        total = 0
+        for key, (shape, dt) in self.refresh_state_spec(shape2d, dtype).items():
+            if key in self.row_state_keys and shape:
+                shape = (-(-shape[0] // world_size), *shape[1:])
+            total += math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        return total
 
     def state_bytes(self, state: dict[str, Any]) -> int:
         return sum(v.numel() * v.element_size() for k, v in state.items()

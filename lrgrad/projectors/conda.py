@@ -16,12 +16,12 @@ compression); lrgrad's ``rank`` below ``min(m, n)`` is the memory-saving extensi
 the momentum stays full size, as Conda's does).
 
 In lrgrad's design this is a projector and nothing else: the rule is plain AdamW on ``R``. The
-projector owns ``M`` (``state["proj_momentum"]``, m x n) and advances it in :meth:`down` (the one map it
-sees every step with G: a contract limit, see docs/conda.md); its refresh takes the SVD of
-``β M_{t−1} + (1 − β) G_t``; at a refresh (``moment_policy="project"``) :meth:`carry_moments` sets the
-rule's first moment to ``down_new(M_{t−1})``, so that the rule's own EMA step lands exactly on
-``down_new(M_t)`` - between refreshes ``down`` is linear with a fixed basis, so the rule's EMA *is*
-``down(M_t)`` - and keeps the second moment where it is (Conda does not rotate ``v``). ``β`` is
+projector owns ``M`` (``state["proj_momentum"]``, m x n, a :attr:`row_state_keys` entry) and moves it
+forward in :meth:`advance` (the hook the optimizer calls once per step with G, after ``down``); its
+refresh takes the SVD of ``β M_{t−1} + (1 − β) G_t``; at a refresh (``moment_policy="project"``)
+:meth:`carry_moments` sets the rule's first moment to ``down_new(M_{t−1})``, so that the rule's own
+EMA step lands exactly on ``down_new(M_t)`` - between refreshes ``down`` is linear with a fixed basis,
+so the rule's EMA *is* ``down(M_t)`` - and keeps the second moment where it is (Conda does not rotate ``v``). ``β`` is
 ``conda_beta``: the ``CondaAdamW`` preset sets it from ``betas[0]``; ``None`` elsewhere means 0.9
 (a projector does not see the rule's options).
 
@@ -30,8 +30,7 @@ The schedule is the reference's: a refresh on step 1 and on every step ``t`` wit
 (``svd="exact"``): ``v`` is kept in coordinates across refreshes, so the numbers depend on the basis
 itself, signs included, and the reference uses ``torch.linalg.svd``.
 
-FSDP2: not supported (the momentum is full size and the wrapper's left-side ``down`` never reaches the
-projector); a sharded refresh raises a ``ValueError`` saying so.
+FSDP2: not supported yet (a sharded refresh raises a ``ValueError`` saying so).
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from typing import Any
 
 import torch
 
-from lrgrad import kernels
 from lrgrad._checks import check_float
 from lrgrad.projectors.svd import SVDProjector
 
@@ -55,6 +53,7 @@ class CondaProjector(SVDProjector):
     supports_sharding = False
     option_defaults: dict[str, Any] = {**SVDProjector.option_defaults, "svd": "exact", "conda_beta": None}
     sharded_refresh_options: dict[str, Any] = {}
+    row_state_keys = ("proj_momentum",)
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
@@ -88,17 +87,16 @@ class CondaProjector(SVDProjector):
         raise ValueError("Invalid params: the Conda projector does not run on FSDP2-sharded params (its momentum "
                          "is full size and advanced by the projector); use DDP, or another projector")
 
-    def down(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
-        """``down(G)``, and the momentum advanced by G (the step's one call with the gradient)."""
-        if state.get("proj_momentum") is not None and state["proj_momentum"].shape == grad.shape:
+    def advance(self, state: dict[str, Any], grad: torch.Tensor, low: torch.Tensor) -> None:
+        """``M_t = β M_{t−1} + (1 − β) G_t`` (this rank's rows under FSDP2), once per step taken."""
+        if state.get("proj_momentum") is not None:
             state["proj_momentum"] = self._advanced(state, grad)
-        return super().down(state, grad)
 
     def carry_moments(self, rule: Any, state: dict[str, Any], old_state: dict[str, Any]) -> None:
         """The rule's first moment becomes ``down_new(M_{t−1})`` (plain tensors; quantized ones are carried
         by the transition); second moments stay as they are."""
-        momentum = state["proj_momentum"]  # M_{t−1}: down() has not advanced it yet this step
-        target = kernels.project_down(momentum, self.basis(state).to(momentum.dtype), self.side)
+        momentum = state["proj_momentum"]  # M_{t−1}: advance() runs after the refresh
+        target = self.down_rows(momentum, self.basis(state).to(momentum.dtype))  # FSDP2: its rows / all-reduced
         carried = dict(state)
         rule.change_basis(carried, self.transition(old_state, state), self.side)
         for key in rule.linear_keys:

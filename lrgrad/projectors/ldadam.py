@@ -26,9 +26,12 @@ feedback ``ldadam_error_feedback`` (off for the bare projector, which then is a 
 per-step power-iteration subspace; the ``LDAdamW`` preset turns it on, as the reference).
 
 Contract notes (docs/ldadam.md): the projector reads the rule's ``exp_avg``/``exp_avg_sq`` by name
-(Adam's moments), advances its error buffer in :meth:`down` (the
-one map that sees G every step), and refuses FSDP2 (full-size error buffer; the wrapper's left-side
-``down`` never reaches the projector).
+(Adam's moments); step 1 is its :meth:`corrected_grad` hook and step 4 its :meth:`advance` hook (the
+optimizer calls each once per step, before the refresh and after ``down``); the error buffer
+``state["proj_error"]`` is a :attr:`row_state_keys` entry. SVDs (the first step's, ``ldadam_basis="svd"``)
+are ``torch.linalg.svd`` (``ldadam_svd="exact"``) or the seeded randomized SVD (``"randomized"``).
+
+FSDP2: not supported yet (a sharded refresh raises a ``ValueError`` saying so).
 """
 
 from __future__ import annotations
@@ -37,21 +40,33 @@ from typing import Any
 
 import torch
 
-from lrgrad import kernels
 from lrgrad._checks import check_bool, check_choice, check_float
+from lrgrad.dtensor import LocalContext
 from lrgrad.projectors.base import Projector, guarded_basis
-from lrgrad.projectors.svd import top_singular_basis
+from lrgrad.projectors.svd import sketch_basis, top_singular_basis
 
 LDADAM_BASES = ("power", "svd")
+#: how LDAdam takes an SVD (the first step's, ``ldadam_basis="svd"``'s): ``torch.linalg.svd`` or the seeded
+#: randomized SVD that FSDP2 row shards always compute
+LDADAM_SVDS = ("exact", "randomized")
+#: the randomized SVD's oversampling (the SVD projector's default ``svd_oversample``)
+SKETCH_OVERSAMPLE = 8
 
 
-def power_step(matrix: torch.Tensor, previous: torch.Tensor, side: str) -> torch.Tensor:
+def power_step(matrix: torch.Tensor, previous: torch.Tensor, side: str, ctx: Any = None) -> torch.Tensor:
     """One block power iteration for the top-r subspace of ``matrix`` from ``previous`` (r x n right,
-    m x r left), orthonormalized by QR (Householder, signs as LAPACK's ``geqrf``)."""
+    m x r left), orthonormalized by QR (Householder, signs as LAPACK's ``geqrf``).
+
+    With ``ctx`` (a :class:`lrgrad.dtensor.ShardContext`), ``matrix`` is this rank's rows of B and,
+    on the left side, ``previous`` the same rows of ``P_old``: right, ``Bᵀ(B P_oldᵀ) = Σ_i B_iᵀ(B_i P_oldᵀ)``
+    is one n x r all-reduce; left, ``Bᵀ P_old = Σ_i B_iᵀ P_old,i`` (n x r) is all-reduced, and the rows
+    ``B_i (Bᵀ P_old)`` are gathered (m x r) for the QR. The QR then runs on the same replicated matrix
+    on every rank, so every rank gets the same basis."""
+    ctx = ctx if ctx is not None else LocalContext(matrix.shape[0])
     if side == "right":
-        q, _ = torch.linalg.qr(matrix.T @ (matrix @ previous.T))
+        q, _ = torch.linalg.qr(ctx.all_reduce(matrix.T @ (matrix @ previous.T)))
         return q.T.contiguous()
-    q, _ = torch.linalg.qr(matrix @ (matrix.T @ previous))
+    q, _ = torch.linalg.qr(ctx.all_gather_rows(matrix @ ctx.all_reduce(matrix.T @ previous)))
     return q.contiguous()
 
 
@@ -62,13 +77,16 @@ class LDAdamProjector(Projector):
     supports_sharding = False
     orthonormal = True
     option_defaults: dict[str, Any] = {"ldadam_rho": 0.908, "ldadam_basis": "power", "ldadam_error_feedback": False,
-                                       "betas": (0.9, 0.999)}
+                                       "ldadam_svd": "exact", "betas": (0.9, 0.999)}
+    sharded_refresh_options: dict[str, Any] = {"ldadam_svd": "randomized"}
+    row_state_keys = ("proj_error",)
 
     @classmethod
     def validate_options(cls, group: dict[str, Any]) -> None:
         check_float("ldadam_rho", group["ldadam_rho"], minimum=0.0, maximum=1.0)
         check_choice("ldadam_basis", group["ldadam_basis"], LDADAM_BASES)
         check_bool("ldadam_error_feedback", group["ldadam_error_feedback"])
+        check_choice("ldadam_svd", group["ldadam_svd"], LDADAM_SVDS)
 
     @staticmethod
     def adam_moments(state: dict[str, Any]) -> bool:
@@ -87,35 +105,43 @@ class LDAdamProjector(Projector):
         return spec
 
     # ---------------------------------------------------------------- step 1: the corrected gradient
-    def corrected(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
-        """``G + e`` (computed once per step: the refresh and ``down`` share it)."""
-        cached = self.__dict__.get("_corrected")
-        if cached is not None and cached[0] is grad:
-            return cached[1]
+    def corrected_grad(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
+        """``G̃ = G + e`` with error feedback (the refresh, ``down`` and :meth:`advance` all get it)."""
         error = state.get("proj_error")
-        value = grad + error if self.options["ldadam_error_feedback"] and error is not None else grad
-        self._corrected = (grad, value)
-        return value
+        return grad + error if self.options["ldadam_error_feedback"] and error is not None else grad
 
     # ---------------------------------------------------------------- step 2: the subspace
-    def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
-        corrected = self.corrected(state, grad)
+    def svd_basis(self, state: dict[str, Any], rows: torch.Tensor, step: int, ctx: Any = None) -> torch.Tensor:
+        """The top-r singular basis of the matrix whose rows are ``rows`` (all of them in one process):
+        ``torch.linalg.svd`` for ``ldadam_svd="exact"`` (one process only), else the seeded randomized
+        SVD (:func:`lrgrad.projectors.svd.sketch_basis`, warm-started from the previous basis on the
+        right side), which is also what FSDP2 row shards compute."""
+        if ctx is None and self.options["ldadam_svd"] == "exact":
+            return top_singular_basis(rows, self.rank, self.side)
+        generator = self.refresh_generator(state, step, rows.device)
+        return sketch_basis(rows, self.rank, self.side, state.get("proj_basis"), SKETCH_OVERSAMPLE, 0, generator, ctx)
+
+    def compute_basis(self, state: dict[str, Any], corrected: torch.Tensor, step: int, ctx: Any = None) -> torch.Tensor:
+        """The new basis from ``corrected`` (``G̃``; its rows under FSDP2, with ``ctx``)."""
         previous = state.get("proj_basis")
-
-        def compute() -> torch.Tensor:
-            if previous is None or not self.adam_moments(state):
-                # the first step (the reference's SVD of G), or a rule without Adam's momentum
-                return top_singular_basis(corrected, self.rank, self.side)
-            beta1 = self.options["betas"][0]
-            rho = self.options["ldadam_rho"]
-            done = step - 1
-            back = kernels.project_up(state["exp_avg"].to(corrected.dtype), previous, self.side)
-            blend = back.mul_(rho / (1 - beta1**done)).add_(corrected, alpha=1 - rho)
-            if self.options["ldadam_basis"] == "svd":
-                return top_singular_basis(blend, self.rank, self.side)
+        if previous is None or not self.adam_moments(state):
+            # the first step (the reference's SVD of G), or a rule without Adam's momentum
+            return self.svd_basis(state, corrected, step, ctx)
+        beta1 = self.options["betas"][0]
+        rho = self.options["ldadam_rho"]
+        done = step - 1
+        back = self.up_rows(state["exp_avg"].to(corrected.dtype), previous)  # FSDP2: this rank's rows
+        blend = back.mul_(rho / (1 - beta1**done)).add_(corrected, alpha=1 - rho)
+        if self.options["ldadam_basis"] == "svd":
+            return self.svd_basis(state, blend, step, ctx)
+        if ctx is None:
             return power_step(blend, previous.to(blend.dtype), self.side)
+        start, stop = self.local_rows(previous.shape[0]) if self.side == "left" else (0, 0)
+        local_previous = previous[start:stop] if self.side == "left" else previous
+        return power_step(blend, local_previous.to(blend.dtype), self.side, ctx)
 
-        basis = guarded_basis(state, corrected, compute)
+    def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
+        basis = guarded_basis(state, grad, lambda: self.compute_basis(state, grad, step))
         if basis is None:
             return False
         state["proj_basis"] = basis
@@ -146,23 +172,23 @@ class LDAdamProjector(Projector):
         variance = v_old / c2 - m_old * m_old / (c1 * c1)
         v_new = (move(variance, t * t) + m_new * m_new / (c1 * c1)).abs_().mul_(c2)
         state["exp_avg"], state["exp_avg_sq"] = m_new, v_new
-        if self.options["ldadam_error_feedback"]:  # what the transport drops of the momentum (step 4)
-            lost = kernels.project_up(m_old, old_state["proj_basis"].to(m_old.dtype), self.side)
-            lost.sub_(kernels.project_up(m_new, state["proj_basis"].to(m_new.dtype), self.side))
-            self._transport_error = lost.mul_(beta1 / (1 - beta1))
+        if self.options["ldadam_error_feedback"]:  # what the transport drops of the momentum: step 4
+            self._transported = (m_old, old_state["proj_basis"], m_new, state["proj_basis"])
 
     # ---------------------------------------------------------------- step 4: the error of this step
-    def down(self, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
-        """``down(G + e)``; with error feedback the new error is stored (a new tensor)."""
-        corrected = self.corrected(state, grad)
-        low = super().down(state, corrected)
-        if self.options["ldadam_error_feedback"] and "proj_basis" in state:
-            error = corrected - super().up(state, low)
-            transport = self.__dict__.pop("_transport_error", None)
-            if transport is not None:
-                error.add_(transport)
-            state["proj_error"] = error
-        return low
+    def advance(self, state: dict[str, Any], grad: torch.Tensor, low: torch.Tensor) -> None:
+        """``e_t = G̃ − up(down(G̃)) + β_1/(1 − β_1)·(up_old(m_old) − up_new(m T))`` (a new tensor; this
+        rank's rows under FSDP2)."""
+        if not self.options["ldadam_error_feedback"] or "proj_basis" not in state:
+            return
+        error = grad - self.up_rows(low, self.basis(state))
+        transported = self.__dict__.pop("_transported", None)
+        if transported is not None:
+            m_old, p_old, m_new, p_new = transported
+            lost = self.up_rows(m_old, p_old.to(m_old.dtype))
+            lost.sub_(self.up_rows(m_new, p_new.to(m_new.dtype)))
+            error.add_(lost.mul_(self.options["betas"][0] / (1 - self.options["betas"][0])))
+        state["proj_error"] = error
 
 
-__all__ = ["LDADAM_BASES", "LDAdamProjector", "power_step"]
+__all__ = ["LDADAM_BASES", "LDADAM_SVDS", "LDAdamProjector", "power_step"]

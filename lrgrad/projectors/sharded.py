@@ -16,7 +16,14 @@ row ``i`` of the gradient ``G`` lives on one rank only.
   refresh only (``DTensor.full_tensor``) - correct for every projector. A
   ``gradient_free`` projector refreshes without reading G at all.
 
-Projector state (bases, indices, seeds) stays plain tensors, identical on
+* Full-size projector state (``row_state_keys``: Conda's momentum, LDAdam's error buffer) is a
+  ``Shard(0)`` DTensor laid out like the weight. The hooks that read or write it
+  (``corrected_grad``, ``refresh_sharded``, ``carry_moments``, ``advance``) get a view of the
+  state with every DTensor replaced by its local part, and this rank's rows of G; what they
+  assign is wrapped back (``inner.shard_ctx`` is the :class:`lrgrad.dtensor.ShardContext`
+  for the rows and collectives they need).
+
+Other projector state (bases, indices, seeds) stays plain tensors, identical on
 every rank; low-rank gradients, rule states and updates are DTensors.
 """
 
@@ -30,6 +37,12 @@ from lrgrad import kernels
 from lrgrad.dtensor import ShardContext, from_local, is_dtensor
 
 
+def unshardable_message(cls: type) -> str:
+    """The ``ValueError`` for a projector class that declares ``supports_sharding = False`` on FSDP2 params."""
+    return (f"Invalid params: the {cls.__name__} ({cls.name!r}) projector declares supports_sharding=False: it "
+            f"cannot run on FSDP2-sharded (Shard(0) DTensor) params; use DDP, or another projector")
+
+
 class ShardedProjector:
     """Run a projector on a ``Shard(0)`` DTensor parameter (FSDP2) without all-gathering G.
 
@@ -38,9 +51,12 @@ class ShardedProjector:
     """
 
     def __init__(self, inner: Any, param: Any):
+        if not inner.supports_sharding:
+            raise ValueError(unshardable_message(type(inner)))
         self.inner = inner
         self.param = param
         self.ctx = ShardContext(param)
+        inner.shard_ctx = self.ctx
         self.side = inner.side
         self.rank = inner.rank
         self.update_proj_gap = inner.update_proj_gap
@@ -77,6 +93,14 @@ class ShardedProjector:
     def refresh_plain_keys(self) -> tuple[str, ...]:
         return self.inner.refresh_plain_keys
 
+    @property
+    def row_state_keys(self) -> tuple[str, ...]:
+        return self.inner.row_state_keys
+
+    @property
+    def supports_sharding(self) -> bool:
+        return self.inner.supports_sharding
+
     def init_state(self, state: dict[str, Any], shape2d: tuple[int, int], seed: int) -> None:
         self.inner.init_state(state, shape2d, seed)
 
@@ -98,8 +122,8 @@ class ShardedProjector:
     def refresh_state_spec(self, shape2d: tuple[int, int], dtype: torch.dtype) -> dict[str, Any]:
         return self.inner.refresh_state_spec(shape2d, dtype)
 
-    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype) -> int:
-        return self.inner.basis_bytes(shape2d, dtype)
+    def basis_bytes(self, shape2d: tuple[int, int], dtype: torch.dtype, world_size: int = 1) -> int:
+        return self.inner.basis_bytes(shape2d, dtype, world_size)
 
     def state_bytes(self, state: dict[str, Any]) -> int:
         return self.inner.state_bytes(state)
@@ -116,33 +140,74 @@ class ShardedProjector:
     def basis(self, state: dict[str, Any]) -> torch.Tensor:
         return self.inner.basis(state)
 
+    # ---------------------------------------------------------------- the local view of the state
+    @staticmethod
+    def local_view(state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` with every DTensor replaced by this rank's part (the moments' and row states' rows)."""
+        return {k: (v.to_local() if is_dtensor(v) else v) for k, v in state.items()}
+
+    def store_local(self, state: dict[str, Any], local: dict[str, Any], before: dict[str, Any]) -> None:
+        """Put what a hook assigned in the local view ``local`` (taken as ``before``) back into ``state``:
+        a new tensor for a DTensor entry is wrapped like the old one, a new row state (its first
+        refresh) as a ``Shard(0)`` DTensor of the gradient's shape, anything else as it is."""
+        from torch.distributed.tensor import Replicate, Shard
+
+        for key, value in local.items():
+            if key in before and value is before[key]:
+                continue
+            old = state.get(key)
+            if isinstance(value, torch.Tensor) and is_dtensor(old):
+                state[key] = from_local(value, old, list(old.placements), tuple(old.shape))
+            elif isinstance(value, torch.Tensor) and key in self.inner.row_state_keys:
+                placement = Shard(0) if self.ctx.sharded else Replicate()
+                state[key] = from_local(value, self.param, [placement], self.ctx.global_shape)
+            else:
+                state[key] = value
+
+    def run_local(self, state: dict[str, Any], hook: Any, *args: Any, view: Any = None) -> Any:
+        """``hook(local, *args)`` on the local view of ``state`` (``view(state)``, default
+        :meth:`local_view`), then what it assigned stored back into ``state``."""
+        local = (view or self.local_view)(state)
+        before = dict(local)
+        result = hook(local, *args)
+        self.store_local(state, local, before)
+        return result
+
+    # ---------------------------------------------------------------- the step's gradient
+    def corrected_grad(self, state: dict[str, Any], grad2d: Any) -> Any:
+        """The inner projector's ``corrected_grad`` on this rank's rows (row-local by contract)."""
+        local = grad2d.to_local()
+        corrected = self.run_local(state, self.inner.corrected_grad, local)
+        if corrected is local:
+            return grad2d
+        return from_local(corrected, grad2d, list(grad2d.placements), tuple(grad2d.shape))
+
+    def advance(self, state: dict[str, Any], grad2d: Any, low: Any) -> None:
+        """The inner projector's ``advance`` on this rank's rows of G and its part of R (right side: the
+        same rows; left side: the whole, all-reduced R)."""
+        self.run_local(state, self.inner.advance, grad2d.to_local(), low.to_local())
+
     # ---------------------------------------------------------------- refresh
     def refresh(self, state: dict[str, Any], grad2d: Any, step: int, group: dict[str, Any]) -> bool:
         if grad2d is None or self.inner.gradient_free:
             return self.inner.refresh(state, None, step, group)  # e.g. a seeded random basis: no G needed
         # The projector's own sharded refresh (small all-reduces), when it has one for this case.
-        result = self.inner.refresh_sharded(state, grad2d.to_local(), step, group, self.ctx)
+        result = self.run_local(state, self.inner.refresh_sharded, grad2d.to_local(), step, group, self.ctx)
         if result is not NotImplemented:
             return result
+        if self.inner.row_state_keys:
+            raise NotImplementedError(f"the {self.inner.name!r} projector keeps row-sharded state "
+                                      f"{self.inner.row_state_keys}: its refresh_sharded must handle every case")
         # Fallback: all-gather this one gradient for the refresh (every rank computes the same basis).
         return self.inner.refresh(state, grad2d.full_tensor(), step, group)
 
     def carry_moments(self, rule: Any, state: dict[str, Any], old_state: dict[str, Any]) -> None:
-        """The inner projector's rule, applied to the local shards of the moments.
+        """The inner projector's rule, applied to the local shards of the moments (and row states).
 
         Transitions act on the rank axis, which is never sharded (right side: the
         moments are row shards; left side: they are replicated), so this is exact.
         """
-        dtensors = {k: v for k, v in state.items() if is_dtensor(v)}
-        local = rule.local_state(state)
-        before = dict(local)
-        self.inner.carry_moments(rule, local, old_state)
-        for key, value in local.items():
-            if key in dtensors and value is not before[key]:  # a new tensor: wrap it like the old one
-                old = dtensors[key]
-                state[key] = from_local(value, old, list(old.placements), tuple(old.shape))
-            elif key not in dtensors:
-                state[key] = value
+        self.run_local(state, lambda local: self.inner.carry_moments(rule, local, old_state), view=rule.local_state)
 
     def transition(self, old_state: dict[str, Any], new_state: dict[str, Any]) -> Any:
         from torch.distributed.tensor import Replicate
