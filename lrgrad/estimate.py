@@ -377,8 +377,9 @@ def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options:
                         state_bytes += nbytes
             if world_size > 1:
                 state_bytes += _sharded_rule_bytes(opt, p, group, world_size)
-            if opt.is_projected(p, group):  # what the first refresh will allocate
-                proj_bytes += opt.projector_for(p, group).basis_bytes(matrix_shape(p), compute_dtype(p.dtype))
+            if opt.is_projected(p, group):  # what the first refresh will allocate (row states: rank 0's rows)
+                proj_bytes += opt.projector_for(p, group).basis_bytes(matrix_shape(p), compute_dtype(p.dtype),
+                                                                      world_size)
     proj_bytes += opt.shared_state_bytes()
     # one chunk of low-rank gradients (one param per-layer) while the largest update is applied, or the
     # largest prepared gradient while it is projected, or a full-rank batch of slices
@@ -444,7 +445,8 @@ def estimate_memory(
         batch_size, seq_len: for the activation term (LLaMA models only); 0 bytes when absent.
         world_size: FSDP2 ranks: per-rank bytes of rank 0 (the largest ``Shard(0)`` shards) - weights,
             gradients, row-sharded moments (full-rank and right-side low-rank; 8-bit blocks per shard)
-            divided, left-side low-rank moments and projector state (bases) replicated.
+            divided, left-side low-rank moments and projector state (bases) replicated, full-size
+            projector state (Conda's momentum, LDAdam's error buffer: ``row_state_keys``) row-sharded.
             Activations are per rank as given (``batch_size`` is the per-rank batch).
         route: how the optimizer gets the params: ``"named_parameters"`` (``Opt(model.named_parameters(),
             rank=r)`` or ``lrgrad.param_groups``: embeddings, the head and 1-D params full-rank) or

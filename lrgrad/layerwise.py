@@ -57,6 +57,8 @@ class LayerwiseOptimizer:
             raise TypeError(f"Invalid optimizer: expected an lrgrad optimizer, got {type(optimizer).__name__}")
         check_int("accumulation_steps", accumulation_steps, 1)
         check_positive("max_grad_norm", max_grad_norm, allow_none=True)
+        for group in optimizer.param_groups:  # FSDP2 with an unshardable projector: before any hook steps
+            optimizer.check_shardable(group)
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm

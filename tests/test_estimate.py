@@ -186,6 +186,19 @@ def test_world_size_counts_rank0_shards():
         lrgrad.estimate_memory(model, "galore", rank=8, world_size=0)
 
 
+@pytest.mark.parametrize("optimizer", ["conda", "ldadam"])
+def test_world_size_shards_full_size_projector_state_by_rows(optimizer):
+    """Conda's momentum and LDAdam's error buffer (``row_state_keys``, m x n) are ``Shard(0)`` under
+    FSDP2: rank 0 holds ceil(m / 3) rows of each; the bases stay replicated."""
+    model = HeadlessDict({"up": torch.nn.Linear(40, 96, bias=False),  # 96 x 40: right side
+                          "down": torch.nn.Linear(96, 40, bias=False)})  # 40 x 96: left side
+    one = lrgrad.estimate_memory(model, optimizer, rank=8)
+    three = lrgrad.estimate_memory(model, optimizer, rank=8, world_size=3)
+    bases = 4 * (8 * 40 + 40 * 8)
+    assert one.projector_state == bases + 4 * 2 * 96 * 40
+    assert three.projector_state == bases + 4 * (32 * 40 + 14 * 96)  # ceil(96/3) x 40, ceil(40/3) x 96
+
+
 # ---------------------------------------------------------------------- each optimizer's own defaults, both routes
 def test_each_optimizer_is_estimated_with_its_own_defaults():
     """APOLLO-Mini is rank 1 (its own default), not GaLore's rank for the config; a module needs no rank

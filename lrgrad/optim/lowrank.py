@@ -347,6 +347,15 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         update ran parameter by parameter (per-layer updates) instead of through :meth:`step`."""
         self._opt_called = True  # type: ignore[attr-defined]
 
+    def check_shardable(self, group: dict[str, Any]) -> None:
+        """Refuse FSDP2 (DTensor) params in a group whose projector declares ``supports_sharding = False``
+        with a ``ValueError`` (the step and per-layer updates call it before they write anything)."""
+        if group["rank"] is None:
+            return
+        cls = PROJECTORS[group["projector"]]
+        if not cls.supports_sharding and any(is_dtensor(p) and self.is_projected(p, group) for p in group["params"]):
+            raise ValueError(unshardable_message(cls))
+
     def check_projectable(self, group: dict[str, Any]) -> None:
         """Once per group with a ``rank``: make sure it does not silently run full-rank.
 
@@ -361,9 +370,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         checked = self.__dict__.setdefault("_projectable_checked", set())
         if group["rank"] is None or id(group) in checked:
             return
-        if not PROJECTORS[group["projector"]].supports_sharding and any(
-                is_dtensor(p) and self.is_projected(p, group) for p in group["params"]):
-            raise ValueError(unshardable_message(PROJECTORS[group["projector"]]))  # FSDP2: before any write
+        self.check_shardable(group)
         checked.add(id(group))
         refuse_zero_partitioned(group)
         params = [p for p in group["params"] if p.numel()]  # empty params are a no-op, not a fallback

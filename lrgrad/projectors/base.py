@@ -59,9 +59,9 @@ class Projector:
     #: computes, e.g. the seeded sketch instead of an exact SVD: what tests and comparisons set to
     #: hold a sharded run equal to a one-process run
     sharded_refresh_options: ClassVar[dict[str, Any]] = {}
-    #: False for a projector that keeps full-size state advanced from the whole gradient (Conda's
-    #: momentum, LDAdam's error buffer): under FSDP2 its ``refresh_sharded`` refuses the params with a
-    #: ``ValueError`` instead of running on row shards it cannot see whole
+    #: False for a projector that cannot run on FSDP2 row shards (e.g. a third-party one whose state
+    #: needs G whole every step): FSDP2 refuses its params with a ``ValueError`` before the step writes
+    #: anything (``LowRankOptimizer.check_projectable``, ``ShardedProjector``). Every built-in one runs
     supports_sharding: ClassVar[bool] = True
     #: state entries shaped like the gradient (m x n) that :meth:`advance` moves forward row by row
     #: (Conda's momentum, LDAdam's error buffer). Under FSDP2 each is a ``Shard(0)`` DTensor laid out

@@ -30,7 +30,16 @@ The schedule is the reference's: a refresh on step 1 and on every step ``t`` wit
 (``svd="exact"``): ``v`` is kept in coordinates across refreshes, so the numbers depend on the basis
 itself, signs included, and the reference uses ``torch.linalg.svd``.
 
-FSDP2: not supported yet (a sharded refresh raises a ``ValueError`` saying so).
+FSDP2 (:meth:`refresh_sharded`): ``M`` is elementwise in G, so each rank keeps its own rows of it (a
+``Shard(0)`` DTensor like the weight) and advances them from its rows of G; nothing of G or M is
+gathered. A refresh takes the momentum's basis from its rows as the SVD projector takes G's:
+``svd_sharded="sketch"`` (the default) runs the seeded randomized SVD - one process computes the
+same with ``svd="randomized"`` (:attr:`sharded_refresh_options`) - with ``svd_power_iters + 1``
+all-reduces of n x (r + ``svd_oversample``) (the left side adds an m x r row gather of the basis);
+``"gram"`` the exact right-side basis from one n x n all-reduce; ``"gather"`` all-gathers the
+*momentum* (m x n, at refreshes only) for the one-process method. Between refreshes the step adds
+nothing to the wrapper's traffic (left side: the r x n all-reduce of ``R`` every projector has); the
+left side's refresh with ``moment_policy="project"`` all-reduces ``down_new(M_{t−1})`` (r x n) once.
 """
 
 from __future__ import annotations
@@ -50,9 +59,7 @@ class CondaProjector(SVDProjector):
     """The momentum's top-r singular subspace; the momentum (m x n) is projector state."""
 
     name = "conda"
-    supports_sharding = False
     option_defaults: dict[str, Any] = {**SVDProjector.option_defaults, "svd": "exact", "conda_beta": None}
-    sharded_refresh_options: dict[str, Any] = {}
     row_state_keys = ("proj_momentum",)
 
     @classmethod
@@ -84,8 +91,16 @@ class CondaProjector(SVDProjector):
 
     def refresh_sharded(self, state: dict[str, Any], grad_local: torch.Tensor, step: int,
                         group: dict[str, Any], ctx: Any) -> Any:
-        raise ValueError("Invalid params: the Conda projector does not run on FSDP2-sharded params (its momentum "
-                         "is full size and advanced by the projector); use DDP, or another projector")
+        """FSDP2: the basis of ``β M_{t−1} + (1 − β) G_t`` from this rank's rows of both (module doc):
+        the SVD projector's sharded refresh on the momentum's rows, or, for ``svd_sharded="gather"``
+        (and ``"gram"`` on the left side), the one-process refresh on the all-gathered momentum."""
+        if "proj_momentum" not in state:
+            state["proj_momentum"] = torch.zeros_like(grad_local)
+        rows = self._advanced(state, grad_local)
+        method = self.sharded_method()
+        if method == "gather" or (method == "gram" and self.side != "right"):
+            return super().refresh(state, ctx.all_gather_rows(rows), step, group)
+        return super().refresh_sharded(state, rows, step, group, ctx)
 
     def advance(self, state: dict[str, Any], grad: torch.Tensor, low: torch.Tensor) -> None:
         """``M_t = β M_{t−1} + (1 − β) G_t`` (this rank's rows under FSDP2), once per step taken."""

@@ -31,7 +31,13 @@ optimizer calls each once per step, before the refresh and after ``down``); the 
 ``state["proj_error"]`` is a :attr:`row_state_keys` entry. SVDs (the first step's, ``ldadam_basis="svd"``)
 are ``torch.linalg.svd`` (``ldadam_svd="exact"``) or the seeded randomized SVD (``"randomized"``).
 
-FSDP2: not supported yet (a sharded refresh raises a ``ValueError`` saying so).
+FSDP2 (:meth:`refresh_sharded`): ``e`` is elementwise in G, so each rank keeps its rows of it (a
+``Shard(0)`` DTensor like the weight) and steps 1 and 4 are row-local (the left side's ``R`` is the
+wrapper's all-reduced one). Step 2 runs on row shards with small all-reduces: the power step's n x r
+product (left side: plus the m x r rows of ``B Bᵀ P_old`` gathered for the QR), and an SVD is the
+seeded sketch (one n x (r + 8) all-reduce; left: plus an m x r row gather), which
+one process computes with ``ldadam_svd="randomized"`` (:attr:`sharded_refresh_options`). Step 3 acts on
+the rank axis, which is never sharded. Nothing of G is gathered.
 """
 
 from __future__ import annotations
@@ -74,7 +80,6 @@ class LDAdamProjector(Projector):
     """LDAdam's per-step subspace, moment transport and error feedback (requires the AdamW rule)."""
 
     name = "ldadam"
-    supports_sharding = False
     orthonormal = True
     option_defaults: dict[str, Any] = {"ldadam_rho": 0.908, "ldadam_basis": "power", "ldadam_error_feedback": False,
                                        "ldadam_svd": "exact", "betas": (0.9, 0.999)}
@@ -150,8 +155,23 @@ class LDAdamProjector(Projector):
 
     def refresh_sharded(self, state: dict[str, Any], grad_local: torch.Tensor, step: int,
                         group: dict[str, Any], ctx: Any) -> Any:
-        raise ValueError("Invalid params: the LDAdam projector does not run on FSDP2-sharded params (its error "
-                         "buffer is full size and advanced by the projector); use DDP, or another projector")
+        """FSDP2: the same subspace from this rank's rows of ``G̃`` (and of ``up(m)``): the power step's
+        ``Bᵀ(B P_oldᵀ)`` (right, n x r) or ``Bᵀ P_old`` (left, n x r) all-reduced, the left side's
+        m x r product gathered by rows for the QR; an SVD (the first step, ``ldadam_basis="svd"``,
+        rules without Adam's moments) is the seeded sketch: n x k all-reduces (k = r + 8)."""
+        if not ctx.all_finite(grad_local):
+            state["proj_failures"] += 1
+            return False
+        try:  # every collective precedes the local math, and that runs on replicated inputs: all ranks agree
+            basis = self.compute_basis(state, grad_local, step, ctx)
+        except (RuntimeError, torch.linalg.LinAlgError):
+            basis = None
+        if basis is None or not bool(torch.isfinite(basis).all()):
+            state["proj_failures"] += 1
+            return False
+        state["proj_basis"] = basis
+        state["proj_refreshes"] += 1
+        return True
 
     # ---------------------------------------------------------------- step 3: the transport
     def carry_moments(self, rule: Any, state: dict[str, Any], old_state: dict[str, Any]) -> None:

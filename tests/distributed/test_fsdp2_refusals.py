@@ -1,27 +1,66 @@
-"""FSDP2: Conda and LDAdam are the documented exceptions (docs/conda.md, docs/ldadam.md) - Conda's
-momentum and LDAdam's error buffer are full size and advanced by the projector, which the FSDP2
-wrapper's left-side ``down`` never reaches - so a sharded step of their presets refuses with a
-ValueError that names the method, on every rank, instead of training wrongly."""
+"""FSDP2 refuses a projector that declares ``supports_sharding = False`` (every built-in one runs on row
+shards; the flag is for third-party projectors that need G whole every step): a ``ValueError`` that
+names the projector and FSDP2, on every rank, before the step writes anything - for ``opt.step()``
+(``check_projectable``) and for per-layer updates (``LayerwiseOptimizer`` checks at construction;
+``ShardedProjector`` refuses to wrap it as a backstop). The same projector trains in one process."""
 
 from __future__ import annotations
 
-import pytest
-from harness import make_model, make_optimizer, run_distributed, train_steps
+import torch
+from harness import GAP, full_state, make_model, run_distributed, train_steps
 
+import lrgrad
 from lrgrad.distributed import setup_parallel
 
-
-def preset_worker(rank: int, world: int, preset: str) -> str:
-    model = setup_parallel(make_model(), "fsdp2")
-    opt = make_optimizer(preset, model)
-    try:
-        train_steps(model, opt, 0, 1, rank, world)
-    except ValueError as error:
-        return str(error)
-    return "stepped"
+NAME = "test_whole_gradient"
 
 
-@pytest.mark.parametrize(("preset", "method"), [("CondaAdamW", "Conda"), ("LDAdamW", "LDAdam")])
-def test_fsdp2_preset_refuses_clearly(preset, method):
-    for message in run_distributed(preset_worker, preset):
-        assert method in message and "FSDP2" in message, message
+def register_unshardable() -> None:
+    """A test-local projector (registered in the spawned workers only): GaLore's SVD, declared unshardable."""
+    from lrgrad.projectors import PROJECTORS, register_projector
+    from lrgrad.projectors.svd import SVDProjector
+
+    class WholeGradientProjector(SVDProjector):
+        name = NAME
+        supports_sharding = False
+
+    if NAME not in PROJECTORS:
+        register_projector(WholeGradientProjector)
+
+
+def make_optimizer(model):
+    return lrgrad.LowRankOptimizer(lrgrad.param_groups(model, rank=8, update_proj_gap=GAP), lr=1e-2,
+                                   projector=NAME)
+
+
+def refusal_worker(rank: int, world: int) -> dict:
+    register_unshardable()
+    results = {}
+    for how in ("step", "layerwise"):
+        model = setup_parallel(make_model(), "fsdp2")
+        before = full_state(model)
+        opt = make_optimizer(model)
+        try:
+            stepper = lrgrad.LayerwiseOptimizer(opt) if how == "layerwise" else opt
+            train_steps(model, stepper, 0, 1, rank, world)
+            results[how] = None
+        except ValueError as exc:
+            changed = [k for k, v in full_state(model).items() if not torch.equal(v, before[k])]
+            results[how] = (str(exc), changed)
+    model = make_model()  # one process: the flag changes nothing
+    before = full_state(model)
+    train_steps(model, make_optimizer(model), 0, 2)
+    results["one_process_trained"] = any(not torch.equal(v, before[k]) for k, v in full_state(model).items())
+    return results
+
+
+def test_fsdp2_refuses_an_unshardable_projector_before_any_write():
+    for rank_results in run_distributed(refusal_worker):
+        for how in ("step", "layerwise"):
+            refused = rank_results[how]
+            assert refused is not None, f"{how}: stepped on FSDP2-sharded params"
+            message, changed = refused
+            assert message.startswith("Invalid params") and "FSDP2" in message and NAME in message, message
+            assert "supports_sharding=False" in message
+            assert changed == [], f"{how}: the refused step wrote {changed}"
+        assert rank_results["one_process_trained"]
