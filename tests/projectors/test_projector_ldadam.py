@@ -66,3 +66,22 @@ def test_bad_options_are_value_errors_naming_them():
     for key, value in (("ldadam_rho", 1.5), ("ldadam_basis", "qr")):
         with pytest.raises(ValueError, match=key):
             lrgrad.LDAdamW([torch.nn.Parameter(torch.zeros(4, 4))], rank=2, **{key: value})
+
+
+def test_randomized_svd_option_is_validated_and_changes_only_the_svds():
+    """``ldadam_svd``: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"`` (the seeded sketch FSDP2 runs);
+    with the power iteration only step 1 takes an SVD, so the two runs differ yet both train."""
+    with pytest.raises(ValueError, match="ldadam_svd"):
+        lrgrad.LDAdamW([torch.nn.Parameter(torch.zeros(4, 4))], rank=2, ldadam_svd="qr")
+    start, data = regression_problem(*SHAPES["right"], STEPS, 8)
+    weights = {}
+    for svd in ("exact", "randomized"):
+        w = torch.nn.Parameter(start.clone())
+        opt = lrgrad.LDAdamW([{"params": [w], "rank": RANK}], lr=LR, ldadam_svd=svd)
+        for x, y in data:
+            w.grad = _grad(w.detach(), x, y)
+            opt.step()
+        weights[svd] = w.detach()
+    assert float((weights["exact"] - start).abs().max()) > 0.05
+    assert not torch.equal(weights["exact"], weights["randomized"])
+    torch.testing.assert_close(weights["randomized"], weights["exact"], rtol=0, atol=0.05)
