@@ -1,8 +1,8 @@
 """FSDP2 (2 gloo processes, uneven row shards 18 + 17 / 16 + 16) for the two projectors with full-size
 state: Conda's momentum and LDAdam's error buffer are ``Shard(0)`` DTensors advanced from each rank's
 rows of G (``Projector.advance``), the refreshes run on row shards with small all-reduces, G is never
-all-gathered, the runs equal one process (under ``sharded_refresh_options``: the seeded sketch SVD),
-and ``state_dict`` / DCP checkpoints round-trip.
+all-gathered, the runs (per-layer updates too) equal one process (under ``sharded_refresh_options``: the
+seeded sketch SVD), and ``state_dict`` / DCP checkpoints round-trip.
 
 Both presets on TinyLM (rank 8, gap 2): ``gate_proj``/``up_proj`` (35 x 32) project on the right,
 ``down_proj`` (32 x 35) on the left, so both sides of every hook run sharded. Conda refreshes on steps
@@ -107,6 +107,15 @@ def worker(rank: int, world: int, ckpt_root: str) -> dict:
                                            tuple(st[row_key].to_local().shape))
                             for p, st in opt.state.items() if row_key in st}
         out["state_bytes"] = lrgrad.optimizer_state_bytes(opt)
+        # per-layer updates: FSDP2's post-accumulate-grad hooks stage each reduced row shard alone
+        model = fsdp_model()
+        layerwise = lrgrad.LayerwiseOptimizer(make_optimizer(preset, model, sharded=True))
+        saved = no_gather_guard()
+        try:
+            train_steps(model, layerwise, 0, STEPS, rank, world)
+        finally:
+            restore_guard(saved)
+        out["layerwise"] = full_state(model)
         # torch's state_dict / load_state_dict round trip into a fresh FSDP2 optimizer mid-run
         model = fsdp_model()
         opt = make_optimizer(preset, model, sharded=True)
@@ -164,6 +173,15 @@ def test_fsdp2_equals_one_process(sharded, preset):
             torch.testing.assert_close(got["states"][name]["proj_basis"], want_states[name]["proj_basis"],
                                        rtol=0, atol=1e-8)
     assert float((want[RIGHT] - make_model().state_dict()[RIGHT]).abs().max()) > 1e-3  # it trained
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fsdp2_layerwise_equals_one_process(sharded, preset):
+    results, _ = sharded
+    model, _ = one_process(preset)
+    for rank_results in results:
+        for key, value in full_state(model).items():
+            torch.testing.assert_close(rank_results[preset]["layerwise"][key], value, rtol=0, atol=1e-9, msg=key)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
