@@ -7,7 +7,10 @@ A projector owns one decision and three maps for a single 2-D gradient ``G``
 * ``down`` - full gradient -> low-rank coordinates ``R``;
 * ``up``   - low-rank update -> full shape (the optimizer multiplies by ``scale``);
 * ``transition`` - the r x r change of coordinates between two subspaces, used
-  to carry optimizer moments across a refresh (``moment_policy="project"``).
+  to carry optimizer moments across a refresh (``moment_policy="project"``);
+* ``corrected_grad`` / ``advance`` (optional) - state moved by the step's gradient (Conda's
+  momentum, LDAdam's error buffer): the optimizer calls them once per step, before the refresh
+  and after ``down``; their m x n tensors (``row_state_keys``) are row-sharded under FSDP2.
 
 Projector objects are stateless strategies built from a param group. Everything
 that must survive a checkpoint lives in the per-parameter ``state`` dict under
