@@ -13,9 +13,9 @@ again. After every chunk ``results/long_run.md``, ``.png`` and ``.json`` are rew
 (``long_run_report.py``), so the table fills in as runs finish.
 
 The queue, most informative first: AdamW at its default lr, the short AdamW lr sweep (``--sweep-steps``
-steps per lr, the schedule scaled to that length), the paper defaults of the first seed (GaLore,
-APOLLO-Mini, Fira, Muon, then the rest, the 2024-25 methods last), the paper defaults of the other seeds,
-then every method at the sweep's best lr, seed by seed.
+steps per lr, the schedule scaled to that length) and AdamW at the sweep's best lr, the paper defaults of
+the first seed (GaLore, APOLLO-Mini, Fira, Muon, then the rest, the 2024-25 methods last), the paper
+defaults of the other seeds, then every other method at the sweep's best lr, seed by seed.
 ``--budget-minutes`` stops starting chunks after that long; ``--list`` prints the queue and its state.
 """
 
@@ -146,6 +146,8 @@ def build_queue(opts: argparse.Namespace) -> tuple[list[RunSpec], float | None]:
             if i == 0 and j == 0:
                 for lr in opts.sweep_lrs:
                     add(RunSpec("adamw", lr, seed, opts.sweep_steps, "sweep"))
+                if best is not None and "adamw" in methods:  # the fair baseline, as soon as its lr is known
+                    add(RunSpec("adamw", best, seed, opts.steps, "best"))
     if best is not None:
         for seed in opts.seeds:
             for m in methods:

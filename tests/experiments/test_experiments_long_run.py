@@ -36,7 +36,9 @@ def test_queue_starts_with_the_most_informative_runs(tmp_path):
         (folder / "done.json").write_text(json.dumps({"final_val_loss": loss}))
     queue, best = long_run.build_queue(opts)
     roles = [s.role for s in queue]
-    assert best == 1e-3 and roles.index("best") > max(i for i, r in enumerate(roles) if r == "paper")
+    # AdamW at the best lr right after the sweep (the fair baseline), every other best-lr run after the paper runs
+    assert best == 1e-3 and (queue[4].method, queue[4].lr, queue[4].role) == ("adamw", 1e-3, "best")
+    assert [i for i, r in enumerate(roles) if r == "best"][1] > max(i for i, r in enumerate(roles) if r == "paper")
     assert len({s.method for s in queue if s.role == "paper"}) == len(long_run.METHOD_ORDER)
     # a method whose own lr is the best one has its paper run stand for its best-lr run
     separate = [m for m in long_run.METHOD_ORDER if long_run.paper_lr(m) != 1e-3]
