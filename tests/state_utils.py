@@ -84,3 +84,19 @@ def set_least_squares_grads(params, batch) -> None:
         p.grad = None
         with torch.enable_grad():
             ((p @ x - y) ** 2).sum().backward()
+
+
+def step_side_by_side(ours, ours_params, theirs, theirs_params, batches, start):
+    """Step two optimizers over the same least-squares ``batches`` (:func:`set_least_squares_grads`):
+    ``(per-step max relative weight difference, how far ours moved from ``start``)``."""
+    diffs = []
+    for batch in batches:
+        set_least_squares_grads(ours_params, batch)
+        set_least_squares_grads(theirs_params, batch)
+        ours.step()
+        theirs.step()
+        diffs.append(max(float((a - b).detach().abs().max() / b.detach().abs().max())
+                         for a, b in zip(ours_params, theirs_params)))
+    moved = max(float((p.detach() - w).abs().max()) for p, w in zip(ours_params, start))
+    return diffs, moved
+

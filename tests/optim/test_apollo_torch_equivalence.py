@@ -35,7 +35,7 @@ import types
 
 import pytest
 import torch
-from state_utils import least_squares_problem, set_least_squares_grads
+from state_utils import least_squares_problem, step_side_by_side
 
 import lrgrad
 from lrgrad.projectors.random import RandomProjector
@@ -99,15 +99,7 @@ def _run_both(apollo, *, scale_type, alpha, betas, limiter, limiter_input="updat
     theirs = apollo.AdamW([{"params": theirs_p, "rank": RANK, "proj": "random", "scale_type": scale_type,
                             "update_proj_gap": GAP, "scale": alpha**2, "proj_type": "std"}],
                           lr=0.05, betas=betas, eps=0.0, weight_decay=0.0, disable_nl=not limiter)
-    diffs = []
-    for batch in batches:
-        set_least_squares_grads(ours_p, batch)
-        set_least_squares_grads(theirs_p, batch)
-        ours.step()
-        theirs.step()
-        diffs.append(max(float((a - b).detach().abs().max() / b.detach().abs().max())
-                         for a, b in zip(ours_p, theirs_p)))
-    moved = max(float((p.detach() - w).abs().max()) for p, w in zip(ours_p, weights))
+    diffs, moved = step_side_by_side(ours, ours_p, theirs, theirs_p, batches, weights)
     return diffs, moved, ours, ours_p
 
 

@@ -27,7 +27,7 @@ import importlib.util
 
 import pytest
 import torch
-from state_utils import least_squares_problem, set_least_squares_grads
+from state_utils import least_squares_problem, step_side_by_side
 
 import lrgrad
 
@@ -79,15 +79,7 @@ def _run_both(betas):
                                exp_avg_sq=torch.zeros((m, RANK) if m >= n else (RANK, n), dtype=p.dtype),
                                projector=projector_cls(rank=RANK, update_proj_gap=GAP, scale=SCALE,
                                                        projection_type="std"))
-    diffs = []
-    for batch in batches:
-        set_least_squares_grads(ours_p, batch)
-        set_least_squares_grads(theirs_p, batch)
-        ours.step()
-        theirs.step()
-        diffs.append(max(float((a - b).detach().abs().max() / b.detach().abs().max())
-                         for a, b in zip(ours_p, theirs_p)))
-    moved = max(float((p.detach() - w).abs().max()) for p, w in zip(ours_p, weights))
+    diffs, moved = step_side_by_side(ours, ours_p, theirs, theirs_p, batches, weights)
     assert moved > 1e-2
     assert all(ours.state[p]["proj_refreshes"] == 1 + STEPS // GAP for p in ours_p)  # steps 1, 3, 6, 9, 12
     assert all(ours.state[p]["proj_momentum"].shape == p.shape for p in ours_p)  # the momentum is full size
