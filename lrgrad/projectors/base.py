@@ -330,3 +330,25 @@ def guarded_basis(
         state["proj_failures"] += 1
         return None
     return basis
+
+
+def guarded_sharded_basis(
+    state: dict[str, Any], grad_local: torch.Tensor, ctx: Any, compute: Callable[[], torch.Tensor | None]
+) -> torch.Tensor | None:
+    """:func:`guarded_basis` for an FSDP2 refresh from this rank's rows ``grad_local``: the finite check
+    is one all-reduce (``ctx.all_finite``), so every rank skips together; ``compute()`` must issue every
+    collective before its local math, which then runs on replicated inputs, so a failure or a non-finite
+    result is the same on all ranks. ``None`` (with ``state["proj_failures"]`` incremented) keeps the
+    previous basis."""
+    if not ctx.all_finite(grad_local):
+        state["proj_failures"] += 1
+        return None
+    try:
+        basis = compute()
+    except (RuntimeError, torch.linalg.LinAlgError):
+        basis = None
+    if basis is None or not is_finite(basis):
+        state["proj_failures"] += 1
+        return None
+    return basis
+

@@ -48,7 +48,7 @@ import torch
 
 from lrgrad._checks import check_bool, check_choice, check_float
 from lrgrad.dtensor import LocalContext
-from lrgrad.projectors.base import Projector, guarded_basis
+from lrgrad.projectors.base import Projector, guarded_basis, guarded_sharded_basis
 from lrgrad.projectors.svd import sketch_basis, top_singular_basis
 
 LDADAM_BASES = ("power", "svd")
@@ -159,15 +159,8 @@ class LDAdamProjector(Projector):
         ``Bᵀ(B P_oldᵀ)`` (right, n x r) or ``Bᵀ P_old`` (left, n x r) all-reduced, the left side's
         m x r product gathered by rows for the QR; an SVD (the first step, ``ldadam_basis="svd"``,
         rules without Adam's moments) is the seeded sketch: n x k all-reduces (k = r + 8)."""
-        if not ctx.all_finite(grad_local):
-            state["proj_failures"] += 1
-            return False
-        try:  # every collective precedes the local math, and that runs on replicated inputs: all ranks agree
-            basis = self.compute_basis(state, grad_local, step, ctx)
-        except (RuntimeError, torch.linalg.LinAlgError):
-            basis = None
-        if basis is None or not bool(torch.isfinite(basis).all()):
-            state["proj_failures"] += 1
+        basis = guarded_sharded_basis(state, grad_local, ctx, lambda: self.compute_basis(state, grad_local, step, ctx))
+        if basis is None:
             return False
         state["proj_basis"] = basis
         state["proj_refreshes"] += 1

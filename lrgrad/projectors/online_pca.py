@@ -50,7 +50,7 @@ import torch
 
 from lrgrad import kernels
 from lrgrad._checks import check_betas, check_choice, check_int, check_nonnegative, check_positive
-from lrgrad.projectors.base import Projector, guarded_basis
+from lrgrad.projectors.base import Projector, guarded_basis, guarded_sharded_basis
 from lrgrad.projectors.svd import gram_top_basis, sketch_basis
 
 PCA_INITS = ("svd", "random", "randomized")
@@ -261,15 +261,8 @@ class OnlinePCAProjector(Projector):
         ``"randomized"``: the seeded sketch, n x k all-reduces) or the seeded random draw.
         """
         if "proj_basis" not in state:
-            if not ctx.all_finite(grad_local):
-                state["proj_failures"] += 1
-                return False
-            try:
-                basis = self.initial_basis(state, grad_local, ctx)
-            except (RuntimeError, torch.linalg.LinAlgError):
-                basis = None
-            if basis is None or not bool(torch.isfinite(basis).all()):
-                state["proj_failures"] += 1
+            basis = guarded_sharded_basis(state, grad_local, ctx, lambda: self.initial_basis(state, grad_local, ctx))
+            if basis is None:
                 return False
             self.start(state, basis, group)
             return True

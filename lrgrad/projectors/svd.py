@@ -39,7 +39,7 @@ import torch
 
 from lrgrad._checks import check_choice, check_float, check_int
 from lrgrad.dtensor import LocalContext, ShardContext
-from lrgrad.projectors.base import Projector, guarded_basis
+from lrgrad.projectors.base import Projector, guarded_basis, guarded_sharded_basis
 
 SVD_METHODS = ("warm", "gram", "exact", "randomized")
 #: the keys of a galore-torch param group (its README's ``{"params", "rank", "update_proj_gap",
@@ -313,18 +313,11 @@ class SVDProjector(Projector):
         method = self.sharded_method()
         if method == "gather" or (method == "gram" and self.side != "right"):
             return NotImplemented
-        if not ctx.all_finite(grad_local):
-            state["proj_failures"] += 1
-            return False
-        try:  # every collective precedes the local math, and that runs on replicated inputs: all ranks agree
-            if method == "gram":
-                basis = gram_right_basis(grad_local, self.rank, ctx)
-            else:
-                basis = self.sketch(state, grad_local, step, ctx)
-        except (RuntimeError, torch.linalg.LinAlgError):
-            basis = None
-        if basis is None or not bool(torch.isfinite(basis).all()):
-            state["proj_failures"] += 1
+        basis = guarded_sharded_basis(
+            state, grad_local, ctx,
+            lambda: gram_right_basis(grad_local, self.rank, ctx) if method == "gram"
+            else self.sketch(state, grad_local, step, ctx))
+        if basis is None:
             return False
         self.store_basis(state, basis, step)
         return True
