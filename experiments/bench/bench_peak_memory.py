@@ -139,10 +139,8 @@ def _optimizer(row: str, model: Any, rank: int):
     named = model.named_parameters()
     if row == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-4)
-    if row in ("galore", "galore_layerwise"):
-        return lrgrad.GaLoreAdamW(named, rank=rank, lr=1e-4)
-    if row in ("galore_param", "galore_layerwise_param"):
-        return lrgrad.GaLoreAdamW(named, rank=rank, lr=1e-4, state_dtype="param")
+    if ROWS[row][1].get("optimizer") == "galore":  # the row's estimate options say its state_dtype too
+        return lrgrad.GaLoreAdamW(named, rank=rank, lr=1e-4, state_dtype=ROWS[row][1].get("state_dtype", "fp32"))
     if row == "flora":
         return lrgrad.FloraAdamW(named, rank=rank, lr=1e-4)
     if row == "apollo_mini":
