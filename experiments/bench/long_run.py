@@ -1,6 +1,6 @@
 """Long runs on one CPU thread: which method wins after 2000+ steps, not 200.
 
-    nohup setsid .venv/bin/python experiments/bench/long_run.py >> runs/long_run.log 2>&1 &
+    nohup setsid .venv/bin/python experiments/bench/long_run.py --workers 2 >> runs/long_run.log 2>&1 &
 
 A byte-level LLaMA (``llama_35m``: 10.8M params at vocab 256; 6 layers, hidden 384, rank 96) on the
 embedded corpus, sequence 256, batch 4, 2000 steps, cosine with 10% warmup, clip 1.0, every method at
@@ -17,17 +17,31 @@ steps per lr, the schedule scaled to that length) and AdamW at the sweep's best 
 the first seed (GaLore, APOLLO-Mini, Fira, Muon, then the rest, the 2024-25 methods last), the paper
 defaults of the other seeds, then every other method at the sweep's best lr, seed by seed.
 ``--budget-minutes`` stops starting chunks after that long; ``--list`` prints the queue and its state.
+
+``--workers N`` trains N runs at once, one process each (one per core: every run is one thread). A worker
+claims a run with an exclusive lock on ``<out-root>/.claims/<run>.lock`` before each chunk, so no run is
+ever trained by two processes, and the OS drops the lock when a worker dies; a worker with nothing left
+to claim waits while another still trains (a finished sweep may yet add runs). Runs are independent, so
+their losses do not depend on N; only the seconds per step in the report grow with the cores' contention.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+try:  # the run claims of --workers; without it (Windows) a single worker needs none
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 import torch
 from lrgrad_experiments.bench import long_run_report as report
@@ -76,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no chunk after this many minutes; 0: run the whole queue (default: %(default)s)")
     p.add_argument("--data", default="stdlib", help="'stdlib' or a folder of text files (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs trained at once, a process each (default: %(default)s; one per free core)")
+    p.add_argument("--poll-seconds", type=float, default=30.0,
+                   help="how often an idle worker looks for a run to claim (default: %(default)s)")
     p.add_argument("--out-root", default=str(REPO / "runs" / "long_run"), help="run folders (default: %(default)s)")
     p.add_argument("--results", default=str(RESULTS), help="where long_run.md/.png/.json go (default: %(default)s)")
     p.add_argument("--list", action="store_true", help="print the queue and each run's state, run nothing")
@@ -200,9 +218,46 @@ def read_done(opts: argparse.Namespace, spec: RunSpec) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def next_run(opts: argparse.Namespace) -> RunSpec | None:
+def claim(opts: argparse.Namespace, spec: RunSpec) -> int | None:
+    """An exclusive lock on ``spec`` for this process (a file descriptor; ``release`` it), or None when
+    another worker holds it. The lock lives outside the run folder, which ``--overwrite`` may clear."""
+    if fcntl is None:
+        return -1
+    folder = Path(opts.out_root) / ".claims"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / f"{spec.tag}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def release(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)  # closing the descriptor drops its flock
+
+
+def claim_next(opts: argparse.Namespace) -> tuple[RunSpec, int] | None:
+    """The first unfinished run of the queue no other worker trains, claimed; None when there is none."""
     queue, _ = build_queue(opts)
-    return next((s for s in queue if not is_done(opts, s)), None)
+    for spec in queue:
+        if is_done(opts, spec):
+            continue
+        fd = claim(opts, spec)
+        if fd is None:
+            continue
+        if is_done(opts, spec):  # finished by another worker between the two looks
+            release(fd)
+            continue
+        return spec, fd
+    return None
+
+
+def unfinished(opts: argparse.Namespace) -> list[RunSpec]:
+    queue, _ = build_queue(opts)
+    return [s for s in queue if not is_done(opts, s)]
 
 
 def continue_command(opts: argparse.Namespace) -> str:
@@ -210,7 +265,8 @@ def continue_command(opts: argparse.Namespace) -> str:
     parser = build_parser()
     argv = []
     for action in parser._actions:
-        if not action.option_strings or action.dest in ("help", "list", "report_only", "budget_minutes"):
+        if not action.option_strings or action.dest in ("help", "list", "report_only", "budget_minutes",
+                                                         "poll_seconds"):
             continue
         value = getattr(opts, action.dest)
         if value == action.default:
@@ -223,6 +279,16 @@ def continue_command(opts: argparse.Namespace) -> str:
 
 
 def write_report(opts: argparse.Namespace) -> Path:
+    """Rewrite the results from the run folders; workers take turns (a lock), so no file is half written."""
+    lock = Path(opts.out_root) / ".report.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        return _write_report(opts)
+
+
+def _write_report(opts: argparse.Namespace) -> Path:
     queue, best = build_queue(opts)
     runs = []
     for spec in queue:
@@ -236,7 +302,7 @@ def write_report(opts: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "sweep_steps", "chunk_steps",
-                 "save_every", "threads"):
+                 "save_every", "threads", "workers"):
         if getattr(opts, name) < 1:
             raise ValueError(f"Invalid {name}: {getattr(opts, name)} (must be >= 1)")
     unknown = [m for m in opts.methods if m not in available_optimizers()]
@@ -248,31 +314,81 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best AdamW lr from the sweep: {best if best is not None else 'sweep not finished'}")
         for spec in queue:
             state = "done" if is_done(opts, spec) else ("started" if has_checkpoint(opts, spec) else "queued")
+            if state != "done":
+                fd = claim(opts, spec)
+                if fd is None:
+                    state = "training"  # a worker holds it now
+                else:
+                    release(fd)
             print(f"{state:8s} {spec.role:6s} {spec.tag}")
         return 0
     if opts.report_only:
         print(write_report(opts))
         return 0
+    if opts.workers > 1:
+        return run_workers(opts, sys.argv[1:] if argv is None else list(argv))
+    return work(opts)
+
+
+def work(opts: argparse.Namespace) -> int:
+    """One worker: claim the next run, train one chunk of it, release it, rewrite the report; repeat."""
     t_start = time.time()
-    while (spec := next_run(opts)) is not None:
+    while True:
         if opts.budget_minutes and time.time() - t_start > 60 * opts.budget_minutes:
             print(f"budget of {opts.budget_minutes} min spent; continue with: {continue_command(opts)}", flush=True)
             break
-        print(f"[{time.strftime('%H:%M:%S')}] {spec.tag} ({spec.role})", flush=True)
+        claimed = claim_next(opts)
+        if claimed is None:
+            if not unfinished(opts):
+                print("queue finished", flush=True)
+                break
+            time.sleep(opts.poll_seconds)  # every unfinished run is another worker's; it may add more
+            continue
+        spec, fd = claimed
         try:
-            stopped = run_chunk(opts, spec)
-        except FloatingPointError as exc:  # the loss went non-finite: a result (the method diverged), not a crash
-            print(f"{spec.tag} diverged: {exc}", flush=True)
-            mark_done(run_dir(opts, spec), {"spec": spec.__dict__, "final_val_loss": None, "diverged": str(exc)})
-            stopped = None
+            print(f"[{time.strftime('%H:%M:%S')}] {spec.tag} ({spec.role})", flush=True)
+            try:
+                stopped = run_chunk(opts, spec)
+            except FloatingPointError as exc:  # the loss went non-finite: a result (the method diverged)
+                print(f"{spec.tag} diverged: {exc}", flush=True)
+                mark_done(run_dir(opts, spec), {"spec": spec.__dict__, "final_val_loss": None, "diverged": str(exc)})
+                stopped = None
+        finally:
+            release(fd)
         write_report(opts)
         if stopped not in (None, "stop_after"):  # a signal: the chunk saved a checkpoint; stop the queue
             print(f"stopped by a signal; continue with: {continue_command(opts)}", flush=True)
             return 130
-    else:
-        print("queue finished", flush=True)
     write_report(opts)
     return 0
+
+
+def run_workers(opts: argparse.Namespace, argv: list[str]) -> int:
+    """``--workers`` single-worker processes of this queue; SIGINT/SIGTERM reach every one (each saves a
+    checkpoint and stops), and the exit status is the worst of theirs."""
+    # this file as a script, not ``-m``: ``-m`` puts the working directory first on sys.path, and from the
+    # repository root its top-level kernels/ folder would shadow Hugging Face's `kernels` (transformers
+    # imports it); PYTHONSAFEPATH keeps that entry off for whatever the child starts in turn
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--workers", "1"]
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    children = []
+    for i in range(opts.workers):
+        children.append(subprocess.Popen(cmd, env=env))
+        if i + 1 < opts.workers:
+            time.sleep(1.0)  # each claims its first run before the next starts looking
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return max(codes, key=lambda c: (c != 0, abs(c)))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def test_runs_in_chunks_equal_runs_in_one_go_and_fill_the_report(tmp_path):
         (text / f"f{i}.txt").write_text(" ".join(f"word{j % (7 + i)} value{j % 5}" for j in range(3000)))
     assert long_run.main(_tiny(tmp_path, "chunked", chunk=2)) == 0
     assert long_run.main(_tiny(tmp_path, "whole", chunk=100)) == 0
-    runs = sorted(p.name for p in (tmp_path / "chunked").iterdir())
+    runs = sorted(p.name for p in (tmp_path / "chunked").iterdir() if not p.name.startswith("."))  # not the locks
     # paper runs, the sweep, and the best-lr runs that follow it (AdamW's best-lr run is its paper run or not)
     assert {"adamw-lr0.003-s0-6", "galore_adamw-lr0.01-s0-6", "adamw-lr0.001-s0-4", "adamw-lr0.003-s0-4"} <= set(runs)
     best = long_run.best_sweep_lr(long_run.build_parser().parse_args(_tiny(tmp_path, "chunked", 2)))
@@ -133,3 +133,48 @@ def test_a_diverged_run_is_a_result_and_the_queue_goes_on(tmp_path, monkeypatch)
     assert best == 0.003 and all(long_run.is_done(opts, s) for s in queue)  # the queue went on to the end
     md = (tmp_path / "q-results" / "long_run.md").read_text()
     assert "**diverged** (seed 0: training loss became nan at step 3)" in md
+
+
+def test_a_claimed_run_is_skipped_by_other_workers_until_released(tmp_path):
+    opts = _opts(tmp_path)
+    queue, _ = long_run.build_queue(opts)
+    first, fd = long_run.claim_next(opts)
+    assert first == queue[0]
+    assert long_run.claim(opts, first) is None  # a second claim of the same run fails, even in this process
+    second, fd2 = long_run.claim_next(opts)  # another worker gets the next run, not the claimed one
+    assert second == queue[1]
+    long_run.release(fd)
+    again, fd3 = long_run.claim_next(opts)
+    assert again == first  # released: the first unfinished run is claimable again
+    for f in (fd2, fd3):
+        long_run.release(f)
+    # a run finished while claimed is never handed out again
+    folder = long_run.run_dir(opts, first)
+    folder.mkdir(parents=True)
+    (folder / "done.json").write_text(json.dumps({"final_val_loss": 2.0}))
+    assert long_run.claim_next(opts)[0] == queue[1]
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_parallel_workers_train_every_run_once_with_the_same_losses(tmp_path, workers, monkeypatch):
+    # started as a user would, from the repository root without the test session's PYTHONSAFEPATH: the
+    # workers must not import the root's kernels/ folder in place of Hugging Face's `kernels`
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(6):
+        (text / f"f{i}.txt").write_text(" ".join(f"word{j % (7 + i)} value{j % 5}" for j in range(3000)))
+    assert long_run.main(_tiny(tmp_path, "serial", chunk=3)) == 0
+    argv = [*_tiny(tmp_path, "parallel", chunk=3), "--workers", str(workers), "--poll-seconds", "0.2"]
+    assert long_run.main(argv) == 0
+    serial = sorted(p.name for p in (tmp_path / "serial").iterdir() if not p.name.startswith("."))
+    parallel = sorted(p.name for p in (tmp_path / "parallel").iterdir() if not p.name.startswith("."))
+    assert serial == parallel and len(serial) >= 4
+    for name in serial:
+        a = (tmp_path / "serial" / name / "eval.jsonl").read_text().splitlines()
+        b = (tmp_path / "parallel" / name / "eval.jsonl").read_text().splitlines()
+        assert [json.loads(x)["val_loss"] for x in a] == [json.loads(x)["val_loss"] for x in b], name
+        chunks = (tmp_path / "parallel" / name / "chunks.jsonl").read_text().splitlines()
+        assert len(chunks) == 2  # 6 steps in chunks of 3 (the sweep's 4 too): no chunk trained twice
+    assert "Runs finished: " in (tmp_path / "parallel-results" / "long_run.md").read_text()
