@@ -7,7 +7,9 @@ only ``lrgrad`` is meant to be imported under its folder's name: ``kernels/`` is
 finds the repo's folder instead of Hugging Face's ``kernels`` package, and transformers (>= 5.25
 imports it when it builds a model) fails with ``ImportError: cannot import name ... from 'kernels'``.
 These tests fail on a tree that lets that happen: in this process (the way ``make test`` runs), in the
-scripts as a user starts them (from the root and from elsewhere), and statically in the sources.
+scripts as a user starts them (from the root and from elsewhere), and statically in the sources. A user's
+own ``python`` started in the root is covered too: the folder, imported as a top-level ``kernels``, hands
+the import to the installed package.
 """
 
 from __future__ import annotations
@@ -114,3 +116,34 @@ def test_console_entry_point_runs(tmp_path):
     assert exe.exists(), "the lrgrad-experiments distribution's console script is not installed"
     proc = subprocess.run([str(exe), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-3000:]
+
+
+def python_at_root(code: str, *flags: str) -> subprocess.CompletedProcess:
+    """``python -c`` started in the repository root as a user would: the root is sys.path[0]."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_python_started_in_the_root_still_gets_hugging_faces_kernels():
+    """With the root first on sys.path, ``import kernels`` (transformers does it) lands on the installed
+    package, not on our folder, and a transformers LLaMA builds; ``lrgrad.kernels`` is still ours."""
+    proc = python_at_root(
+        "import sys, kernels, lrgrad.kernels\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,"
+        " num_attention_heads=2, num_key_value_heads=2, vocab_size=64))\n"
+        "print(repr(sys.path[0]), kernels.__file__, lrgrad.kernels.__file__, sep='\\n')\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, hf, ours = proc.stdout.strip().splitlines()[-3:]
+    assert first == "''"  # the working directory (the root) was on sys.path: the shadowing set-up
+    dist = importlib.metadata.distribution("kernels")
+    assert Path(hf).resolve() == Path(dist.locate_file("kernels/__init__.py")).resolve()
+    assert Path(ours).resolve() == REPO / "kernels" / "__init__.py"
+
+
+def test_without_another_kernels_package_the_shadowing_import_says_so():
+    # -S: no site-packages, so Hugging Face's `kernels` is not there to hand the import to
+    proc = python_at_root("import kernels", "-S")
+    assert proc.returncode != 0
+    assert "imported as `lrgrad.kernels`" in proc.stderr and "no other package named `kernels`" in proc.stderr
