@@ -28,14 +28,18 @@ by name last:
   ...). A container named ``output`` (BERT's ``attention.output.dense``) is *not* a head, and a
   name matches whole components only (``classifier`` is not ``pre_classifier``).
 
-Only linear weights are projected (``nn.Linear`` and transformers' ``Conv1D``); convolution
-kernels, embeddings, norms and biases stay full-rank. ``model.named_parameters()`` given to an
-optimizer routes the same way: the generator carries its model, so the two routes use one
-decision (:func:`low_rank_param_names`). A plain list of ``(name, tensor)`` pairs carries no
-model and is routed by name (:func:`route_named_params`): a 2-D parameter is projected unless a
-component of its name contains ``embed`` or is ``wte``/``wpe``/``shared`` (embeddings) or its
-module has a head name (:data:`HEAD_NAMES`; also a top-level ``fc`` and anything under a
-top-level head). Tied weights appear once in ``named_parameters()`` (under the embedding's name).
+By default only linear weights are projected (``nn.Linear`` and transformers' ``Conv1D``);
+convolution kernels, embeddings, norms and biases stay full-rank (GaLore's and the other papers'
+choice). A convolution is projected only when ``target_modules`` names it (a list entry or a regex,
+never ``"all-linear"``): its kernel ``(out, in/groups, *k)`` is projected as the matrix ``(out,
+in/groups · prod(k))``, as the optimizer views every tensor of more than two dims.
+``model.named_parameters()`` given to an optimizer routes the same way: the generator carries its
+model, so the two routes use one decision (:func:`low_rank_param_names`). A plain list of ``(name,
+tensor)`` pairs carries no model and is routed by name (:func:`route_named_params`): a 2-D parameter
+is projected unless a component of its name contains ``embed`` or is ``wte``/``wpe``/``shared``
+(embeddings) or its module has a head name (:data:`HEAD_NAMES`; also a top-level ``fc`` and anything
+under a top-level head). Tied weights appear once in ``named_parameters()`` (under the embedding's
+name).
 
 Targets (``target_modules``) are matched as :func:`select_low_rank_modules` says: whole dotted
 components, globs and full regular-expression matches; a pattern that selects nothing raises.
@@ -48,6 +52,7 @@ import inspect
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -106,6 +111,11 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _is_conv(module: nn.Module) -> bool:
+    # nn.Conv1d/2d/3d and the transposed ones (weights of 3+ dims, viewed as (shape[0], rest))
+    return isinstance(module, nn.modules.conv._ConvNd)
+
+
 def _in_repeated_block(model: nn.Module, name: str) -> bool:
     """True when a module on the path to ``name`` is one of several same-type children of a
     container (a transformer layer in a ``ModuleList``, a block of an ``nn.Sequential``)."""
@@ -151,11 +161,12 @@ def select_low_rank_modules(
     target_modules: str | Sequence[str] = "all-linear",
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
 ) -> list[str]:
-    """Names of the linear modules whose weight goes to the low-rank group.
+    """Names of the modules whose weight goes to the low-rank group.
 
     ``target_modules``: ``"all-linear"`` (every linear module but the head), a list of
     patterns (exact, substring, glob or full regex; see :func:`target_matches`) or one
-    regular expression string (Hugging Face's ``optim_target_modules`` convention).
+    regular expression string (Hugging Face's ``optim_target_modules`` convention). Patterns
+    select linear modules and convolutions (a convolution only ever by being named).
     Every pattern must select at least one module, else ``ValueError`` naming it.
     """
     if isinstance(target_modules, str):
@@ -169,9 +180,10 @@ def select_low_rank_modules(
     if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
         raise TypeError("Invalid exclude: expected a list of str patterns")
     heads = head_modules(model, exclude)
-    linear = [name for name, m in model.named_modules() if _is_linear(m) and name]
     if patterns is None:
-        return [name for name in linear if name not in heads]
+        return [name for name, m in model.named_modules() if _is_linear(m) and name and name not in heads]
+    # named patterns may also pick convolutions (their kernels projected as (out, rest) matrices)
+    linear = [name for name, m in model.named_modules() if (_is_linear(m) or _is_conv(m)) and name]
     every_module = [name for name, _ in model.named_modules() if name]
     selected = []
     hits: dict[str, list[str]] = {}
@@ -192,8 +204,8 @@ def select_low_rank_modules(
         detail = "".join(f"; {p!r} matched only the excluded head/embedding module(s) {names}"
                          for p, names in only_heads.items())
         raise ValueError(
-            f"Invalid target_modules: pattern(s) {', '.join(repr(p) for p in missing)} matched no linear module "
-            f"to project{detail} (linear modules are e.g. {linear[:4]})"
+            f"Invalid target_modules: pattern(s) {', '.join(repr(p) for p in missing)} matched no linear or "
+            f"convolution module to project{detail} (such modules are e.g. {linear[:4]})"
         )
     return selected
 
@@ -205,12 +217,13 @@ def param_groups(
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     **low_rank_options: Any,
 ) -> list[dict[str, Any]]:
-    """Two named groups: targeted linear weights (``rank`` + options) and the rest (``rank=None``)."""
+    """Two named groups: the targeted weights (``rank`` + options) and the rest (``rank=None``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
     targets = set(select_low_rank_modules(model, target_modules, exclude))
     if not targets:
-        raise ValueError(f"Invalid target_modules: {target_modules!r} matched no linear module")
+        raise ValueError(f"Invalid target_modules: {target_modules!r} matched no linear module "
+                         "(a convolution is projected only when target_modules names it)")
     low, full = [], []
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -269,14 +282,16 @@ def low_rank_param_ids(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUD
             and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
-def route_named_params(params: Any, rank: int | None) -> Any:
+def route_named_params(params: Any, rank: int | None, owner: str = "the optimizer") -> Any:
     """``model.named_parameters()`` given with a ``rank``: split into a projected group (the
     block matrices) and a full-rank group (``rank=None``: embeddings, head, norms, biases,
     convolution kernels), as :func:`param_groups` does. The generator ``model.named_parameters()``
     is routed by the model's structure (:func:`low_rank_param_ids`: the same decision as
     ``param_groups``); a list of pairs by name (:func:`is_embedding_or_head_name`, 2-D only).
     Anything else is returned unchanged (a list where it was an iterator), so torch's own
-    checks still apply.
+    checks still apply. Pairs of which none is projected (a ResNet: convolutions and its classifier
+    only) warn, naming ``owner``: the optimizer runs, at full-rank AdamW's memory, which is not what
+    the rank asked for.
     """
     if isinstance(params, (torch.Tensor, dict)) or not isinstance(params, Iterable):
         return params
@@ -291,6 +306,14 @@ def route_named_params(params: Any, rank: int | None) -> Any:
         is_low = [p.dim() == 2 and not is_embedding_or_head_name(n) for n, p in params]
     low = [pair for pair, flag in zip(params, is_low) if flag]
     full = [pair for pair, flag in zip(params, is_low) if not flag]
+    if not low:
+        warnings.warn(
+            f"{owner}(..., rank={rank}): no parameter is projected, so every one is updated full-rank (AdamW's "
+            "memory). Projected by default are linear weights but the output head; embeddings, norms, biases and "
+            "convolution kernels stay full-rank. To project convolutions, name them: "
+            "lrgrad.param_groups(model, rank, target_modules=[...])",
+            UserWarning, stacklevel=caller_stacklevel(),
+        )
     groups: list[dict[str, Any]] = []
     if low:
         groups.append({"params": low})

@@ -150,11 +150,35 @@ def test_named_parameters_and_param_groups_project_the_same_weights(name):
 
 def test_resnet_conv_kernels_and_fc_stay_full_rank_on_both_routes():
     model = ResNetLike()
-    opt = lrgrad.GaLoreAdamW(model.named_parameters(), rank=RANK)
+    # nothing projected although a rank was asked for: said, not silent (it runs at AdamW's memory)
+    with pytest.warns(UserWarning, match=r"GaLoreAdamW\(\.\.\., rank=2\): no parameter is projected.*"
+                                         r"convolution kernels stay full-rank"):
+        opt = lrgrad.GaLoreAdamW(model.named_parameters(), rank=RANK)
     assert projected(opt) == set()  # the only linear is the classifier
     with pytest.raises(ValueError, match="target_modules"):
         lrgrad.param_groups(model, rank=RANK)  # nothing to project is refused, not run full-rank silently
     assert lrgrad.groups.head_modules(model) == {"fc"}
+
+
+def test_named_convolutions_are_projected_as_out_by_rest_matrices():
+    model = ResNetLike(c=16)
+    low, _ = lrgrad.param_groups(model, rank=4, target_modules=["layer*.*.conv*"])
+    assert {n for n, _ in low["params"]} == {f"layer{i}.{j}.conv{k}.weight" for i in (1, 2) for j in (0, 1)
+                                             for k in (1, 2)}
+    assert "conv1.weight" in {n for n, _ in lrgrad.param_groups(model, rank=4, target_modules=["conv1"])[0]["params"]}
+    # a 4-D kernel steps exactly as its (out, in * kh * kw) matrix does, through refreshes, at rank-r state
+    kernel = model.layer1[0].conv1.weight  # (16, 16, 3, 3) -> (16, 144)
+    twin = nn.Parameter(kernel.detach().reshape(16, -1).clone())
+    opts = [lrgrad.GaLoreAdamW([{"params": [p], "rank": 4}], lr=1e-2, update_proj_gap=3) for p in (kernel, twin)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(7):
+        g = torch.randn(16, 144, generator=gen)
+        kernel.grad, twin.grad = g.reshape(kernel.shape).clone(), g.clone()
+        for opt in opts:
+            opt.step()
+    assert torch.equal(kernel.detach().reshape(16, -1), twin.detach())
+    state_numel = sum(t.numel() for t in opts[0].state[kernel].values() if isinstance(t, torch.Tensor))
+    assert state_numel < kernel.numel()  # moments are 16 x 4 each plus a 144 x 4 basis: not 2 x 2304
 
 
 def test_head_is_recognised_structurally_before_names():
@@ -205,7 +229,7 @@ def test_a_regex_target_is_a_full_match():
                                              "model.layers.1.self_attn.k_proj.weight"}
     # re.match / re.search would select layers 1, 10 and 11 here; a full match selects no linear: refused
     for pattern in (r"model\.layers\.1", r".*\.layers\.1\.(self_attn|mlp)"):
-        with pytest.raises(ValueError, match="matched no linear module"):
+        with pytest.raises(ValueError, match="matched no linear or convolution module"):
             lrgrad.param_groups(model, rank=1, target_modules=pattern)
     # in a list, a dotted component run selects layer 1 only, never 10/11
     low, _ = lrgrad.param_groups(model, rank=1, target_modules=["layers.1"])

@@ -168,7 +168,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 UserWarning, stacklevel=caller_stacklevel(),
             )
         # (name, tensor) pairs with a rank: embeddings/head/norms go to a full-rank group
-        params = route_named_params(params, defaults["rank"])
+        params = route_named_params(params, defaults["rank"], owner=type(self).__name__)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
