@@ -13,9 +13,10 @@ again. After every chunk ``results/long_run.md``, ``.png`` and ``.json`` are rew
 (``long_run_report.py``), so the table fills in as runs finish.
 
 The queue, most informative first: AdamW at its default lr, the short AdamW lr sweep (``--sweep-steps``
-steps per lr, the schedule scaled to that length) and AdamW at the sweep's best lr, the paper defaults of
-the first seed (GaLore, APOLLO-Mini, Fira, Muon, then the rest, the 2024-25 methods last), the paper
-defaults of the other seeds, then every other method at the sweep's best lr, seed by seed.
+steps per lr, the schedule scaled to that length) and AdamW at the sweep's best lr; GaLore, APOLLO-Mini,
+Fira and Muon at their paper defaults; the same five (AdamW at both lrs) for the other seeds, so their
+verdicts (which need a seed spread) come first; then the other methods at their paper defaults, seed by
+seed (the 2024-25 methods last); then every other method at the sweep's best lr, seed by seed.
 ``--budget-minutes`` stops starting chunks after that long; ``--list`` prints the queue and its state.
 
 ``--workers N`` trains N runs at once, one process each (one per core: every run is one thread). A worker
@@ -54,6 +55,9 @@ METHOD_ORDER = ("adamw", "galore_adamw", "apollo_mini_adamw", "fira_adamw", "muo
                 "online_subspace_adamw", "dct_adamw", "flora_adamw", "qgalore_adamw",
                 # the 2024-25 methods, after the ones the papers compare
                 "grass_adamw", "frugal_adamw", "golore_adamw", "conda_adamw", "ldadamw")
+#: the methods whose runs come first with every seed (a verdict needs the spread of two): AdamW and what
+#: the papers' tables compare it with; the other methods follow, seed by seed
+VERDICT_FIRST = ("adamw", "galore_adamw", "apollo_mini_adamw", "fira_adamw", "muon")
 
 
 @dataclass(frozen=True)
@@ -155,16 +159,21 @@ def build_queue(opts: argparse.Namespace) -> tuple[list[RunSpec], float | None]:
         if all(spec.tag != q.tag for q in queue):  # AdamW at its best lr may be its paper run
             queue.append(spec)
 
-    # paper defaults for every seed first (their seed spread is what turns a difference into a verdict),
-    # the short AdamW sweep right after the first run (a few minutes; it names the lr of the best-lr
-    # runs), the best-lr runs last
-    for i, seed in enumerate(opts.seeds):
-        for j, m in enumerate(methods):
-            add(RunSpec(m, paper_lr(m), seed, opts.steps, "paper"))
-            if i == 0 and j == 0:
-                for lr in opts.sweep_lrs:
-                    add(RunSpec("adamw", lr, seed, opts.sweep_steps, "sweep"))
-                if best is not None and "adamw" in methods:  # the fair baseline, as soon as its lr is known
+    # the methods the papers compare (VERDICT_FIRST) at their paper defaults for every seed first: their
+    # seed spread is what turns a difference into a verdict; the short AdamW sweep right after the first
+    # run (a few minutes; it names the lr of the best-lr runs) and AdamW at the best lr right after each
+    # of AdamW's own runs (the fair baseline of every seed); then the other methods, seed by seed; the
+    # best-lr runs of every other method last
+    core = [m for m in methods if m in VERDICT_FIRST]
+    rest = [m for m in methods if m not in VERDICT_FIRST]
+    for block in (core, rest):
+        for seed in opts.seeds:
+            for m in block:
+                add(RunSpec(m, paper_lr(m), seed, opts.steps, "paper"))
+                if m == methods[0] and seed == opts.seeds[0]:
+                    for lr in opts.sweep_lrs:
+                        add(RunSpec("adamw", lr, seed, opts.sweep_steps, "sweep"))
+                if m == "adamw" and best is not None:
                     add(RunSpec("adamw", best, seed, opts.steps, "best"))
     if best is not None:
         for seed in opts.seeds:

@@ -36,14 +36,27 @@ def test_queue_starts_with_the_most_informative_runs(tmp_path):
         (folder / "done.json").write_text(json.dumps({"final_val_loss": loss}))
     queue, best = long_run.build_queue(opts)
     roles = [s.role for s in queue]
-    # AdamW at the best lr right after the sweep (the fair baseline), every other best-lr run after the paper runs
+    # AdamW at the best lr right after each of its own runs (the fair baseline of each seed), every other
+    # best-lr run after all the paper runs
     assert best == 1e-3 and (queue[4].method, queue[4].lr, queue[4].role) == ("adamw", 1e-3, "best")
-    assert [i for i, r in enumerate(roles) if r == "best"][1] > max(i for i, r in enumerate(roles) if r == "paper")
+    for i, spec in enumerate(queue):
+        if spec.role == "best" and spec.method == "adamw":
+            assert (queue[i - 1].method, queue[i - 1].seed, queue[i - 1].role) in {("adamw", spec.seed, "paper"),
+                                                                                 ("adamw", spec.seed, "sweep")}
+    others_best = [i for i, s in enumerate(queue) if s.role == "best" and s.method != "adamw"]
+    assert min(others_best) > max(i for i, r in enumerate(roles) if r == "paper")
+    # the methods the papers compare run with every seed before any other method starts (verdicts first)
+    core_runs = [i for i, s in enumerate(queue) if s.role == "paper" and s.method in long_run.VERDICT_FIRST]
+    rest_runs = [i for i, s in enumerate(queue) if s.role == "paper" and s.method not in long_run.VERDICT_FIRST]
+    assert len(core_runs) == 2 * len(long_run.VERDICT_FIRST) and max(core_runs) < min(rest_runs)
+    assert [s.seed for s in queue if s.role == "paper" and s.method not in long_run.VERDICT_FIRST] == sorted(
+        s.seed for s in queue if s.role == "paper" and s.method not in long_run.VERDICT_FIRST)  # seed by seed
     assert len({s.method for s in queue if s.role == "paper"}) == len(long_run.METHOD_ORDER)
     # a method whose own lr is the best one has its paper run stand for its best-lr run
     separate = [m for m in long_run.METHOD_ORDER if long_run.paper_lr(m) != 1e-3]
     assert "adamw" in separate and len(separate) < len(long_run.METHOD_ORDER)
-    assert [(s.method, s.seed) for s in queue if s.role == "best"] == [(m, seed) for seed in (0, 1) for m in separate]
+    assert [(s.method, s.seed) for s in queue if s.role == "best"] == [("adamw", 0), ("adamw", 1)] + [
+        (m, seed) for seed in (0, 1) for m in separate if m != "adamw"]
 
 
 def _tiny(tmp_path: Path, name: str, chunk: int) -> list[str]:
