@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1,
                    help="runs trained at once, a process each (default: %(default)s; one per free core)")
+    p.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers' processes
     p.add_argument("--poll-seconds", type=float, default=30.0,
                    help="how often an idle worker looks for a run to claim (default: %(default)s)")
     p.add_argument("--out-root", default=str(REPO / "runs" / "long_run"), help="run folders (default: %(default)s)")
@@ -275,7 +276,7 @@ def continue_command(opts: argparse.Namespace) -> str:
     argv = []
     for action in parser._actions:
         if not action.option_strings or action.dest in ("help", "list", "report_only", "budget_minutes",
-                                                         "poll_seconds"):
+                                                         "poll_seconds", "as_worker"):
             continue
         value = getattr(opts, action.dest)
         if value == action.default:
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.report_only:
         print(write_report(opts))
         return 0
-    if opts.workers > 1:
+    if opts.workers > 1 and not opts.as_worker:
         return run_workers(opts, sys.argv[1:] if argv is None else list(argv))
     return work(opts)
 
@@ -378,7 +379,7 @@ def run_workers(opts: argparse.Namespace, argv: list[str]) -> int:
     # this file as a script, not ``-m``: ``-m`` puts the working directory first on sys.path, and from the
     # repository root its top-level kernels/ folder would shadow Hugging Face's `kernels` (transformers
     # imports it); PYTHONSAFEPATH keeps that entry off for whatever the child starts in turn
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--workers", "1"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--as-worker"]
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     children = []
     for i in range(opts.workers):

@@ -190,4 +190,5 @@ def test_parallel_workers_train_every_run_once_with_the_same_losses(tmp_path, wo
         assert [json.loads(x)["val_loss"] for x in a] == [json.loads(x)["val_loss"] for x in b], name
         chunks = (tmp_path / "parallel" / name / "chunks.jsonl").read_text().splitlines()
         assert len(chunks) == 2  # 6 steps in chunks of 3 (the sweep's 4 too): no chunk trained twice
-    assert "Runs finished: " in (tmp_path / "parallel-results" / "long_run.md").read_text()
+    md = (tmp_path / "parallel-results" / "long_run.md").read_text()
+    assert "Runs finished: " in md and f"--workers {workers}" in md and "--as-worker" not in md  # how to continue
