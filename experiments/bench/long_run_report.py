@@ -203,7 +203,9 @@ def write(results: Path, opts: argparse.Namespace, runs: list[dict[str, Any]], b
         "",
         f"Runs finished: {done} of {len(runs)} queued"
         + ("" if best is not None else " (the runs at AdamW's best lr join the queue when the sweep finishes)")
-        + ". Continue (resumes every unfinished run from its checkpoint; one process, one thread):",
+        + ". Continue (resumes every unfinished run from its checkpoint; "
+        + (f"{opts.workers} runs at once, a process of {opts.threads} thread(s) each" if opts.workers > 1
+           else f"one process, {opts.threads} thread(s)") + "):",
         "",
         f"    {command}",
         "",

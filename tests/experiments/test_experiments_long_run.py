@@ -192,3 +192,4 @@ def test_parallel_workers_train_every_run_once_with_the_same_losses(tmp_path, wo
         assert len(chunks) == 2  # 6 steps in chunks of 3 (the sweep's 4 too): no chunk trained twice
     md = (tmp_path / "parallel-results" / "long_run.md").read_text()
     assert "Runs finished: " in md and f"--workers {workers}" in md and "--as-worker" not in md  # how to continue
+    assert f"{workers} runs at once" in md
