@@ -282,28 +282,57 @@ def low_rank_param_ids(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUD
             and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
+def _low_rank_flags(pairs: list[tuple[str, torch.Tensor]], model: nn.Module | None) -> list[bool]:
+    """Which ``(name, tensor)`` pairs are projected: by ``model``'s structure when the pairs came from
+    its ``named_parameters()``, else by name (2-D only)."""
+    if model is not None:
+        projected = low_rank_param_ids(model)
+        return [id(p) in projected for _, p in pairs]
+    return [p.dim() == 2 and not is_embedding_or_head_name(n) for n, p in pairs]
+
+
+def _route_named_group(group: dict[str, Any]) -> list[dict[str, Any]]:
+    """A param group of ``(name, tensor)`` pairs that takes the constructor's rank (no ``rank`` key of
+    its own, e.g. the decay / no-decay split of a fine-tuning script): its embeddings, head and
+    convolution kernels move to a sibling group with ``rank=None`` and the group's other keys, as
+    ``model.named_parameters()`` routes them. Vectors stay (they run full-rank in any group). A group
+    with its own ``rank`` (``param_groups``' are) is an explicit choice and is returned as given."""
+    members = group.get("params")
+    if "rank" in group or isinstance(members, (torch.Tensor, set)) or not isinstance(members, Iterable):
+        return [group]  # a set stays for torch's own TypeError (params must be ordered)
+    model = model_of_named_parameters(members)
+    members = list(members)
+    if not members or not all(_is_named_pair(p) for p in members):
+        return [{**group, "params": members}]
+    is_low = _low_rank_flags(members, model)
+    moved = [not flag and pair[1].dim() >= 2 for pair, flag in zip(members, is_low)]
+    keep = [pair for pair, flag in zip(members, moved) if not flag]
+    full = [pair for pair, flag in zip(members, moved) if flag]
+    rest = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+    return ([{**rest, "params": keep}] if keep else []) + ([{**rest, "params": full, "rank": None}] if full else [])
+
+
 def route_named_params(params: Any, rank: int | None, owner: str = "the optimizer") -> Any:
     """``model.named_parameters()`` given with a ``rank``: split into a projected group (the
     block matrices) and a full-rank group (``rank=None``: embeddings, head, norms, biases,
     convolution kernels), as :func:`param_groups` does. The generator ``model.named_parameters()``
     is routed by the model's structure (:func:`low_rank_param_ids`: the same decision as
     ``param_groups``); a list of pairs by name (:func:`is_embedding_or_head_name`, 2-D only).
-    Anything else is returned unchanged (a list where it was an iterator), so torch's own
-    checks still apply. Pairs of which none is projected (a ResNet: convolutions and its classifier
-    only) warn, naming ``owner``: the optimizer runs, at full-rank AdamW's memory, which is not what
-    the rank asked for.
+    Groups (dicts) of such pairs without a ``rank`` of their own route the same way
+    (:func:`_route_named_group`). Anything else is returned unchanged (a list where it was an
+    iterator), so torch's own checks still apply. Pairs of which none is projected (a ResNet:
+    convolutions and its classifier only) warn, naming ``owner``: the optimizer runs, at full-rank
+    AdamW's memory, which is not what the rank asked for.
     """
     if isinstance(params, (torch.Tensor, dict)) or not isinstance(params, Iterable):
         return params
     model = model_of_named_parameters(params) if rank is not None else None
     params = list(params)
+    if rank is not None and params and all(isinstance(g, dict) for g in params):
+        return [part for group in params for part in _route_named_group(group)]
     if rank is None or not params or not all(_is_named_pair(p) for p in params):
         return params
-    if model is not None:
-        projected = low_rank_param_ids(model)
-        is_low = [id(p) in projected for _, p in params]
-    else:
-        is_low = [p.dim() == 2 and not is_embedding_or_head_name(n) for n, p in params]
+    is_low = _low_rank_flags(params, model)
     low = [pair for pair, flag in zip(params, is_low) if flag]
     full = [pair for pair, flag in zip(params, is_low) if not flag]
     if not low:

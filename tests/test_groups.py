@@ -134,3 +134,42 @@ def test_named_parameters_routing_by_name():
     opt = lrgrad.GaLoreAdamW(model.named_parameters(), rank=4)
     assert "bert.encoder.layer.0.attention.output.dense.weight" in opt.param_groups[0]["param_names"]
     assert "classifier.weight" in opt.param_groups[1]["param_names"]
+
+
+def decay_split(named):
+    """The usual fine-tuning split (Hugging Face's Trainer, nanoGPT): matrices decay, biases and norms do not."""
+    named = list(named)
+    return [{"params": [(n, p) for n, p in named if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("as_generator", [False, True])
+def test_named_pairs_inside_group_dicts_route_like_named_parameters(as_generator):
+    """torch.optim takes ``(name, tensor)`` pairs inside group dicts too; a group that takes the
+    constructor's rank keeps its embeddings and head full-rank exactly as ``named_parameters()`` does."""
+    model = TinyLM()
+    if as_generator:
+        groups = [{"params": model.named_parameters(), "weight_decay": 0.1}]
+    else:
+        groups = decay_split(model.named_parameters())
+    opt = lrgrad.GaLoreAdamW(groups, rank=8)
+    reference = lrgrad.GaLoreAdamW(model.named_parameters(), rank=8)
+
+    def projected(o):
+        return sorted(n for g in o.param_groups for n, p in zip(g["param_names"], g["params"]) if o.is_projected(p, g))
+
+    assert projected(opt) == projected(reference)
+    assert "embed_tokens.weight" not in projected(opt) and "lm_head.weight" not in projected(opt)
+    head = next(g for g in opt.param_groups if "lm_head.weight" in g["param_names"])
+    assert head["rank"] is None and head["weight_decay"] == 0.1  # the group's own keys travel with it
+    every = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in model.parameters())
+
+
+def test_a_group_with_its_own_rank_is_taken_as_given():
+    """``param_groups(model, rank, target_modules=...)`` writes ``rank`` into its groups: an explicit
+    choice (convolutions, or the head on purpose), never re-routed by name."""
+    model = TinyLM()
+    chosen = [("lm_head.weight", model.lm_head.weight)]
+    opt = lrgrad.GaLoreAdamW([{"params": chosen, "rank": 8}], rank=8)
+    assert opt.is_projected(model.lm_head.weight, opt.param_groups[0])
