@@ -365,7 +365,8 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         the "GaLore" run is plain AdamW with AdamW's memory. Params swapped for 1-D
         tensors after construction (DeepSpeed's signature) raise a ``ValueError``; a
         group in which nothing can be projected (all 1-D or all ``min(m, n) <= rank``)
-        warns once.
+        warns once, unless it holds only vectors while another group projects matrices
+        (a no-decay group of biases and norms, not flattened params).
         """
         checked = self.__dict__.setdefault("_projectable_checked", set())
         if group["rank"] is None or id(group) in checked:
@@ -383,6 +384,8 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 f"{group['rank']} now holds flattened 1-D tensors that replaced its params after the "
                 f"optimizer was built, which is what DeepSpeed ZeRO stages 1-3 do. {SUPPORTED_ROUTES}"
             )
+        if all(p.dim() < 2 for p in params) and self._another_group_projects(group):
+            return  # biases and norms in a no-decay group beside projected matrices: the usual split
         warnings.warn(
             f"lrgrad: no param of a group with rank={group['rank']} can be projected (all are 1-D or have "
             f"min(m, n) <= rank), so the group runs its rule full-rank with full-rank memory. If the params "
@@ -391,6 +394,12 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             UserWarning,
             stacklevel=3,
         )
+
+    def _another_group_projects(self, group: dict[str, Any]) -> bool:
+        """Whether a group other than ``group`` projects a param (flattened params leave none that does)."""
+        return any(other is not group and other["rank"] is not None and any(self.is_projected(p, other)
+                                                                             for p in other["params"])
+                   for other in self.param_groups)
 
     def count_skip(self, param: torch.Tensor) -> None:
         """Record that ``param`` skipped this step (a non-finite gradient)."""

@@ -87,3 +87,28 @@ def test_seeds_follow_positions_when_params_are_swapped_after_construction():
         seeds[name] = [opt.state[p]["proj_seed"] for p in opt.param_groups[0]["params"]]
     assert seeds["swapped"] == seeds["direct"]
     assert len(set(seeds["direct"])) == len(seeds["direct"])  # distinct per param
+
+
+def test_a_no_decay_group_of_vectors_beside_projected_matrices_stays_silent():
+    """The usual fine-tuning split (matrices decay; biases and norms do not) with the constructor's
+    rank: the vectors' group projects nothing by nature, which is not a flattened-params setup."""
+    model = TinyLM()
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt = lrgrad.GaLoreAdamW(groups, rank=8, lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step_once(opt, model)
+
+
+def test_params_flattened_before_construction_still_warn():
+    """FSDP1 without use_orig_params hands the optimizer flat 1-D params: every group is vectors only."""
+    model = TinyLM()
+    flat = [torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))]
+    opt = lrgrad.GaLoreAdamW([{"params": flat, "weight_decay": 0.1}, {"params": [torch.nn.Parameter(torch.ones(4))]}],
+                             rank=8, lr=1e-3)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
+    with pytest.warns(UserWarning, match=r"rank=8 can be projected.*DeepSpeed ZeRO"):
+        opt.step()
