@@ -46,6 +46,23 @@ def fused_adamw_applies(*tensor_lists: list[torch.Tensor]) -> bool:
                and is_dtensor(t) == sharded for t in tensors)
 
 
+def check_shapes(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                 exp_avg_sqs: list[torch.Tensor]) -> None:
+    """Refuse lists of unequal lengths or a grad/moment whose shape is not its param's, with one ``ValueError``:
+    torch's CPU fused kernel walks every list by the param's size unchecked, so a smaller moment (a group's
+    rank changed by hand) would be written out of bounds and corrupt the heap."""
+    if not len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs):
+        raise ValueError(f"Invalid AdamW step: {len(params)} params, {len(grads)} grads, {len(exp_avgs)} exp_avg, "
+                         f"{len(exp_avg_sqs)} exp_avg_sq")
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        for key, t in (("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"Invalid AdamW step: {key} {i} has shape {tuple(t.shape)}, its param {tuple(p.shape)} (was a "
+                    "group's rank, proj_type or projector changed after the state was created? build a new optimizer)"
+                )
+
+
 def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                 exp_avg_sqs: list[torch.Tensor], steps: list[int], *, lr: float, beta1: float, beta2: float,
                 weight_decay: float, eps: float, fused: bool | None = None) -> None:
@@ -53,6 +70,7 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     :func:`fused_adamw_applies` (and ``fused`` is not ``False``), else :func:`adamw_step_reference_`."""
     if not params:
         return
+    check_shapes(params, grads, exp_avgs, exp_avg_sqs)
     if fused is not False and fused_adamw_applies(params, grads, exp_avgs, exp_avg_sqs):
         torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], step_counts(steps, params[0].device),
                             amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
@@ -107,4 +125,4 @@ def adamw_directions_(grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], e
     return outs
 
 
-__all__ = ["adamw_directions_", "adamw_step_", "adamw_step_reference_", "fused_adamw_applies"]
+__all__ = ["adamw_directions_", "adamw_step_", "adamw_step_reference_", "check_shapes", "fused_adamw_applies"]

@@ -92,3 +92,19 @@ def test_the_reference_is_chosen_where_the_kernel_does_not_apply():
     kernels.adamw_step_([out], [g], [torch.zeros(8)], [torch.zeros(8)], [1], lr=0.1, beta1=0.9, beta2=0.999,
                         weight_decay=0.0, eps=1e-8)
     assert torch.equal(out, work[0].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_a_moment_of_another_shape_is_refused_before_the_kernel_runs(fused):
+    """torch's CPU fused kernel walks every list by the param's size without checking the others: a
+    moment of another shape (a group's rank changed by hand, a state of another model) would be read
+    and written out of bounds (a smaller one corrupts the heap). One ValueError, nothing written."""
+    p, g = torch.zeros(64, 8), torch.randn(64, 8)
+    m, v = torch.zeros(64, 16), torch.zeros(64, 16)  # larger: the unchecked kernel stays in bounds
+    with pytest.raises(ValueError, match=r"exp_avg .*\(64, 16\).*\(64, 8\)"):
+        kernels.adamw_step_([p], [g], [m], [v], [1], lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0,
+                            eps=1e-8, fused=fused)
+    assert not m.any() and not v.any() and not p.any()
+    with pytest.raises(ValueError, match=r"exp_avg .*\(64, 8\).*\(64, 4\)"):
+        kernels.adamw_directions_([torch.randn(64, 4)], [torch.zeros(64, 8)], [torch.zeros(64, 8)], [1],
+                                  beta1=0.9, beta2=0.999, eps=1e-8)
