@@ -303,11 +303,12 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 loss = closure()
         # refuse before the first write, so a refused step changes nothing (a later group's sparse
         # gradient must not leave the earlier groups stepped)
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"] if p.grad is not None]
             for g in grads:
                 self.check_grad(g)
             if grads:
+                self.check_structure(index, group)
                 self.check_projectable(group)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -394,6 +395,23 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             UserWarning,
             stacklevel=3,
         )
+
+    def check_structure(self, index: int, group: dict[str, Any]) -> None:
+        """Refuse a group whose ``STRUCTURAL_KEYS`` (rank, proj_type, projector, rule) changed by hand
+        after its params' state was created, with one ``ValueError`` naming the key: that state's shapes
+        and subspace belong to the old value (``load_state_dict`` refuses the same mismatch). Left alone,
+        the step fails deep in a projector, or a rule silently reads moments of the old rank."""
+        now = {key: group[key] for key in STRUCTURAL_KEYS}
+        seen = self.__dict__.setdefault("_group_structure", {})
+        before = seen.get(index)
+        if before is not None and before != now and any(self.state.get(p) for p in group["params"]):
+            key = next(k for k in STRUCTURAL_KEYS if before[k] != now[k])
+            raise ValueError(
+                f"Invalid param group {index}: {key} changed from {before[key]!r} to {now[key]!r} after its "
+                f"state was created (the state belongs to {key}={before[key]!r}); build a new optimizer, "
+                "or add a new param group, for other params"
+            )
+        seen[index] = now
 
     def _another_group_projects(self, group: dict[str, Any]) -> bool:
         """Whether a group other than ``group`` projects a param (flattened params leave none that does)."""
@@ -619,6 +637,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             p, group = index_to_param[index]
             self._check_param_state(index, p, group, pstate)
         super().load_state_dict(state_dict)
+        self.__dict__.pop("_group_structure", None)  # the loaded state matches the groups' keys (checked above)
         # torch casts floating state to the param dtype; put back the exact saved tensors.
         for index, pstate in saved_state.items():
             p, _ = index_to_param[index]

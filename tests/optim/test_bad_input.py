@@ -89,6 +89,35 @@ def test_state_dict_from_another_optimizer_or_rank_rejected():
         lrgrad.GaLoreAdamW(other, rank=4).load_state_dict(ours.state_dict())
 
 
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "FloraAdamW", "DCTAdamW", "GaLoreAdafactor"])
+@pytest.mark.parametrize("key,value", [("rank", 16), ("rank", 4), ("proj_type", "reverse_std"),
+                                       ("projector", "online_pca"), ("rule", "lion")])
+def test_a_structural_key_changed_by_hand_after_the_first_step_is_refused(name, key, value):
+    """The state's shapes and subspace belong to the group's rank, proj_type, projector and rule (the
+    keys load_state_dict insists on): changed by hand mid-run, the step refuses with one ValueError
+    naming the key and writes nothing, instead of a shape error deep in a projector, a KeyError, or
+    moments of the old rank silently read by the new one. Before the first step the group may change."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    opt = getattr(lrgrad, name)([w], rank=8, update_proj_gap=2)
+    opt.param_groups[0]["update_proj_gap"] = 3  # not structural: fine at any time
+    w.grad = torch.randn(64, 32)
+    opt.step()
+    opt.param_groups[0][key] = value
+    before = w.detach().clone()
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[w].items()}
+    with pytest.raises(ValueError, match=rf"Invalid param group 0: {key} changed from .* to {value!r}"):
+        opt.step()
+    assert torch.equal(w, before)
+    assert all(torch.equal(v, opt.state[w][k]) if isinstance(v, torch.Tensor) else v == opt.state[w][k]
+               for k, v in state.items())
+    if key in ("rank", "proj_type"):  # (another projector or rule would lack its options in the group)
+        fresh = getattr(lrgrad, name)([w], rank=8)
+        fresh.param_groups[0][key] = value  # no state yet: nothing to contradict
+        fresh.step()
+        assert not torch.equal(w, before)
+
+
 def test_state_bytes_are_what_plain_galore_needs():
     """Moments 2·max(m, n)·r + one r·min(m, n) basis per projected matrix, fp32; full-rank rest 2·numel."""
     shapes = [(64, 24), (24, 64), (40, 40)]
