@@ -79,6 +79,15 @@ class CompressedAccumulator:
                 "(e.g. projector='random' / FloraAdamW); nothing to compress"
             )
 
+    def _group(self, param: torch.Tensor) -> dict[str, Any]:
+        """``param``'s group as the optimizer holds it now: ``load_state_dict`` replaces the group dicts
+        (a resume loads after building this), and the old ones no longer see the LR scheduler."""
+        group = self._group_of[id(param)]
+        if not any(g is group for g in self.optimizer.param_groups):
+            self._group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+            group = self._group_of[id(param)]
+        return group
+
     # ------------------------------------------------------------------ hooks
     @torch.no_grad()
     def _hook(self, param: torch.Tensor) -> None:
@@ -88,7 +97,7 @@ class CompressedAccumulator:
         self.optimizer.check_grad(grad)
         entry = self._buffers.get(id(param))
         # projected into the subspace the next optimizer step will use (maximize applied: linear)
-        low, draw = self.optimizer.compress(param, self._group_of[id(param)], grad,
+        low, draw = self.optimizer.compress(param, self._group(param), grad,
                                             draw=entry[2] if entry is not None else None)
         if entry is None:
             self._buffers[id(param)] = (param, low, draw)
@@ -102,7 +111,7 @@ class CompressedAccumulator:
         """Step the compressed params with their accumulated low-rank gradients, then
         every other param through the optimizer's ``step()`` (ordinary ``.grad``)."""
         opt = self.optimizer
-        staged = [opt.stage_compressed(param, self._group_of[id(param)], low, draw)
+        staged = [opt.stage_compressed(param, self._group(param), low, draw)
                   for param, low, draw in self._buffers.values()]
         self._buffers.clear()
         opt.apply_staged([item for item in staged if item is not None])

@@ -68,11 +68,22 @@ class LayerwiseOptimizer:
         self.last_grad_norm: float | None = None
         self._group_of: dict[int, dict[str, Any]] = {}
         self._handles = []
+        self._hooked: set[int] = set()
+        self._hooks_removed = False
         self._reset_window()
-        for group in optimizer.param_groups:
+        self._sync_params()
+
+    def _sync_params(self) -> None:
+        """Map every param to its group and hook every param that requires grad and has no hook yet:
+        groups added by ``add_param_group`` and params unfrozen after construction (fine-tuning that
+        unfreezes layers midway) are stepped from their hooks from the next backward on."""
+        self._group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
+        if self._hooks_removed:
+            return
+        for group in self.optimizer.param_groups:
             for p in group["params"]:
-                self._group_of[id(p)] = group
-                if p.requires_grad:
+                if p.requires_grad and id(p) not in self._hooked:
+                    self._hooked.add(id(p))
                     self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
     def _reset_window(self) -> None:
@@ -95,7 +106,12 @@ class LayerwiseOptimizer:
         """Process ``param.grad`` now (its last micro-batch's gradient is complete): step it, or
         with clipping project it and keep it until the window's global norm is known."""
         opt = self.optimizer
-        group = self._group_of[id(param)]
+        group = self._group_of.get(id(param))
+        if group is None or not any(g is group for g in opt.param_groups):
+            # added by add_param_group since the last window, or the groups were replaced by a
+            # load_state_dict on the optimizer itself (a resume): the old dicts no longer see the scheduler
+            self._sync_params()
+            group = self._group_of[id(param)]
         grad = param.grad
         self._handled.add(id(param))
         opt.check_grad(grad)
@@ -132,6 +148,7 @@ class LayerwiseOptimizer:
         if self.max_grad_norm is not None:
             self._apply_clipped()
         self._reset_window()
+        self._sync_params()  # params added or unfrozen in this window get their hooks for the next
         # The optimizer was stepped parameter by parameter: tell LR schedulers so.
         self.optimizer.mark_stepped()
         if self.scheduler is not None:
@@ -166,9 +183,10 @@ class LayerwiseOptimizer:
         self.optimizer.load_state_dict(state_dict["optimizer"])
         # torch's load_state_dict replaces the param-group dicts: re-point the hooks at the new ones,
         # or they keep stepping with the old groups' lr (which LR schedulers no longer update).
-        self._group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
+        self._sync_params()
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._hooks_removed = True

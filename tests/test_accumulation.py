@@ -105,3 +105,26 @@ def test_remove_restores_ordinary_gradients():
     acc.remove()
     micro_backward(model, 0, 0)
     assert all(p.grad is not None for p in acc.compressed_params)
+
+
+def test_a_resume_that_loads_the_optimizer_after_the_accumulator_follows_the_schedule():
+    """A resume builds the optimizer and the accumulator, then loads the checkpoint: torch's
+    load_state_dict replaces the param-group dicts, and the compressed params must step with the new
+    ones (the ones the LR scheduler updates), exactly as ordinary accumulation does."""
+    model, opt, ref, ref_opt = setup()
+    acc = lrgrad.CompressedAccumulator(opt)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    ref_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.5**step) for o in (opt, ref_opt)]
+    for window in range(3):
+        for i in range(MICRO):
+            micro_backward(model, window, i)
+            micro_backward(ref, window, i)
+        acc.step()
+        acc.zero_grad()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        for sched in scheds:
+            sched.step()
+    for (key, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=key)

@@ -92,3 +92,64 @@ def test_layerwise_bad_input(kwargs, error, match):
         lrgrad.LayerwiseOptimizer(opt, **kwargs)
     with pytest.raises(TypeError, match="optimizer"):
         lrgrad.LayerwiseOptimizer(torch.optim.AdamW(TinyLM().parameters()))
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_layers_unfrozen_midway_with_add_param_group_step_as_in_the_ordinary_loop(max_norm):
+    """Fine-tuning that unfreezes layers midway (``requires_grad_(True)`` + ``add_param_group``) under
+    per-layer updates: the new params get their hooks (stepped and freed during backward) and the
+    weights equal the ordinary loop's."""
+    torch.manual_seed(0)
+    base = TinyLM().double()
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    opts, lws = [], []
+    for i, model in enumerate(models):
+        frozen = list(model.layers[0].parameters())
+        for p in frozen:
+            p.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = lrgrad.GaLoreAdamW(trainable, lr=0.01, rank=8, update_proj_gap=2)
+        opts.append(opt)
+        lws.append(lrgrad.LayerwiseOptimizer(opt, max_grad_norm=max_norm) if i else None)
+    for step in range(4):
+        for model, opt, lw in zip(models, opts, lws):
+            if step == 2:
+                for p in model.layers[0].parameters():
+                    p.requires_grad_(True)
+                opt.add_param_group({"params": list(model.layers[0].parameters())})
+            lm_loss(model, make_batch(seed=step)).backward()
+            if lw is None:
+                if max_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                opt.step()
+                opt.zero_grad()
+            else:
+                if step == 3 and max_norm is None:  # the unfrozen matrices were stepped in their hooks
+                    assert model.layers[0].q_proj.weight.grad is None
+                lw.step()
+    for (key, x), y in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-10, msg=key)
+    assert not torch.equal(models[1].layers[0].q_proj.weight, base.layers[0].q_proj.weight)
+
+
+def test_optimizer_loaded_directly_after_the_wrapper_is_built_follows_the_schedule():
+    """A resume that calls ``opt.load_state_dict`` (not the wrapper's) after building the wrapper: torch
+    replaces the group dicts, and the hooks must step with the new ones, which the scheduler updates."""
+    torch.manual_seed(0)
+    base = TinyLM().double()
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    opts = [lrgrad.GaLoreAdamW(lrgrad.param_groups(m, rank=8), lr=0.01) for m in models]
+    lw = lrgrad.LayerwiseOptimizer(opts[1])
+    for opt in opts:
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.5**step) for o in opts]
+    for step in range(3):
+        for model in models:
+            lm_loss(model, make_batch(seed=step)).backward()
+        opts[0].step()
+        opts[0].zero_grad()
+        lw.step()
+        for sched in scheds:
+            sched.step()
+    for (key, x), y in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-10, msg=key)
