@@ -351,6 +351,16 @@ def route_named_params(params: Any, rank: int | None, owner: str = "the optimize
     return groups
 
 
+def refuse_module(params: Any) -> None:
+    """``Opt(model)`` for ``Opt(model.parameters())``: one ``TypeError`` naming ``params`` and the routes
+    that work (torch's own says "'Linear' object is not iterable", or names a submodule)."""
+    if isinstance(params, nn.Module):
+        raise TypeError(
+            f"Invalid params: got a torch.nn.Module ({type(params).__name__}), expected its parameters: pass "
+            "model.named_parameters() (embeddings and the head stay full-rank) or lrgrad.param_groups(model, rank)"
+        )
+
+
 def is_module_parameters(params: Any) -> bool:
     """True for the generator ``nn.Module.parameters()`` returns: a whole model's tensors, without
     names (a hand-written list of tensors is taken as a deliberate choice of what to project)."""

@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from lrgrad._checks import check_bool, check_choice, check_float, check_int, check_nonnegative
 from lrgrad.dtensor import is_dtensor, low_rank_zeros
-from lrgrad.groups import caller_stacklevel, is_module_parameters, route_named_params
+from lrgrad.groups import caller_stacklevel, is_module_parameters, refuse_module, route_named_params
 from lrgrad.optim.compile_guard import refuse_compiled_step
 from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS, full_rank_update_, init_full_rank_state, validate_full_rank
 from lrgrad.optim.group_keys import normalize_group
@@ -146,6 +146,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         projector: str = "svd",
         **options: Any,
     ):
+        refuse_module(params)
         if not isinstance(rule, str) or rule not in RULES:
             raise ValueError(f"Invalid rule: {rule!r}; expected one of {sorted(RULES)}")
         if not isinstance(projector, str) or projector not in PROJECTORS:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from lrgrad._checks import check_bool
+from lrgrad.groups import refuse_module
 from lrgrad.optim.adafactor_compat import translate_adafactor_kwargs
 from lrgrad.optim.embedding_routing import route_embeddings_to_adamw
 from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS
@@ -559,6 +560,7 @@ def construct(self: LowRankOptimizer, p: ResolvedPreset, params: ParamsT, given:
     """Build ``self`` as preset ``p`` with the arguments the caller ``given`` (defaults not filled in:
     ``LowRankOptimizer`` fills them, and knows which options were explicit)."""
     _refuse_fixed(p, given)
+    refuse_module(params)  # before the embedding routing iterates it
     projector = given.pop("projector", p.projector)
     lr = given.pop("lr", p.defaults["lr"])
     options = {**p.overrides, **given}

@@ -118,6 +118,16 @@ def test_a_structural_key_changed_by_hand_after_the_first_step_is_refused(name, 
         assert not torch.equal(w, before)
 
 
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "Muon", "LowRankOptimizer"])
+@pytest.mark.parametrize("model", [torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(8, 8))])
+def test_a_model_given_as_params_is_refused_naming_params(name, model):
+    """``Opt(model)`` instead of ``Opt(model.parameters())``: torch says "'Linear' object is not iterable"
+    (or complains about a submodule); the error should name ``params`` and the two routes that work."""
+    cls = LowRankOptimizer if name == "LowRankOptimizer" else getattr(lrgrad, name)
+    with pytest.raises(TypeError, match=r"Invalid params: .*nn\.Module.*named_parameters\(\).*param_groups"):
+        cls(model, rank=4)
+
+
 def test_state_bytes_are_what_plain_galore_needs():
     """Moments 2·max(m, n)·r + one r·min(m, n) basis per projected matrix, fp32; full-rank rest 2·numel."""
     shapes = [(64, 24), (24, 64), (40, 40)]
