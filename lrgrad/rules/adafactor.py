@@ -55,6 +55,18 @@ class AdafactorRule(UpdateRule):
             state["exp_avg"] = torch.zeros_like(like)
 
     def update(self, state: dict[str, Any], grad: torch.Tensor, step: int) -> torch.Tensor:
+        if grad.dtype in (torch.float16, torch.bfloat16):
+            # state_dtype="param": compute in fp32 and store the state in the param's dtype, as
+            # transformers.Adafactor does (in fp16, eps = 1e-30 and small g² are 0 and g / sqrt(0) is inf)
+            work = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+            update = self._update(work, grad.float(), step)
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    value.copy_(work[key])
+            return update
+        return self._update(state, grad, step)
+
+    def _update(self, state: dict[str, Any], grad: torch.Tensor, step: int) -> torch.Tensor:
         beta2_t = 1.0 - step ** self.group["beta2_decay"]
         eps = self.group["eps"]
         if "exp_avg_sq_row" in state:

@@ -58,3 +58,34 @@ def test_param_state_dtype_resumes_bit_identically():
 def test_bad_state_dtype_names_the_option():
     with pytest.raises(ValueError, match="state_dtype"):
         lrgrad.GaLoreAdamW(TinyLM().named_parameters(), rank=8, state_dtype="bf16")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_param_state_dtype_adafactor_computes_in_fp32_like_transformers(dtype):
+    """Adafactor's ε (1e-30) and small squared gradients underflow to 0 in fp16, and g / sqrt(0) put
+    inf/NaN in the weights after one step. transformers.Adafactor (and torch's) compute in fp32: the
+    first step equals the fp32-state run bit for bit; later ones read the state as stored (in the param's
+    dtype, so tiny second moments are coarse) and stay finite, each moving a param by at most what the
+    RMS clip allows (‖u‖ ≤ clip_threshold · √n)."""
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 16).to(dtype), torch.randn(16).to(dtype)]
+    runs = {}
+    for state_dtype in ("param", "fp32"):
+        params = [w.clone().requires_grad_() for w in weights]
+        opt = lrgrad.LowRankAdafactor(params, lr=1e-2, weight_decay=0.0, state_dtype=state_dtype)
+        gen = torch.Generator().manual_seed(1)
+        history = []
+        for _ in range(4):
+            for p in params:
+                p.grad = (1e-4 * torch.randn(p.shape, generator=gen)).to(dtype)  # g² < fp16's smallest subnormal
+            opt.step()
+            history.append([p.detach().clone() for p in params])
+        runs[state_dtype] = (history, opt, params)
+    (ours, opt, params), (ref, _, _) = runs["param"], runs["fp32"]
+    assert all(torch.equal(a, b) for a, b in zip(ours[0], ref[0]))
+    for before, after in zip([weights, *ours[:-1]], ours):
+        for w, a in zip(before, after):
+            assert torch.isfinite(a).all()
+            bound = 1e-2 * a.numel() ** 0.5 + torch.finfo(dtype).eps * float(w.float().norm())  # + rounding
+            assert float((a.float() - w.float()).norm()) <= bound
+    assert all(v.dtype == dtype for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor))
