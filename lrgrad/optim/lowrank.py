@@ -192,6 +192,15 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             raise
         for p in group["params"]:
             self._param_index.setdefault(id(p), len(self._param_index))
+        # the lr each group was built with, by position (load_state_dict keeps the order): the matrix-only
+        # rules' AdamW fallback scales its adamw_lr by lr / this (MatrixRule.fallback_group)
+        self.__dict__.setdefault("_built_lrs", []).append(float(group["lr"]))
+
+    def built_lr(self, group: dict[str, Any]) -> float | None:
+        """The lr ``group`` had when it was added to this optimizer (``None`` if not known)."""
+        built = self.__dict__.get("_built_lrs", [])
+        index = next((i for i, g in enumerate(self.param_groups) if g is group), None)
+        return built[index] if index is not None and index < len(built) else None
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         lr = group["lr"]
@@ -254,7 +263,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         """The rule that updates ``param``: a matrix-only rule hands 1-D params to its fallback."""
         cls = RULES[group["rule"]]
         if cls.matrix_only and param.dim() < 2:
-            fallback = cls.fallback_group(group)
+            fallback = cls.fallback_group(group, base_lr=self.built_lr(group))
             return RULES[fallback["rule"]](fallback)
         return cls(group)
 
@@ -465,8 +474,8 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         rule = rule or self.rule_for(group)
         if rule.matrix_only and any(p.dim() < 2 for p in params):
             vectors = [i for i, p in enumerate(params) if p.dim() < 2]
-            self.apply_full_rank(type(rule).fallback_group(group), [params[i] for i in vectors],
-                                 [grads[i] for i in vectors])
+            fallback = type(rule).fallback_group(group, base_lr=self.built_lr(group))
+            self.apply_full_rank(fallback, [params[i] for i in vectors], [grads[i] for i in vectors])
             params, grads = [p for p in params if p.dim() >= 2], [g for p, g in zip(params, grads) if p.dim() >= 2]
             if not params:
                 return

@@ -11,7 +11,8 @@ names the family.
 All three take ``model.parameters()`` directly: matrices (N-d params viewed as
 ``(shape[0], rest)``) get the normalized update, 1-D params (biases, norms) get AdamW in
 the same optimizer with the group's ``adamw_lr``/``adamw_betas``/``adamw_eps``/
-``adamw_weight_decay``. ``adamw_lr`` follows LR schedulers (it is scaled by ``lr / initial_lr``).
+``adamw_weight_decay``. ``adamw_lr`` follows LR schedulers (it is scaled by ``lr / lr₀``, ``lr₀`` the
+group's lr as built).
 Embeddings and the output head are matrices, but Muon's guidance gives them AdamW: when they
 can be recognised - ``model.named_parameters()`` or ``lrgrad.param_groups(model, rank=...)`` -
 they get AdamW by default (``adamw_for_embeddings=True``; see

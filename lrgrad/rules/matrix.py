@@ -19,7 +19,7 @@ from lrgrad.rules.adamw import AdamWRule
 from lrgrad.rules.base import UpdateRule
 
 #: the AdamW hyperparameters a matrix-only rule gives its 1-D params (``adamw_lr`` is the
-#: AdamW lr at the schedule's start: see ``MatrixRule.fallback_group``)
+#: AdamW lr that goes with the group's lr as built: see ``MatrixRule.fallback_group``)
 ADAMW_FALLBACK_DEFAULTS: dict[str, Any] = {
     "adamw_lr": 3e-3,
     "adamw_betas": (0.9, 0.95),
@@ -61,12 +61,14 @@ class MatrixRule(UpdateRule):
             check_nonnegative("adamw_weight_decay", group["adamw_weight_decay"])
 
     @classmethod
-    def fallback_group(cls, group: dict[str, Any]) -> dict[str, Any]:
+    def fallback_group(cls, group: dict[str, Any], base_lr: float | None = None) -> dict[str, Any]:
         """The group 1-D params of ``group`` run in: AdamW with the ``adamw_*`` keys.
 
-        ``adamw_lr`` follows LR schedulers: torch schedulers record ``initial_lr`` and
-        rescale ``lr``, so the AdamW lr is ``adamw_lr · lr / initial_lr`` (warmup, cosine and
-        a zero lr reach the 1-D params too). ``adamw_lr=None`` uses ``lr`` itself and
+        ``adamw_lr`` pairs with the lr the group was built with, ``base_lr`` (the optimizer records
+        it): the AdamW lr is ``adamw_lr · lr / base_lr``, so every LR scheduler and an lr set by hand
+        reach the 1-D params (warmup, cosine, a zero lr; ReduceLROnPlateau records no ``initial_lr``,
+        OneCycleLR records its own start ``max_lr / div_factor``). Without ``base_lr`` a torch
+        scheduler's ``initial_lr`` stands in. ``adamw_lr=None`` uses ``lr`` itself and
         ``adamw_weight_decay=None`` the group's ``weight_decay``.
         """
         derived = {k: v for k, v in group.items() if k not in cls.option_defaults}
@@ -78,8 +80,8 @@ class MatrixRule(UpdateRule):
             derived["weight_decay"] = group["adamw_weight_decay"]
         lr, base = group["lr"], group["adamw_lr"]
         if base is not None:
-            initial = group.get("initial_lr")
-            derived["lr"] = base * float(lr) / float(initial) if initial else base
+            reference = base_lr if base_lr else group.get("initial_lr")
+            derived["lr"] = base * float(lr) / float(reference) if reference else base
         return derived
 
     def init_state(self, state: dict[str, Any], like: torch.Tensor) -> None:

@@ -191,6 +191,37 @@ def test_adamw_fallback_follows_the_lr_scheduler_and_its_own_weight_decay():
         torch.testing.assert_close(bias.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("schedule", ["plateau", "onecycle", "by_hand"])
+def test_adamw_fallback_follows_every_scheduler_relative_to_the_constructor_lr(schedule):
+    """The fallback's lr is ``adamw_lr · lr_t / lr_0`` with ``lr_0`` the lr the group was built with.
+    ReduceLROnPlateau (and an lr set by hand) record no ``initial_lr``, and OneCycleLR records its own
+    start ``max_lr / div_factor``: measured against those, the 1-D params kept 3e-3 while Muon's lr fell
+    100x, or ran at 24x adamw_lr at OneCycle's peak."""
+    weight = torch.nn.Parameter(torch.randn(8, 6, dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.randn(8, dtype=torch.float64))
+    ref = torch.nn.Parameter(bias.detach().clone())
+    opt = Muon([weight, bias], lr=0.02, weight_decay=0.0, adamw_lr=3e-3)
+    torch_opt = torch.optim.AdamW([ref], lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    if schedule == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.1)
+    elif schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=10)
+    for g in grads_for((8,), 4):
+        weight.grad = torch.randn(8, 6, dtype=torch.float64)
+        if schedule == "by_hand":
+            opt.param_groups[0]["lr"] *= 0.5
+        torch_opt.param_groups[0]["lr"] = 3e-3 * opt.param_groups[0]["lr"] / 0.02
+        bias.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        torch_opt.step()
+        if schedule == "plateau":
+            sched.step(1.0)  # no improvement: lr x 0.1 every step
+        elif schedule == "onecycle":
+            sched.step()
+        torch.testing.assert_close(bias.detach(), ref.detach(), rtol=1e-12, atol=1e-14)
+    assert opt.param_groups[0]["lr"] != 0.02
+
+
 def test_adamw_lr_none_uses_lr():
     bias = torch.nn.Parameter(torch.zeros(4))
     opt = AuON([bias], lr=0.07, adamw_lr=None)
