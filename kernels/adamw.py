@@ -54,6 +54,9 @@ def check_shapes(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
     if not len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs):
         raise ValueError(f"Invalid AdamW step: {len(params)} params, {len(grads)} grads, {len(exp_avgs)} exp_avg, "
                          f"{len(exp_avg_sqs)} exp_avg_sq")
+    shapes = [p.shape for p in params]  # one list comparison per list (the step's hot path); details below
+    if shapes == [g.shape for g in grads] == [m.shape for m in exp_avgs] == [v.shape for v in exp_avg_sqs]:
+        return
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         for key, t in (("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
             if t.shape != p.shape:
