@@ -96,6 +96,38 @@ BASE_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: prefixes wrappers add to parameter names (DDP / FSDP1, torch.compile, FSDP1's flat wrapper)
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def _unwrapped_name(name: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name
+
+
+def refuse_reordered(index: int, saved: Any, current: Any) -> None:
+    """Refuse a state dict whose group ``index`` holds the same named params as this optimizer's in
+    another order (a model rebuilt with its modules registered in another order): loading by position
+    would put each param's state on another tensor of the same shape, silently. Names that differ
+    otherwise (renamed or re-wrapped models) are left to torch's positional loading."""
+    if not isinstance(saved, list) or not isinstance(current, list) or len(saved) != len(current):
+        return
+    ours, theirs = [_unwrapped_name(n) for n in current], [_unwrapped_name(n) for n in saved]
+    if ours == theirs or sorted(ours) != sorted(theirs):
+        return
+    j = next(k for k, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+    raise ValueError(
+        f"Invalid state_dict: param group {index} holds the same params in another order (its param {j} is "
+        f"{saved[j]!r}, this optimizer's is {current[j]!r}): loading by position would give each state to "
+        f"another tensor; build the optimizer from the params in the saved order"
+    )
+
+
 class LowRankOptimizer(StepPipeline, Optimizer):
     r"""Run the update rule ``rule`` inside the projector ``projector``.
 
@@ -638,6 +670,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                     )
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"Invalid state_dict: param group {i} has a different number of params")
+            refuse_reordered(i, saved.get("param_names"), group.get("param_names"))
             for index, p in zip(saved["params"], group["params"]):
                 index_to_param[index] = (p, group)
         saved_state = state_dict["state"]

@@ -210,6 +210,35 @@ def test_every_optimizer_accepts_its_own_state_dict(name):
 
 
 # ---------------------------------------------------------------- 11: per-layer clipping skips consistently
+class _Attention(torch.nn.Module):
+    """Four same-shape projections, registered in the order given (a rebuilt model may differ)."""
+
+    def __init__(self, order: tuple[str, ...]):
+        super().__init__()
+        for name in order:
+            self.add_module(name, torch.nn.Linear(16, 16, bias=False))
+
+
+def test_state_dict_of_the_same_params_in_another_order_is_refused():
+    """A model rebuilt with its modules registered in another order has the same names and shapes, so
+    torch maps the saved state by position onto the wrong tensors (q's moments on v) in silence. With
+    ``param_names`` on both sides (``named_parameters()``) the reordering is refused by name; a renamed
+    model (a ``module.`` / ``_orig_mod.`` prefix) still loads."""
+    saved_model = _Attention(("q", "k", "v", "o"))
+    opt = lrgrad.GaLoreAdamW(saved_model.named_parameters(), rank=4)
+    for p in saved_model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = opt.state_dict()
+    rebuilt = _Attention(("v", "k", "q", "o"))
+    with pytest.raises(ValueError, match=r"group 0 holds the same params in another order.*'q.weight'.*'v.weight'"):
+        lrgrad.GaLoreAdamW(rebuilt.named_parameters(), rank=4).load_state_dict(copy.deepcopy(state))
+    same = _Attention(("q", "k", "v", "o"))
+    lrgrad.GaLoreAdamW(same.named_parameters(), rank=4).load_state_dict(copy.deepcopy(state))
+    wrapped = torch.nn.ModuleDict({"module": _Attention(("q", "k", "v", "o"))})
+    lrgrad.GaLoreAdamW(wrapped.named_parameters(), rank=4).load_state_dict(copy.deepcopy(state))
+
+
 def test_layerwise_skipped_window_moves_no_counter_and_refreshes_nothing():
     model = _model()
     opt = lrgrad.GaLoreAdamW(lrgrad.param_groups(model, rank=8, update_proj_gap=2), lr=1e-2)
