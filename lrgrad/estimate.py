@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from lrgrad._checks import check_bool, check_choice, check_int
-from lrgrad.groups import DEFAULT_EXCLUDE, route_named_params, select_low_rank_modules
+from lrgrad.groups import DEFAULT_EXCLUDE, projected_param_names, route_named_params, select_low_rank_modules
 from lrgrad.optim.presets import PRESETS, preset_of
 from lrgrad.optim.registry import optimizer_class
 from lrgrad.subspace import basis_shape, compute_dtype, low_rank_shape, matrix_shape
@@ -201,7 +201,7 @@ def _params_from_module(model: nn.Module, dtype: torch.dtype | None) -> tuple[li
                 continue
             seen.add(id(p))
             name = f"{module_name}.{pname}" if module_name else pname
-            target = module_name in targets and pname == "weight"
+            target = module_name in targets and pname in projected_param_names(module)
             bits = module.bits if isinstance(module, QuantizedLinear) and pname == "weight" else None
             group = module.group_size if bits else 256
             params.append(_Param(name, tuple(p.shape), dtype or p.dtype, target, bits, group, p.requires_grad))

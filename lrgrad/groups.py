@@ -28,7 +28,8 @@ by name last:
   ...). A container named ``output`` (BERT's ``attention.output.dense``) is *not* a head, and a
   name matches whole components only (``classifier`` is not ``pre_classifier``).
 
-By default only linear weights are projected (``nn.Linear`` and transformers' ``Conv1D``);
+By default only linear weights are projected (``nn.Linear``, transformers' ``Conv1D`` and
+``nn.MultiheadAttention``'s ``in_proj_weight``, a linear weight held as a raw param);
 convolution kernels, embeddings, norms and biases stay full-rank (GaLore's and the other papers'
 choice). A convolution is projected only when ``target_modules`` names it (a list entry or a regex,
 never ``"all-linear"``): its kernel ``(out, in/groups, *k)`` is projected as the matrix ``(out,
@@ -111,6 +112,23 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _is_attention_projection(module: nn.Module) -> bool:
+    # nn.MultiheadAttention (torchvision's ViT, nn.TransformerEncoder) keeps its q/k/v projection as a raw
+    # parameter, in_proj_weight (3d x d), not as a linear module: a linear weight all the same
+    return isinstance(module, nn.MultiheadAttention)
+
+
+def projected_param_names(module: nn.Module) -> tuple[str, ...]:
+    """The params of a selected module that are projected: a linear or convolution module's ``weight``;
+    ``nn.MultiheadAttention``'s input projection (``in_proj_weight``, or ``q/k/v_proj_weight`` when the
+    key and value widths differ; its ``out_proj`` is a linear module of its own)."""
+    if _is_attention_projection(module):
+        if getattr(module, "in_proj_weight", None) is not None:
+            return ("in_proj_weight",)
+        return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+    return ("weight",)
+
+
 def _is_conv(module: nn.Module) -> bool:
     # nn.Conv1d/2d/3d and the transposed ones (weights of 3+ dims, viewed as (shape[0], rest))
     return isinstance(module, nn.modules.conv._ConvNd)
@@ -181,9 +199,11 @@ def select_low_rank_modules(
         raise TypeError("Invalid exclude: expected a list of str patterns")
     heads = head_modules(model, exclude)
     if patterns is None:
-        return [name for name, m in model.named_modules() if _is_linear(m) and name and name not in heads]
+        return [name for name, m in model.named_modules()
+                if (_is_linear(m) or _is_attention_projection(m)) and name and name not in heads]
     # named patterns may also pick convolutions (their kernels projected as (out, rest) matrices)
-    linear = [name for name, m in model.named_modules() if (_is_linear(m) or _is_conv(m)) and name]
+    linear = [name for name, m in model.named_modules()
+              if (_is_linear(m) or _is_attention_projection(m) or _is_conv(m)) and name]
     every_module = [name for name, _ in model.named_modules() if name]
     selected = []
     hits: dict[str, list[str]] = {}
@@ -232,7 +252,7 @@ def param_groups(
                 continue  # frozen, or tied (e.g. an lm_head sharing the embedding)
             seen.add(id(param))
             full_name = f"{module_name}.{pname}" if module_name else pname
-            if module_name in targets and pname == "weight":
+            if module_name in targets and pname in projected_param_names(module):
                 low.append((full_name, param))
             else:
                 full.append((full_name, param))
@@ -278,8 +298,9 @@ def model_of_named_parameters(params: Any) -> nn.Module | None:
 def low_rank_param_ids(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> set[int]:
     """The ids of the weights ``param_groups(model, rank)`` (``"all-linear"``) projects."""
     targets = set(select_low_rank_modules(model, "all-linear", exclude))
-    return {id(m.weight) for name, m in model.named_modules() if name in targets
-            and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    return {id(p) for name, m in model.named_modules() if name in targets
+            for pname in projected_param_names(m)
+            if isinstance(p := getattr(m, pname, None), torch.Tensor)}
 
 
 def _low_rank_flags(pairs: list[tuple[str, torch.Tensor]], model: nn.Module | None) -> list[bool]:

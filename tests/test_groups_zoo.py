@@ -181,6 +181,39 @@ def test_named_convolutions_are_projected_as_out_by_rest_matrices():
     assert state_numel < kernel.numel()  # moments are 16 x 4 each plus a 144 x 4 basis: not 2 x 2304
 
 
+class TorchvisionVitLike(nn.Module):
+    """torchvision.models.vit_b_16's layout: conv_proj, encoder.layers (Sequential of blocks whose attention
+    is an nn.MultiheadAttention: its q/k/v projection is the raw param in_proj_weight), heads.head."""
+
+    def __init__(self, d: int = 16, classes: int = 10):
+        super().__init__()
+        self.conv_proj = nn.Conv2d(3, d, 4, 4)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.Sequential(*[nn.TransformerEncoderLayer(d, 2, 4 * d, batch_first=True)
+                                              for _ in range(2)])
+        self.heads = nn.Sequential()
+        self.heads.add_module("head", nn.Linear(d, classes))
+
+
+def test_multihead_attention_input_projections_are_linear_weights_on_both_routes():
+    model = TorchvisionVitLike()
+    low, _ = lrgrad.param_groups(model, rank=RANK)
+    by_groups = {n for n, _ in low["params"]}
+    opt = lrgrad.GaLoreAdamW(model.named_parameters(), rank=RANK)
+    expected = {f"encoder.layers.{i}.{w}.weight" for i in (0, 1) for w in ("self_attn.out_proj", "linear1", "linear2")}
+    expected |= {f"encoder.layers.{i}.self_attn.in_proj_weight" for i in (0, 1)}
+    assert by_groups == projected(opt) == expected  # not the head, not the conv stem, not the biases
+    est = lrgrad.estimate_memory(model, rank=RANK, optimizer="galore_adamw")
+    assert est.optimizer_state < lrgrad.estimate_memory(model, optimizer="adamw").optimizer_state
+    # separate key/value widths: the three q/k/v weights are projected
+    mha = nn.Module()
+    mha.attn = nn.MultiheadAttention(16, 2, kdim=8, vdim=12)
+    mha.out = nn.Linear(16, 4)
+    low, _ = lrgrad.param_groups(mha, rank=RANK, target_modules=["attn"])
+    assert {n for n, _ in low["params"]} == {"attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight",
+                                             "attn.out_proj.weight"}
+
+
 def test_head_is_recognised_structurally_before_names():
     assert lrgrad.groups.head_modules(VitLike()) == {"head"}
     assert lrgrad.groups.head_modules(VitLike(timm_head=True)) == {"head.fc"}
