@@ -389,9 +389,14 @@ def is_module_parameters(params: Any) -> bool:
 
 
 def caller_stacklevel() -> int:
-    """``stacklevel`` for a warning raised inside lrgrad that points at the user's line."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    """``stacklevel`` for a warning raised inside lrgrad that points at the user's line: the first frame
+    outside lrgrad (its kernels included) and torch (``Optimizer.step``'s wrappers sit between a user's
+    ``opt.step()`` and lrgrad's own step)."""
+    inside = [os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__)]
+    kernels = sys.modules.get("lrgrad.kernels")
+    if kernels is not None and getattr(kernels, "__file__", None):
+        inside.append(os.path.dirname(os.path.abspath(kernels.__file__)) + os.sep)
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(tuple(inside)):
         frame, level = frame.f_back, level + 1
     return level

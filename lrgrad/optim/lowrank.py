@@ -435,7 +435,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             f"arrived flattened (DeepSpeed ZeRO, FSDP1 without use_orig_params), this is not low-rank training. "
             f"{SUPPORTED_ROUTES}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
 
     def check_structure(self, index: int, group: dict[str, Any]) -> None:

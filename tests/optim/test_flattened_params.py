@@ -112,3 +112,15 @@ def test_params_flattened_before_construction_still_warn():
             p.grad = torch.ones_like(p)
     with pytest.warns(UserWarning, match=r"rank=8 can be projected.*DeepSpeed ZeRO"):
         opt.step()
+
+
+def test_the_unprojectable_group_warning_names_the_users_step_line():
+    # the warning is raised several frames deep (torch's step wrappers, the pipeline): it must point at
+    # the line that called opt.step(), not at torch's or lrgrad's internals
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = lrgrad.GaLoreAdamW([p], rank=8, lr=1e-3)  # min(m, n) = 4 <= rank
+    p.grad = torch.randn(6, 4)
+    with pytest.warns(UserWarning, match="can be projected") as record:
+        opt.step()
+    hits = [w for w in record if "can be projected" in str(w.message)]
+    assert [w.filename for w in hits] == [__file__]
