@@ -235,6 +235,7 @@ def write(results: Path, opts: argparse.Namespace, runs: list[dict[str, Any]], b
     out += ["", "![validation loss curves](long_run.png)", ""]
     md.write_text("\n".join(out))
     plot(png, runs, best)
-    js.write_text(json.dumps({"options": vars(opts), "best_lr": best, "paper": paper_numbers, "best": best_numbers,
+    options = {k: v for k, v in vars(opts).items() if k not in ("as_worker", "list", "report_only")}  # the queue's
+    js.write_text(json.dumps({"options": options, "best_lr": best, "paper": paper_numbers, "best": best_numbers,
                               "runs": runs}, default=str))
     return md
