@@ -26,12 +26,10 @@ def micro_backward(model, window, i):
     (lm_loss(model, make_batch(seed=100 * window + i)) / MICRO).backward()
 
 
-@pytest.mark.parametrize("cls,kw", [(lrgrad.FloraAdamW, {}), (lrgrad.FloraAdamW, {"maximize": True, "lr": 1e-3}),
-                                    (lrgrad.FloraAdafactor, {"beta1": 0.9})])
-def test_compressed_accumulation_matches_ordinary_accumulation(cls, kw):
-    model, opt, ref, ref_opt = setup(cls, **kw)
-    acc = lrgrad.CompressedAccumulator(opt)
-    for window in range(5):  # update_proj_gap=2: resamples at steps 3 and 5
+def accumulate_side_by_side(model, acc, ref, ref_opt, windows, after_step=()):
+    """``windows`` accumulation windows of MICRO micro-batches: compressed (``acc``) and ordinary
+    (``ref_opt``) on the same batches; each of ``after_step`` (schedulers) steps after every window."""
+    for window in range(windows):
         for i in range(MICRO):
             micro_backward(model, window, i)
             micro_backward(ref, window, i)
@@ -39,6 +37,16 @@ def test_compressed_accumulation_matches_ordinary_accumulation(cls, kw):
         acc.zero_grad()
         ref_opt.step()
         ref_opt.zero_grad()
+        for sched in after_step:
+            sched.step()
+
+
+@pytest.mark.parametrize("cls,kw", [(lrgrad.FloraAdamW, {}), (lrgrad.FloraAdamW, {"maximize": True, "lr": 1e-3}),
+                                    (lrgrad.FloraAdafactor, {"beta1": 0.9})])
+def test_compressed_accumulation_matches_ordinary_accumulation(cls, kw):
+    model, opt, ref, ref_opt = setup(cls, **kw)
+    acc = lrgrad.CompressedAccumulator(opt)
+    accumulate_side_by_side(model, acc, ref, ref_opt, windows=5)  # update_proj_gap=2: resamples at steps 3 and 5
     for (name, a), b in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
     assert max(s.get("proj_refreshes", 0) for s in opt.state.values()) == 3
@@ -116,15 +124,6 @@ def test_a_resume_that_loads_the_optimizer_after_the_accumulator_follows_the_sch
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     ref_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.5**step) for o in (opt, ref_opt)]
-    for window in range(3):
-        for i in range(MICRO):
-            micro_backward(model, window, i)
-            micro_backward(ref, window, i)
-        acc.step()
-        acc.zero_grad()
-        ref_opt.step()
-        ref_opt.zero_grad()
-        for sched in scheds:
-            sched.step()
+    accumulate_side_by_side(model, acc, ref, ref_opt, windows=3, after_step=scheds)
     for (key, a), b in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=key)
