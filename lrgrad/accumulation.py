@@ -46,8 +46,6 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from lrgrad.optim.lowrank import LowRankOptimizer
@@ -60,7 +58,6 @@ class CompressedAccumulator:
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(f"Invalid optimizer: expected an lrgrad optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
-        self._group_of: dict[int, dict[str, Any]] = {}
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id -> (param, sum, draw)
         self._handles = []
         self.compressed_params: list[torch.Tensor] = []
@@ -70,7 +67,6 @@ class CompressedAccumulator:
                 # gradient (APOLLO/Fira): accumulate in .grad and step with optimizer.step()
                 if not (p.requires_grad and optimizer.can_compress(p, group)):
                     continue
-                self._group_of[id(p)] = group
                 self.compressed_params.append(p)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
         if not self.compressed_params:
@@ -78,15 +74,6 @@ class CompressedAccumulator:
                 "Invalid optimizer: no projected parameter uses a gradient-free projector "
                 "(e.g. projector='random' / FloraAdamW); nothing to compress"
             )
-
-    def _group(self, param: torch.Tensor) -> dict[str, Any]:
-        """``param``'s group as the optimizer holds it now: ``load_state_dict`` replaces the group dicts
-        (a resume loads after building this), and the old ones no longer see the LR scheduler."""
-        group = self._group_of[id(param)]
-        if not any(g is group for g in self.optimizer.param_groups):
-            self._group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-            group = self._group_of[id(param)]
-        return group
 
     # ------------------------------------------------------------------ hooks
     @torch.no_grad()
@@ -97,7 +84,7 @@ class CompressedAccumulator:
         self.optimizer.check_grad(grad)
         entry = self._buffers.get(id(param))
         # projected into the subspace the next optimizer step will use (maximize applied: linear)
-        low, draw = self.optimizer.compress(param, self._group(param), grad,
+        low, draw = self.optimizer.compress(param, self.optimizer.group_of(param), grad,
                                             draw=entry[2] if entry is not None else None)
         if entry is None:
             self._buffers[id(param)] = (param, low, draw)
@@ -111,7 +98,7 @@ class CompressedAccumulator:
         """Step the compressed params with their accumulated low-rank gradients, then
         every other param through the optimizer's ``step()`` (ordinary ``.grad``)."""
         opt = self.optimizer
-        staged = [opt.stage_compressed(param, self._group(param), low, draw)
+        staged = [opt.stage_compressed(param, opt.group_of(param), low, draw)
                   for param, low, draw in self._buffers.values()]
         self._buffers.clear()
         opt.apply_staged([item for item in staged if item is not None])

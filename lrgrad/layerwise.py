@@ -66,7 +66,6 @@ class LayerwiseOptimizer:
         self.micro_step = 0
         self.skipped_steps = 0
         self.last_grad_norm: float | None = None
-        self._group_of: dict[int, dict[str, Any]] = {}
         self._handles = []
         self._hooked: set[int] = set()
         self._hooks_removed = False
@@ -74,10 +73,9 @@ class LayerwiseOptimizer:
         self._sync_params()
 
     def _sync_params(self) -> None:
-        """Map every param to its group and hook every param that requires grad and has no hook yet:
-        groups added by ``add_param_group`` and params unfrozen after construction (fine-tuning that
-        unfreezes layers midway) are stepped from their hooks from the next backward on."""
-        self._group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
+        """Hook every param that requires grad and has no hook yet: groups added by ``add_param_group``
+        and params unfrozen after construction (fine-tuning that unfreezes layers midway) are stepped
+        from their hooks from the next backward on (``optimizer.group_of`` finds their current group)."""
         if self._hooks_removed:
             return
         for group in self.optimizer.param_groups:
@@ -106,12 +104,7 @@ class LayerwiseOptimizer:
         """Process ``param.grad`` now (its last micro-batch's gradient is complete): step it, or
         with clipping project it and keep it until the window's global norm is known."""
         opt = self.optimizer
-        group = self._group_of.get(id(param))
-        if group is None or not any(g is group for g in opt.param_groups):
-            # added by add_param_group since the last window, or the groups were replaced by a
-            # load_state_dict on the optimizer itself (a resume): the old dicts no longer see the scheduler
-            self._sync_params()
-            group = self._group_of[id(param)]
+        group = opt.group_of(param)  # the current dict: a resume's load_state_dict replaces them
         grad = param.grad
         self._handled.add(id(param))
         opt.check_grad(grad)
@@ -167,7 +160,7 @@ class LayerwiseOptimizer:
         coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
         opt.apply_staged(self._pending_low, grad_scale=coef)  # projection is linear: clip R, not G
         for p, grad in self._pending_full:
-            opt.step_params(self._group_of[id(p)], [p], [grad * coef if coef < 1.0 else grad])
+            opt.step_params(opt.group_of(p), [p], [grad * coef if coef < 1.0 else grad])
             p.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -180,10 +173,9 @@ class LayerwiseOptimizer:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.micro_step = int(state_dict["micro_step"])
         self.skipped_steps = int(state_dict["skipped_steps"])
+        # torch's load_state_dict replaces the param-group dicts; the hooks find the new ones
+        # (optimizer.group_of), which the LR schedulers update
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        # torch's load_state_dict replaces the param-group dicts: re-point the hooks at the new ones,
-        # or they keep stepping with the old groups' lr (which LR schedulers no longer update).
-        self._sync_params()
 
     def remove_hooks(self) -> None:
         for handle in self._handles:

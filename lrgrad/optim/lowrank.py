@@ -228,6 +228,18 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         # rules' AdamW fallback scales its adamw_lr by lr / this (MatrixRule.fallback_group)
         self.__dict__.setdefault("_built_lrs", []).append(float(group["lr"]))
 
+    def group_of(self, param: torch.Tensor) -> dict[str, Any]:
+        """The param group that holds ``param`` now. Wrappers that step params from hooks (layerwise,
+        compressed accumulation) ask here rather than keep a map: ``load_state_dict`` replaces the group
+        dicts (a resume) and ``add_param_group`` adds some, and only the current dicts see the LR scheduler."""
+        cache = self.__dict__.setdefault("_group_of", {})
+        group = cache.get(id(param))
+        if group is None or not any(g is group for g in self.param_groups):
+            cache.clear()
+            cache.update({id(p): g for g in self.param_groups for p in g["params"]})
+            group = cache[id(param)]
+        return group
+
     def built_lr(self, group: dict[str, Any]) -> float | None:
         """The lr ``group`` had when it was added to this optimizer (``None`` if not known)."""
         built = self.__dict__.get("_built_lrs", [])
