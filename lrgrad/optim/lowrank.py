@@ -191,6 +191,10 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s): {', '.join(unknown)}")
         defaults.update(options)
+        # checked here as well as per group: routing named params may leave no group that takes the
+        # constructor's rank (a model whose matrices are all embeddings, heads or convolutions), and
+        # a rank of 0, -1 or 2.5 must not pass silently there either
+        check_int("rank", defaults["rank"], 1, allow_none=True)
         self._param_index: dict[int, int] = {}
         self._explicit_options = frozenset(options)  # what the constructor was given, not defaulted
         if defaults["rank"] is not None and is_module_parameters(params):

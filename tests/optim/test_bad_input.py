@@ -43,6 +43,16 @@ def test_bad_hyperparameters(kwargs, error, match):
         lrgrad.GaLoreAdamW(_param(), **kwargs)
 
 
+@pytest.mark.parametrize("rank,error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), ("8", TypeError)])
+@pytest.mark.parametrize("name", sorted(lrgrad.OPTIMIZERS))
+def test_a_bad_rank_is_refused_when_routing_projects_nothing(name, rank, error):
+    # named params of a model with nothing to project (a convolution and its classifier head) all go to
+    # the full-rank group, so no group takes the constructor's rank: it must still be checked
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    with pytest.raises(error, match="rank"):
+        lrgrad.OPTIMIZERS[name](model.named_parameters(), rank=rank)
+
+
 def test_bad_param_group_is_rejected_and_not_added():
     opt = lrgrad.GaLoreAdamW(_param(), rank=4)
     with pytest.raises(ValueError, match="rank"):
