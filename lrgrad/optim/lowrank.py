@@ -365,6 +365,9 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             grads = [p.grad for p in group["params"] if p.grad is not None]
             for g in grads:
                 self.check_grad(g)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.check_layout(p, group)
             if grads:
                 self.check_structure(index, group)
                 self.check_projectable(group)
@@ -470,6 +473,40 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 "or add a new param group, for other params"
             )
         seen[index] = now
+
+    def state_layout(self, param: torch.Tensor, group: dict[str, Any]) -> tuple[Any, ...]:
+        """What ``param``'s state was built for: its shape and the dtypes its state tensors take
+        (the compute dtype; a full-rank param's ``state_dtype``). bf16 <-> fp32 <-> fp16 keeps both."""
+        state_dtype = compute_dtype(param.dtype) if self.is_projected(param, group) else full_rank_state_dtype(
+            param, group)
+        return tuple(param.shape), compute_dtype(param.dtype), state_dtype
+
+    def check_layout(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        """Refuse, with one ``ValueError`` naming the param, a param whose shape or compute dtype changed
+        after its state was created (``p.data = torch.randn(other shape)``, ``model.double()`` after a
+        step): the moments and bases belong to the old tensor, and the step would fail deep in a matmul
+        (as ``torch.optim.AdamW``'s does) or, for a same-numel reshape, pair entries with other entries."""
+        layouts = self.__dict__.setdefault("_state_layouts", {})
+        now = self.state_layout(param, group)
+        before = layouts.get(id(param))
+        if before is None or before == now or not self.state.get(param):
+            layouts[id(param)] = now
+            return
+        index = self.__dict__.get("_param_index", {}).get(id(param))
+        names = group.get("param_names")
+        position = next(i for i, p in enumerate(group["params"]) if p is param)  # not list.index: tensor ==
+        name = names[position] if isinstance(names, list) and position < len(names) else None
+        where = f"param {index}" + (f" ({name!r})" if name else "") if index is not None else "a param"
+
+        def show(layout: tuple[Any, ...]) -> str:
+            return f"shape {layout[0]} with {str(layout[2]).removeprefix('torch.')} state"
+
+        raise ValueError(
+            f"Invalid params: {where} changed from {show(before)} to {show(now)} after its optimizer state "
+            "was created (p.data replaced by another tensor, or a cast such as model.double() that changes the "
+            "dtype its state is kept in): the state belongs to the old tensor. Build the optimizer after "
+            "changing the model, or load a state_dict saved for the new params"
+        )
 
     def _another_group_projects(self, group: dict[str, Any]) -> bool:
         """Whether a group other than ``group`` projects a param (flattened params leave none that does)."""
@@ -697,6 +734,8 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             self._check_param_state(index, p, group, pstate)
         super().load_state_dict(state_dict)
         self.__dict__.pop("_group_structure", None)  # the loaded state matches the groups' keys (checked above)
+        # ... and the current params' shapes and dtypes (checked above): the layout the next step compares to
+        self.__dict__["_state_layouts"] = {id(p): self.state_layout(p, group) for p, group in index_to_param.values()}
         # torch casts floating state to the param dtype; put back the exact saved tensors.
         for index, pstate in saved_state.items():
             p, _ = index_to_param[index]

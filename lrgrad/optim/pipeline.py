@@ -165,6 +165,7 @@ class StepPipeline:
         ``deferred``: the chunk's list for refresh work batched across params (``step_params``).
         """
         self.check_grad(grad)
+        self.check_layout(param, group)  # per-layer updates stage from hooks, without step()'s checks
         state = self.state[param]
         if not state:
             self.init_param_state(param, group, state)
@@ -233,6 +234,7 @@ class StepPipeline:
         subspace, from an earlier micro-batch of the window; ``None``: ask the projector). Returns the
         low-rank gradient and the draw. Linear, so the sum over micro-batches is the projection of
         the summed gradient, ``maximize`` included."""
+        self.check_layout(param, group)
         prepared = self.prepare_grad(param, group, grad)
         state = self.state[param]
         projector = self.projector_for(param, group)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import re
+
 import pytest
 import torch
+from state_utils import assert_states_equal
 
 import lrgrad
 from lrgrad.optim.lowrank import LowRankOptimizer
@@ -126,6 +130,90 @@ def test_a_structural_key_changed_by_hand_after_the_first_step_is_refused(name, 
         fresh.param_groups[0][key] = value  # no state yet: nothing to contradict
         fresh.step()
         assert not torch.equal(w, before)
+
+
+def _stepped(name, dtype=torch.float32, **options):
+    """A tiny model (a projected block matrix and its bias, a full-rank embedding and head) after two steps."""
+    torch.manual_seed(0)
+    block = torch.nn.ModuleDict({"proj": torch.nn.Linear(24, 20)})
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(16, 24), "block": block,
+                                 "head": torch.nn.Linear(20, 16)}).to(dtype)
+    opt = lrgrad.OPTIMIZERS[name](model.named_parameters(), rank=4, update_proj_gap=2, lr=1e-2, **options)
+    assert any(opt.is_projected(model["block"]["proj"].weight, g) for g in opt.param_groups)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return model, opt
+
+
+def _assert_refused_and_untouched(model, opt, match):
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {k: copy.deepcopy(v) for k, v in opt.state_dict()["state"].items()}
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert_states_equal(opt.state_dict()["state"], state)
+
+
+@pytest.mark.parametrize("name", sorted(lrgrad.OPTIMIZERS))
+@pytest.mark.parametrize("target,shape", [("block.proj.weight", (20, 12)), ("block.proj.bias", (10,)),
+                                          ("embed.weight", (8, 24))])
+def test_a_param_replaced_by_another_shape_after_a_step_is_refused_by_name(name, target, shape):
+    """``p.data = torch.randn(other shape)`` after the state was created: one ValueError naming the param
+    and both shapes, before anything is written (torch.optim.AdamW fails in a broadcast, lrgrad's projectors
+    in a matmul: "mat1 and mat2 shapes cannot be multiplied")."""
+    model, opt = _stepped(name)
+    model.get_parameter(target).data = torch.randn(shape)
+    _assert_refused_and_untouched(model, opt, rf"'{re.escape(target)}'.* changed from shape .* to shape "
+                                              rf"{re.escape(str(shape))}")
+
+
+@pytest.mark.parametrize("name", sorted(lrgrad.OPTIMIZERS))
+def test_a_cast_to_float64_after_a_step_is_refused_and_bf16_or_fp16_keep_training(name):
+    """``model.double()`` after a step moves the compute dtype from fp32 to fp64, which the fp32 moments and
+    bases were not built in: refused by name (torch.optim.AdamW fails with "expected dtype float"). A cast to
+    bf16 or fp16 keeps fp32 math and state, so training goes on (as torch.optim.AdamW's)."""
+    model, opt = _stepped(name)
+    model.double()
+    _assert_refused_and_untouched(model, opt, r"changed from shape .* with float32 state to .* with float64 state")
+    for dtype in (torch.bfloat16, torch.float16):
+        model, opt = _stepped(name)
+        model.to(dtype)
+        before = [p.detach().clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
+        assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_state_dtype_param_refuses_a_cast_that_changes_the_moments_dtype():
+    """With ``state_dtype="param"`` a full-rank param's moments take its dtype, so fp32 -> bf16 changes them."""
+    model, opt = _stepped("GaLoreAdamW", state_dtype="param")
+    model.to(torch.bfloat16)
+    _assert_refused_and_untouched(model, opt, r"'embed.weight'.* float32 state to .* bfloat16 state")
+
+
+def test_a_replaced_param_is_refused_by_per_layer_updates():
+    """LayerwiseOptimizer steps from backward hooks, without ``step()``'s checks: refused there too."""
+    model, opt = _stepped("GaLoreAdamW")
+    lw = lrgrad.LayerwiseOptimizer(opt)
+    opt.zero_grad()
+    model["block"]["proj"].weight.data = torch.randn(20, 12)
+    with pytest.raises(ValueError, match=r"'block.proj.weight'.* changed from shape \(20, 24\)"):
+        model["block"]["proj"](torch.randn(3, 12)).sum().backward()
+    lw.remove_hooks()
+
+
+def test_a_resumed_optimizer_checks_the_params_it_was_loaded_for():
+    model, opt = _stepped("GaLoreAdamW")
+    fresh_model, fresh = _stepped("GaLoreAdamW")
+    fresh.load_state_dict(opt.state_dict())
+    fresh_model["block"]["proj"].weight.data = torch.randn(20, 12)
+    _assert_refused_and_untouched(fresh_model, fresh, r"'block.proj.weight'.* changed from shape \(20, 24\)")
 
 
 @pytest.mark.parametrize("name", ["GaLoreAdamW", "Muon", "LowRankOptimizer"])
