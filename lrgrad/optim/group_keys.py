@@ -12,6 +12,10 @@ never run lrgrad's defaults in silence.
   unless the group or the constructor sets them.
 * **Refused** (``REFUSED_KEYS``): keys of other implementations whose meaning lrgrad spells
   differently: a ``ValueError`` naming the key and what to write instead.
+* **Plain numbers** (:func:`plain_numbers`): numpy scalars (``np.float32(1e-3)`` from a sweep,
+  ``np.int64`` ranks from a config array) become Python numbers, as they are when written by hand:
+  torch's ``weights_only`` loader refuses a checkpoint whose param groups hold numpy scalars, so
+  ``np.float64`` (a ``float`` subclass) would pass every check and break the resume.
 * **Warned**: any other key lrgrad does not know in a group with a rank (a typo, ``amsgrad``
   from torch's AdamW, ...) gives one ``UserWarning`` per key and optimizer; it is kept in the
   group (torch keeps unknown keys) but changes nothing.
@@ -19,6 +23,7 @@ never run lrgrad's defaults in silence.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -44,6 +49,28 @@ REFUSED_KEYS: dict[str, str] = {
 }
 #: keys torch.optim itself keeps in a group (not hyperparameters of lrgrad's)
 TORCH_KEYS = frozenset({"params", "param_names", "initial_lr", "lr"})
+
+
+def _plain(value: Any) -> Any:
+    if type(value) in (bool, int, float) or isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):  # np.float32 is no float subclass, np.float64 is one
+        return float(value)
+    return value
+
+
+def plain_numbers(group: dict[str, Any]) -> None:
+    """Replace ``group``'s numpy scalars (top level, and inside tuples and lists such as ``betas``) by
+    Python ints and floats in place; tensors (a tensor ``lr``) and everything else stay as they are."""
+    for key, value in group.items():
+        if key in ("params", "param_names"):
+            continue
+        if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
+            group[key] = type(value)(_plain(v) for v in value)
+        else:
+            group[key] = _plain(value)
 
 
 def normalize_group(group: dict[str, Any], defaults: Mapping[str, Any], explicit: Collection[str],
@@ -83,4 +110,4 @@ def normalize_group(group: dict[str, Any], defaults: Mapping[str, Any], explicit
                       f"changes nothing; check its spelling", UserWarning, stacklevel=caller_stacklevel())
 
 
-__all__ = ["ALIASED_KEYS", "REFUSED_KEYS", "TORCH_KEYS", "normalize_group"]
+__all__ = ["ALIASED_KEYS", "REFUSED_KEYS", "TORCH_KEYS", "normalize_group", "plain_numbers"]

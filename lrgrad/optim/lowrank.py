@@ -33,7 +33,7 @@ from lrgrad.dtensor import is_dtensor, low_rank_zeros
 from lrgrad.groups import caller_stacklevel, is_module_parameters, refuse_module, route_named_params
 from lrgrad.optim.compile_guard import refuse_compiled_step
 from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS, full_rank_update_, init_full_rank_state, validate_full_rank
-from lrgrad.optim.group_keys import normalize_group
+from lrgrad.optim.group_keys import normalize_group, plain_numbers
 from lrgrad.optim.nonfinite import probe as nonfinite_probe
 from lrgrad.optim.pipeline import StepPipeline, full_rank_pieces, prepare
 from lrgrad.projectors import PROJECTORS, Projector
@@ -191,6 +191,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s): {', '.join(unknown)}")
         defaults.update(options)
+        plain_numbers(defaults)  # numpy scalars would make every checkpoint unloadable with weights_only
         # checked here as well as per group: routing named params may leave no group that takes the
         # constructor's rank (a model whose matrices are all embeddings, heads or convolutions), and
         # a rank of 0, -1 or 2.5 must not pass silently there either
@@ -221,6 +222,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                             self.__dict__.setdefault("_warned_keys", set()))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        plain_numbers(group)
         try:
             self._validate_group(group)
         except (TypeError, ValueError):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from state_utils import roundtrip
+from tiny_model import TinyLM, train
 
 import lrgrad
 
@@ -60,3 +64,30 @@ def test_an_unknown_key_in_a_projected_group_warns_once():
         warnings.simplefilter("error")  # known keys (the rule's, the projector's, torch's) never warn
         lrgrad.GaLoreAdamW([{"params": [matrix()], "rank": 4, "betas": (0.9, 0.95), "svd": "gram",
                              "param_names": ["w"]}], lr=1e-2)
+
+
+@pytest.mark.parametrize("name", sorted(lrgrad.OPTIMIZERS))
+def test_numpy_scalars_train_as_python_numbers_and_checkpoint_with_weights_only(name):
+    """Hyperparameters from numpy (a sweep's ``np.logspace``, a config array): ``np.float32`` is no
+    ``float`` and ``np.float64`` is one, but torch's ``weights_only`` loader refuses either inside a
+    checkpoint's param groups, so the resume would fail long after the run started. They are taken as
+    the Python numbers they hold: the same trajectory, bit for bit, and a checkpoint that loads."""
+    torch.manual_seed(0)
+    ref_model = TinyLM()
+    model = copy.deepcopy(ref_model)
+    cls = lrgrad.OPTIMIZERS[name]
+    lr = float(np.float32(1e-2))  # the float32 value the numpy lr holds (not 0.01)
+    ref = cls(lrgrad.param_groups(ref_model, rank=8, update_proj_gap=2), lr=lr, weight_decay=0.05)
+    groups = lrgrad.param_groups(model, rank=np.int64(8), update_proj_gap=np.int64(2))
+    groups[0]["weight_decay"] = np.float64(0.05)  # a group's own value, written by numpy
+    opt = cls(groups, lr=np.float32(1e-2), weight_decay=np.float64(0.05))
+    train(ref_model, ref, steps=3)
+    train(model, opt, steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(ref_model.parameters(), model.parameters()))
+    saved = roundtrip(opt.state_dict())  # torch.load(..., weights_only=True)
+    for group in saved["param_groups"]:
+        for key, value in group.items():
+            values = value if isinstance(value, (tuple, list)) else [value]
+            assert all(type(v).__module__ != "numpy" for v in values), (key, value)
+    fresh = cls(lrgrad.param_groups(copy.deepcopy(model), rank=8, update_proj_gap=2), lr=1e-2, weight_decay=0.05)
+    fresh.load_state_dict(saved)
