@@ -312,6 +312,25 @@ def _low_rank_flags(pairs: list[tuple[str, torch.Tensor]], model: nn.Module | No
     return [p.dim() == 2 and not is_embedding_or_head_name(n) for n, p in pairs]
 
 
+def once_per_tensor(pairs: list[tuple[str, torch.Tensor]], flags: list[bool]) -> tuple[list, list[bool]]:
+    """Each tensor once, under its first name: tied weights listed under every name
+    (``named_parameters(remove_duplicate=False)``, the embedding as ``lm_head.weight`` too) would land
+    in both groups, or twice in one, and be stepped twice. Its flag (projected; kept in a matrix-only
+    rule's group) holds only if it holds for every one of its names."""
+    first: dict[int, int] = {}
+    kept: list[tuple[str, torch.Tensor]] = []
+    kept_flags: list[bool] = []
+    for pair, flag in zip(pairs, flags):
+        index = first.get(id(pair[1]))
+        if index is None:
+            first[id(pair[1])] = len(kept)
+            kept.append(pair)
+            kept_flags.append(flag)
+        else:
+            kept_flags[index] = kept_flags[index] and flag
+    return kept, kept_flags
+
+
 def _route_named_group(group: dict[str, Any]) -> list[dict[str, Any]]:
     """A param group of ``(name, tensor)`` pairs that takes the constructor's rank (no ``rank`` key of
     its own, e.g. the decay / no-decay split of a fine-tuning script): its embeddings, head and
@@ -325,7 +344,7 @@ def _route_named_group(group: dict[str, Any]) -> list[dict[str, Any]]:
     members = list(members)
     if not members or not all(_is_named_pair(p) for p in members):
         return [{**group, "params": members}]
-    is_low = _low_rank_flags(members, model)
+    members, is_low = once_per_tensor(members, _low_rank_flags(members, model))
     moved = [not flag and pair[1].dim() >= 2 for pair, flag in zip(members, is_low)]
     keep = [pair for pair, flag in zip(members, moved) if not flag]
     full = [pair for pair, flag in zip(members, moved) if flag]
@@ -353,7 +372,7 @@ def route_named_params(params: Any, rank: int | None, owner: str = "the optimize
         return [part for group in params for part in _route_named_group(group)]
     if rank is None or not params or not all(_is_named_pair(p) for p in params):
         return params
-    is_low = _low_rank_flags(params, model)
+    params, is_low = once_per_tensor(params, _low_rank_flags(params, model))
     low = [pair for pair, flag in zip(params, is_low) if flag]
     full = [pair for pair, flag in zip(params, is_low) if not flag]
     if not low:

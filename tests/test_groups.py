@@ -173,3 +173,54 @@ def test_a_group_with_its_own_rank_is_taken_as_given():
     chosen = [("lm_head.weight", model.lm_head.weight)]
     opt = lrgrad.GaLoreAdamW([{"params": chosen, "rank": 8}], rank=8)
     assert opt.is_projected(model.lm_head.weight, opt.param_groups[0])
+
+
+class TiedBlocks(torch.nn.Module):
+    """An embedding tied to the head, and one block matrix shared by two layers (ALBERT-style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(40, 32)
+        shared = torch.nn.Linear(32, 32)
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"proj": shared}) for _ in range(2))
+        self.lm_head = torch.nn.Linear(32, 40, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = torch.tanh(layer["proj"](x))
+        return self.lm_head(x)
+
+
+@pytest.mark.parametrize("as_group", [False, True])
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "FloraAdamW", "Muon"])
+def test_tied_weights_listed_under_every_name_are_stepped_once(name, as_group):
+    """``named_parameters(remove_duplicate=False)`` lists a tied tensor under each of its names: routed by
+    name, the embedding/head landed in the projected group as one name and the full-rank group as the
+    other (torch's "some parameters appear in more than one parameter group"), and a shared block matrix
+    twice in one group would be stepped twice. Each tensor is kept once, under its first name, projected
+    only if every name of it is: the run equals the one from the deduplicated ``named_parameters()``."""
+    torch.manual_seed(0)
+    model = TiedBlocks()
+    twin = TiedBlocks()
+    twin.load_state_dict(model.state_dict())
+    listed = list(model.named_parameters(remove_duplicate=False))
+    assert len(listed) > len(list(model.parameters()))
+    cls = getattr(lrgrad, name)
+    opt = cls([{"params": listed}] if as_group else listed, lr=1e-2, rank=4, update_proj_gap=2)
+    reference = cls(twin.named_parameters(), lr=1e-2, rank=4, update_proj_gap=2)  # deduplicated by torch
+    every = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in model.parameters())
+
+    def projected(o):
+        return sorted(n for g in o.param_groups for n, p in zip(g["param_names"], g["params"]) if o.is_projected(p, g))
+
+    assert projected(opt) == projected(reference) == ["layers.0.proj.weight"]
+    for step in range(4):
+        tokens = torch.randint(0, 40, (4, 6), generator=torch.Generator().manual_seed(step))
+        for m, o in ((model, opt), (twin, reference)):
+            o.zero_grad()
+            m(tokens).square().mean().backward()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrgrad.groups import DEFAULT_EXCLUDE, head_modules, matches, model_of_named_parameters
+from lrgrad.groups import DEFAULT_EXCLUDE, head_modules, matches, model_of_named_parameters, once_per_tensor
 
 
 def _named(items: list[Any]) -> bool:
@@ -81,8 +81,10 @@ def route_embeddings_to_adamw(params: Any, adamw: dict[str, Any]) -> Any:
             flags = [id(p) in structural for _, p in members]
         else:
             flags = [is_embedding_or_head(n, p) for n, p in members]
-        keep = [pair for pair, moved_ in zip(members, flags) if not moved_]
-        moved = [pair for pair, moved_ in zip(members, flags) if moved_]
+        # a tied tensor listed under each name (remove_duplicate=False) once, moved if any name is a table's
+        members, stays = once_per_tensor(members, [not flag for flag in flags])
+        keep = [pair for pair, stay in zip(members, stays) if stay]
+        moved = [pair for pair, stay in zip(members, stays) if not stay]
         rest = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         if keep:
             routed.append({**rest, "params": keep})
