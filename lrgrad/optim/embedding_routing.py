@@ -12,8 +12,10 @@ parameters can:
 Given the generator ``model.named_parameters()``, the model's structure decides (an
 ``nn.Embedding``'s weight, and the head as ``lrgrad.groups.head_modules`` recognises it:
 ``get_output_embeddings()``, a tied weight, the last linear of a model without that API, then
-names), as ``lrgrad.param_groups`` does; otherwise a matrix whose module name matches
-``lrgrad.groups.DEFAULT_EXCLUDE`` (``embed_tokens``, ``lm_head``, ``wte``, ...). Each such
+names), as ``lrgrad.param_groups`` does; otherwise a matrix whose name is an embedding's or a head's
+by the name rule of the low-rank presets' routing (``lrgrad.groups.is_embedding_or_head_name``: a
+component containing ``embed``, ``wte``/``wpe``/``shared``, a head module such as ``lm_head`` or
+``output``, a top-level ``fc``), so a list of pairs routes as ``model.named_parameters()``. Each such
 matrix moves to a group of its own with ``rule="adamw"`` and the AdamW hyperparameters of
 the matrix-only rule (``adamw_lr``, ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``);
 a group that already names a ``rule`` is left alone.
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrgrad.groups import DEFAULT_EXCLUDE, head_modules, matches, model_of_named_parameters, once_per_tensor
+from lrgrad.groups import head_modules, is_embedding_or_head_name, model_of_named_parameters, once_per_tensor
 
 
 def _named(items: list[Any]) -> bool:
@@ -34,9 +36,10 @@ def _named(items: list[Any]) -> bool:
 
 
 def is_embedding_or_head(name: str, param: torch.Tensor) -> bool:
-    """A matrix whose module (the name less its last part) matches ``DEFAULT_EXCLUDE``."""
-    module = name.rsplit(".", 1)[0] if "." in name else name
-    return param.dim() >= 2 and matches(module, DEFAULT_EXCLUDE)
+    """A matrix whose name is an embedding's or the output head's by the rule the low-rank presets route
+    named params with (:func:`lrgrad.groups.is_embedding_or_head_name`: Meta LLaMA's ``tok_embeddings``,
+    BERT's ``word_embeddings``, T5's ``shared``, a top-level ``fc``, ... as well as ``DEFAULT_EXCLUDE``)."""
+    return param.dim() >= 2 and is_embedding_or_head_name(name)
 
 
 def embedding_and_head_ids(model: nn.Module) -> set[int]:

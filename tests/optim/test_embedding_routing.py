@@ -83,3 +83,27 @@ def test_groups_that_name_a_rule_are_left_alone():
 def test_bad_flag_names_the_parameter():
     with pytest.raises(TypeError, match="adamw_for_embeddings"):
         lrgrad.Muon(TinyLM().named_parameters(), adamw_for_embeddings="yes")
+
+
+#: embedding/head names of real checkpoints that a list of pairs carries (Meta LLaMA, BERT, T5, OPT, torchvision, timm)
+TABLE_NAMES = ["tok_embeddings.weight", "output.weight", "bert.embeddings.word_embeddings.weight",
+               "bert.embeddings.position_embeddings.weight", "shared.weight", "decoder.embed_positions.weight",
+               "fc.weight", "head.fc.weight"]
+
+
+@pytest.mark.parametrize("table", TABLE_NAMES)
+@pytest.mark.parametrize("cls", [lrgrad.Muon, lrgrad.AuON, lrgrad.HybridAuON])
+def test_a_list_of_pairs_sends_every_embedding_name_to_adamw_as_the_low_rank_route_does(cls, table):
+    """``[(n, p) for n, p in model.named_parameters() if p.requires_grad]`` is a list, routed by name: the
+    matrix-only rule's route must call the same names embeddings/heads as the low-rank presets' route (it
+    missed Meta LLaMA's ``tok_embeddings``, BERT's ``word_embeddings``, T5's ``shared``, ... and ran
+    Newton-Schulz on the vocabulary table)."""
+    torch.manual_seed(0)
+    block = torch.nn.Parameter(torch.randn(24, 16))
+    tab = torch.nn.Parameter(torch.randn(40, 16))
+    assert lrgrad.groups.is_embedding_or_head_name(table)
+    opt = cls([("layers.0.attention.wq.weight", block), (table, tab)], lr=0.02)
+    [adamw] = [g for g in opt.param_groups if g["rule"] == "adamw"]
+    assert [id(p) for p in adamw["params"]] == [id(tab)]
+    assert all(not any(p is tab for p in g["params"]) for g in opt.param_groups if g["rule"] != "adamw")
+    assert any(p is block for g in opt.param_groups if g["rule"] != "adamw" for p in g["params"])
