@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from lrgrad._checks import check_bool, check_choice, check_int
-from lrgrad.groups import DEFAULT_EXCLUDE, projected_param_names, route_named_params, select_low_rank_modules
+from lrgrad.experts import expert_views, is_expert_stack, state_dicts, state_tensors
+from lrgrad.groups import DEFAULT_EXCLUDE, MATRIX, projected_params, route_named_params
 from lrgrad.optim.presets import PRESETS, preset_of
 from lrgrad.optim.registry import optimizer_class
 from lrgrad.subspace import basis_shape, compute_dtype, low_rank_shape, matrix_shape
@@ -191,7 +192,7 @@ def _params_from_module(model: nn.Module, dtype: torch.dtype | None) -> tuple[li
     """The params (deduplicated, targeted flags as ``lrgrad.param_groups``) and bytes of buffers."""
     from lrgrad.qweights import QuantizedLinear
 
-    targets = set(select_low_rank_modules(model, "all-linear", DEFAULT_EXCLUDE))
+    kinds = projected_params(model, "all-linear", DEFAULT_EXCLUDE)
     params: list[_Param] = []
     seen: set[int] = set()
     buffer_bytes = 0
@@ -201,7 +202,7 @@ def _params_from_module(model: nn.Module, dtype: torch.dtype | None) -> tuple[li
                 continue
             seen.add(id(p))
             name = f"{module_name}.{pname}" if module_name else pname
-            target = module_name in targets and pname in projected_param_names(module)
+            target = kinds.get(name) == MATRIX  # an expert stack is projected but cannot be quantized
             bits = module.bits if isinstance(module, QuantizedLinear) and pname == "weight" else None
             group = module.group_size if bits else 256
             params.append(_Param(name, tuple(p.shape), dtype or p.dtype, target, bits, group, p.requires_grad))
@@ -364,22 +365,27 @@ def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options:
             p = metas[name_of[id(param)]]
             state: dict[str, Any] = {}
             opt.init_param_state(p, group, state)
-            for out, value in zip((chunks, stages, applies, fulls),
-                                  _transients(opt, p, group, trainable[name_of[id(param)]], state)):
-                out.append(value)
+            # an expert stack (lrgrad.experts) steps as its experts: each one a separate matrix
+            matrices = expert_views(p) if is_expert_stack(p, group) else [p]
+            if len(matrices) > 1 and world_size > 1:
+                raise ValueError(f"Invalid world_size: {world_size}; expert stack {name_of[id(param)]!r} is "
+                                 "projected per expert, which FSDP2 does not support (docs/api.md, expert stacks)")
+            for matrix, sub in zip(matrices, state_dicts(state)):
+                for out, value in zip((chunks, stages, applies, fulls),
+                                      _transients(opt, matrix, group, trainable[name_of[id(param)]], sub)):
+                    out.append(value)
             opt.state[param] = state
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    nbytes = value.numel() * value.element_size()
-                    if key.startswith("proj_"):  # projector state is replicated under FSDP2
-                        proj_bytes += nbytes
-                    elif world_size == 1:
-                        state_bytes += nbytes
+            for key, value in state_tensors(state):
+                nbytes = value.numel() * value.element_size()
+                if key.startswith("proj_"):  # projector state is replicated under FSDP2
+                    proj_bytes += nbytes
+                elif world_size == 1:
+                    state_bytes += nbytes
             if world_size > 1:
                 state_bytes += _sharded_rule_bytes(opt, p, group, world_size)
             if opt.is_projected(p, group):  # what the first refresh will allocate (row states: rank 0's rows)
-                proj_bytes += opt.projector_for(p, group).basis_bytes(matrix_shape(p), compute_dtype(p.dtype),
-                                                                      world_size)
+                proj_bytes += len(matrices) * opt.projector_for(p, group).basis_bytes(
+                    opt.matrix_of(p, group), compute_dtype(p.dtype), world_size)
     proj_bytes += opt.shared_state_bytes()
     # one chunk of low-rank gradients (one param per-layer) while the largest update is applied, or the
     # largest prepared gradient while it is projected, or a full-rank batch of slices

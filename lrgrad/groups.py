@@ -42,6 +42,13 @@ is projected unless a component of its name contains ``embed`` or is ``wte``/``w
 under a top-level head). Tied weights appear once in ``named_parameters()`` (under the embedding's
 name).
 
+Mixture-of-Experts *expert stacks* (transformers' fused ``experts.gate_up_proj`` / ``experts.down_proj``,
+``(num_experts, m, n)``: :func:`is_experts_module`, :func:`expert_stack_names`) are linear weights too:
+``"all-linear"`` takes them, and they go to a group of their own with ``experts=True``, in which the optimizer
+steps each expert as a separate matrix (``lrgrad.experts``). By name alone, a 3-D param under a component
+``experts`` is one. :func:`projected_params` is the one decision every route asks (``param_groups``,
+``model.named_parameters()``, the memory estimator).
+
 Targets (``target_modules``) are matched as :func:`select_low_rank_modules` says: whole dotted
 components, globs and full regular-expression matches; a pattern that selects nothing raises.
 """
@@ -129,6 +136,33 @@ def projected_param_names(module: nn.Module) -> tuple[str, ...]:
     return ("weight",)
 
 
+def is_experts_module(module: nn.Module) -> bool:
+    """A module that holds Mixture-of-Experts weights as 3-D stacks ``(num_experts, m, n)`` (transformers'
+    ``MixtralExperts``, ``Qwen3MoeExperts``, ``GptOssExperts``, ...): not a linear, convolution, embedding or
+    attention module, with an int ``num_experts`` or a class name ending in ``Experts``, and a 3-D param."""
+    if _is_linear(module) or _is_conv(module) or _is_attention_projection(module) or isinstance(module, nn.Embedding):
+        return False
+    declared = isinstance(getattr(module, "num_experts", None), int) or type(module).__name__.endswith("Experts")
+    return declared and any(p.dim() == 3 for p in module.parameters(recurse=False))
+
+
+def expert_stack_names(module: nn.Module) -> tuple[str, ...]:
+    """The own params of an experts module (:func:`is_experts_module`) that are expert stacks: its 3-D params
+    (whose first dim is ``num_experts`` where the module declares it). Its stacked biases ``(E, d)`` (gpt-oss)
+    are vectors per expert and stay full-rank."""
+    if not is_experts_module(module):
+        return ()
+    count = getattr(module, "num_experts", None)
+    return tuple(name for name, p in module.named_parameters(recurse=False)
+                 if p.dim() == 3 and (not isinstance(count, int) or p.shape[0] == count))
+
+
+def _expert_stacks(model: nn.Module) -> list[tuple[str, str]]:
+    """``(param name, module name)`` of every expert stack of ``model``."""
+    return [(f"{name}.{pname}" if name else pname, name)
+            for name, m in model.named_modules() for pname in expert_stack_names(m)]
+
+
 def _is_conv(module: nn.Module) -> bool:
     # nn.Conv1d/2d/3d and the transposed ones (weights of 3+ dims, viewed as (shape[0], rest))
     return isinstance(module, nn.modules.conv._ConvNd)
@@ -179,13 +213,16 @@ def select_low_rank_modules(
     target_modules: str | Sequence[str] = "all-linear",
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
 ) -> list[str]:
-    """Names of the modules whose weight goes to the low-rank group.
+    """Names of the modules whose weight goes to the low-rank group, and of the expert stacks
+    (by their *param* name, e.g. ``model.layers.0.mlp.experts.down_proj``) that are projected per expert.
 
-    ``target_modules``: ``"all-linear"`` (every linear module but the head), a list of
-    patterns (exact, substring, glob or full regex; see :func:`target_matches`) or one
-    regular expression string (Hugging Face's ``optim_target_modules`` convention). Patterns
-    select linear modules and convolutions (a convolution only ever by being named).
-    Every pattern must select at least one module, else ``ValueError`` naming it.
+    ``target_modules``: ``"all-linear"`` (every linear module but the head, and every expert stack:
+    each expert is a linear weight), a list of patterns (exact, substring, glob or full regex; see
+    :func:`target_matches`) or one regular expression string (Hugging Face's ``optim_target_modules``
+    convention). Patterns select linear modules, convolutions (a convolution only ever by being
+    named) and expert stacks; a stack is selected by a pattern that matches its experts module's name
+    (``"experts"``, ``"mlp"``) or its own param name (``"down_proj"``, ``"experts.gate_up_proj"``).
+    Every pattern must select at least one module or stack, else ``ValueError`` naming it.
     """
     if isinstance(target_modules, str):
         patterns = None if target_modules == "all-linear" else [target_modules]
@@ -198,24 +235,31 @@ def select_low_rank_modules(
     if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
         raise TypeError("Invalid exclude: expected a list of str patterns")
     heads = head_modules(model, exclude)
+    # an expert stack is matched by its param name or its module's name; the head rule never takes one
+    stacks = [(name, module) for name, module in _expert_stacks(model)
+              if not (matches(module, exclude) or matches(name, exclude))]
     if patterns is None:
         return [name for name, m in model.named_modules()
-                if (_is_linear(m) or _is_attention_projection(m)) and name and name not in heads]
+                if (_is_linear(m) or _is_attention_projection(m)) and name and name not in heads] + [
+                    name for name, _ in stacks]
     # named patterns may also pick convolutions (their kernels projected as (out, rest) matrices)
     linear = [name for name, m in model.named_modules()
               if (_is_linear(m) or _is_attention_projection(m) or _is_conv(m)) and name]
-    every_module = [name for name, _ in model.named_modules() if name]
+    every_module = [name for name, _ in model.named_modules() if name] + [name for name, _ in stacks]
     selected = []
     hits: dict[str, list[str]] = {}
     for p in patterns:
         if isinstance(target_modules, str):  # one string: a regular expression, full match (Hugging Face)
-            hits[p] = [name for name in linear if name == p or _regex_fullmatch(p, name)]
+            hits[p] = [name for name in linear if name == p or _regex_fullmatch(p, name)] + [
+                name for name, module in stacks if p in (name, module) or _regex_fullmatch(p, name)
+                or _regex_fullmatch(p, module)]
         elif any(_has_components(name, p) or fnmatch.fnmatchcase(name, p) or _regex_fullmatch(p, name)
                  for name in every_module):
-            hits[p] = [name for name in linear if target_matches(name, p)]
+            hits[p] = [name for name in linear if target_matches(name, p)] + [
+                name for name, module in stacks if target_matches(name, p) or target_matches(module, p)]
         else:  # no module has this component: galore-torch's substring ("attn" -> self_attn.q_proj)
-            hits[p] = [name for name in linear if p in name]
-    for name in linear:
+            hits[p] = [name for name in linear if p in name] + [name for name, _ in stacks if p in name]
+    for name in linear + [name for name, _ in stacks]:
         if name not in heads and any(name in hits[p] for p in patterns):
             selected.append(name)
     missing = [p for p, names in hits.items() if not any(n not in heads for n in names)]
@@ -225,7 +269,8 @@ def select_low_rank_modules(
                          for p, names in only_heads.items())
         raise ValueError(
             f"Invalid target_modules: pattern(s) {', '.join(repr(p) for p in missing)} matched no linear or "
-            f"convolution module to project{detail} (such modules are e.g. {linear[:4]})"
+            f"convolution module or expert stack to project{detail} (such modules are e.g. "
+            f"{(linear + [name for name, _ in stacks])[:4]})"
         )
     return selected
 
@@ -237,29 +282,63 @@ def param_groups(
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     **low_rank_options: Any,
 ) -> list[dict[str, Any]]:
-    """Two named groups: the targeted weights (``rank`` + options) and the rest (``rank=None``)."""
+    """Named groups: the targeted weights (``rank`` + options), the targeted expert stacks (the same, with
+    ``experts=True``: each expert projected as its own matrix; present only when there is one) and the rest
+    (``rank=None``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
-    targets = set(select_low_rank_modules(model, target_modules, exclude))
-    if not targets:
+    kinds = projected_params(model, target_modules, exclude)
+    if not kinds:
         raise ValueError(f"Invalid target_modules: {target_modules!r} matched no linear module "
                          "(a convolution is projected only when target_modules names it)")
-    low, full = [], []
-    seen: set[int] = set()
-    for module_name, module in model.named_modules():
-        for pname, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue  # frozen, or tied (e.g. an lm_head sharing the embedding)
-            seen.add(id(param))
-            full_name = f"{module_name}.{pname}" if module_name else pname
-            if module_name in targets and pname in projected_param_names(module):
-                low.append((full_name, param))
-            else:
-                full.append((full_name, param))
+    low, stacks, full = [], [], []
+    for full_name, param in _unique_named_params(model):
+        if not param.requires_grad:
+            continue
+        kind = kinds.get(full_name)
+        (low if kind == MATRIX else stacks if kind == EXPERTS else full).append((full_name, param))
     groups = [{"params": low, "rank": rank, **low_rank_options}]
+    if stacks:
+        groups.append({"params": stacks, "rank": rank, **low_rank_options, "experts": True})
     if full:
         groups.append({"params": full, "rank": None})
     return groups
+
+
+#: the kinds of projected params :func:`projected_params` reports
+MATRIX, EXPERTS = "matrix", "experts"
+
+
+def _unique_named_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(full name, param)`` module by module, each tensor once (a tied lm_head shares the embedding's)."""
+    out, seen = [], set()
+    for module_name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                out.append((f"{module_name}.{pname}" if module_name else pname, param))
+    return out
+
+
+def projected_params(
+    model: nn.Module,
+    target_modules: str | Sequence[str] = "all-linear",
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> dict[str, str]:
+    """The one routing decision: every param :func:`param_groups` projects, by name, with its kind:
+    :data:`MATRIX` (a targeted linear/convolution weight) or :data:`EXPERTS` (an expert stack, projected
+    per expert). ``model.named_parameters()`` given to an optimizer and the memory estimator route
+    through it too."""
+    targets = set(select_low_rank_modules(model, target_modules, exclude))
+    modules = dict(model.named_modules())
+    kinds = {}
+    for full_name, _ in _unique_named_params(model):
+        module_name, _, pname = full_name.rpartition(".")
+        if module_name in targets and pname in projected_param_names(modules[module_name]):
+            kinds[full_name] = MATRIX
+        elif full_name in targets:
+            kinds[full_name] = EXPERTS
+    return kinds
 
 
 # ---------------------------------------------------------------------- routing by name
@@ -295,40 +374,46 @@ def model_of_named_parameters(params: Any) -> nn.Module | None:
     return model
 
 
-def low_rank_param_ids(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> set[int]:
-    """The ids of the weights ``param_groups(model, rank)`` (``"all-linear"``) projects."""
-    targets = set(select_low_rank_modules(model, "all-linear", exclude))
-    return {id(p) for name, m in model.named_modules() if name in targets
-            for pname in projected_param_names(m)
-            if isinstance(p := getattr(m, pname, None), torch.Tensor)}
+def low_rank_param_kinds(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> dict[int, str]:
+    """The ids of the weights ``param_groups(model, rank)`` (``"all-linear"``) projects, with their kind."""
+    kinds = projected_params(model, "all-linear", exclude)
+    return {id(p): kinds[name] for name, p in _unique_named_params(model) if name in kinds}
 
 
-def _low_rank_flags(pairs: list[tuple[str, torch.Tensor]], model: nn.Module | None) -> list[bool]:
-    """Which ``(name, tensor)`` pairs are projected: by ``model``'s structure when the pairs came from
-    its ``named_parameters()``, else by name (2-D only)."""
+def is_expert_stack_name(name: str, param: torch.Tensor) -> bool:
+    """By name alone: a 3-D param inside a module called ``experts`` (transformers' MoE layout)."""
+    return param.dim() == 3 and "experts" in name.split(".")[:-1]
+
+
+def _low_rank_kinds(pairs: list[tuple[str, torch.Tensor]], model: nn.Module | None) -> list[str | None]:
+    """How each ``(name, tensor)`` pair is projected (:data:`MATRIX`, :data:`EXPERTS`, ``None``: not): by
+    ``model``'s structure when the pairs came from its ``named_parameters()`` (:func:`projected_params`),
+    else by name (a 2-D param, or a 3-D one under ``experts``; never an embedding's or the head's)."""
     if model is not None:
-        projected = low_rank_param_ids(model)
-        return [id(p) in projected for _, p in pairs]
-    return [p.dim() == 2 and not is_embedding_or_head_name(n) for n, p in pairs]
+        projected = low_rank_param_kinds(model)
+        return [projected.get(id(p)) for _, p in pairs]
+    return [None if is_embedding_or_head_name(n) else MATRIX if p.dim() == 2
+            else EXPERTS if is_expert_stack_name(n, p) else None for n, p in pairs]
 
 
-def once_per_tensor(pairs: list[tuple[str, torch.Tensor]], flags: list[bool]) -> tuple[list, list[bool]]:
+def once_per_tensor(pairs: list[tuple[str, torch.Tensor]], tags: list[Any]) -> tuple[list, list[Any]]:
     """Each tensor once, under its first name: tied weights listed under every name
     (``named_parameters(remove_duplicate=False)``, the embedding as ``lm_head.weight`` too) would land
-    in both groups, or twice in one, and be stepped twice. Its flag (projected; kept in a matrix-only
-    rule's group) holds only if it holds for every one of its names."""
+    in both groups, or twice in one, and be stepped twice. Its tag (projected and how; kept in a
+    matrix-only rule's group) holds only if it is the same for every one of its names; otherwise it is
+    ``False`` for a bool tag and ``None`` (not projected) for a kind."""
     first: dict[int, int] = {}
     kept: list[tuple[str, torch.Tensor]] = []
-    kept_flags: list[bool] = []
-    for pair, flag in zip(pairs, flags):
+    kept_tags: list[Any] = []
+    for pair, tag in zip(pairs, tags):
         index = first.get(id(pair[1]))
         if index is None:
             first[id(pair[1])] = len(kept)
             kept.append(pair)
-            kept_flags.append(flag)
-        else:
-            kept_flags[index] = kept_flags[index] and flag
-    return kept, kept_flags
+            kept_tags.append(tag)
+        elif kept_tags[index] != tag:
+            kept_tags[index] = False if isinstance(tag, bool) else None
+    return kept, kept_tags
 
 
 def _route_named_group(group: dict[str, Any]) -> list[dict[str, Any]]:
@@ -344,12 +429,14 @@ def _route_named_group(group: dict[str, Any]) -> list[dict[str, Any]]:
     members = list(members)
     if not members or not all(_is_named_pair(p) for p in members):
         return [{**group, "params": members}]
-    members, is_low = once_per_tensor(members, _low_rank_flags(members, model))
-    moved = [not flag and pair[1].dim() >= 2 for pair, flag in zip(members, is_low)]
-    keep = [pair for pair, flag in zip(members, moved) if not flag]
-    full = [pair for pair, flag in zip(members, moved) if flag]
+    members, kinds = once_per_tensor(members, _low_rank_kinds(members, model))
+    stacks = [pair for pair, kind in zip(members, kinds) if kind == EXPERTS]
+    full = [pair for pair, kind in zip(members, kinds) if kind is None and pair[1].dim() >= 2]
+    keep = [pair for pair, kind in zip(members, kinds) if kind == MATRIX or (kind is None and pair[1].dim() < 2)]
     rest = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-    return ([{**rest, "params": keep}] if keep else []) + ([{**rest, "params": full, "rank": None}] if full else [])
+    return (([{**rest, "params": keep}] if keep else []) + ([{**rest, "params": stacks, "experts": True}] if stacks
+                                                             else [])
+            + ([{**rest, "params": full, "rank": None}] if full else []))
 
 
 def route_named_params(params: Any, rank: int | None, owner: str = "the optimizer") -> Any:
@@ -372,10 +459,11 @@ def route_named_params(params: Any, rank: int | None, owner: str = "the optimize
         return [part for group in params for part in _route_named_group(group)]
     if rank is None or not params or not all(_is_named_pair(p) for p in params):
         return params
-    params, is_low = once_per_tensor(params, _low_rank_flags(params, model))
-    low = [pair for pair, flag in zip(params, is_low) if flag]
-    full = [pair for pair, flag in zip(params, is_low) if not flag]
-    if not low:
+    params, kinds = once_per_tensor(params, _low_rank_kinds(params, model))
+    low = [pair for pair, kind in zip(params, kinds) if kind == MATRIX]
+    stacks = [pair for pair, kind in zip(params, kinds) if kind == EXPERTS]
+    full = [pair for pair, kind in zip(params, kinds) if kind is None]
+    if not low and not stacks:
         warnings.warn(
             f"{owner}(..., rank={rank}): no parameter is projected, so every one is updated full-rank (AdamW's "
             "memory). Projected by default are linear weights but the output head; embeddings, norms, biases and "
@@ -386,6 +474,8 @@ def route_named_params(params: Any, rank: int | None, owner: str = "the optimize
     groups: list[dict[str, Any]] = []
     if low:
         groups.append({"params": low})
+    if stacks:  # each expert of a stack projected as its own matrix (lrgrad.experts)
+        groups.append({"params": stacks, "experts": True})
     if full:
         groups.append({"params": full, "rank": None})
     return groups

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from lrgrad._checks import check_int, check_positive
+from lrgrad.experts import is_expert_stack
 from lrgrad.optim.lowrank import LowRankOptimizer
 from lrgrad.optim.pipeline import Staged
 
@@ -114,9 +115,10 @@ class LayerwiseOptimizer:
             return
         sq = grad.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32).pow(2).sum()
         self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq.to(self._sq_norm.device)
-        if not opt.is_projected(param, group) or opt.needs_full_grad(param, group):
-            # full-rank grads (and those of APOLLO/Fira params, whose update reads all of G) are
-            # kept until step(); the clipped step is then exactly the ordinary loop's
+        if not opt.is_projected(param, group) or opt.needs_full_grad(param, group) or is_expert_stack(param, group):
+            # full-rank grads (and those of APOLLO/Fira params, whose update reads all of G, and of
+            # expert stacks, stepped expert by expert) are kept until step(); the clipped step is
+            # then exactly the ordinary loop's
             self._pending_full.append((param, grad))
             return
         # the window may still be skipped (a non-finite global norm): undoable

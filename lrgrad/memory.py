@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lrgrad.experts import state_tensors
+
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held in ``optimizer.state`` tensors (each storage counted once).
@@ -15,7 +17,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     seen: set[tuple[int, int]] = set()
     total = 0
     for state in optimizer.state.values():
-        for value in state.values():
+        for _, value in state_tensors(state):  # an expert stack's state: its experts' tensors
             if isinstance(value, torch.Tensor) and hasattr(value, "to_local"):
                 value = value.to_local()  # a sharded (FSDP2) state: this rank's bytes
             if isinstance(value, torch.Tensor) and value.device.type != "meta":

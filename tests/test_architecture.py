@@ -1,7 +1,7 @@
 """The package's import layers: every import goes down (or sideways within a layer), never up, never in a cycle.
 
     L0  lrgrad._checks, subspace, dtensor, quant,       validation, shapes/sides, DTensor helpers, reference quantizers,
-        step_counts                                     fused kernels' step-count tensors
+        step_counts, experts                            fused kernels' step-count tensors, MoE expert-stack views
     L1  lrgrad.kernels                                  one entry point per hot op (torch reference + Triton)
     L2  lrgrad.rules, projectors, groups, qweights,     update rules, subspaces, model helpers
         memory
@@ -24,7 +24,7 @@ SOURCES = {"lrgrad": ROOT / "lrgrad", "lrgrad.kernels": ROOT / "kernels"}
 
 LAYERS = [
     ("lrgrad._checks", 0), ("lrgrad.subspace", 0), ("lrgrad.dtensor", 0), ("lrgrad.quant", 0),
-    ("lrgrad.step_counts", 0),
+    ("lrgrad.step_counts", 0), ("lrgrad.experts", 0),
     ("lrgrad.kernels", 1),
     ("lrgrad.rules", 2), ("lrgrad.projectors", 2), ("lrgrad.groups", 2), ("lrgrad.qweights", 2),
     ("lrgrad.memory", 2),

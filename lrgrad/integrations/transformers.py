@@ -207,6 +207,9 @@ def build_param_groups(
     low["weight_decay"] = weight_decay
     groups = [low]
     for group in rest:  # the full-rank group: matrices decay, biases and norms do not
+        if group["rank"] is not None:  # the expert stacks' group (experts=True), projected like low
+            groups.append({**group, "weight_decay": weight_decay})
+            continue
         matrices = [item for item in group["params"] if _tensor(item).dim() >= 2]
         vectors = [item for item in group["params"] if _tensor(item).dim() < 2]
         if matrices:

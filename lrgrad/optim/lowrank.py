@@ -7,6 +7,8 @@ this class. Routing per parameter:
 * in a group with a ``rank``, a param with ``dim() >= 2`` whose 2-D view
   ``(shape[0], numel // shape[0])`` has ``min(m, n) > rank`` is projected;
   everything else (biases, norms, matrices too small to compress) runs full-rank;
+* in a group with ``experts=True``, a 3-D param ``(E, m, n)`` is ``E`` separate ``(m, n)`` matrices
+  (Mixture-of-Experts stacks, ``lrgrad.experts``), each routed as above;
 * a rule with ``matrix_only = True`` (Muon, AuON) sends params with ``dim() < 2``
   to its fallback group (``rule_cls.fallback_group(group)``: AdamW with the group's
   ``adamw_*`` keys), in the same optimizer.
@@ -30,6 +32,7 @@ from torch.optim import Optimizer
 
 from lrgrad._checks import check_bool, check_choice, check_float, check_int, check_nonnegative
 from lrgrad.dtensor import is_dtensor, low_rank_zeros
+from lrgrad.experts import EXPERTS_KEY, expert_of, expert_views, is_expert_stack, state_dicts
 from lrgrad.groups import caller_stacklevel, is_module_parameters, refuse_module, route_named_params
 from lrgrad.optim.compile_guard import refuse_compiled_step
 from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS, full_rank_update_, init_full_rank_state, validate_full_rank
@@ -54,7 +57,7 @@ STRUCTURAL_KEYS = ("rule", "projector", "rank", "proj_type")
 #: channel vs tensor scaling, what a refresh does to the moments). torch.optim's load_state_dict
 #: would take the saved values, silently switching e.g. GaLoreAdamW into Fira, so they must match too;
 #: a state dict that lacks one (saved before the key existed) is taken to have its default.
-ALGORITHM_KEYS = ("full_rank", "scale_type", "moment_policy", "limiter_input")
+ALGORITHM_KEYS = ("full_rank", "scale_type", "moment_policy", "limiter_input", "experts")
 #: per-parameter state keys a step may add beyond what init_param_state and the first refresh create
 LAZY_STATE_KEYS = frozenset({"nonfinite_skips"})
 
@@ -92,6 +95,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "skip_nonfinite": False,
     "seed": 0,
     "state_dtype": "fp32",
+    "experts": False,
     **FULL_RANK_DEFAULTS,  # full_rank=None | "apollo" | "fira", scale_type, norm_growth_limit
 }
 
@@ -166,6 +170,10 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             update scaled by statistics of the low-rank rule (see ``lrgrad.optim.full_rank``).
         scale_type: ``"channel"`` or ``"tensor"`` scaling factors for ``full_rank``.
         norm_growth_limit: Fira's norm-growth limiter γ for ``full_rank`` (``None``: off).
+        experts: ``True`` marks every 3-D param of the group as a Mixture-of-Experts stack ``(E, m, n)``,
+            stepped as ``E`` separate ``(m, n)`` matrices (own subspace, state, seed; an expert with an
+            all-zero gradient slice is skipped for the step; ``lrgrad.experts``). ``lrgrad.param_groups``
+            and ``model.named_parameters()`` set it on the group of transformers' fused experts.
         **options: rule and projector hyperparameters (e.g. ``betas``, ``eps``, ``svd``).
     """
 
@@ -276,6 +284,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         check_bool("skip_nonfinite", group["skip_nonfinite"])
         check_bool("foreach", group["foreach"], allow_none=True)
         check_choice("state_dtype", group["state_dtype"], STATE_DTYPES)
+        check_bool("experts", group["experts"])
         RULES[group["rule"]].validate_options(group)
         PROJECTORS[group["projector"]].validate_options(group)
         validate_full_rank(group)
@@ -287,6 +296,30 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             if not p.is_floating_point():
                 raise ValueError(f"Invalid params: expected floating-point parameters, got {p.dtype}")
         refuse_zero_partitioned(group)
+        self.refuse_bad_stacks(group)
+
+    def refuse_bad_stacks(self, group: dict[str, Any]) -> None:
+        """In a group with ``experts=True`` (every 3-D param a stack of expert matrices, ``lrgrad.experts``):
+        refuse, naming the param, one of more than 3 dims (no stack layout is defined for it) and an
+        FSDP2-sharded (DTensor) stack (its shards split the expert axis; not supported). Checked at
+        construction and again at the first step (FSDP2 swaps params in after construction)."""
+        if not group["experts"]:
+            return
+        names = group.get("param_names") or []
+        for i, p in enumerate(group["params"]):
+            name = repr(names[i]) if i < len(names) else f"{i} of the group"
+            if p.dim() > 3:
+                raise ValueError(
+                    f"Invalid params: param {name} has shape {tuple(p.shape)} in a group with experts=True, which "
+                    "steps each 3-D param (E, m, n) as E expert matrices; a param of more than 3 dims is no expert "
+                    "stack: put it in a group without experts=True"
+                )
+            if p.dim() == 3 and is_dtensor(p):
+                raise ValueError(
+                    f"Invalid params: expert stack {name} is an FSDP2-sharded (DTensor) param; projecting expert "
+                    "stacks per expert is not supported under FSDP2: use DDP, or leave the experts full-rank "
+                    "(a group without rank)"
+                )
 
     # ------------------------------------------------------------------ routing
     def is_projected(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -294,10 +327,27 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         rank = group["rank"]
         if rank is None or param.dim() < 2 or param.numel() == 0:
             return False
-        return min(matrix_shape(param)) > rank
+        return min(self.matrix_of(param, group)) > rank
+
+    @staticmethod
+    def matrix_of(param: torch.Tensor, group: dict[str, Any]) -> tuple[int, int]:
+        """The matrix a projector sees for ``param``: one expert's ``(m, n)`` for an expert stack
+        (``lrgrad.experts``), else ``(shape[0], numel // shape[0])``."""
+        if is_expert_stack(param, group):
+            return (param.shape[1], param.shape[2])
+        return matrix_shape(param)
+
+    def state_of(self, param: torch.Tensor) -> dict[str, Any]:
+        """The state dict the stages read and write for ``param``: ``self.state[param]``, or for an expert
+        view (``lrgrad.experts.expert_views``) its expert's own dict in the stack's state."""
+        owner = expert_of(param)
+        if owner is None:
+            return self.state[param]
+        stack, index = owner
+        return self.state[stack][EXPERTS_KEY][index]
 
     def projector_for(self, param: torch.Tensor, group: dict[str, Any]) -> Projector:
-        shape2d = matrix_shape(param)
+        shape2d = self.matrix_of(param, group)
         side = projection_side(shape2d, group["proj_type"])
         cls = PROJECTORS[group["projector"]]
         options = {k: group[k] for k in cls.option_defaults}
@@ -322,6 +372,10 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         # and every resumed run derives the same seed. Accelerate's FSDP2 prepare swaps
         # the group's params for DTensors after construction (same positions), so a param
         # not indexed by identity is looked up by its position in the groups.
+        owner = expert_of(param)
+        if owner is not None:  # an expert: the stack's seed, re-seeded by the expert's index
+            stack, expert = owner
+            return (self._param_seed(stack, group) * 1_000_003 + expert * 7919 + 1) % (2**31 - 1)
         index = getattr(self, "_param_index", {}).get(id(param))  # a deepcopy carries no index
         if index is None:
             flat = [p for g in self.param_groups for p in g["params"]]
@@ -331,6 +385,12 @@ class LowRankOptimizer(StepPipeline, Optimizer):
     def init_param_state(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Fill an empty per-parameter ``state`` as the first step would (the memory estimator
         calls it on meta tensors; per-layer and compressed updates before their first step)."""
+        if is_expert_stack(param, group):  # one state dict per expert, each a separate matrix's
+            state[EXPERTS_KEY] = []
+            for view in expert_views(param):
+                state[EXPERTS_KEY].append({})
+                self.init_param_state(view, group, state[EXPERTS_KEY][-1])
+            return
         dtype = compute_dtype(param.dtype)
         rule = self.rule_for(group)
         state["step"] = 0
@@ -432,6 +492,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         warns once, unless it holds only vectors while another group projects matrices
         (a no-decay group of biases and norms, not flattened params).
         """
+        self.refuse_bad_stacks(group)
         checked = self.__dict__.setdefault("_projectable_checked", set())
         if group["rank"] is None or id(group) in checked:
             return
@@ -488,6 +549,9 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         after its state was created (``p.data = torch.randn(other shape)``, ``model.double()`` after a
         step): the moments and bases belong to the old tensor, and the step would fail deep in a matmul
         (as ``torch.optim.AdamW``'s does) or, for a same-numel reshape, pair entries with other entries."""
+        owner = expert_of(param)
+        if owner is not None:  # an expert view (made anew each step): its stack owns the state and the layout
+            param = owner[0]
         layouts = self.__dict__.setdefault("_state_layouts", {})
         now = self.state_layout(param, group)
         before = layouts.get(id(param))
@@ -518,7 +582,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
 
     def count_skip(self, param: torch.Tensor) -> None:
         """Record that ``param`` skipped this step (a non-finite gradient)."""
-        state = self.state[param]
+        state = self.state_of(param)
         state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
 
     def snapshot_state(self, param: torch.Tensor) -> dict[str, Any]:
@@ -527,11 +591,11 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         Shallow is enough: refreshes and moment transfers assign new tensors (the projector and
         rule contracts), and the rule's in-place moment update runs only after a step is accepted.
         """
-        return dict(self.state[param])
+        return dict(self.state_of(param))
 
     def restore_state(self, param: torch.Tensor, snapshot: dict[str, Any]) -> None:
         """Undo everything :meth:`project_grad` did to ``param``'s state (refresh, counters)."""
-        state = self.state[param]
+        state = self.state_of(param)
         state.clear()
         state.update(snapshot)
 
@@ -541,7 +605,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         """Create state if needed and return ``grad`` in the compute dtype with ``maximize``
         applied (a new tensor whenever it differs; ``.grad`` is never written). ``None``
         when the step must be skipped because the gradient is not finite."""
-        state = self.state[param]
+        state = self.state_of(param)
         if not state:
             self.init_param_state(param, group, state)
         if nonfinite:
@@ -566,7 +630,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             params, grads = [p for p in params if p.dim() >= 2], [g for p, g in zip(params, grads) if p.dim() >= 2]
             if not params:
                 return
-        states = [self.state[p] for p in params]
+        states = [self.state_of(p) for p in params]
         for state in states:
             state["step"] += 1
         if any(p.numel() == 0 for p in params):  # an empty param is a no-op (as in torch.optim), not an error
@@ -596,7 +660,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         """
         if projector is None:
             projector = self.projector_for(param, group)
-        state = self.state[param]
+        state = self.state_of(param)
         grad2d = projector.corrected_grad(state, grad.reshape(matrix_shape(param)))
         if not self.advance_subspace(param, group, grad2d, projector):
             return None
@@ -615,7 +679,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         the gradient (``gradient_free``, e.g. Flora's random projector): compressed
         accumulation projects before the summed gradient exists.
         """
-        state = self.state[param]
+        state = self.state_of(param)
         if projector is None:
             projector = self.projector_for(param, group)
         step = state["step"] + 1
@@ -649,7 +713,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         """Run the rule on the low-rank gradient and apply the back-projected update
         (with ``full_rank``, the full-rank update built from ``grad``, the prepared gradient).
         ``update``: the rule's direction when it already ran (``rule.update_many`` over a group)."""
-        state = self.state[param]
+        state = self.state_of(param)
         rule = rule or self.rule_for(group)
         if projector is None:
             projector = self.projector_for(param, group)
@@ -682,7 +746,9 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and self.is_projected(p, group):
-                    shared.update(self.projector_for(p, group).shared_buffers(state))
+                    projector = self.projector_for(p, group)
+                    for sub in state_dicts(state):
+                        shared.update(projector.shared_buffers(sub))
         return sum(shared.values())
 
     # ------------------------------------------------------------------ checkpoints
@@ -741,18 +807,33 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         # torch casts floating state to the param dtype; put back the exact saved tensors.
         for index, pstate in saved_state.items():
             p, _ = index_to_param[index]
-            target = self.state[p]
-            for key, value in pstate.items():
-                if isinstance(value, torch.Tensor):
-                    target[key] = value.to(device=p.device, copy=True)
+            for target, saved in zip(state_dicts(self.state[p]), state_dicts(pstate)):  # an expert stack's each
+                for key, value in saved.items():
+                    if isinstance(value, torch.Tensor):
+                        target[key] = value.to(device=p.device, copy=True)
 
-    def _check_param_state(self, index: int, p: torch.Tensor, group: dict[str, Any], pstate: Any) -> None:
+    def _check_param_state(self, index: int, p: torch.Tensor, group: dict[str, Any], pstate: Any,
+                           where: str | None = None) -> None:
         """Refuse a saved per-parameter state this optimizer would not have created: a missing key,
         a tensor of another shape or dtype, a negative counter, a structural int that differs
-        (e.g. transposed Q-GaLore codes). One ``ValueError`` naming the param and the key."""
-        where = f"param {index}"
+        (e.g. transposed Q-GaLore codes). One ``ValueError`` naming the param and the key. An expert
+        stack's state is a list of its experts' states, each checked as a separate matrix's."""
+        where = where or f"param {index}"
         if not isinstance(pstate, dict):
             raise ValueError(f"Invalid state_dict: the state of {where} is a {type(pstate).__name__}, not a dict")
+        if is_expert_stack(p, group):
+            experts = pstate.get(EXPERTS_KEY)
+            if set(pstate) != {EXPERTS_KEY} or not isinstance(experts, list) or len(experts) != p.shape[0]:
+                raise ValueError(
+                    f"Invalid state_dict: the state of {where} is not that of an expert stack of {p.shape[0]} "
+                    f"experts (expected {{{EXPERTS_KEY!r}: [one state per expert]}}; saved without experts=True?)"
+                )
+            for e, sub in enumerate(experts):
+                self._check_param_state(index, p[e], group, sub, where=f"{where} (expert {e})")
+            return
+        if EXPERTS_KEY in pstate:
+            raise ValueError(f"Invalid state_dict: the state of {where} is an expert stack's; this optimizer's "
+                             f"group has experts={group['experts']!r}")
         meta = torch.empty_like(p, device="meta")
         expected: dict[str, Any] = {}
         self.init_param_state(meta, group, expected)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from lrgrad.dtensor import is_dtensor
+from lrgrad.experts import expert_views, is_expert_stack, live_experts
 from lrgrad.optim.nonfinite import probe as nonfinite_probe
 from lrgrad.qweights import QuantizedWeight
 from lrgrad.subspace import matrix_shape
@@ -135,6 +136,7 @@ class StepPipeline:
         self.check_projectable(group)
         for g in grads:
             self.check_grad(g)
+        params, grads = self.expand_experts(group, params, grads)
         chunk: list[Staged] = []
         full: list[Staged] = []
         deferred: list = []  # refresh work the projectors batch across the chunk's params
@@ -154,6 +156,29 @@ class StepPipeline:
         self._apply_chunk(group, chunk, deferred)
         self._apply_full(group, full)
 
+    def expand_experts(self, group: dict[str, Any], params: list[torch.Tensor],
+                       grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``params`` with each expert stack (``lrgrad.experts``) replaced by its experts' views, in expert
+        order, and ``grads`` alike: every later stage sees separate matrices. An expert whose gradient
+        slice is exactly zero is left out (skipped this step, as a separate expert with no ``.grad``)."""
+        stacks = [(p, g) for p, g in zip(params, grads) if is_expert_stack(p, group)]
+        if not stacks:
+            return params, grads
+        live = iter(live_experts([p for p, _ in stacks], [g for _, g in stacks]))
+        out_params, out_grads = [], []
+        for p, g in zip(params, grads):
+            if not is_expert_stack(p, group):
+                out_params.append(p)
+                out_grads.append(g)
+                continue
+            if not self.state[p]:
+                self.init_param_state(p, group, self.state[p])
+            for view, grad, has_grad in zip(expert_views(p), g.unbind(0), next(live)):
+                if has_grad:
+                    out_params.append(view)
+                    out_grads.append(grad)
+        return out_params, out_grads
+
     # ------------------------------------------------------------------ the sequence, split
     def stage(self, param: torch.Tensor, group: dict[str, Any], grad: torch.Tensor, *, undoable: bool = False,
               deferred: list | None = None) -> Staged | None:
@@ -166,7 +191,7 @@ class StepPipeline:
         """
         self.check_grad(grad)
         self.check_layout(param, group)  # per-layer updates stage from hooks, without step()'s checks
-        state = self.state[param]
+        state = self.state_of(param)
         if not state:
             self.init_param_state(param, group, state)
         if not self.is_projected(param, group):
@@ -223,10 +248,10 @@ class StepPipeline:
     # ------------------------------------------------------------------ projecting ahead (Flora)
     def can_compress(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
         """Whether ``param``'s micro-batch gradients can be projected before the step: it is projected,
-        its subspace does not depend on the gradient (``Projector.gradient_free``) and its update does
-        not read the full gradient."""
+        its subspace does not depend on the gradient (``Projector.gradient_free``), its update does
+        not read the full gradient and it is no expert stack (each expert steps on its own)."""
         return (self.is_projected(param, group) and self.projector_for(param, group).gradient_free
-                and not self.needs_full_grad(param, group))
+                and not self.needs_full_grad(param, group) and not is_expert_stack(param, group))
 
     def compress(self, param: torch.Tensor, group: dict[str, Any], grad: torch.Tensor,
                  draw: int | None = None) -> tuple[torch.Tensor, int]:
@@ -236,7 +261,7 @@ class StepPipeline:
         the summed gradient, ``maximize`` included."""
         self.check_layout(param, group)
         prepared = self.prepare_grad(param, group, grad)
-        state = self.state[param]
+        state = self.state_of(param)
         projector = self.projector_for(param, group)
         if draw is None:
             draw = projector.draw_for_step(state, state["step"] + 1)
@@ -250,7 +275,7 @@ class StepPipeline:
         projector = self.projector_for(param, group)
         if not self.advance_subspace(param, group, None, projector):
             return None
-        if self.state[param]["proj_refreshes"] != draw:
+        if self.state_of(param)["proj_refreshes"] != draw:
             raise RuntimeError(
                 "CompressedAccumulator: the optimizer stepped this parameter between micro-batches "
                 "(call acc.step(), not optimizer.step(), once per window)"
@@ -279,7 +304,7 @@ class StepPipeline:
                 return
         rule = self.rule_for(group)
         keep_full = group["full_rank"] is not None
-        states = [self.state[item.param] for item in chunk]
+        states = [self.state_of(item.param) for item in chunk]
         # the low-rank gradients are this chunk's own tensors, needed after the rule only by a
         # full-rank update: otherwise the directions may overwrite them
         updates = rule.update_many(states, [item.low for item in chunk], [s["step"] for s in states],

@@ -1,0 +1,87 @@
+"""Expert stacks: a fused Mixture-of-Experts weight ``(E, m, n)`` stepped as ``E`` independent ``(m, n)`` matrices.
+
+transformers keeps the experts of an MoE layer (Mixtral, Qwen2/3-MoE, DeepSeek, gpt-oss, OLMoE, ...) as
+3-D parameters, ``experts.gate_up_proj`` of shape ``(num_experts, 2 * intermediate, hidden)`` and
+``experts.down_proj``. Each slice ``W[e]`` is one expert's linear weight. In a param group with
+``experts=True`` every 3-D param is such a stack, and the optimizer steps it exactly as it would step
+``E`` separate ``(m, n)`` params: each expert has its own subspace, its own rule state (moments), its
+own refresh schedule and its own seed.
+
+How: the optimizer's stages (prepare, refresh, project, rule, apply: ``lrgrad.optim.pipeline``) run
+on *expert views* ``W[e]`` (and ``G[e]``), made fresh on each step and tagged with their stack and
+index; :meth:`LowRankOptimizer.state_of` resolves a view to its expert's own state dict,
+``state[W]["experts"][e]``. No projector or rule sees anything but a 2-D matrix, so every one of them
+works unchanged, and the arithmetic is the arithmetic of ``E`` separate params, bit for bit.
+
+An expert whose gradient slice is exactly zero on a step (the router sent it no token) is skipped on
+that step, as a separate ``nn.Linear`` expert would be (its ``.grad`` stays ``None``): no moment
+update, no weight decay, no refresh, its step count does not move. A refresh therefore never computes
+a subspace from a zero gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+#: the attribute an expert view carries: ``(stack, index)``
+EXPERT_OF = "_lrgrad_expert_of"
+#: the key of a stack's state that holds its experts' state dicts, in expert order
+EXPERTS_KEY = "experts"
+
+
+def is_expert_stack(param: torch.Tensor, group: dict[str, Any]) -> bool:
+    """True for a 3-D param of a group with ``experts=True``: a stack of ``shape[0]`` expert matrices."""
+    return bool(group.get("experts")) and param.dim() == 3
+
+
+def expert_of(view: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """``(stack, index)`` of an expert view made by :func:`expert_views`, else ``None``."""
+    return getattr(view, EXPERT_OF, None)
+
+
+def expert_views(stack: torch.Tensor) -> list[torch.Tensor]:
+    """``stack[e]`` for each expert, each tagged with ``(stack, e)``. Views write into the stack; they are
+    made anew for each use, so a stack whose storage is replaced (``.to()``, a load) is never written
+    through a stale view."""
+    views = []
+    for e, view in enumerate(stack.unbind(0)):
+        setattr(view, EXPERT_OF, (stack, e))
+        views.append(view)
+    return views
+
+
+def state_dicts(state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The per-matrix state dicts in a param's ``state``: its experts' for a stack, else ``state`` itself."""
+    experts = state.get(EXPERTS_KEY)
+    if isinstance(experts, list):
+        yield from experts
+    else:
+        yield state
+
+
+def state_tensors(state: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` of every tensor in a param's ``state``, an expert stack's per-expert ones included."""
+    for sub in state_dicts(state):
+        for key, value in sub.items():
+            if isinstance(value, torch.Tensor):
+                yield key, value
+
+
+def live_experts(stacks: list[torch.Tensor], grads: list[torch.Tensor]) -> list[list[bool]]:
+    """For each stack, which experts have a gradient slice that is not exactly zero (one host sync for all).
+
+    A NaN or Inf counts as not zero: the step's own non-finite handling sees it."""
+    if not stacks:
+        return []
+    device = grads[0].device
+    # the largest |entry| per expert: one reduction, no full-size temporary (a bool mask would be one)
+    flags = torch.cat([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), ord=float("inf"), dim=1).ne(0).to(device)
+                       for g in grads]).tolist()
+    out, start = [], 0
+    for stack in stacks:
+        out.append(flags[start:start + stack.shape[0]])
+        start += stack.shape[0]
+    return out
