@@ -237,6 +237,17 @@ def test_expert_with_zero_gradient_is_skipped_and_finite():
     assert [s["step"] for s in opt.state[stack]["experts"]] == [2, 0, 2]
 
 
+def test_empty_stacks_are_a_no_op():
+    """As torch.optim steps an empty param: nothing to do, no error (no experts, or experts of no size)."""
+    stacks = [nn.Parameter(torch.randn(0, 12, 20)), nn.Parameter(torch.randn(E, 0, 20))]
+    full = nn.Parameter(torch.randn(E, 12, 20))
+    opt = LowRankOptimizer([{"params": [*stacks, full], "experts": True}], rank=4)
+    for p in (*stacks, full):
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    assert [s["step"] for s in opt.state[full]["experts"]] == [1] * E
+
+
 # ---------------------------------------------------------------------- misuse
 def test_more_than_three_dims_in_an_experts_group_is_refused_by_name():
     model = nn.Module()
