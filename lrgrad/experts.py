@@ -13,10 +13,11 @@ index; :meth:`LowRankOptimizer.state_of` resolves a view to its expert's own sta
 ``state[W]["experts"][e]``. No projector or rule sees anything but a 2-D matrix, so every one of them
 works unchanged, and the arithmetic is the arithmetic of ``E`` separate params, bit for bit.
 
-An expert whose gradient slice is exactly zero on a step (the router sent it no token) is skipped on
-that step, as a separate ``nn.Linear`` expert would be (its ``.grad`` stays ``None``): no moment
-update, no weight decay, no refresh, its step count does not move. A refresh therefore never computes
-a subspace from a zero gradient.
+An expert whose gradient slice is exactly zero on a step while another expert's is not (the router sent
+it no token) is skipped on that step, as a separate ``nn.Linear`` expert would be (its ``.grad`` stays
+``None``): no moment update, no weight decay, no refresh, its step count does not move. A refresh
+therefore never computes an idle expert's subspace from a zero gradient. A stack whose gradient is zero
+everywhere is not routing but a zero gradient, and steps as any param does on one (every expert).
 """
 
 from __future__ import annotations
@@ -71,21 +72,24 @@ def state_tensors(state: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def live_experts(stacks: list[torch.Tensor], grads: list[torch.Tensor]) -> list[list[bool]]:
-    """For each stack, which experts have a gradient slice that is not exactly zero (one host sync for all).
-
-    A NaN or Inf counts as not zero: the step's own non-finite handling sees it."""
+    """For each stack, which experts step: those whose gradient slice is not exactly zero (one host sync for
+    all), or every expert when the whole stack's gradient is zero. A NaN or Inf counts as not zero: the
+    step's own non-finite handling sees it."""
     if not stacks:
         return []
     device = grads[0].device
     # an expert's slice is zero when its max and min are: two plain reductions, no full-size temporary
     # (a bool mask would be one; abs() or vector_norm(inf) measured 2-30x slower on CPU). max/min propagate NaN
-    # (an empty stack has nothing to step: no expert is live)
+    # (an empty stack: no entry to test, zero everywhere below)
     rows = [g.reshape(g.shape[0], -1) if g.numel() else None for g in grads]
     flags = torch.cat([(r.amax(dim=1).ne(0) | r.amin(dim=1).ne(0)).to(device) if r is not None
                        else torch.zeros(g.shape[0], dtype=torch.bool, device=device)
                        for r, g in zip(rows, grads)]).tolist()
     out, start = [], 0
     for stack in stacks:
-        out.append(flags[start:start + stack.shape[0]])
+        live = flags[start:start + stack.shape[0]]
+        # a stack that is zero everywhere is no routing (some expert always gets a token): a zero gradient,
+        # stepped as any param's (torch's distributed-checkpoint state template steps on zero gradients)
+        out.append(live if any(live) else [True] * len(live))
         start += stack.shape[0]
     return out

@@ -237,6 +237,19 @@ def test_expert_with_zero_gradient_is_skipped_and_finite():
     assert [s["step"] for s in opt.state[stack]["experts"]] == [2, 0, 2]
 
 
+def test_stack_zero_everywhere_steps_every_expert():
+    """A gradient that is zero for every expert is no routing (some expert always gets a token) but a zero
+    gradient: every expert steps on it, as any param does (torch's DCP state template relies on it)."""
+    stack = nn.Parameter(torch.randn(E, 12, 20))
+    opt = LowRankOptimizer([{"params": [stack], "experts": True}], rank=4, weight_decay=0.1)
+    before = stack.detach().clone()
+    stack.grad = torch.zeros(stack.shape)
+    opt.step()
+    assert [s["step"] for s in opt.state[stack]["experts"]] == [1] * E
+    assert all(s["proj_refreshes"] == 1 for s in opt.state[stack]["experts"])
+    torch.testing.assert_close(stack.detach(), before * (1 - 1e-3 * 0.1), rtol=0, atol=1e-7)  # decay only
+
+
 def test_empty_stacks_are_a_no_op():
     """As torch.optim steps an empty param: nothing to do, no error (no experts, or experts of no size)."""
     stacks = [nn.Parameter(torch.randn(0, 12, 20)), nn.Parameter(torch.randn(E, 0, 20))]
