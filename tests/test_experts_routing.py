@@ -217,3 +217,23 @@ def test_distributed_checkpoint_resume_is_bit_identical(tmp_path):
     for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
 
+
+
+def test_muon_orthogonalizes_each_expert():
+    """Muon(model.named_parameters()) puts the stacks in an experts group: Newton-Schulz runs on each expert's
+    (m, n) matrix, bit for bit as Muon on the experts as separate params, not on the stack's (E, m*n) view."""
+    model = tiny_moe()
+    opt = lrgrad.Muon(model.named_parameters(), lr=0.02)
+    groups = [g for g in opt.param_groups if g["experts"]]
+    assert len(groups) == 1 and sorted(groups[0]["param_names"]) == sorted(stack_names(model))
+    stack = model.model.layers[0].mlp.experts.gate_up_proj
+    separate = [nn.Parameter(stack.detach()[e].clone()) for e in range(stack.shape[0])]
+    reference = lrgrad.Muon(separate, lr=0.02)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+    for e, p in enumerate(separate):
+        p.grad = stack.grad[e].clone()
+    opt.step()
+    reference.step()
+    for e, p in enumerate(separate):
+        assert torch.equal(stack.detach()[e], p.detach()), e

@@ -19,6 +19,10 @@ component containing ``embed``, ``wte``/``wpe``/``shared``, a head module such a
 matrix moves to a group of its own with ``rule="adamw"`` and the AdamW hyperparameters of
 the matrix-only rule (``adamw_lr``, ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``);
 a group that already names a ``rule`` is left alone.
+
+Mixture-of-Experts stacks ``(E, m, n)`` (recognised as ``lrgrad.param_groups`` recognises them) move to a
+group with ``experts=True`` (a group that sets ``experts`` itself is left alone): the matrix-only rule then
+orthogonalizes each expert's ``(m, n)`` matrix, not the ``(E, m·n)`` view of the stack (``lrgrad.experts``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrgrad.groups import head_modules, is_embedding_or_head_name, model_of_named_parameters, once_per_tensor
+from lrgrad.groups import (
+    EXPERTS,
+    head_modules,
+    is_embedding_or_head_name,
+    is_expert_stack_name,
+    low_rank_param_kinds,
+    model_of_named_parameters,
+    once_per_tensor,
+)
 
 
 def _named(items: list[Any]) -> bool:
@@ -59,6 +71,8 @@ def route_embeddings_to_adamw(params: Any, adamw: dict[str, Any]) -> Any:
         return params  # torch.optim's own TypeError names the mistake
     model = model_of_named_parameters(params)
     structural = embedding_and_head_ids(model) if model is not None else None
+    stacks = ({i for i, kind in low_rank_param_kinds(model).items() if kind == EXPERTS}
+              if model is not None else None)
     items = list(params)
     if not items:
         return items
@@ -89,6 +103,12 @@ def route_embeddings_to_adamw(params: Any, adamw: dict[str, Any]) -> Any:
         keep = [pair for pair, stay in zip(members, stays) if stay]
         moved = [pair for pair, stay in zip(members, stays) if not stay]
         rest = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        if "experts" not in group:  # expert stacks: one matrix per expert
+            is_stack = [id(p) in stacks if stacks is not None else is_expert_stack_name(n, p) for n, p in keep]
+            experts = [pair for pair, flag in zip(keep, is_stack) if flag]
+            keep = [pair for pair, flag in zip(keep, is_stack) if not flag]
+            if experts:
+                routed.append({**rest, "params": experts, "experts": True})
         if keep:
             routed.append({**rest, "params": keep})
         if moved:
