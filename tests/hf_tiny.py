@@ -30,6 +30,17 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
     return LlamaForCausalLM(config).to(torch.float64)
 
 
+def tiny_mixtral(seed: int = 0, experts: int = 4, top_k: int = 2) -> torch.nn.Module:
+    """A tiny Mixtral (fused 3-D expert stacks (experts, 96, 32) and (experts, 32, 48)), fp32."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
+                           num_experts_per_tok=top_k, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(config)
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Rows of the learnable rule next = 5 * current + 3 (mod VOCAB); labels = input_ids (HF shifts them)."""
 
