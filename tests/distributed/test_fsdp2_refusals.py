@@ -64,3 +64,59 @@ def test_fsdp2_refuses_an_unshardable_projector_before_any_write():
             assert "supports_sharding=False" in message
             assert changed == [], f"{how}: the refused step wrote {changed}"
         assert rank_results["one_process_trained"]
+
+
+class StackedExperts(torch.nn.Module):
+    """A fused MoE experts module: (num_experts, out, in) stacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts = 4
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(4, 24, 16, dtype=torch.float64))
+        self.down_proj = torch.nn.Parameter(torch.randn(4, 16, 12, dtype=torch.float64))
+
+
+class TinyMoE(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16, dtype=torch.float64)
+        self.experts = StackedExperts()
+        self.out = torch.nn.Linear(16, 4, dtype=torch.float64)
+
+
+def expert_stack_worker(rank: int, world: int) -> dict:
+    """FSDP2 splits a stack's expert axis: a ValueError naming the stack, at construction (params sharded
+    first) and at the first step (params swapped for DTensors after construction, as Accelerate does)."""
+    from torch.distributed.fsdp import fully_shard
+
+    results = {}
+    torch.manual_seed(0)
+    model = fully_shard(TinyMoE())
+    try:
+        lrgrad.GaLoreAdamW(model.named_parameters(), rank=4)
+        results["construction"] = None
+    except ValueError as exc:
+        results["construction"] = str(exc)
+    model = TinyMoE()
+    opt = lrgrad.GaLoreAdamW(model.named_parameters(), rank=4)
+    fully_shard(model)
+    for group in opt.param_groups:  # Accelerate's prepare: the same positions, now DTensors
+        group["params"] = [dict(model.named_parameters())[n] for n in group["param_names"]]
+    before = full_state(model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+        results["step"] = None
+    except ValueError as exc:
+        results["step"] = str(exc)
+    results["changed"] = [k for k, v in full_state(model).items() if not torch.equal(v, before[k])]
+    return results
+
+
+def test_fsdp2_refuses_expert_stacks_by_name():
+    for rank_results in run_distributed(expert_stack_worker):
+        for when in ("construction", "step"):
+            message = rank_results[when]
+            assert message is not None and "expert stack 'experts." in message and "FSDP2" in message, (when, message)
+        assert rank_results["changed"] == []
