@@ -69,6 +69,7 @@ import torch
 from torch import nn
 
 from lrgrad.layerwise import LayerwiseOptimizer
+from lrgrad.qweights import SINGLE_PROCESS_REASON, quantized_modules
 
 PARALLEL_MODES = ("none", "ddp", "fsdp2")
 
@@ -95,6 +96,10 @@ def setup_parallel(
         raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
     if mode == "none":
         return model
+    quantized = [name for name, _ in quantized_modules(model)]
+    if quantized:
+        raise ValueError(f"Invalid mode: {mode!r} for a model with INT8 weights ({', '.join(quantized[:3])}"
+                         f"{', ...' if len(quantized) > 3 else ''}); {SINGLE_PROCESS_REASON}")
     import torch.distributed as dist
 
     if not dist.is_initialized():

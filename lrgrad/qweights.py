@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -359,6 +360,38 @@ def _check_bits(bits: Any) -> None:
 DEFAULT_EXCLUDE = ("lm_head", "embed_tokens", "embed_in", "embed_out", "wte", "wpe", "output", "classifier")
 
 
+#: why INT8 weights are single-process (the text of the refusals below and of ``setup_parallel``'s)
+SINGLE_PROCESS_REASON = (
+    "INT8 weights (lrgrad.quantize_weights) are single-process: the weight Parameter is a stride-0 handle, "
+    "which DDP cannot broadcast or all-reduce and FSDP2 cannot shard, and a data-parallel wrapper built "
+    "before the quantization keeps reducing the replaced float weights, so every rank would train its own "
+    "INT8 weights from its local gradient"
+)
+
+
+def check_single_process(model: nn.Module) -> None:
+    """Refuse a data-parallel ``model`` (DDP-wrapped, FSDP2-sharded) for INT8 weights; warn when
+    ``torch.distributed`` runs several processes, where a wrapper around ``model`` cannot be seen."""
+    import torch.distributed as dist
+
+    from lrgrad.dtensor import is_dtensor
+
+    wrappers: tuple[type, ...] = (nn.parallel.DistributedDataParallel,)
+    if dist.is_available():
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        wrappers += (FSDPModule, FullyShardedDataParallel)
+    wrapper = next((type(m).__name__ for m in model.modules() if isinstance(m, wrappers)), None)
+    if wrapper is None and any(is_dtensor(p) for p in model.parameters()):
+        wrapper = "DTensor parameters (FSDP2 / tensor parallel)"
+    if wrapper is not None:
+        raise ValueError(f"Invalid model: it is data-parallel ({wrapper}); {SINGLE_PROCESS_REASON}")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        warnings.warn(f"quantize_weights under torch.distributed with {dist.get_world_size()} processes: "
+                      f"{SINGLE_PROCESS_REASON}. Run INT8 weights in one process per model.",
+                      UserWarning, stacklevel=3)
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -393,6 +426,7 @@ def quantize_weights(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
+    check_single_process(model)
     _check_bits(bits)
     check_int("group_size", group_size, 1)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
