@@ -21,6 +21,10 @@ wrapper keeps the semantics of an ordinary training loop:
   the whole step (counted in ``skipped_steps``).
 * **One scheduler clock**: ``step()`` is called once per micro-batch and steps
   the scheduler once per window - never once per parameter.
+* **DDP**: the hooks fire before DDP's all-reduce, so under DDP the step must run in DDP's
+  comm hook (``lrgrad.distributed.ddp_layerwise``); a gradient that reappears on a param after
+  its hook stepped it (DDP without that call) makes ``step()`` raise instead of letting the
+  ranks train apart.
 
 Usage::
 
@@ -87,6 +91,8 @@ class LayerwiseOptimizer:
 
     def _reset_window(self) -> None:
         self._handled: set[int] = set()
+        #: params stepped from their hook whose gradient the hook freed (see _check_no_late_grads)
+        self._freed_in_hook: set[int] = set()
         self._pending_low: list[Staged] = []
         self._pending_full: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sq_norm: torch.Tensor | None = None
@@ -100,6 +106,8 @@ class LayerwiseOptimizer:
     def _hook(self, param: torch.Tensor) -> None:
         if self.last_micro_batch and param.grad is not None:
             self.handle_grad(param)
+            if param.grad is None:
+                self._freed_in_hook.add(id(param))
 
     def handle_grad(self, param: torch.Tensor) -> None:
         """Process ``param.grad`` now (its last micro-batch's gradient is complete): step it, or
@@ -134,7 +142,28 @@ class LayerwiseOptimizer:
             self._finish_window()
         self.micro_step += 1
 
+    def _check_no_late_grads(self) -> None:
+        """Raise when a gradient reappeared on a param after its hook stepped it and freed it.
+
+        That is DistributedDataParallel: its bucketed all-reduce runs after the post-accumulate-grad
+        hooks and writes the averaged gradient back, so every rank stepped on its own local gradient
+        and the ranks drifted apart. ``lrgrad.distributed.ddp_layerwise`` steps from DDP's comm hook
+        instead (and removes these hooks); FSDP2 runs the hooks after its reduce-scatter.
+        """
+        late = [p for group in self.optimizer.param_groups for p in group["params"]
+                if id(p) in self._freed_in_hook and p.grad is not None]
+        if late:
+            shapes = ", ".join(str(tuple(p.shape)) for p in late[:3]) + (", ..." if len(late) > 3 else "")
+            raise ValueError(
+                f"Invalid setup for LayerwiseOptimizer: a gradient was written into {len(late)} params ({shapes}) "
+                "after their per-layer update in this backward - DistributedDataParallel's all-reduce, which runs "
+                "after the per-parameter hooks: each rank stepped on its local gradient and the ranks now differ. "
+                "Under DDP call lrgrad.distributed.ddp_layerwise(ddp_model, layerwise) once after building the "
+                "LayerwiseOptimizer (it steps each bucket right after its all-reduce)"
+            )
+
     def _finish_window(self) -> None:
+        self._check_no_late_grads()
         # Params whose grad came from earlier micro-batches only (no hook in the last one).
         for group in self.optimizer.param_groups:
             for p in group["params"]:

@@ -104,3 +104,30 @@ def test_layerwise_without_comm_hook_would_differ():
     got = make_batch_half_run()
     diff = max((got[k] - want[k]).abs().max().item() for k in want)
     assert diff > 1e-6
+
+
+def layerwise_without_comm_hook_worker(rank: int, world: int) -> dict:
+    """DDP + LayerwiseOptimizer without ``ddp_layerwise``: the hooks step on the local gradient."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for label, options in {"plain": {}, "accumulate_and_clip": {"accumulation_steps": 2, "max_grad_norm": 1.0}}.items():
+        model = make_model()
+        ddp = DDP(model)
+        lw = lrgrad.LayerwiseOptimizer(make_optimizer("GaLoreAdamW", model), **options)
+        try:
+            train_steps(ddp, lw, 0, 2, rank, world)
+            out[label] = "no error"
+        except ValueError as exc:
+            out[label] = str(exc)
+        out[label + "_micro_step"] = lw.micro_step
+    return out
+
+
+def test_layerwise_under_ddp_without_the_comm_hook_is_refused_at_the_first_step():
+    """The ranks would silently train apart: each stepped on its own half batch before DDP's all-reduce."""
+    for result in run_distributed(layerwise_without_comm_hook_worker):
+        for label, micro_steps in (("plain", 0), ("accumulate_and_clip", 1)):
+            assert "ddp_layerwise(ddp_model, layerwise)" in result[label], result[label]
+            assert "DistributedDataParallel" in result[label]
+            assert result[label + "_micro_step"] == micro_steps  # raised in the first window's step()
