@@ -29,9 +29,14 @@ gradient, e.g. GaLore's SVD, or whose update reads the full gradient, e.g. APOLL
 by the wrapped optimizer's ``step()``.
 
 Not supported: global-norm clipping of the full gradient (its norm is not
-recoverable from the compressed sum) and closures. Under DDP, run the window's
-micro-batches with ``no_sync`` and all-reduce the compressed buffers
-(``buffers()``), which every rank computes with the same ``P``.
+recoverable from the compressed sum) and closures.
+
+**DDP**: the hooks fire before DDP's all-reduce, so run *every* micro-batch of the
+window inside ``ddp_model.no_sync()`` and call :meth:`CompressedAccumulator.all_reduce`
+before ``step()``: it averages the compressed sums (every rank drew the same ``P``) and the
+``.grad`` of the other params over the ranks. Without ``no_sync`` DDP writes its averaged
+gradient back into params whose hook already compressed and freed it; ``step()`` refuses
+that (``ValueError``) before writing anything, instead of stepping those params twice.
 
 Usage::
 
@@ -46,8 +51,11 @@ Usage::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from lrgrad.dtensor import is_dtensor
 from lrgrad.optim.lowrank import LowRankOptimizer
 
 
@@ -94,9 +102,38 @@ class CompressedAccumulator:
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
+    def all_reduce(self, group: Any = None) -> None:
+        """DDP: average the compressed sums and every other param's ``.grad`` over the ranks of
+        ``group`` (default: the whole world). Call after the window's last backward (all run under
+        ``ddp_model.no_sync()``) and before :meth:`step`."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("Invalid call: all_reduce needs torch.distributed.init_process_group() first")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if any(is_dtensor(p) for p in params):
+            raise ValueError("Invalid call: all_reduce on FSDP2 (DTensor) params - FSDP2 reduce-scatters the "
+                             "gradients before the hooks run; step() directly")
+        world = dist.get_world_size(group)
+        tensors = self.buffers() + [p.grad for p in params if p.grad is not None and id(p) not in self._buffers]
+        for t in tensors:
+            dist.all_reduce(t, group=group)
+            t.div_(world)
+
+    @torch.no_grad()
     def step(self) -> None:
         """Step the compressed params with their accumulated low-rank gradients, then
         every other param through the optimizer's ``step()`` (ordinary ``.grad``)."""
+        late = [param for param, _, _ in self._buffers.values() if param.grad is not None]
+        if late:
+            shapes = ", ".join(str(tuple(p.shape)) for p in late[:3]) + (", ..." if len(late) > 3 else "")
+            raise ValueError(
+                f"Invalid setup for CompressedAccumulator: a gradient was written into {len(late)} compressed "
+                f"params ({shapes}) after their hook compressed and freed it - DistributedDataParallel's all-reduce, "
+                "which runs after the hooks; stepping would use each rank's local sum and step those params a second "
+                "time from .grad. Under DDP run every micro-batch of the window inside ddp_model.no_sync() and call "
+                "acc.all_reduce() before acc.step()"
+            )
         opt = self.optimizer
         staged = [opt.stage_compressed(param, opt.group_of(param), low, draw)
                   for param, low, draw in self._buffers.values()]

@@ -131,3 +131,74 @@ def test_layerwise_under_ddp_without_the_comm_hook_is_refused_at_the_first_step(
             assert "ddp_layerwise(ddp_model, layerwise)" in result[label], result[label]
             assert "DistributedDataParallel" in result[label]
             assert result[label + "_micro_step"] == micro_steps  # raised in the first window's step()
+
+
+WINDOWS, MICRO = 3, 2  # Flora resamples P on windows 1 and 3 (GAP = 2)
+
+
+def compressed_windows(model, run_backward, acc_step) -> None:
+    """WINDOWS windows of MICRO micro-batches, each micro-batch's loss divided by MICRO."""
+    from tiny_model import lm_loss, make_batch
+
+    for w in range(WINDOWS):
+        for j in range(MICRO):
+            tokens = make_batch(seed=100 * w + j)
+            run_backward(lambda rows, t=tokens: (lm_loss(model, t[rows]) / MICRO).backward(), tokens.shape[0])
+        acc_step()
+
+
+def compressed_accumulation_worker(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def half(n: int) -> slice:
+        return slice(rank * n // world, (rank + 1) * n // world)
+
+    out = {}
+    # the documented recipe: every micro-batch under no_sync, all_reduce, step
+    model = make_model()
+    ddp = DDP(model)
+    acc = lrgrad.CompressedAccumulator(make_optimizer("FloraAdamW", model))
+
+    def no_sync_backward(backward, n):
+        with ddp.no_sync():
+            backward(half(n))
+
+    def reduce_and_step():
+        acc.all_reduce()
+        acc.step()
+        acc.zero_grad()
+
+    compressed_windows(ddp, no_sync_backward, reduce_and_step)
+    out["recipe"] = full_state(model)
+    # without no_sync: DDP writes its averaged gradient into params the hooks already compressed
+    model = make_model()
+    ddp = DDP(model)
+    acc = lrgrad.CompressedAccumulator(make_optimizer("FloraAdamW", model))
+    before = full_state(model)
+    try:
+        compressed_windows(ddp, lambda backward, n: backward(half(n)), acc.step)
+        out["without_no_sync"] = "no error"
+    except ValueError as exc:
+        out["without_no_sync"] = str(exc)
+    out["unchanged"] = all(torch.equal(v, before[k]) for k, v in full_state(model).items())
+    return out
+
+
+def test_compressed_accumulation_under_ddp():
+    """``no_sync`` + ``all_reduce`` equals one process accumulating the full batch in ``.grad``; without
+    ``no_sync`` the step is refused before it writes (it used to step the compressed params twice,
+    from each rank's local sum and again from DDP's gradient, and the ranks drifted apart)."""
+    model = make_model()
+    opt = make_optimizer("FloraAdamW", model)
+
+    def step():
+        opt.step()
+        opt.zero_grad()
+
+    compressed_windows(model, lambda backward, n: backward(slice(0, n)), step)
+    want = full_state(model)
+    assert max(s["proj_refreshes"] for s in opt.state.values() if "proj_refreshes" in s) == 2
+    for result in run_distributed(compressed_accumulation_worker):
+        assert_same_weights(result["recipe"], want)
+        assert "ddp_model.no_sync()" in result["without_no_sync"] and "acc.all_reduce()" in result["without_no_sync"]
+        assert result["unchanged"]
