@@ -202,3 +202,36 @@ def test_compressed_accumulation_under_ddp():
         assert_same_weights(result["recipe"], want)
         assert "ddp_model.no_sync()" in result["without_no_sync"] and "acc.all_reduce()" in result["without_no_sync"]
         assert result["unchanged"]
+
+
+#: optimizers that draw random numbers (projections, sketches, selections, stochastic rounding)
+RANDOMIZED = {"FloraAdamW": {}, "GoLoreAdamW": {}, "GrassAdamW": {}, "APOLLOAdamW": {}, "APOLLOMiniAdamW": {},
+              "QGaLoreAdamW": {}, "FRUGALAdamW": {}, "LDAdamW": {}, "GaLoreAdamW": {"svd": "randomized"},
+              "OnlineSubspaceAdamW": {"pca_init": "randomized"}}
+
+
+def per_rank_seed_worker(rank: int, world: int) -> dict:
+    """Users seed each rank differently (data order, dropout): no draw may come from the global RNG."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for name, options in RANDOMIZED.items():
+        model = make_model()
+        ddp = DDP(model)
+        torch.manual_seed(1000 + rank)
+        opt = make_optimizer(name, model, **options)
+        train_steps(ddp, opt, 0, STEPS, rank, world)
+        out[name] = full_state(model)
+    return out
+
+
+def test_randomized_projectors_ignore_per_rank_global_seeds():
+    """Bases, sketches and draws come from per-param seeds: the ranks agree and match one process."""
+    results = run_distributed(per_rank_seed_worker)
+    for name, options in RANDOMIZED.items():
+        model = make_model()
+        torch.manual_seed(7)
+        opt = make_optimizer(name, model, **options)
+        train_steps(model, opt, 0, STEPS)
+        for result in results:
+            assert_same_weights(result[name], full_state(model))
