@@ -160,7 +160,8 @@ class StepPipeline:
                        grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``params`` with each expert stack (``lrgrad.experts``) replaced by its experts' views, in expert
         order, and ``grads`` alike: every later stage sees separate matrices. An expert whose gradient
-        slice is exactly zero is left out (skipped this step, as a separate expert with no ``.grad``)."""
+        slice is exactly zero while another's is not is left out (skipped this step, as a separate expert
+        with no ``.grad``; ``lrgrad.experts.live_experts``)."""
         stacks = [(p, g) for p, g in zip(params, grads) if is_expert_stack(p, group)]
         if not stacks:
             return params, grads
