@@ -232,8 +232,15 @@ class ShardedProjector:
             low = self.inner.down(state, local) if draw is None else self.inner.down(state, local, draw=draw)
             placement = Shard(0) if self.ctx.sharded else Replicate()
             return from_local(low, self.param, [placement], (m, self.rank))
-        if draw is not None:
-            raise NotImplementedError("ShardedProjector: projecting ahead (draw=) on the sharded side is not supported")
+        if draw is not None:  # projecting ahead (Flora's accumulation): the draw's rows of P, Σ_i P_iᵀ G_i
+            matrix = getattr(self.inner, "matrix", None)
+            if matrix is None:
+                raise NotImplementedError(f"ShardedProjector: projecting ahead (draw=) on the sharded side needs "
+                                          f"{type(self.inner).__name__}.matrix(state, device, dtype, draw)")
+            rows = matrix(state, local.device, local.dtype, draw)[self.ctx.row_offset:self.ctx.row_stop]
+            low = kernels.project_down(local, rows, "left")
+            self.ctx.all_reduce(low)
+            return from_local(low, self.param, [Replicate()], (self.rank, n))
         low = self.inner.take_shared_down((self.rank, n))  # already all-reduced by the refresh
         if low is None:
             low = kernels.project_down(local, self._local_basis(state, local.dtype), "left")  # Σ_i P_iᵀ G_i
