@@ -142,6 +142,12 @@ def _record(op: str, tensor: torch.Tensor, world: int) -> None:
         log.append(entry)
 
 
+def grad_code(t: torch.Tensor) -> torch.Tensor:
+    """2 if ``t`` holds a NaN/Inf, else 1 if it holds a nonzero entry, else 0 (an fp32 scalar tensor):
+    ordered so that the max over shards is the code of the whole matrix."""
+    return torch.where(torch.isfinite(t).all(), t.ne(0).any().to(torch.float32), torch.tensor(2.0, device=t.device))
+
+
 class LocalContext:
     """The single-shard :class:`ShardContext`: all rows are local and collectives are no-ops.
 
@@ -163,6 +169,10 @@ class LocalContext:
 
     def all_finite(self, local: torch.Tensor) -> bool:
         return bool(torch.isfinite(local).all())
+
+    def finite_and_nonzero(self, local: torch.Tensor) -> tuple[bool, bool]:
+        code = float(grad_code(local))
+        return code < 2, code >= 1
 
 
 class ShardContext:
@@ -212,6 +222,12 @@ class ShardContext:
         """True on every rank iff no shard has a NaN/Inf (all ranks take the same branch)."""
         bad = (~torch.isfinite(local)).any().to(torch.float32).reshape(1)
         return not bool(self.all_reduce(bad, op="max").item())
+
+    def finite_and_nonzero(self, local: torch.Tensor) -> tuple[bool, bool]:
+        """``(no shard has a NaN/Inf, some shard has a nonzero entry)``, the same on every rank, from the
+        one-element vote :meth:`all_finite` casts (the max over ranks of :func:`grad_code`)."""
+        code = float(self.all_reduce(grad_code(local).reshape(1), op="max").item())
+        return code < 2, code >= 1
 
 
 __all__ = ["LocalContext", "ShardContext", "count_collectives", "shard_block_state",

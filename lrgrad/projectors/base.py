@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 
 from lrgrad import kernels
+from lrgrad.dtensor import grad_code
 from lrgrad.subspace import basis_shape
 
 
@@ -312,13 +313,30 @@ def is_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def finite_and_nonzero(t: torch.Tensor) -> tuple[bool, bool]:
+    """``(t has no NaN/Inf, t has a nonzero entry)`` with one device sync."""
+    code = float(grad_code(t))
+    return code < 2, code >= 1
+
+
 def guarded_basis(
-    state: dict[str, Any], grad: torch.Tensor, compute: Callable[[], torch.Tensor]
+    state: dict[str, Any], grad: torch.Tensor, compute: Callable[[], torch.Tensor], keep_on_zero: bool = False
 ) -> torch.Tensor | None:
     """``compute()`` a new basis from ``grad``, or ``None`` with ``state["proj_failures"]``
     incremented when ``grad`` is non-finite, the computation fails (e.g. an SVD that does
-    not converge, GaLore issue #58) or its result is non-finite: NaN never enters a basis."""
-    if not is_finite(grad):
+    not converge, GaLore issue #58) or its result is non-finite: NaN never enters a basis.
+
+    ``keep_on_zero`` (a previous basis exists): an all-zero ``grad`` - a branch that saw no data this
+    step (an MoE expert called on no tokens, an unused layer after ``zero_grad(set_to_none=False)``) -
+    has no top-r subspace, and its SVD would put an arbitrary basis in place for a whole gap, under
+    moments that belong to the previous one: ``None``, keeping the previous basis (not a failure)."""
+    if keep_on_zero:
+        finite, nonzero = finite_and_nonzero(grad)
+        if finite and not nonzero:
+            return None
+    else:
+        finite = is_finite(grad)
+    if not finite:
         state["proj_failures"] += 1
         return None
     try:
@@ -333,14 +351,22 @@ def guarded_basis(
 
 
 def guarded_sharded_basis(
-    state: dict[str, Any], grad_local: torch.Tensor, ctx: Any, compute: Callable[[], torch.Tensor | None]
+    state: dict[str, Any], grad_local: torch.Tensor, ctx: Any, compute: Callable[[], torch.Tensor | None],
+    keep_on_zero: bool = False,
 ) -> torch.Tensor | None:
     """:func:`guarded_basis` for an FSDP2 refresh from this rank's rows ``grad_local``: the finite check
     is one all-reduce (``ctx.all_finite``), so every rank skips together; ``compute()`` must issue every
     collective before its local math, which then runs on replicated inputs, so a failure or a non-finite
     result is the same on all ranks. ``None`` (with ``state["proj_failures"]`` incremented) keeps the
-    previous basis."""
-    if not ctx.all_finite(grad_local):
+    previous basis; with ``keep_on_zero``, so does a gradient that is zero on every rank (the vote is
+    still one element)."""
+    if keep_on_zero:
+        finite, nonzero = ctx.finite_and_nonzero(grad_local)
+        if finite and not nonzero:
+            return None
+    else:
+        finite = ctx.all_finite(grad_local)
+    if not finite:
         state["proj_failures"] += 1
         return None
     try:

@@ -58,7 +58,7 @@ import torch
 from lrgrad import kernels
 from lrgrad._checks import check_choice, check_int
 from lrgrad.dtensor import LocalContext
-from lrgrad.projectors.base import Projector, is_finite
+from lrgrad.projectors.base import Projector, finite_and_nonzero, is_finite
 from lrgrad.projectors.svd import orthonormal_columns
 from lrgrad.subspace import state_like
 
@@ -221,8 +221,12 @@ class DCTProjector(Projector):
         return "proj_indices" in state
 
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
-        if not is_finite(grad):
+        # an all-zero gradient scores every DCT column alike: keep the previous ones (guarded_basis's rule)
+        finite, nonzero = finite_and_nonzero(grad) if self.has_basis(state) else (is_finite(grad), True)
+        if not finite:
             state["proj_failures"] += 1
+            return False
+        if not nonzero:
             return False
         if self.side == "left" and self.options["dct_scores"] == "sketch":
             return self._select(state, self._sketched_scores(state, grad, step))
@@ -237,8 +241,12 @@ class DCTProjector(Projector):
         ``NotImplemented`` with ``dct_sharded="gather"`` (the exact all-gather fallback)."""
         if self.side == "left" and self.options["dct_sharded"] == "gather":
             return NotImplemented
-        if not ctx.all_finite(grad_local):
+        finite, nonzero = ctx.finite_and_nonzero(grad_local) if self.has_basis(state) else (
+            ctx.all_finite(grad_local), True)
+        if not finite:
             state["proj_failures"] += 1
+            return False
+        if not nonzero:
             return False
         if self.side == "left":
             return self._select(state, self._sketched_scores(state, grad_local, step, ctx))

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from lrgrad._checks import check_choice
-from lrgrad.projectors.base import Projector, is_finite
+from lrgrad.projectors.base import Projector, finite_and_nonzero, is_finite
 from lrgrad.projectors.dct import select_indices
 from lrgrad.subspace import state_like
 
@@ -121,8 +121,12 @@ class GrassProjector(Projector):
 
     # ---------------------------------------------------------------- refresh
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
-        if not is_finite(grad):
+        # an all-zero gradient scores every row alike: keep the previous rows (guarded_basis's rule)
+        finite, nonzero = finite_and_nonzero(grad) if self.has_basis(state) else (is_finite(grad), True)
+        if not finite:
             state["proj_failures"] += 1
+            return False
+        if not nonzero:
             return False
         return self._select(state, grass_scores(grad, self.side), step)
 
@@ -130,8 +134,12 @@ class GrassProjector(Projector):
                         group: dict[str, Any], ctx: Any) -> bool:
         """Gather-free: right side, the column scores are all-reduced (n numbers); left side, each
         rank's row scores are all-gathered (m numbers)."""
-        if not ctx.all_finite(grad_local):
+        finite, nonzero = ctx.finite_and_nonzero(grad_local) if self.has_basis(state) else (
+            ctx.all_finite(grad_local), True)
+        if not finite:
             state["proj_failures"] += 1
+            return False
+        if not nonzero:
             return False
         local = grass_scores(grad_local, self.side)
         scores = ctx.all_reduce(local) if self.side == "right" else ctx.all_gather_rows(local)

@@ -146,7 +146,8 @@ class LDAdamProjector(Projector):
         return power_step(blend, local_previous.to(blend.dtype), self.side, ctx)
 
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
-        basis = guarded_basis(state, grad, lambda: self.compute_basis(state, grad, step))
+        basis = guarded_basis(state, grad, lambda: self.compute_basis(state, grad, step),
+                              keep_on_zero=self.has_basis(state))
         if basis is None:
             return False
         state["proj_basis"] = basis
@@ -159,7 +160,8 @@ class LDAdamProjector(Projector):
         ``Bᵀ(B P_oldᵀ)`` (right, n x r) or ``Bᵀ P_old`` (left, n x r) all-reduced, the left side's
         m x r product gathered by rows for the QR; an SVD (the first step, ``ldadam_basis="svd"``,
         rules without Adam's moments) is the seeded sketch: n x k all-reduces (k = r + 8)."""
-        basis = guarded_sharded_basis(state, grad_local, ctx, lambda: self.compute_basis(state, grad_local, step, ctx))
+        basis = guarded_sharded_basis(state, grad_local, ctx, lambda: self.compute_basis(state, grad_local, step, ctx),
+                                      keep_on_zero=self.has_basis(state))
         if basis is None:
             return False
         state["proj_basis"] = basis

@@ -290,7 +290,8 @@ class SVDProjector(Projector):
         state["proj_refreshes"] += 1
 
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
-        basis = guarded_basis(state, grad, lambda: self.compute_basis(state, grad, step))
+        basis = guarded_basis(state, grad, lambda: self.compute_basis(state, grad, step),
+                              keep_on_zero=self.has_basis(state))
         if basis is None:
             return False
         self.store_basis(state, basis, step)
@@ -316,7 +317,7 @@ class SVDProjector(Projector):
         basis = guarded_sharded_basis(
             state, grad_local, ctx,
             lambda: gram_right_basis(grad_local, self.rank, ctx) if method == "gram"
-            else self.sketch(state, grad_local, step, ctx))
+            else self.sketch(state, grad_local, step, ctx), keep_on_zero=self.has_basis(state))
         if basis is None:
             return False
         self.store_basis(state, basis, step)

@@ -279,3 +279,48 @@ def test_fsdp2_sketch_refreshes_succeed_and_move_on_both_sides(preset, options):
             assert captured_energy(g, got["basis"], side) >= floor * captured_energy(g, exact, side), (name, k)
             sides.add(side)
     assert sides == {"left", "right"}
+
+
+def _zero_refresh_worker(rank: int, world: int, preset: str) -> list[dict]:
+    """A refresh every step under FSDP2; step 2's gradients are zero on every rank, step 3's on rank 0
+    only. Per step and projected param: its basis and refresh / failure counters."""
+    from tiny_model import lm_loss, make_batch
+
+    model = fsdp_model()
+    opt = getattr(lrgrad, preset)(lrgrad.param_groups(model, rank=8, update_proj_gap=1), lr=1e-2)
+    steps = []
+    for i in range(3):
+        tokens = make_batch(seed=i)
+        rows = tokens.shape[0] // world
+        opt.zero_grad()
+        lm_loss(model, tokens[rank * rows:(rank + 1) * rows]).backward()
+        if i == 1 or (i == 2 and rank == 0):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.grad.to_local().zero_()
+        opt.step()
+        record = {}
+        for name, p in model.named_parameters():
+            state = opt.state[p]
+            if "proj_refreshes" in state:
+                basis = opt.projector_for(p, opt.param_groups[0]).basis(state)
+                record[name] = (basis.clone(), state["proj_refreshes"], state["proj_failures"])
+        steps.append(record)
+    return steps
+
+
+@pytest.mark.parametrize("preset", ["GaLoreAdamW", "DCTAdamW", "GrassAdamW"])
+def test_fsdp2_a_gradient_zero_on_every_rank_keeps_the_basis_and_one_rank_zero_does_not(preset):
+    """The zero-gradient rule of the one-process refresh (keep the previous basis: a zero matrix has no
+    subspace) decided from the same one-element vote as the finiteness check: zero on every rank keeps
+    the basis on every rank; zero on one rank's rows only is an ordinary gradient, refreshed from."""
+    results = run_distributed(_zero_refresh_worker, preset)
+    for steps in results:
+        first, zero_everywhere, zero_on_one = steps
+        assert first
+        for name, (basis, refreshes, failures) in first.items():
+            assert refreshes == 1 and failures == 0
+            assert torch.equal(zero_everywhere[name][0], basis) and zero_everywhere[name][1:] == (1, 0), name
+            assert zero_on_one[name][1:] == (2, 0) and not torch.equal(zero_on_one[name][0], basis), name
+    for name in results[0][2]:
+        assert torch.equal(results[0][2][name][0], results[1][2][name][0]), name  # replicated

@@ -85,3 +85,40 @@ def test_default_is_unguarded_like_torch_adamw_but_nan_never_enters_a_basis():
     torch.testing.assert_close(bias[finite], twin[finite])
     assert torch.equal(opt.state[w]["proj_basis"], basis) and opt.state[w]["proj_failures"] == 1
     assert "nonfinite_skips" not in opt.state[w] and opt.state[w]["step"] == 2
+
+
+def _chooses_from_the_gradient(name: str) -> bool:
+    """Presets whose refresh picks the subspace from G itself (not a seeded draw, Conda's momentum or
+    LDAdam's error-corrected G + e, which stay nonzero when G is zero)."""
+    preset = lrgrad.optim.presets.preset_of(lrgrad.OPTIMIZERS[name])
+    return preset.projector in ("svd", "qgalore", "dct", "grass", "online_pca")
+
+
+@pytest.mark.parametrize("shape", [(40, 48), (48, 40)])
+@pytest.mark.parametrize("name", [n for n in sorted(lrgrad.OPTIMIZERS) if _chooses_from_the_gradient(n)])
+def test_an_all_zero_gradient_at_a_refresh_keeps_the_previous_subspace(name, shape):
+    """A branch that saw no data on a refresh step (an MoE expert called on no tokens, an unused layer after
+    ``zero_grad(set_to_none=False)``) has an all-zero gradient, whose SVD / DCT scores / row norms name no
+    subspace: the refresh put an arbitrary basis in place for a whole gap, and the step applied the moments
+    of the previous basis through it. It keeps the previous basis: the step equals one whose refresh never
+    came, bit for bit, and counts no failure."""
+    torch.manual_seed(0)
+    w0 = torch.randn(shape)
+    grads = [torch.randn(shape[0], 4) @ torch.randn(4, shape[1]) + 0.01 * torch.randn(shape) for _ in range(2)]
+    grads.append(torch.zeros(shape))  # step 3: a refresh step with gap 2
+
+    def run(gap):
+        w = torch.nn.Parameter(w0.clone())
+        opt = lrgrad.OPTIMIZERS[name]([w], lr=1e-2, rank=4, update_proj_gap=gap)
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        return w, opt.state[w]
+
+    refreshed, state = run(gap=2)
+    never, reference = run(gap=1000)
+    assert torch.equal(refreshed, never)
+    assert state["proj_failures"] == 0
+    for key, value in reference.items():
+        if key.startswith("proj_") and isinstance(value, torch.Tensor):
+            assert torch.equal(state[key], value), key
