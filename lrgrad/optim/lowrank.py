@@ -553,10 +553,14 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         if owner is not None:  # an expert view (made anew each step): its stack owns the state and the layout
             param = owner[0]
         layouts = self.__dict__.setdefault("_state_layouts", {})
+        seen = (param.shape, param.dtype)
+        entry = layouts.get(id(param))
+        if entry is not None and entry[0] == seen:  # the steady state: one lookup, two compares
+            return
         now = self.state_layout(param, group)
-        before = layouts.get(id(param))
+        before = entry[1] if entry is not None else None
         if before is None or before == now or not self.state.get(param):
-            layouts[id(param)] = now
+            layouts[id(param)] = (seen, now)
             return
         index = self.__dict__.get("_param_index", {}).get(id(param))
         names = group.get("param_names")
@@ -803,7 +807,8 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         super().load_state_dict(state_dict)
         self.__dict__.pop("_group_structure", None)  # the loaded state matches the groups' keys (checked above)
         # ... and the current params' shapes and dtypes (checked above): the layout the next step compares to
-        self.__dict__["_state_layouts"] = {id(p): self.state_layout(p, group) for p, group in index_to_param.values()}
+        self.__dict__["_state_layouts"] = {id(p): ((p.shape, p.dtype), self.state_layout(p, group))
+                                           for p, group in index_to_param.values()}
         # torch casts floating state to the param dtype; put back the exact saved tensors.
         for index, pstate in saved_state.items():
             p, _ = index_to_param[index]
