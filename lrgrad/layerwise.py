@@ -138,6 +138,7 @@ class LayerwiseOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         """Call once after every micro-batch's backward."""
+        self.optimizer.check_materialized()  # meta params never fire a hook: no step would happen, silently
         if self.last_micro_batch:
             self._finish_window()
         self.micro_step += 1

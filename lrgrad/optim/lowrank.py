@@ -423,6 +423,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 loss = closure()
         # refuse before the first write, so a refused step changes nothing (a later group's sparse
         # gradient must not leave the earlier groups stepped)
+        self.check_materialized()
         for index, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"] if p.grad is not None]
             for g in grads:
@@ -536,6 +537,26 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 "or add a new param group, for other params"
             )
         seen[index] = now
+
+    def check_materialized(self) -> None:
+        """Until a step finds none: refuse, with one ``ValueError`` naming the param, a param on the meta
+        device. An optimizer built over a meta-device model (``with torch.device("meta")``) before
+        ``model.to_empty()`` holds the old meta tensors (``to_empty`` swaps in new ones), which never get
+        a gradient: every step would silently do nothing (as ``torch.optim.AdamW``'s does)."""
+        if self.__dict__.get("_materialized"):
+            return
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for position, p in enumerate(group["params"]):
+                if p.is_meta:
+                    name = names[position] if isinstance(names, list) and position < len(names) else None
+                    raise ValueError(
+                        f"Invalid params: {f'param {name!r}' if name else 'a param'} is on the meta device at step(): "
+                        "the model was materialized (to_empty, load_state_dict(assign=True)) after this optimizer was "
+                        "built, which still holds the meta tensors, so no step would change the model. Build the "
+                        "optimizer after materializing the model"
+                    )
+        self.__dict__["_materialized"] = True
 
     def state_layout(self, param: torch.Tensor, group: dict[str, Any]) -> tuple[Any, ...]:
         """What ``param``'s state was built for: its shape and the dtypes its state tensors take

@@ -236,3 +236,48 @@ def test_state_bytes_are_what_plain_galore_needs():
     opt.step()
     expected = sum(4 * (2 * max(s) * 4 + min(s) * 4) for s in shapes) + 4 * 2 * 7
     assert lrgrad.optimizer_state_bytes(opt) == expected
+
+
+def _meta_model():
+    with torch.device("meta"):
+        block = torch.nn.ModuleDict({"proj": torch.nn.Linear(24, 20)})
+        return torch.nn.ModuleDict({"embed": torch.nn.Embedding(16, 24), "block": block,
+                                    "head": torch.nn.Linear(20, 16)})
+
+
+def _materialize(model):
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def _loss(model, seed):
+    tokens = torch.randint(0, 16, (4, 6), generator=torch.Generator().manual_seed(seed))
+    return model["head"](model["block"]["proj"](model["embed"](tokens))).square().mean()
+
+
+@pytest.mark.parametrize("name", sorted(lrgrad.OPTIMIZERS))
+def test_an_optimizer_built_before_to_empty_is_refused_at_step_and_after_it_trains(name):
+    """The big-model path: build on the meta device, ``to_empty`` + ``reset_parameters``, then the optimizer.
+    Built before ``to_empty``, the optimizer holds the old meta tensors (``to_empty`` swaps in new ones),
+    which never get a gradient: every step silently did nothing. Refused by name at the first step (and
+    by per-layer updates); built after, it trains."""
+    model = _meta_model()
+    early = lrgrad.OPTIMIZERS[name](model.named_parameters(), rank=4, lr=1e-2)
+    _materialize(model)
+    _loss(model, 0).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"'block.proj.weight' is on the meta device at step\(\)"):
+        early.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match="meta device"):
+        lrgrad.LayerwiseOptimizer(early).step()
+    opt = lrgrad.OPTIMIZERS[name](model.named_parameters(), rank=4, lr=1e-2)
+    assert any(opt.is_projected(model["block"]["proj"].weight, g) for g in opt.param_groups)
+    for seed in range(3):
+        opt.zero_grad()
+        _loss(model, seed).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))
