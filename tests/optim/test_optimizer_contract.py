@@ -273,3 +273,111 @@ def test_hooks_zero_grad_and_add_param_group(name):
 def test_constructor_signature_is_torch_like(name):
     params = inspect.signature(lrgrad.OPTIMIZERS[name]).parameters
     assert list(params)[0] == "params" and "lr" in params
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_scaler_skips_an_overflowed_step_without_touching_weights_or_state(name):
+    """``scaler.unscale_`` + ``clip_grad_norm_`` + ``scaler.step``: an inf loss scale overflow makes the
+    scaler skip ``step()``, so weights and every state entry stay; the next finite step trains."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = make(name, model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+
+    def scaled_step(seed, factor=1.0):
+        opt.zero_grad()
+        scaler.scale(lm_loss(model, make_batch(seed=seed)) * factor).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+
+    for seed in range(3):
+        scaled_step(seed)
+    weights = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    scaled_step(3, factor=float("inf"))
+    assert scaler.get_scale() == 2.0**7  # the overflow was seen and the scale backed off
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert_states_equal(opt.state_dict()["state"], state["state"])
+    scaled_step(4)
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_tensor_lr_under_a_scheduler_steps_as_the_float_lr(name):
+    """``lr=torch.tensor(...)`` (torch's capturable / tensor-lr convention) with an LR scheduler: the same
+    weights, bit for bit, as the float lr; the group keeps a tensor, and its state dict loads back."""
+    torch.manual_seed(0)
+    a = TinyLM()
+    b = copy.deepcopy(a)
+    lr = torch.tensor(lr_for(lrgrad.OPTIMIZERS[name]))
+    opt_a = make(name, a, lr=float(lr))  # the float32 value the tensor holds
+    opt_b = make(name, b, lr=lr)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt_a, opt_b)]
+    for i in range(3):
+        for model, opt, sched in ((a, opt_a, scheds[0]), (b, opt_b, scheds[1])):
+            opt.zero_grad()
+            lm_loss(model, make_batch(seed=i)).backward()
+            opt.step()
+            sched.step()
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert isinstance(opt_b.param_groups[0]["lr"], torch.Tensor)
+    make(name, copy.deepcopy(b), lr=torch.tensor(1.0)).load_state_dict(roundtrip(opt_b.state_dict()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pickle_and_a_state_dict_saved_before_the_first_step_resume_exactly(name):
+    """``pickle.dumps(opt)`` (what multiprocessing and some checkpointers do) continues bit-identically, and
+    a state dict saved before any step loads into a fresh optimizer that then runs as the original."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    twin = copy.deepcopy(model)
+    opt = make(name, model)
+    early = make(name, twin)
+    early.load_state_dict(roundtrip(opt.state_dict()))  # nothing stepped yet
+    train(model, opt, steps=3)
+    train(twin, early, steps=3)
+    assert all(torch.equal(x, y) for x, y in zip(model.parameters(), twin.parameters()))
+    clone = pickle.loads(pickle.dumps(opt))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    copies = [p for g in clone.param_groups for p in g["params"]]
+    for p, q in zip(params, copies):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt.step()
+    clone.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, copies))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_and_load_state_dict_hooks_are_honoured(name):
+    """torch's ``register_state_dict_pre/post_hook`` and ``register_load_state_dict_pre/post_hook``: called
+    in order, and what the post hook returns / the load pre hook rewrites is what is saved / loaded."""
+    model = TinyLM()
+    opt = make(name, model)
+    train(model, opt, steps=1)
+    seen = []
+
+    def saved_post(optimizer, state_dict):
+        seen.append("post")
+        state_dict["note"] = "kept"
+        return state_dict
+
+    def load_pre(optimizer, state_dict):
+        seen.append("load_pre")
+        state_dict = {k: v for k, v in state_dict.items() if k != "note"}
+        state_dict["param_groups"] = [{**g, "lr": 0.125} for g in state_dict["param_groups"]]
+        return state_dict
+
+    opt.register_state_dict_pre_hook(lambda optimizer: seen.append("pre"))
+    opt.register_state_dict_post_hook(saved_post)
+    opt.register_load_state_dict_pre_hook(load_pre)
+    opt.register_load_state_dict_post_hook(lambda optimizer: seen.append("load_post"))
+    saved = opt.state_dict()
+    assert saved["note"] == "kept"
+    opt.load_state_dict(saved)
+    assert seen == ["pre", "post", "load_pre", "load_post"]
+    assert all(g["lr"] == 0.125 for g in opt.param_groups)
