@@ -224,3 +224,19 @@ def test_tied_weights_listed_under_every_name_are_stepped_once(name, as_group):
             m(tokens).square().mean().backward()
             o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "Muon"])
+def test_a_shared_block_matrix_listed_under_both_names_is_stepped_once_per_step(name):
+    """Without a tied embedding to trip torch's cross-group check, a block matrix shared by two layers and
+    listed under both names sat twice in one group (torch only warns) and moved twice per step."""
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(32, 32)
+    model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList(torch.nn.ModuleDict({"proj": shared}) for _ in range(2)),
+                                 "out": torch.nn.Linear(32, 8)})
+    opt = getattr(lrgrad, name)(list(model.named_parameters(remove_duplicate=False)), lr=1e-2, rank=4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[shared.weight]["step"] == 1
+    assert sum(p is shared.weight for g in opt.param_groups for p in g["params"]) == 1
