@@ -306,6 +306,26 @@ def _verify_on_rank0(folder: str) -> None:
         raise CheckpointError(*verdict[0])
 
 
+def refuse_sharded_expert_stacks(optimizer: torch.optim.Optimizer, what: str) -> None:
+    """Refuse, naming the first one, an optimizer that projects FSDP2-sharded expert stacks: each rank's state
+    of such a stack holds only the experts of its own shard (``None`` for the others, ``lrgrad.experts``),
+    a layout torch's distributed state-dict API and DCP do not know how to gather or reshard."""
+    from lrgrad.experts import is_expert_stack, is_sharded_stack
+
+    for group in getattr(optimizer, "param_groups", []):
+        names = group.get("param_names") or []
+        for i, p in enumerate(group["params"]):
+            if is_expert_stack(p, group) and is_sharded_stack(p):
+                name = repr(names[i]) if i < len(names) else f"{i} of its group"
+                raise ValueError(
+                    f"Invalid optimizer: {what} does not support FSDP2-sharded expert stacks (param {name}): each "
+                    "rank's optimizer state holds only its own shard's experts, which DCP and torch's distributed "
+                    "state-dict API cannot gather or reshard. Save each rank's optimizer.state_dict() beside the "
+                    "model (torch.save, one file per rank) and load it into the same world size; see "
+                    "docs/distributed.md"
+                )
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
                     extra: dict[str, Any] | None = None, *, manifest: bool = True) -> None:
     """Save model + optimizer with ``torch.distributed.checkpoint`` (each rank writes its shards).
@@ -319,6 +339,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    refuse_sharded_expert_stacks(optimizer, "save_checkpoint")  # before anything is written
     distributed = dist.is_available() and dist.is_initialized()
     main = not distributed or dist.get_rank() == 0
     stale = os.path.join(os.fspath(path), MANIFEST_NAME)
@@ -354,6 +375,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    refuse_sharded_expert_stacks(optimizer, "load_checkpoint")  # before the template step writes state
     if verify:
         _verify_on_rank0(os.fspath(path))
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -397,5 +419,6 @@ def check_checkpoint_shapes(path: str | os.PathLike, state: dict[str, Any]) -> N
 
 
 __all__ = ["MANIFEST_NAME", "PARALLEL_MODES", "CheckpointError", "check_checkpoint_shapes", "ddp_layerwise",
-           "fsync_dir", "init_from_env", "load_checkpoint", "save_checkpoint", "setup_parallel", "verify_manifest",
+           "fsync_dir", "init_from_env", "load_checkpoint", "refuse_sharded_expert_stacks",
+           "save_checkpoint", "setup_parallel", "verify_manifest",
            "write_manifest"]

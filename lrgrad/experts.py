@@ -18,6 +18,13 @@ it no token) is skipped on that step, as a separate ``nn.Linear`` expert would b
 ``None``): no moment update, no weight decay, no refresh, its step count does not move. A refresh
 therefore never computes an idle expert's subspace from a zero gradient. A stack whose gradient is zero
 everywhere is not routing but a zero gradient, and steps as any param does on one (every expert).
+
+Under FSDP2 a stack is a ``Shard(0)`` DTensor: ``torch.chunk`` along the expert axis gives each rank whole
+experts (uneven ``E``: fewer, possibly none, on the last ranks). Each rank steps the experts of its local
+shard on views of its local tensor, tagged with their *global* index, so every expert's seed, state and
+arithmetic are those of the one-process run, with no collective but one: whether the stack's gradient is
+zero everywhere (all ranks must agree). The stack's state keeps one entry per global expert: this rank's
+experts' dicts, ``None`` for the experts other ranks hold.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from lrgrad.dtensor import ShardContext, is_dtensor
 
 #: the attribute an expert view carries: ``(stack, index)``
 EXPERT_OF = "_lrgrad_expert_of"
@@ -43,22 +52,45 @@ def expert_of(view: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     return getattr(view, EXPERT_OF, None)
 
 
+def is_sharded_stack(stack: torch.Tensor) -> bool:
+    """True for an FSDP2 (DTensor) stack: its process holds only some experts (:func:`local_experts`)."""
+    return is_dtensor(stack)
+
+
+def local_experts(stack: torch.Tensor) -> tuple[int, int]:
+    """The global indices ``[start, stop)`` of the experts this process holds: all of them for a plain
+    stack, this rank's ``torch.chunk`` of the expert axis for an FSDP2 ``Shard(0)`` DTensor (refused by
+    name, as every DTensor param, when laid out otherwise: ``lrgrad.dtensor.check_row_sharded``)."""
+    if not is_sharded_stack(stack):
+        return 0, stack.shape[0]
+    ctx = ShardContext(stack)
+    return ctx.row_offset, ctx.row_stop
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a stack or its gradient (the tensor itself when not a DTensor)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def expert_views(stack: torch.Tensor) -> list[torch.Tensor]:
-    """``stack[e]`` for each expert, each tagged with ``(stack, e)``. Views write into the stack; they are
-    made anew for each use, so a stack whose storage is replaced (``.to()``, a load) is never written
-    through a stale view."""
+    """``stack[e]`` for each expert this process holds (:func:`local_experts`: all of a plain stack), each
+    tagged with ``(stack, e)``, ``e`` the global index. Views write into the stack (an FSDP2 stack's local
+    shard); they are made anew for each use, so a stack whose storage is replaced (``.to()``, a load) is
+    never written through a stale view."""
+    start, _ = local_experts(stack)
     views = []
-    for e, view in enumerate(stack.unbind(0)):
-        setattr(view, EXPERT_OF, (stack, e))
+    for i, view in enumerate(local_tensor(stack).unbind(0)):
+        setattr(view, EXPERT_OF, (stack, start + i))
         views.append(view)
     return views
 
 
 def state_dicts(state: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The per-matrix state dicts in a param's ``state``: its experts' for a stack, else ``state`` itself."""
+    """The per-matrix state dicts in a param's ``state``: its experts' for a stack (those this process holds:
+    an FSDP2 stack's other experts are ``None``), else ``state`` itself."""
     experts = state.get(EXPERTS_KEY)
     if isinstance(experts, list):
-        yield from experts
+        yield from (sub for sub in experts if sub is not None)
     else:
         yield state
 
@@ -72,24 +104,30 @@ def state_tensors(state: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def live_experts(stacks: list[torch.Tensor], grads: list[torch.Tensor]) -> list[list[bool]]:
-    """For each stack, which experts step: those whose gradient slice is not exactly zero (one host sync for
-    all), or every expert when the whole stack's gradient is zero. A NaN or Inf counts as not zero: the
-    step's own non-finite handling sees it."""
+    """For each stack, which of the experts this process holds step: those whose gradient slice is not
+    exactly zero (one host sync for all), or every expert when the whole stack's gradient is zero - on every
+    rank, for an FSDP2 stack (one all-reduce each: a rank whose shard is zero must know whether another's
+    is). A NaN or Inf counts as not zero: the step's own non-finite handling sees it."""
     if not stacks:
         return []
     device = grads[0].device
     # an expert's slice is zero when its max and min are: two plain reductions, no full-size temporary
     # (a bool mask would be one; abs() or vector_norm(inf) measured 2-30x slower on CPU). max/min propagate NaN
     # (an empty stack: no entry to test, zero everywhere below)
+    grads = [local_tensor(g) for g in grads]
     rows = [g.reshape(g.shape[0], -1) if g.numel() else None for g in grads]
     flags = torch.cat([(r.amax(dim=1).ne(0) | r.amin(dim=1).ne(0)).to(device) if r is not None
                        else torch.zeros(g.shape[0], dtype=torch.bool, device=device)
                        for r, g in zip(rows, grads)]).tolist()
     out, start = [], 0
-    for stack in stacks:
-        live = flags[start:start + stack.shape[0]]
+    for stack, grad in zip(stacks, grads):
+        live = flags[start:start + grad.shape[0]]
+        start += grad.shape[0]
         # a stack that is zero everywhere is no routing (some expert always gets a token): a zero gradient,
         # stepped as any param's (torch's distributed-checkpoint state template steps on zero gradients)
-        out.append(live if any(live) else [True] * len(live))
-        start += stack.shape[0]
+        anywhere = any(live)
+        if is_sharded_stack(stack):  # the same verdict on every rank, from each rank's experts
+            vote = torch.tensor([float(anywhere)], device=device)
+            anywhere = bool(ShardContext(stack).all_reduce(vote, op="max").item())
+        out.append(live if anywhere else [True] * len(live))
     return out

@@ -280,25 +280,6 @@ def test_four_dim_param_without_experts_keeps_its_matrix_view():
     assert opt.state[p]["exp_avg"].shape == (2, 24) and "experts" not in opt.state[p]  # (r, 2*3*4)
 
 
-def test_sharded_stack_is_refused_by_name(monkeypatch):
-    """FSDP2 splits a stack's expert axis across ranks; projecting it per expert is refused (a ValueError
-    naming the param, at construction and at the first step, before anything is written)."""
-    import lrgrad.optim.lowrank as lowrank
-
-    stack = nn.Parameter(torch.randn(E, 12, 20))
-    monkeypatch.setattr(lowrank, "is_dtensor", lambda t: t.dim() == 3)
-    with pytest.raises(ValueError, match="'mlp.experts.down_proj' is an FSDP2-sharded"):
-        LowRankOptimizer([{"params": [("mlp.experts.down_proj", stack)], "experts": True}], rank=4)
-    monkeypatch.undo()
-    opt = LowRankOptimizer([{"params": [("mlp.experts.down_proj", stack)], "experts": True}], rank=4)
-    monkeypatch.setattr(lowrank, "is_dtensor", lambda t: t.dim() == 3)
-    before = stack.detach().clone()
-    stack.grad = torch.randn(stack.shape)
-    with pytest.raises(ValueError, match="FSDP2-sharded"):
-        opt.step()
-    assert torch.equal(stack.detach(), before)
-
-
 def test_experts_flag_must_be_a_bool():
     with pytest.raises((TypeError, ValueError), match="experts"):
         LowRankOptimizer([{"params": [nn.Parameter(torch.randn(E, 12, 20))], "experts": "yes"}], rank=4)

@@ -31,8 +31,16 @@ import torch
 from torch.optim import Optimizer
 
 from lrgrad._checks import check_bool, check_choice, check_float, check_int, check_nonnegative
-from lrgrad.dtensor import is_dtensor, low_rank_zeros
-from lrgrad.experts import EXPERTS_KEY, expert_of, expert_views, is_expert_stack, state_dicts
+from lrgrad.dtensor import check_row_sharded, is_dtensor, low_rank_zeros
+from lrgrad.experts import (
+    EXPERTS_KEY,
+    expert_of,
+    expert_views,
+    is_expert_stack,
+    local_experts,
+    local_tensor,
+    state_dicts,
+)
 from lrgrad.groups import caller_stacklevel, is_module_parameters, refuse_module, route_named_params
 from lrgrad.optim.compile_guard import refuse_compiled_step
 from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS, full_rank_update_, init_full_rank_state, validate_full_rank
@@ -300,9 +308,10 @@ class LowRankOptimizer(StepPipeline, Optimizer):
 
     def refuse_bad_stacks(self, group: dict[str, Any]) -> None:
         """In a group with ``experts=True`` (every 3-D param a stack of expert matrices, ``lrgrad.experts``):
-        refuse, naming the param, one of more than 3 dims (no stack layout is defined for it) and an
-        FSDP2-sharded (DTensor) stack (its shards split the expert axis; not supported). Checked at
-        construction and again at the first step (FSDP2 swaps params in after construction)."""
+        refuse, naming the param, one of more than 3 dims (no stack layout is defined for it) and a DTensor
+        stack laid out other than FSDP2's ``Shard(0)`` (or replicated) on a 1-D mesh: ``Shard(0)`` gives each
+        rank whole experts, which it steps alone (``lrgrad.experts``). Checked at construction and again at
+        the first step (FSDP2 swaps params in after construction)."""
         if not group["experts"]:
             return
         names = group.get("param_names") or []
@@ -315,11 +324,10 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                     "stack: put it in a group without experts=True"
                 )
             if p.dim() == 3 and is_dtensor(p):
-                raise ValueError(
-                    f"Invalid params: expert stack {name} is an FSDP2-sharded (DTensor) param; projecting expert "
-                    "stacks per expert is not supported under FSDP2: use DDP, or leave the experts full-rank "
-                    "(a group without rank)"
-                )
+                try:
+                    check_row_sharded(p)
+                except ValueError as exc:
+                    raise ValueError(f"Invalid params: expert stack {name}: {exc}") from None
 
     # ------------------------------------------------------------------ routing
     def is_projected(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -386,10 +394,12 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         """Fill an empty per-parameter ``state`` as the first step would (the memory estimator
         calls it on meta tensors; per-layer and compressed updates before their first step)."""
         if is_expert_stack(param, group):  # one state dict per expert, each a separate matrix's
-            state[EXPERTS_KEY] = []
+            # an FSDP2 stack: this rank's experts only, None for those other ranks hold (lrgrad.experts)
+            state[EXPERTS_KEY] = [None] * param.shape[0]
             for view in expert_views(param):
-                state[EXPERTS_KEY].append({})
-                self.init_param_state(view, group, state[EXPERTS_KEY][-1])
+                _, e = expert_of(view)
+                state[EXPERTS_KEY][e] = {}
+                self.init_param_state(view, group, state[EXPERTS_KEY][e])
             return
         dtype = compute_dtype(param.dtype)
         rule = self.rule_for(group)
@@ -854,8 +864,24 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                     f"Invalid state_dict: the state of {where} is not that of an expert stack of {p.shape[0]} "
                     f"experts (expected {{{EXPERTS_KEY!r}: [one state per expert]}}; saved without experts=True?)"
                 )
+            start, stop = local_experts(p)
             for e, sub in enumerate(experts):
-                self._check_param_state(index, p[e], group, sub, where=f"{where} (expert {e})")
+                held = start <= e < stop
+                if held and sub is None:
+                    raise ValueError(
+                        f"Invalid state_dict: the state of {where} has no state for expert {e}, which this process "
+                        "holds (saved by another rank or world size of an FSDP2 run? each rank saves the experts "
+                        "of its own shard)"
+                    )
+                if not held and sub is not None:
+                    raise ValueError(
+                        f"Invalid state_dict: the state of {where} holds expert {e}, which another rank of this "
+                        f"FSDP2 run holds (this rank holds experts {start}..{stop - 1}): saved by another rank "
+                        "or world size"
+                    )
+                if held:
+                    matrix = local_tensor(p)[e - start]
+                    self._check_param_state(index, matrix, group, sub, where=f"{where} (expert {e})")
             return
         if EXPERTS_KEY in pstate:
             raise ValueError(f"Invalid state_dict: the state of {where} is an expert stack's; this optimizer's "

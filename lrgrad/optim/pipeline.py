@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from lrgrad.dtensor import is_dtensor
-from lrgrad.experts import expert_views, is_expert_stack, live_experts
+from lrgrad.experts import expert_of, expert_views, is_expert_stack, is_sharded_stack, live_experts, local_tensor
 from lrgrad.optim.nonfinite import probe as nonfinite_probe
 from lrgrad.qweights import QuantizedWeight
 from lrgrad.subspace import matrix_shape
@@ -137,6 +137,19 @@ class StepPipeline:
         for g in grads:
             self.check_grad(g)
         params, grads = self.expand_experts(group, params, grads)
+        # an FSDP2 stack's experts are this rank's own (plain local views, no collective), and the ranks hold
+        # different ones: they step after the rest, in chunks of their own, so the chunks holding sharded
+        # params (whose refreshes and checks are collectives) close alike on every rank
+        local = [is_sharded_stack(expert_of(p)[0]) if expert_of(p) is not None else False for p in params]
+        if any(local):
+            self._step_chunks(group, [p for p, x in zip(params, local) if not x],
+                              [g for g, x in zip(grads, local) if not x])
+            params = [p for p, x in zip(params, local) if x]
+            grads = [g for g, x in zip(grads, local) if x]
+        self._step_chunks(group, params, grads)
+
+    def _step_chunks(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Stage ``params`` (matrices: stacks already expanded) chunk by chunk and apply each chunk."""
         chunk: list[Staged] = []
         full: list[Staged] = []
         deferred: list = []  # refresh work the projectors batch across the chunk's params
@@ -159,7 +172,8 @@ class StepPipeline:
     def expand_experts(self, group: dict[str, Any], params: list[torch.Tensor],
                        grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``params`` with each expert stack (``lrgrad.experts``) replaced by its experts' views, in expert
-        order, and ``grads`` alike: every later stage sees separate matrices. An expert whose gradient
+        order, and ``grads`` alike (an FSDP2 stack: the experts of this rank's shard, on its local tensors):
+        every later stage sees separate matrices. An expert whose gradient
         slice is exactly zero while another's is not is left out (skipped this step, as a separate expert
         with no ``.grad``; ``lrgrad.experts.live_experts``)."""
         stacks = [(p, g) for p, g in zip(params, grads) if is_expert_stack(p, group)]
@@ -174,7 +188,7 @@ class StepPipeline:
                 continue
             if not self.state[p]:
                 self.init_param_state(p, group, self.state[p])
-            for view, grad, has_grad in zip(expert_views(p), g.unbind(0), next(live)):
+            for view, grad, has_grad in zip(expert_views(p), local_tensor(g).unbind(0), next(live)):
                 if has_grad:
                     out_params.append(view)
                     out_grads.append(grad)

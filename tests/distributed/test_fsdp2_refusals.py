@@ -85,13 +85,19 @@ class TinyMoE(torch.nn.Module):
 
 
 def expert_stack_worker(rank: int, world: int) -> dict:
-    """FSDP2 splits a stack's expert axis: a ValueError naming the stack, at construction (params sharded
-    first) and at the first step (params swapped for DTensors after construction, as Accelerate does)."""
+    """FSDP2's Shard(0) gives each rank whole experts (tests/distributed/test_fsdp2_experts.py); a stack
+    sharded along another dim splits every expert: a ValueError naming the stack, at construction (params
+    sharded first) and at the first step (params swapped for DTensors after construction, as Accelerate
+    does)."""
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    def by_columns(p):
+        return Shard(1) if p.dim() == 3 else Shard(0)
 
     results = {}
     torch.manual_seed(0)
-    model = fully_shard(TinyMoE())
+    model = fully_shard(TinyMoE(), shard_placement_fn=by_columns)
     try:
         lrgrad.GaLoreAdamW(model.named_parameters(), rank=4)
         results["construction"] = None
@@ -99,7 +105,7 @@ def expert_stack_worker(rank: int, world: int) -> dict:
         results["construction"] = str(exc)
     model = TinyMoE()
     opt = lrgrad.GaLoreAdamW(model.named_parameters(), rank=4)
-    fully_shard(model)
+    fully_shard(model, shard_placement_fn=by_columns)
     for group in opt.param_groups:  # Accelerate's prepare: the same positions, now DTensors
         group["params"] = [dict(model.named_parameters())[n] for n in group["param_names"]]
     before = full_state(model)
@@ -114,9 +120,10 @@ def expert_stack_worker(rank: int, world: int) -> dict:
     return results
 
 
-def test_fsdp2_refuses_expert_stacks_by_name():
+def test_fsdp2_refuses_expert_stacks_sharded_across_experts_by_name():
     for rank_results in run_distributed(expert_stack_worker):
         for when in ("construction", "step"):
             message = rank_results[when]
-            assert message is not None and "expert stack 'experts." in message and "FSDP2" in message, (when, message)
+            assert message is not None and "expert stack 'experts." in message and "Shard(dim=1)" in message, (
+                when, message)
         assert rank_results["changed"] == []
