@@ -297,7 +297,14 @@ def param_groups(
             continue
         kind = kinds.get(full_name)
         (low if kind == MATRIX else stacks if kind == EXPERTS else full).append((full_name, param))
-    groups = [{"params": low, "rank": rank, **low_rank_options}]
+    if not low and not stacks:
+        raise ValueError(f"Invalid target_modules: every weight {target_modules!r} matched has requires_grad=False "
+                         "(frozen), so nothing would be projected; unfreeze them first, or build the optimizer "
+                         "from the trainable params without param_groups")
+    # the matrix group only when it has members: an empty group beside groups of (name, tensor) pairs is
+    # refused by torch ("all optimizer param groups should be with/without names"), e.g. an MoE model whose
+    # only linear besides its experts is the output head
+    groups = [{"params": low, "rank": rank, **low_rank_options}] if low else []
     if stacks:
         groups.append({"params": stacks, "rank": rank, **low_rank_options, "experts": True})
     if full:

@@ -82,9 +82,11 @@ def test_target_modules_select_stacks_by_module_or_param_name():
     every = sorted(stack_names(model))
     for targets in (["experts"], ["mlp"], r".*\.experts", ["*.experts.*"]):
         groups = param_groups(model, RANK, target_modules=targets)
-        assert group_names(groups)[0][0] == [] and group_names(groups)[1] == (every, True, RANK), targets
+        # no empty matrix group first: torch refuses one beside groups of (name, tensor) pairs
+        assert group_names(groups)[0] == (every, True, RANK), targets
+        lrgrad.GaLoreAdamW(groups, lr=1e-2)
     down = param_groups(model, RANK, target_modules=["down_proj"])
-    assert group_names(down)[1][0] == [n for n in every if n.endswith("down_proj")]
+    assert group_names(down)[0] == ([n for n in every if n.endswith("down_proj")], True, RANK)
     both = param_groups(model, RANK, target_modules=["self_attn", "experts.gate_up_proj"])
     assert len(group_names(both)[0][0]) == 8
     assert group_names(both)[1][0] == [n for n in every if n.endswith("gate_up_proj")]
@@ -127,6 +129,31 @@ def test_stacked_biases_and_other_3d_weights_keep_their_routing():
     opt.step()
     assert opt.state[model.conv.weight]["exp_avg"].shape == (4, 48)  # the (16, 16*3) matrix, one state
     assert len(opt.state[model.experts.gate_up_proj]["experts"]) == 3
+
+
+class ExpertsAndHead(nn.Module):
+    """An MoE block whose only linear besides its experts is the output head."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = ToyExperts()
+        self.fc = nn.Linear(16, 4)
+
+
+def test_a_model_whose_only_projected_weights_are_stacks_builds_an_optimizer():
+    model = ExpertsAndHead()
+    groups = param_groups(model, 4)
+    # no empty matrix group: torch refuses one beside groups of (name, tensor) pairs
+    assert [bool(g.get("experts")) for g in groups] == [True, False]
+    opt = lrgrad.GaLoreAdamW(groups, lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert len(opt.state[model.experts.down_proj]["experts"]) == 3
+    for p in model.experts.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="target_modules.*requires_grad=False"):
+        param_groups(model, 4)
 
 
 def lm_batch(seed: int = 0) -> torch.Tensor:
