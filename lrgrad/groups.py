@@ -292,7 +292,7 @@ def param_groups(
         raise ValueError(f"Invalid target_modules: {target_modules!r} matched no linear module "
                          "(a convolution is projected only when target_modules names it)")
     low, stacks, full = [], [], []
-    for full_name, param in _unique_named_params(model):
+    for full_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         kind = kinds.get(full_name)
@@ -316,17 +316,6 @@ def param_groups(
 MATRIX, EXPERTS = "matrix", "experts"
 
 
-def _unique_named_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """``(full name, param)`` module by module, each tensor once (a tied lm_head shares the embedding's)."""
-    out, seen = [], set()
-    for module_name, module in model.named_modules():
-        for pname, param in module.named_parameters(recurse=False):
-            if id(param) not in seen:
-                seen.add(id(param))
-                out.append((f"{module_name}.{pname}" if module_name else pname, param))
-    return out
-
-
 def projected_params(
     model: nn.Module,
     target_modules: str | Sequence[str] = "all-linear",
@@ -339,7 +328,7 @@ def projected_params(
     targets = set(select_low_rank_modules(model, target_modules, exclude))
     modules = dict(model.named_modules())
     kinds = {}
-    for full_name, _ in _unique_named_params(model):
+    for full_name, _ in model.named_parameters():
         module_name, _, pname = full_name.rpartition(".")
         if module_name in targets and pname in projected_param_names(modules[module_name]):
             kinds[full_name] = MATRIX
@@ -384,7 +373,7 @@ def model_of_named_parameters(params: Any) -> nn.Module | None:
 def low_rank_param_kinds(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> dict[int, str]:
     """The ids of the weights ``param_groups(model, rank)`` (``"all-linear"``) projects, with their kind."""
     kinds = projected_params(model, "all-linear", exclude)
-    return {id(p): kinds[name] for name, p in _unique_named_params(model) if name in kinds}
+    return {id(p): kinds[name] for name, p in model.named_parameters() if name in kinds}
 
 
 def is_expert_stack_name(name: str, param: torch.Tensor) -> bool:
