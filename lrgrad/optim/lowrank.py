@@ -835,7 +835,14 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 raise ValueError(f"Invalid state_dict: state for unknown param index {index}")
             p, group = index_to_param[index]
             self._check_param_state(index, p, group, pstate)
+        current_groups = [dict(group) for group in self.param_groups]
         super().load_state_dict(state_dict)
+        # torch takes the saved groups as they are; a checkpoint written before a group key existed
+        # (e.g. ``experts``) lacks it, and the next step would raise KeyError. The key's value is the one
+        # this optimizer was built with (for ALGORITHM_KEYS, checked above to equal the saved default).
+        for group, current in zip(self.param_groups, current_groups):
+            for key, value in current.items():
+                group.setdefault(key, value)
         self.__dict__.pop("_group_structure", None)  # the loaded state matches the groups' keys (checked above)
         # ... and the current params' shapes and dtypes (checked above): the layout the next step compares to
         self.__dict__["_state_layouts"] = {id(p): ((p.shape, p.dtype), self.state_layout(p, group))

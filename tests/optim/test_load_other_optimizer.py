@@ -84,3 +84,27 @@ def test_loading_never_changes_what_runs(saved, loader):
     run(params_b, b, 3, seed=2)
     for pa, pb in zip(params_a, params_b):
         assert torch.equal(pa, pb), f"{loader} loaded {saved}'s state and then ran something else"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_checkpoint_written_before_a_group_key_existed_resumes_exactly(name):
+    """A state dict saved by an older lrgrad lacks the group keys added since (``experts``,
+    ``limiter_input``, ...). torch takes the saved groups as they are, so the next step used to raise
+    KeyError. It must resume bit for bit as if the key had been saved with its value."""
+    params_a, a = build(name)
+    run(params_a, a, 3, seed=1)
+    saved = a.state_dict()
+    for group in saved["param_groups"]:
+        for key in ("experts", "limiter_input"):
+            group.pop(key, None)
+    params_b, b = build(name)
+    with torch.no_grad():
+        for pb, pa in zip(params_b, params_a):
+            pb.copy_(pa)
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in b.param_groups]
+    b.load_state_dict(saved)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in b.param_groups] == settings
+    run(params_a, a, 3, seed=2)
+    run(params_b, b, 3, seed=2)
+    for pa, pb in zip(params_a, params_b):
+        assert torch.equal(pa, pb), f"{name} resumed from an older checkpoint and ran something else"
