@@ -282,10 +282,12 @@ def _shard_fraction(shape: tuple[int, ...], world_size: int) -> float:
     return _rows_on_rank0(shape, world_size) / shape[0] if shape and shape[0] else 1.0
 
 
-def _sharded_rule_bytes(opt: Any, p: torch.Tensor, group: dict[str, Any], world_size: int) -> int:
+def _sharded_rule_bytes(opt: Any, p: torch.Tensor, group: dict[str, Any], world_size: int,
+                        state: dict[str, Any]) -> int:
     """Rank 0's rule-state bytes under FSDP2: the rule's state for its local moment - right-side
     low-rank and full-rank moments are row shards, left-side ones replicated (as
-    ``lrgrad.dtensor.low_rank_zeros`` lays them out); 8-bit blocks count per shard."""
+    ``lrgrad.dtensor.low_rank_zeros`` lays them out); 8-bit blocks count per shard. The param's other
+    non-projector tensors in ``state`` (APOLLO's limiter norm: a scalar) are replicated, counted whole."""
     rows = _rows_on_rank0(tuple(p.shape), world_size)
     if opt.is_projected(p, group):
         side = opt.projector_for(p, group).side
@@ -293,9 +295,11 @@ def _sharded_rule_bytes(opt: Any, p: torch.Tensor, group: dict[str, Any], world_
         local, rule = ((rows, shape[1]) if side == "right" else shape), opt.rule_for(group)
     else:
         local, rule = (rows, *p.shape[1:]), opt.rule_for_param(p, group)
-    state: dict[str, Any] = {}
-    rule.init_state(state, torch.empty(local, dtype=compute_dtype(p.dtype), device="meta"))
-    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    rule_state: dict[str, Any] = {}
+    rule.init_state(rule_state, torch.empty(local, dtype=compute_dtype(p.dtype), device="meta"))
+    replicated = {k: v for k, v in state.items() if k not in rule_state and not k.startswith("proj_")}
+    return sum(v.numel() * v.element_size() for v in (*rule_state.values(), *replicated.values())
+               if isinstance(v, torch.Tensor))
 
 
 #: the process before any tensor exists: the interpreter with torch and transformers imported (VmRSS
@@ -365,27 +369,29 @@ def _state_bytes(specs: list[_Param], optimizer: str, rank: int | None, options:
             p = metas[name_of[id(param)]]
             state: dict[str, Any] = {}
             opt.init_param_state(p, group, state)
-            # an expert stack (lrgrad.experts) steps as its experts: each one a separate matrix
-            matrices = expert_views(p) if is_expert_stack(p, group) else [p]
-            if len(matrices) > 1 and world_size > 1:
-                raise ValueError(f"Invalid world_size: {world_size}; expert stack {name_of[id(param)]!r} is "
-                                 "projected per expert, which FSDP2 does not support (docs/api.md, expert stacks)")
-            for matrix, sub in zip(matrices, state_dicts(state)):
+            # an expert stack (lrgrad.experts) steps as its experts: each one a separate matrix. FSDP2's
+            # Shard(0) cuts the expert axis, so rank 0 holds its first experts whole, each with its whole state
+            stack = is_expert_stack(p, group)
+            matrices = expert_views(p) if stack else [p]
+            local = _rows_on_rank0(tuple(p.shape), world_size) if stack else 1
+            subs = list(state_dicts(state))[:local]
+            for matrix, sub in zip(matrices[:local], subs):
                 for out, value in zip((chunks, stages, applies, fulls),
                                       _transients(opt, matrix, group, trainable[name_of[id(param)]], sub)):
                     out.append(value)
             opt.state[param] = state
-            for key, value in state_tensors(state):
+            for key, value in (state_tensors(state) if not stack else
+                               ((k, v) for sub in subs for k, v in sub.items() if isinstance(v, torch.Tensor))):
                 nbytes = value.numel() * value.element_size()
                 if key.startswith("proj_"):  # projector state is replicated under FSDP2
                     proj_bytes += nbytes
-                elif world_size == 1:
+                elif world_size == 1 or stack:
                     state_bytes += nbytes
-            if world_size > 1:
-                state_bytes += _sharded_rule_bytes(opt, p, group, world_size)
+            if world_size > 1 and not stack:
+                state_bytes += _sharded_rule_bytes(opt, p, group, world_size, state)
             if opt.is_projected(p, group):  # what the first refresh will allocate (row states: rank 0's rows)
-                proj_bytes += len(matrices) * opt.projector_for(p, group).basis_bytes(
-                    opt.matrix_of(p, group), compute_dtype(p.dtype), world_size)
+                proj_bytes += local * opt.projector_for(p, group).basis_bytes(
+                    opt.matrix_of(p, group), compute_dtype(p.dtype), 1 if stack else world_size)
     proj_bytes += opt.shared_state_bytes()
     # one chunk of low-rank gradients (one param per-layer) while the largest update is applied, or the
     # largest prepared gradient while it is projected, or a full-rank batch of slices
@@ -453,7 +459,9 @@ def estimate_memory(
             gradients, row-sharded moments (full-rank and right-side low-rank; 8-bit blocks per shard)
             divided, left-side low-rank moments and projector state (bases) replicated, full-size
             projector state (Conda's momentum, LDAdam's error buffer: ``row_state_keys``) row-sharded.
-            Activations are per rank as given (``batch_size`` is the per-rank batch).
+            An MoE expert stack (``lrgrad.experts``) shards by experts: rank 0 holds its first
+            ``ceil(E / world_size)`` experts, each with its whole state. Activations are per rank as
+            given (``batch_size`` is the per-rank batch).
         route: how the optimizer gets the params: ``"named_parameters"`` (``Opt(model.named_parameters(),
             rank=r)`` or ``lrgrad.param_groups``: embeddings, the head and 1-D params full-rank) or
             ``"parameters"`` (``Opt(model.parameters(), rank=r)``: no names, so every matrix whose smaller

@@ -94,6 +94,8 @@ def train(model, opt, start: int, stop: int, rank: int = 0, world: int = 1) -> N
 #: the sharded proj.weight refreshes from the gathered gradient, as one process does (the default sharded
 #: SVD is a sketch, which one process runs only with svd="randomized"); the experts are local either way
 OPTIONS = {"GaLoreAdamW": {"svd_sharded": "gather"}}
+#: estimate_memory's names of OPTIMIZERS
+ESTIMATED = {"GaLoreAdamW": "galore", "FloraAdamW": "flora", "APOLLOAdamW": "apollo"}
 
 
 def make_optimizer(name: str, model):
@@ -138,7 +140,8 @@ def equivalence_worker(rank: int, world: int) -> dict:
             model = sharded(num_experts)
             opt = make_optimizer(name, model)
             train(model, opt, 0, STEPS, rank, world)
-            out[num_experts, name] = {"weights": full_state(model), "experts": expert_states(model, opt)}
+            out[num_experts, name] = {"weights": full_state(model), "experts": expert_states(model, opt),
+                                      "state_bytes": lrgrad.optimizer_state_bytes(opt)}
     return out
 
 
@@ -181,6 +184,10 @@ def test_fsdp2_expert_stacks_step_as_one_process():
                 # the routing left some expert idle on some step (its step count behind): the skip ran
                 if num_experts > 1:
                     assert min(s["step"] for s in experts.values()) < STEPS, (case, stack)
+            # estimate_memory(world_size=2) counts rank 0's bytes: its experts whole, the other params' row shards
+            estimate = lrgrad.estimate_memory(TinyMoE(num_experts), ESTIMATED[name], rank=4, world_size=2,
+                                              **OPTIONS.get(name, {}))
+            assert estimate.optimizer_state + estimate.projector_state == results[0][case]["state_bytes"], case
 
 
 def checkpoint_worker(rank: int, world: int, folder: str) -> dict:
