@@ -36,7 +36,12 @@ window inside ``ddp_model.no_sync()`` and call :meth:`CompressedAccumulator.all_
 before ``step()``: it averages the compressed sums (every rank drew the same ``P``) and the
 ``.grad`` of the other params over the ranks. Without ``no_sync`` DDP writes its averaged
 gradient back into params whose hook already compressed and freed it; ``step()`` refuses
-that (``ValueError``) before writing anything, instead of stepping those params twice.
+that (``ValueError``) before writing anything, instead of stepping those params twice. With
+``no_sync`` but without ``all_reduce`` each rank would step its replica from its own half of the
+batch and the replicas would drift apart: the first ``step()`` of a multi-process run that did not
+call ``all_reduce`` compares the ranks (one all-reduce of four numbers, once) and refuses when they
+hold the same weights but not the same compressed sums. Independent runs that share an
+initialization on purpose pass ``check_replicas=False``.
 
 Usage::
 
@@ -59,13 +64,23 @@ from lrgrad.dtensor import is_dtensor
 from lrgrad.optim.lowrank import LowRankOptimizer
 
 
+def _moments(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A fingerprint of ``tensors``: their sum and sum of squares in fp64 (equal on replicas)."""
+    return [sum(t.double().sum() for t in tensors), sum(t.double().square().sum() for t in tensors)]
+
+
 class CompressedAccumulator:
     """Accumulate compressed (low-rank) gradients across micro-batches (Flora, arXiv:2402.03293)."""
 
-    def __init__(self, optimizer: LowRankOptimizer):
+    def __init__(self, optimizer: LowRankOptimizer, check_replicas: bool = True):
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(f"Invalid optimizer: expected an lrgrad optimizer, got {type(optimizer).__name__}")
+        if not isinstance(check_replicas, bool):
+            raise TypeError(f"Invalid check_replicas: expected a bool, got {type(check_replicas).__name__}")
         self.optimizer = optimizer
+        # the first step of a multi-process run without all_reduce() checks that replicas stay replicas
+        self._check_replicas = check_replicas
+        self._reduced = False
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id -> (param, sum, draw)
         self._handles = []
         self.compressed_params: list[torch.Tensor] = []
@@ -119,6 +134,7 @@ class CompressedAccumulator:
         for t in tensors:
             dist.all_reduce(t, group=group)
             t.div_(world)
+        self._reduced = True
 
     @torch.no_grad()
     def step(self) -> None:
@@ -134,15 +150,44 @@ class CompressedAccumulator:
                 "time from .grad. Under DDP run every micro-batch of the window inside ddp_model.no_sync() and call "
                 "acc.all_reduce() before acc.step()"
             )
+        self._refuse_unreduced_replicas()
         opt = self.optimizer
         staged = [opt.stage_compressed(param, opt.group_of(param), low, draw)
                   for param, low, draw in self._buffers.values()]
         self._buffers.clear()
+        self._reduced = False
         opt.apply_staged([item for item in staged if item is not None])
         opt.step()  # full-rank and uncompressed params; compressed ones have grad None and are skipped
 
+    @torch.no_grad()
+    def _refuse_unreduced_replicas(self) -> None:
+        """Once, at the first step of a multi-process run whose window was not all-reduced: refuse when
+        every rank holds the same weights (DDP replicas) but not the same compressed sums, which means
+        ``no_sync`` without ``all_reduce``: stepping would train each replica on its own shard of the batch.
+        Processes that hold different weights (not replicas) pass; FSDP2 (DTensor) reduces in its hooks."""
+        import torch.distributed as dist
+
+        check, self._check_replicas = self._check_replicas, False
+        params = [param for param, _, _ in self._buffers.values()]
+        if (not check or self._reduced or not params or not (dist.is_available() and dist.is_initialized())
+                or dist.get_world_size() == 1 or any(is_dtensor(p) for p in params)):
+            return
+        local = torch.stack(_moments(params) + _moments(self.buffers()))
+        both = torch.cat([local, -local])  # max and -min in one all-reduce
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        same = both[:4] == -both[4:]
+        if bool(same[:2].all()) and not bool(same[2:].all()):
+            raise ValueError(
+                "Invalid setup for CompressedAccumulator: every process holds the same weights but its own "
+                "compressed gradient sums: the window was run under ddp_model.no_sync() and acc.all_reduce() was "
+                "not called, so each replica would step on its own shard of the batch and the replicas would "
+                "drift apart. Call acc.all_reduce() before acc.step(); for independent runs that share an "
+                "initialization on purpose pass CompressedAccumulator(opt, check_replicas=False)"
+            )
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the compressed sums and zero the optimizer's remaining gradients."""
+        self._reduced = False
         self._buffers.clear()
         self.optimizer.zero_grad(set_to_none=set_to_none)
 

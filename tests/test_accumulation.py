@@ -105,6 +105,9 @@ def test_validation():
     galore = lrgrad.GaLoreAdamW(lrgrad.param_groups(model, rank=8))  # SVD needs the summed gradient
     with pytest.raises(ValueError, match="gradient-free"):
         lrgrad.CompressedAccumulator(galore)
+    flora = lrgrad.FloraAdamW(lrgrad.param_groups(model, rank=8))
+    with pytest.raises(TypeError, match="check_replicas"):
+        lrgrad.CompressedAccumulator(flora, check_replicas="no")
 
 
 def test_remove_restores_ordinary_gradients():

@@ -181,6 +181,37 @@ def compressed_accumulation_worker(rank: int, world: int) -> dict:
     except ValueError as exc:
         out["without_no_sync"] = str(exc)
     out["unchanged"] = all(torch.equal(v, before[k]) for k, v in full_state(model).items())
+    # no_sync without all_reduce: each replica would step on its own half of the batch
+    def no_sync_windows(acc_step, ddp):
+        compressed_windows(ddp, lambda backward, n: no_sync_backward_of(ddp, backward, n), acc_step)
+
+    def no_sync_backward_of(ddp, backward, n):
+        with ddp.no_sync():
+            backward(half(n))
+
+    model = make_model()
+    ddp = DDP(model)
+    acc = lrgrad.CompressedAccumulator(make_optimizer("FloraAdamW", model))
+    try:
+        no_sync_windows(acc.step, ddp)
+        out["without_all_reduce"] = "no error"
+    except ValueError as exc:
+        out["without_all_reduce"] = str(exc)
+    out["unchanged_without_all_reduce"] = all(torch.equal(v, before[k]) for k, v in full_state(model).items())
+    # ... unless told the processes are independent runs: then they do drift apart (what the check prevents)
+    model = make_model()
+    ddp = DDP(model)
+    acc = lrgrad.CompressedAccumulator(make_optimizer("FloraAdamW", model), check_replicas=False)
+    no_sync_windows(lambda: (acc.step(), acc.zero_grad()), ddp)
+    out["unchecked"] = full_state(model)
+    # processes that hold different weights (not replicas, no DDP) step without any refusal
+    model = make_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * rank)
+    acc = lrgrad.CompressedAccumulator(make_optimizer("FloraAdamW", model))
+    compressed_windows(model, lambda backward, n: backward(half(n)), lambda: (acc.step(), acc.zero_grad()))
+    out["independent_stepped"] = not all(torch.equal(v, before[k]) for k, v in full_state(model).items())
     return out
 
 
@@ -198,10 +229,17 @@ def test_compressed_accumulation_under_ddp():
     compressed_windows(model, lambda backward, n: backward(slice(0, n)), step)
     want = full_state(model)
     assert max(s["proj_refreshes"] for s in opt.state.values() if "proj_refreshes" in s) == 2
-    for result in run_distributed(compressed_accumulation_worker):
+    results = run_distributed(compressed_accumulation_worker)
+    for result in results:
         assert_same_weights(result["recipe"], want)
         assert "ddp_model.no_sync()" in result["without_no_sync"] and "acc.all_reduce()" in result["without_no_sync"]
         assert result["unchanged"]
+        # no_sync without all_reduce is refused at the first step, before anything is written
+        assert "acc.all_reduce()" in result["without_all_reduce"] and "check_replicas" in result["without_all_reduce"]
+        assert result["unchanged_without_all_reduce"]
+        assert result["independent_stepped"]
+    rank0, rank1 = (r["unchecked"] for r in results)
+    assert any(not torch.equal(rank0[k], rank1[k]) for k in rank0)  # the drift the check refuses
 
 
 #: optimizers that draw random numbers (projections, sketches, selections, stochastic rounding)
