@@ -52,7 +52,9 @@ across LAPACK builds), so there they agree up to those signs.
 parameter names, so an FSDP2 checkpoint loads into a single-process run (and
 back) with resharding done by DCP. 8-bit moments of sharded params have a per-shard
 block layout: they resume in the same world size, and :func:`check_checkpoint_shapes`
-refuses another by name. Each save ends with a sha256 manifest that a load
+refuses another by name. MoE expert stacks reshard too: their saved experts are keyed by global
+index (``lrgrad.experts``), and a load takes each expert's keys from the checkpoint
+(:func:`expert_templates_from_checkpoint`). Each save ends with a sha256 manifest that a load
 verifies before ``dcp.load`` unpickles DCP's ``.metadata``: trust a DCP folder as you would
 any pickle (see :func:`load_checkpoint`).
 """
@@ -306,26 +308,6 @@ def _verify_on_rank0(folder: str) -> None:
         raise CheckpointError(*verdict[0])
 
 
-def refuse_sharded_expert_stacks(optimizer: torch.optim.Optimizer, what: str) -> None:
-    """Refuse, naming the first one, an optimizer that projects FSDP2-sharded expert stacks: each rank's state
-    of such a stack holds only the experts of its own shard (``None`` for the others, ``lrgrad.experts``),
-    a layout torch's distributed state-dict API and DCP do not know how to gather or reshard."""
-    from lrgrad.experts import is_expert_stack, is_sharded_stack
-
-    for group in getattr(optimizer, "param_groups", []):
-        names = group.get("param_names") or []
-        for i, p in enumerate(group["params"]):
-            if is_expert_stack(p, group) and is_sharded_stack(p):
-                name = repr(names[i]) if i < len(names) else f"{i} of its group"
-                raise ValueError(
-                    f"Invalid optimizer: {what} does not support FSDP2-sharded expert stacks (param {name}): each "
-                    "rank's optimizer state holds only its own shard's experts, which DCP and torch's distributed "
-                    "state-dict API cannot gather or reshard. Save each rank's optimizer.state_dict() beside the "
-                    "model (torch.save, one file per rank) and load it into the same world size; see "
-                    "docs/distributed.md"
-                )
-
-
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
                     extra: dict[str, Any] | None = None, *, manifest: bool = True) -> None:
     """Save model + optimizer with ``torch.distributed.checkpoint`` (each rank writes its shards).
@@ -339,7 +321,6 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    refuse_sharded_expert_stacks(optimizer, "save_checkpoint")  # before anything is written
     distributed = dist.is_available() and dist.is_initialized()
     main = not distributed or dist.get_rank() == 0
     stale = os.path.join(os.fspath(path), MANIFEST_NAME)
@@ -375,14 +356,62 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    refuse_sharded_expert_stacks(optimizer, "load_checkpoint")  # before the template step writes state
     if verify:
         _verify_on_rank0(os.fspath(path))
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     check_checkpoint_shapes(path, state)
+    expert_templates_from_checkpoint(path, optimizer, state["optim"])
     dcp.load(state, checkpoint_id=os.fspath(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def expert_templates_from_checkpoint(path: str | os.PathLike, optimizer: torch.optim.Optimizer,
+                                     optim_sd: dict[str, Any], prefix: str = "optim") -> None:
+    """Make the load template of each expert stack's experts (``lrgrad.experts``) the state the checkpoint holds
+    for the experts this process holds: the keys under ``<prefix>.state.<stack>.experts.<e>.``, tensors of the
+    saved shape and dtype, ``None`` for the non-tensor leaves that DCP fills in.
+
+    Why not the template ``get_state_dict`` made: its zero-gradient step steps (and refreshes) every expert, and
+    DCP loads exactly the template's keys. An expert that had received no token when the checkpoint was written
+    has no subspace in it (a template key missing from the checkpoint: DCP refuses the load), and a key that
+    appears on a later event (``nonfinite_skips``) would be silently left out. Expert keys do not depend on the
+    world size (``lrgrad.experts.saved_experts``), so the saving run's layout does not matter. ``ValueError``
+    naming the stack and the expert when the checkpoint has no state for an expert this process holds."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from lrgrad.experts import is_expert_stack, local_experts, local_tensor
+
+    stacks = {}  # the flattened key head of each stack's experts -> (its fqn, the stack)
+    for group, saved_group in zip(optimizer.param_groups, optim_sd.get("param_groups", [])):
+        for p, fqn in zip(group["params"], saved_group["params"]):
+            if is_expert_stack(p, group) and fqn in optim_sd["state"]:
+                stacks[f"{prefix}.state.{fqn}.experts."] = (fqn, p)
+    if not stacks:
+        return
+    # one pass over the checkpoint's keys: {head: {expert: {state key: metadata}}}
+    saved: dict[str, dict[str, dict[str, Any]]] = {head: {} for head in stacks}
+    marker = ".experts."
+    for key, meta in dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata.items():
+        at = key.find(marker)
+        while at >= 0:
+            head = key[:at + len(marker)]
+            expert, _, leaf = key[len(head):].partition(".")
+            if head in saved and leaf:  # no leaf: the None of another rank's expert in a list-form state
+                saved[head].setdefault(expert, {})[leaf] = meta
+            at = key.find(marker, at + 1)
+    for head, (fqn, p) in stacks.items():
+        device = local_tensor(p).device
+        experts = {}
+        for e in range(*local_experts(p)):
+            meta = saved[head].get(str(e))
+            if not meta:
+                raise ValueError(f"Invalid checkpoint: it has no optimizer state for expert {e} of the expert stack "
+                                 f"{fqn!r} (saved for another model, or without experts=True?)")
+            experts[str(e)] = {leaf: torch.empty(tuple(m.size), dtype=m.properties.dtype, device=device)
+                               if isinstance(m, TensorStorageMetadata) else None for leaf, m in meta.items()}
+        optim_sd["state"][fqn] = {"experts": experts}
 
 
 def _tensor_leaves(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -419,6 +448,6 @@ def check_checkpoint_shapes(path: str | os.PathLike, state: dict[str, Any]) -> N
 
 
 __all__ = ["MANIFEST_NAME", "PARALLEL_MODES", "CheckpointError", "check_checkpoint_shapes", "ddp_layerwise",
-           "fsync_dir", "init_from_env", "load_checkpoint", "refuse_sharded_expert_stacks",
+           "expert_templates_from_checkpoint", "fsync_dir", "init_from_env", "load_checkpoint",
            "save_checkpoint", "setup_parallel", "verify_manifest",
            "write_manifest"]

@@ -25,6 +25,16 @@ shard on views of its local tensor, tagged with their *global* index, so every e
 arithmetic are those of the one-process run, with no collective but one: whether the stack's gradient is
 zero everywhere (all ranks must agree). The stack's state keeps one entry per global expert: this rank's
 experts' dicts, ``None`` for the experts other ranks hold.
+
+Checkpoints: ``optimizer.state_dict()`` gives an FSDP2 stack's experts as a mapping from the *global* index,
+as a string (``{"0": {...}, "1": {...}}``), holding this rank's experts only (:func:`saved_experts`); a plain
+stack's stay a list. Flattened by torch's distributed checkpoint (DCP) both read ``experts.<e>.<key>``, the
+same keys whatever the world size, each written by the one rank that holds the expert: DCP needs no gather,
+and every rank reads back exactly its own experts. String keys, because DCP writes a loaded non-tensor leaf (a
+step count) at its flattened path, whose parts are strings: an int key would leave the old value in place.
+``load_state_dict`` takes either form (:func:`expert_list`). An expert that has never refreshed is saved with
+placeholders for its refresh keys (``LowRankOptimizer.state_dict``), which a load drops: torch's DCP loads into a
+template made by a zero-gradient step that refreshes every expert, and refuses a template key the checkpoint lacks.
 """
 
 from __future__ import annotations
@@ -131,3 +141,49 @@ def live_experts(stacks: list[torch.Tensor], grads: list[torch.Tensor]) -> list[
             anywhere = bool(ShardContext(stack).all_reduce(vote, op="max").item())
         out.append(live if anywhere else [True] * len(live))
     return out
+
+
+def saved_experts(stack: torch.Tensor, experts: list[dict[str, Any] | None]) -> list | dict[str, dict[str, Any]]:
+    """The form ``optimizer.state_dict()`` gives a stack's experts: a plain stack's list as it is, an FSDP2
+    stack's as ``{str(global index): state}`` of this rank's experts (world-size independent; module doc)."""
+    if not is_sharded_stack(stack):
+        return experts
+    return {str(e): sub for e, sub in enumerate(experts) if sub is not None}
+
+
+def expert_list(stack: torch.Tensor, saved: Any, where: str) -> list[dict[str, Any] | None]:
+    """A saved stack's experts (a list of one slot per global expert, or a mapping from the global index as
+    written by :func:`saved_experts`) as the in-memory list: the state of each expert this process holds
+    (:func:`local_experts`), ``None`` in the other slots. ``ValueError`` naming ``where`` and the expert for one
+    this process holds that is missing, one it does not hold that is present, or a key that is no expert."""
+    count = stack.shape[0]
+    start, stop = local_experts(stack)
+    if isinstance(saved, dict):
+        slots: list[Any] = [None] * count
+        for key, sub in saved.items():
+            index = int(key) if isinstance(key, str) and key.isdigit() else key
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+                raise ValueError(f"Invalid state_dict: the state of {where} has an entry {key!r}, which is no "
+                                 f"expert of a stack of {count} (expected the global indices 0..{count - 1})")
+            if slots[index] is not None:
+                raise ValueError(f"Invalid state_dict: the state of {where} holds expert {index} twice")
+            slots[index] = sub
+    elif isinstance(saved, list) and len(saved) == count:
+        slots = list(saved)
+    else:
+        raise ValueError(
+            f"Invalid state_dict: the state of {where} is not that of an expert stack of {count} experts (expected "
+            f"{{{EXPERTS_KEY!r}: [one state per expert] or {{'<expert>': state}}}}; saved without experts=True?)")
+    for e, sub in enumerate(slots):
+        held = start <= e < stop
+        if held and sub is None:
+            raise ValueError(
+                f"Invalid state_dict: the state of {where} has no state for expert {e}, which this process holds "
+                "(saved by another rank or world size of an FSDP2 run? each rank's state dict holds the experts "
+                "of its own shard; a distributed checkpoint reshards them)")
+        if not held and sub is not None:
+            raise ValueError(
+                f"Invalid state_dict: the state of {where} holds expert {e}, which another rank of this FSDP2 run "
+                f"holds (this rank holds experts {start}..{stop - 1}): saved by another rank or world size")
+    return slots
+

@@ -34,11 +34,13 @@ from lrgrad._checks import check_bool, check_choice, check_float, check_int, che
 from lrgrad.dtensor import check_row_sharded, is_dtensor, low_rank_zeros
 from lrgrad.experts import (
     EXPERTS_KEY,
+    expert_list,
     expert_of,
     expert_views,
     is_expert_stack,
     local_experts,
     local_tensor,
+    saved_experts,
     state_dicts,
 )
 from lrgrad.groups import caller_stacklevel, is_module_parameters, refuse_module, route_named_params
@@ -787,6 +789,51 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         return sum(shared.values())
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with each FSDP2 expert stack's experts keyed by their global index (as strings),
+        this rank's only (``lrgrad.experts.saved_experts``): the same keys in every world size, so that
+        torch's distributed checkpoint saves and reshards them."""
+        state_dict = super().state_dict()
+        index = 0  # torch numbers the params in group order
+        for group in self.param_groups:
+            for p in group["params"]:
+                pstate = state_dict["state"].get(index)
+                if pstate is not None and is_expert_stack(p, group) and isinstance(pstate.get(EXPERTS_KEY), list):
+                    start, matrices = local_experts(p)[0], local_tensor(p)
+                    experts = [None if sub is None else self._with_refresh_placeholders(sub, matrices[e - start], group)
+                               for e, sub in enumerate(pstate[EXPERTS_KEY])]
+                    state_dict["state"][index] = {**pstate, EXPERTS_KEY: saved_experts(p, experts)}
+                index += 1
+        return state_dict
+
+    def _refresh_keys(self, matrix: torch.Tensor, group: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """The keys a projected ``matrix``'s first refresh adds: ``({tensor key: (shape, dtype)}, plain keys)``."""
+        projector = self.projector_for(torch.empty_like(matrix, device="meta"), group)
+        return (projector.refresh_state_spec(matrix_shape(matrix), compute_dtype(matrix.dtype)),
+                projector.refresh_plain_keys)
+
+    def _with_refresh_placeholders(self, sub: dict[str, Any], matrix: torch.Tensor,
+                                   group: dict[str, Any]) -> dict[str, Any]:
+        """An expert's state as saved: one that has never refreshed (no token yet) with zero tensors and ``None``
+        for the keys its first refresh adds. Why: torch's distributed checkpoint loads into a template made by a
+        zero-gradient step, which refreshes every expert, and refuses a template key the checkpoint lacks; with the
+        placeholders the keys agree. ``proj_refreshes == 0`` says they are no subspace: a load drops them
+        (:meth:`_without_refresh_placeholders`)."""
+        if sub.get("proj_refreshes") != 0:
+            return sub
+        spec, plain = self._refresh_keys(matrix, group)
+        fill = {key: torch.zeros(shape, dtype=dtype, device=matrix.device) for key, (shape, dtype) in spec.items()}
+        fill.update((key, None) for key in plain)
+        return {**sub, **{key: value for key, value in fill.items() if key not in sub}}
+
+    def _without_refresh_placeholders(self, sub: dict[str, Any] | None, matrix: torch.Tensor,
+                                      group: dict[str, Any]) -> dict[str, Any] | None:
+        """A loaded expert's state without the placeholders of :meth:`_with_refresh_placeholders`."""
+        if sub is None or sub.get("proj_refreshes") != 0:
+            return sub
+        spec, plain = self._refresh_keys(matrix, group)
+        return {key: value for key, value in sub.items() if key not in spec and key not in plain}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by the same optimizer configuration, exactly.
 
@@ -835,8 +882,11 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 raise ValueError(f"Invalid state_dict: state for unknown param index {index}")
             p, group = index_to_param[index]
             self._check_param_state(index, p, group, pstate)
+        # an expert stack's experts in their in-memory form, one slot per global expert (checked above)
+        saved_state = {index: self._stack_state_in_memory(*index_to_param[index], pstate)
+                       if is_expert_stack(*index_to_param[index]) else pstate for index, pstate in saved_state.items()}
         current_groups = [dict(group) for group in self.param_groups]
-        super().load_state_dict(state_dict)
+        super().load_state_dict({**state_dict, "state": saved_state})
         # torch takes the saved groups as they are; a checkpoint written before a group key existed
         # (e.g. ``experts``) lacks it, and the next step would raise KeyError. The key's value is the one
         # this optimizer was built with (for ALGORITHM_KEYS, checked above to equal the saved default).
@@ -855,6 +905,14 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                     if isinstance(value, torch.Tensor):
                         target[key] = value.to(device=p.device, copy=True)
 
+    def _stack_state_in_memory(self, stack: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]) -> dict:
+        """A saved (and checked) stack state as the optimizer keeps it: one slot per global expert
+        (``lrgrad.experts.expert_list``), each expert without refresh placeholders."""
+        start, _ = local_experts(stack)
+        experts = expert_list(stack, saved[EXPERTS_KEY], "")
+        return {EXPERTS_KEY: [self._without_refresh_placeholders(sub, local_tensor(stack)[e - start], group)
+                              if sub is not None else None for e, sub in enumerate(experts)]}
+
     def _check_param_state(self, index: int, p: torch.Tensor, group: dict[str, Any], pstate: Any,
                            where: str | None = None) -> None:
         """Refuse a saved per-parameter state this optimizer would not have created: a missing key,
@@ -865,28 +923,11 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         if not isinstance(pstate, dict):
             raise ValueError(f"Invalid state_dict: the state of {where} is a {type(pstate).__name__}, not a dict")
         if is_expert_stack(p, group):
-            experts = pstate.get(EXPERTS_KEY)
-            if set(pstate) != {EXPERTS_KEY} or not isinstance(experts, list) or len(experts) != p.shape[0]:
-                raise ValueError(
-                    f"Invalid state_dict: the state of {where} is not that of an expert stack of {p.shape[0]} "
-                    f"experts (expected {{{EXPERTS_KEY!r}: [one state per expert]}}; saved without experts=True?)"
-                )
-            start, stop = local_experts(p)
-            for e, sub in enumerate(experts):
-                held = start <= e < stop
-                if held and sub is None:
-                    raise ValueError(
-                        f"Invalid state_dict: the state of {where} has no state for expert {e}, which this process "
-                        "holds (saved by another rank or world size of an FSDP2 run? each rank saves the experts "
-                        "of its own shard)"
-                    )
-                if not held and sub is not None:
-                    raise ValueError(
-                        f"Invalid state_dict: the state of {where} holds expert {e}, which another rank of this "
-                        f"FSDP2 run holds (this rank holds experts {start}..{stop - 1}): saved by another rank "
-                        "or world size"
-                    )
-                if held:
+            if set(pstate) != {EXPERTS_KEY}:
+                expert_list(p, None, where)  # raises: not a stack's state
+            start, _ = local_experts(p)
+            for e, sub in enumerate(expert_list(p, pstate[EXPERTS_KEY], where)):
+                if sub is not None:
                     matrix = local_tensor(p)[e - start]
                     self._check_param_state(index, matrix, group, sub, where=f"{where} (expert {e})")
             return
