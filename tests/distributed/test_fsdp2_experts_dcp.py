@@ -3,7 +3,7 @@ lrgrad's ``save_checkpoint`` / ``load_checkpoint`` and torch's ``get_optimizer_s
 ``set_optimizer_state_dict`` + ``dcp.save`` / ``dcp.load`` (the route of Accelerate and the HF Trainer).
 
 * 2 -> 2 ranks: a save after step 3 of 5, loaded into a fresh FSDP2 run, resumes bit-identically (weights and
-  every expert's state) for E = 4 and 3 (uneven), GaLore / Flora / APOLLO.
+  every expert's state) for E = 4, 3 (uneven) and 1 (rank 1 holds no expert), GaLore / Flora / APOLLO.
 * 2 -> 1 and 1 -> 2: the resumed run equals the uninterrupted one to 1e-10 (fp64; the FSDP2 run sums the half
   batches' gradients in another order than one process).
 * An expert that received no token before the save (no subspace yet) resumes bit-identically through both
@@ -31,7 +31,7 @@ from test_fsdp2_experts import (
     train,
 )
 
-EXPERT_COUNTS = (4, 3)
+EXPERT_COUNTS = (4, 3, 1)
 ROUTES = ("lrgrad", "torch")
 #: the expert that receives no token before the save in the idle case (rank 1 holds it with E = 4)
 NEVER = 3
@@ -215,7 +215,9 @@ def test_dcp_resume_two_ranks_is_bit_identical(runs, route):
             for rank, result in enumerate(results):
                 resumed, uninterrupted = result[case][route, "2"], result[case]
                 assert same_tree(resumed["weights"], uninterrupted["weights"]), (route, case, rank)
-                assert resumed["experts"]["experts.gate_up_proj"], (route, case, rank)  # each rank holds experts
+                first = -(-num_experts // 2)  # torch.chunk: rank 0 the first ceil(E / 2) experts (E = 1: rank 1 none)
+                held = list(range(first)) if rank == 0 else list(range(first, num_experts))
+                assert sorted(resumed["experts"]["experts.gate_up_proj"]) == held, (route, case, rank)
                 assert same_tree(resumed["experts"], uninterrupted["experts"]), (route, case, rank)
 
 
