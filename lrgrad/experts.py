@@ -26,13 +26,14 @@ arithmetic are those of the one-process run, with no collective but one: whether
 zero everywhere (all ranks must agree). The stack's state keeps one entry per global expert: this rank's
 experts' dicts, ``None`` for the experts other ranks hold.
 
-Checkpoints: ``optimizer.state_dict()`` gives an FSDP2 stack's experts as a mapping from the *global* index,
-as a string (``{"0": {...}, "1": {...}}``), holding this rank's experts only (:func:`saved_experts`); a plain
-stack's stay a list. Flattened by torch's distributed checkpoint (DCP) both read ``experts.<e>.<key>``, the
-same keys whatever the world size, each written by the one rank that holds the expert: DCP needs no gather,
-and every rank reads back exactly its own experts. String keys, because DCP writes a loaded non-tensor leaf (a
-step count) at its flattened path, whose parts are strings: an int key would leave the old value in place.
-``load_state_dict`` takes either form (:func:`expert_list`). An expert that has never refreshed is saved with
+Checkpoints: ``optimizer.state_dict()`` gives a stack's experts as a mapping from the *global* index, as a
+string (``{"0": {...}, "1": {...}}``), holding the experts this process holds only (:func:`saved_experts`).
+Flattened by torch's distributed checkpoint (DCP) that is ``experts.<e>.<key>``, the same keys whatever the
+world size, each written by the one rank that holds the expert: DCP needs no gather, and every rank reads back
+exactly its own experts. String keys, because DCP writes a loaded non-tensor leaf (a step count) at its
+flattened path, whose parts are strings: an int key would leave the old value in place; and torch's
+``flatten_optimizer_state_dict`` takes nested dicts, not lists. ``load_state_dict`` takes that form or the
+in-memory list (:func:`expert_list`). An expert that has never refreshed is saved with
 placeholders for its refresh keys (``LowRankOptimizer.state_dict``), which a load drops: torch's DCP loads into a
 template made by a zero-gradient step that refreshes every expert, and refuses a template key the checkpoint lacks.
 """
@@ -143,11 +144,9 @@ def live_experts(stacks: list[torch.Tensor], grads: list[torch.Tensor]) -> list[
     return out
 
 
-def saved_experts(stack: torch.Tensor, experts: list[dict[str, Any] | None]) -> list | dict[str, dict[str, Any]]:
-    """The form ``optimizer.state_dict()`` gives a stack's experts: a plain stack's list as it is, an FSDP2
-    stack's as ``{str(global index): state}`` of this rank's experts (world-size independent; module doc)."""
-    if not is_sharded_stack(stack):
-        return experts
+def saved_experts(experts: list[dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
+    """The form ``optimizer.state_dict()`` gives a stack's experts: ``{str(global index): state}`` of the experts
+    this process holds (all of a plain stack; an FSDP2 rank's own): world-size independent (module doc)."""
     return {str(e): sub for e, sub in enumerate(experts) if sub is not None}
 
 

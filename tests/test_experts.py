@@ -196,11 +196,15 @@ def test_load_refuses_a_state_of_another_layout():
     plain = LowRankOptimizer([{"params": [nn.Parameter(stack.detach().clone())]}], rank=4)
     with pytest.raises(ValueError, match="experts"):
         plain.load_state_dict(saved)  # the same tensor stepped as one (E, m*n) matrix
-    fewer = {**saved, "state": {0: {"experts": saved["state"][0]["experts"][:2]}}}
+    # saved: {"experts": {"<global index>": state}}; the in-memory list (one slot per expert) loads too
+    in_memory = list(saved["state"][0]["experts"].values())
+    fewer = {**saved, "state": {0: {"experts": in_memory[:2]}}}
     other = LowRankOptimizer([{"params": [nn.Parameter(stack.detach().clone())], "experts": True}], rank=4)
     with pytest.raises(ValueError, match="expert stack of 3 experts"):
         other.load_state_dict(fewer)
-    bad = {**saved, "state": {0: {"experts": [dict(s) for s in saved["state"][0]["experts"]]}}}
+    with pytest.raises(ValueError, match="no state for expert 2"):
+        other.load_state_dict({**saved, "state": {0: {"experts": dict(enumerate(in_memory[:2]))}}})
+    bad = {**saved, "state": {0: {"experts": [dict(s) for s in in_memory]}}}
     bad["state"][0]["experts"][1]["exp_avg"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match=r"param 0 \(expert 1\)"):
         other.load_state_dict(bad)

@@ -4,8 +4,8 @@
 * Every projector family: an expert that received no token before the save (never refreshed) resumes
   bit-identically through torch's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` + ``dcp`` (whose
   template step refreshes every expert) and through ``lrgrad.distributed.save_checkpoint`` / ``load_checkpoint``.
-* ``load_state_dict`` takes a stack's experts as a list or as ``{global index: state}`` and refuses, naming the
-  expert, one that is missing, unknown or given twice.
+* ``state_dict()`` keys a stack's experts by global index (strings); ``load_state_dict`` takes that, int keys
+  or the in-memory list, and refuses, naming the expert, one that is missing, unknown or given twice.
 * ``load_checkpoint`` keeps an expert's key that the template lacks (``nonfinite_skips``), and refuses a
   checkpoint without a stack's expert states, naming the stack and the expert,
   before anything is loaded.
@@ -53,6 +53,14 @@ def train(model: Stack, opt: LowRankOptimizer, start: int, stop: int, nan_at: in
         opt.step()
 
 
+def torch_options(route: str):
+    """torch's route as Accelerate and the Trainer take it ("torch"), or with the optimizer state flattened to
+    one level of dotted keys ("torch-flat", ``flatten_optimizer_state_dict``, as torchtitan saves it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=route == "torch-flat")
+
+
 def save(route: str, path: str, model, opt) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -62,8 +70,8 @@ def save(route: str, path: str, model, opt) -> None:
     if route == "lrgrad":
         save_checkpoint(path, model, opt)
     else:
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=path)
+        dcp.save({"model": get_model_state_dict(model),
+                  "optim": get_optimizer_state_dict(model, opt, options=torch_options(route))}, checkpoint_id=path)
 
 
 def load(route: str, path: str, model, opt) -> None:
@@ -80,10 +88,11 @@ def load(route: str, path: str, model, opt) -> None:
     if route == "lrgrad":
         load_checkpoint(path, model, opt)
         return
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    options = torch_options(route)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=options)}
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, opt, state["optim"])
+    set_optimizer_state_dict(model, opt, state["optim"], options=options)
 
 
 def same(a, b) -> bool:
@@ -97,7 +106,7 @@ def same(a, b) -> bool:
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-@pytest.mark.parametrize("route", ["torch", "lrgrad"])
+@pytest.mark.parametrize("route", ["torch", "torch-flat", "lrgrad"])
 @pytest.mark.parametrize("projector", PROJECTORS)
 def test_expert_without_token_before_the_save_resumes_bit_identically(tmp_path, projector, route):
     model, opt = make(projector)
@@ -139,22 +148,22 @@ def test_state_dict_marks_a_never_refreshed_expert_with_placeholders():
     model, opt = make("svd")
     train(model, opt, 0, SAVE_AT)
     experts = opt.state_dict()["state"][0]["experts"]
-    assert isinstance(experts, list) and len(experts) == E  # a plain stack: the list form
-    assert experts[2]["proj_refreshes"] == 0 and not experts[2]["proj_basis"].any()
+    assert list(experts) == ["0", "1", "2"]  # keyed by global index, as strings
+    assert experts["2"]["proj_refreshes"] == 0 and not experts["2"]["proj_basis"].any()
     assert "proj_basis" not in opt.state[model.gate_up_proj]["experts"][2]  # only in the saved form
-    assert experts[0]["proj_basis"] is opt.state[model.gate_up_proj]["experts"][0]["proj_basis"]
+    assert experts["0"]["proj_basis"] is opt.state[model.gate_up_proj]["experts"][0]["proj_basis"]
 
 
 def test_load_state_dict_takes_experts_by_global_index():
     model, opt = make("svd")
     train(model, opt, 0, STEPS)
     saved = opt.state_dict()
-    as_list = saved["state"][0]["experts"]
+    as_list = list(saved["state"][0]["experts"].values())
 
     def with_experts(experts):
         return {**saved, "state": {0: {"experts": experts}}}
 
-    for experts in ({str(e): s for e, s in enumerate(as_list)}, dict(enumerate(as_list))):
+    for experts in (as_list, dict(enumerate(as_list))):  # the in-memory list, int keys
         other_model, other = make("svd")
         other.load_state_dict(with_experts(experts))
         assert same(other.state_dict(), saved)

@@ -790,8 +790,8 @@ class LowRankOptimizer(StepPipeline, Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict, with each FSDP2 expert stack's experts keyed by their global index (as strings),
-        this rank's only (``lrgrad.experts.saved_experts``): the same keys in every world size, so that
+        """torch's state dict, with each expert stack's experts keyed by their global index (as strings), those
+        this process holds only (``lrgrad.experts.saved_experts``): the same keys in every world size, so that
         torch's distributed checkpoint saves and reshards them."""
         state_dict = super().state_dict()
         index = 0  # torch numbers the params in group order
@@ -802,7 +802,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                     start, matrices = local_experts(p)[0], local_tensor(p)
                     experts = [None if sub is None else self._with_refresh_placeholders(sub, matrices[e - start], group)
                                for e, sub in enumerate(pstate[EXPERTS_KEY])]
-                    state_dict["state"][index] = {**pstate, EXPERTS_KEY: saved_experts(p, experts)}
+                    state_dict["state"][index] = {**pstate, EXPERTS_KEY: saved_experts(experts)}
                 index += 1
         return state_dict
 
@@ -814,8 +814,8 @@ class LowRankOptimizer(StepPipeline, Optimizer):
 
     def _with_refresh_placeholders(self, sub: dict[str, Any], matrix: torch.Tensor,
                                    group: dict[str, Any]) -> dict[str, Any]:
-        """An expert's state as saved: one that has never refreshed (no token yet) with zero tensors and ``None``
-        for the keys its first refresh adds. Why: torch's distributed checkpoint loads into a template made by a
+        """An expert's state as saved: one that has never refreshed (no token yet) with zeros for the keys its
+        first refresh adds. Why: torch's distributed checkpoint loads into a template made by a
         zero-gradient step, which refreshes every expert, and refuses a template key the checkpoint lacks; with the
         placeholders the keys agree. ``proj_refreshes == 0`` says they are no subspace: a load drops them
         (:meth:`_without_refresh_placeholders`)."""
@@ -823,7 +823,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             return sub
         spec, plain = self._refresh_keys(matrix, group)
         fill = {key: torch.zeros(shape, dtype=dtype, device=matrix.device) for key, (shape, dtype) in spec.items()}
-        fill.update((key, None) for key in plain)
+        fill.update((key, 0) for key in plain)  # an int: torch's flatten_optimizer_state_dict refuses None
         return {**sub, **{key: value for key, value in fill.items() if key not in sub}}
 
     def _without_refresh_placeholders(self, sub: dict[str, Any] | None, matrix: torch.Tensor,

@@ -32,9 +32,20 @@ from test_fsdp2_experts import (
 )
 
 EXPERT_COUNTS = (4, 3, 1)
-ROUTES = ("lrgrad", "torch")
+ROUTES = ("lrgrad", "torch", "torch-flat")
+#: the routes that load a checkpoint saved without flatten_optimizer_state_dict (a flattened template asks for
+#: param_groups.<param>.<key>, which such a checkpoint keeps as param_groups.<group index>.<key>)
+LIST_FORM_ROUTES = ("lrgrad", "torch")
 #: the expert that receives no token before the save in the idle case (rank 1 holds it with E = 4)
 NEVER = 3
+
+
+def torch_options(route: str):
+    """torch's route as Accelerate and the Trainer take it ("torch"), or with the optimizer state flattened to
+    one level of dotted keys ("torch-flat", ``flatten_optimizer_state_dict``, as torchtitan saves it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=route == "torch-flat")
 
 
 def save(route: str, path: str, model, opt) -> None:
@@ -46,8 +57,8 @@ def save(route: str, path: str, model, opt) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=path)
+    dcp.save({"model": get_model_state_dict(model),
+              "optim": get_optimizer_state_dict(model, opt, options=torch_options(route))}, checkpoint_id=path)
 
 
 def load(route: str, path: str, model, opt) -> None:
@@ -64,10 +75,11 @@ def load(route: str, path: str, model, opt) -> None:
         set_optimizer_state_dict,
     )
 
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    options = torch_options(route)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=options)}
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, opt, state["optim"])
+    set_optimizer_state_dict(model, opt, state["optim"], options=options)
 
 
 def train_idle(model, opt, start: int, stop: int, rank: int = 0, world: int = 1) -> None:
@@ -145,7 +157,7 @@ def list_form_worker(rank: int, world: int, folder: str) -> dict:
     dcp.save({"model": get_model_state_dict(model), "optim": optim}, checkpoint_id=path)
     train(model, opt, SAVE_AT, STEPS, rank, world)
     out = {"list-form": {"uninterrupted": {"weights": full_state(model), "experts": expert_states(model, opt)}}}
-    for route in ROUTES:
+    for route in LIST_FORM_ROUTES:
         model = sharded(3)
         opt = make_optimizer("GaLoreAdamW", model)
         if route == "lrgrad":  # a folder written without lrgrad's manifest
@@ -272,7 +284,7 @@ def test_dcp_expert_without_token_before_the_save(runs, route):
                    (route, case, "experts"))
 
 
-@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("route", LIST_FORM_ROUTES)
 def test_dcp_list_form_checkpoint_loads(runs, route):
     _, _, results = runs
     for rank, result in enumerate(results):
