@@ -362,6 +362,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     state = {"model": model_sd, "optim": optim_sd}
     check_checkpoint_shapes(path, state)
     expert_templates_from_checkpoint(path, optimizer, state["optim"])
+    counters_from_checkpoint(path, state["optim"])
     dcp.load(state, checkpoint_id=os.fspath(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
@@ -414,6 +415,27 @@ def expert_templates_from_checkpoint(path: str | os.PathLike, optimizer: torch.o
         optim_sd["state"][fqn] = {"experts": experts}
 
 
+def counters_from_checkpoint(path: str | os.PathLike, optim_sd: dict[str, Any], prefix: str = "optim") -> None:
+    """Add to the load template each param's non-tensor state entry that the checkpoint holds and the
+    template lacks (``None``, which DCP fills in). Why: DCP loads exactly the template's keys, and the
+    template comes from a fresh zero-gradient step, so a counter that appears on a later event
+    (``nonfinite_skips``: steps skipped for a non-finite gradient) would be silently reset by a resume."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    heads = {f"{prefix}.state.{fqn}.": state for fqn, state in optim_sd.get("state", {}).items()
+             if isinstance(state, dict)}
+    if not heads:
+        return
+    for key, meta in dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata.items():
+        if not isinstance(meta, BytesStorageMetadata):
+            continue
+        head, _, leaf = key.rpartition(".")
+        state = heads.get(head + ".")
+        if state is not None and leaf not in state:
+            state[leaf] = None
+
+
 def _tensor_leaves(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Tensors of a nested state dict keyed as DCP flattens them (``a.b.c``)."""
     out: dict[str, torch.Tensor] = {}
@@ -448,6 +470,7 @@ def check_checkpoint_shapes(path: str | os.PathLike, state: dict[str, Any]) -> N
 
 
 __all__ = ["MANIFEST_NAME", "PARALLEL_MODES", "CheckpointError", "check_checkpoint_shapes", "ddp_layerwise",
-           "expert_templates_from_checkpoint", "fsync_dir", "init_from_env", "load_checkpoint",
+           "counters_from_checkpoint", "expert_templates_from_checkpoint", "fsync_dir", "init_from_env",
+           "load_checkpoint",
            "save_checkpoint", "setup_parallel", "verify_manifest",
            "write_manifest"]

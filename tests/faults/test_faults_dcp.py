@@ -117,3 +117,29 @@ def test_missing_and_unlisted_files_are_named(saved):
     (path / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(CheckpointError, match="not a checkpoint manifest"):
         load_checkpoint(path, model, opt)
+
+
+def test_a_counter_that_appears_later_survives_a_dcp_resume(tmp_path):
+    """``nonfinite_skips`` exists only after a skipped step; DCP loads the keys of a template made by a fresh
+    step, so without adding the checkpoint's extra keys to it a resume silently reset the counter."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(12, 4))
+    opt = lrgrad.GaLoreAdamW(lrgrad.param_groups(model, rank=2, update_proj_gap=2), lr=1e-2, skip_nonfinite=True)
+    for i in range(3):
+        torch.manual_seed(100 + i)
+        model(torch.randn(5, 16)).square().mean().backward()
+        if i == 1:
+            model[0].weight.grad[0, 0] = float("nan")
+        opt.step()
+        opt.zero_grad()
+    assert opt.state[model[0].weight]["nonfinite_skips"] == 1
+    save_checkpoint(tmp_path / "ckpt", model, opt)
+    torch.manual_seed(1)
+    fresh = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(12, 4))
+    resumed = lrgrad.GaLoreAdamW(lrgrad.param_groups(fresh, rank=2, update_proj_gap=2), lr=1e-2, skip_nonfinite=True)
+    load_checkpoint(tmp_path / "ckpt", fresh, resumed)
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        want, got = opt.state[p], resumed.state[q]
+        assert set(got) == set(want), (set(want) ^ set(got))
+        for key, value in want.items():
+            assert torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value, key
