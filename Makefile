@@ -45,7 +45,9 @@ test-latest:
 	rm -rf $(LATEST) && python3 -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet $(TORCH_INDEX) $(TORCH)
 	# hold torch where $(TORCH) put it: an eager upgrade would otherwise replace a CPU build with PyPI's CUDA one
-	$(LATEST)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LATEST)/torch-pin.txt
+	# (the distribution's version: torch.__version__ says 2.14.1+cu130 for PyPI's 2.14.1, which pip cannot match)
+	$(LATEST)/bin/python -c "from importlib.metadata import version; print('torch==' + version('torch'))" \
+		> $(LATEST)/torch-pin.txt
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt \
 		-e '.[dev]' -e './experiments[wandb]'
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --no-deps $(TEST_PEERS)
