@@ -108,12 +108,12 @@ def trainer_args(out: str, world: int, **overrides):
     return TrainingArguments(**options)
 
 
-def run_trainer(args, fsdp: bool, resume: str | None = None):
+def run_trainer(args, fsdp: bool, resume: str | None = None, build=tiny_llama):
     from transformers import Trainer
 
     if fsdp:
         fsdp_on_cpu()
-    model = tiny_llama()
+    model = build()
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(rows=BATCH * TRAINER_STEPS),
                       optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, args))
     trainer.train(resume_from_checkpoint=resume)
