@@ -180,6 +180,25 @@ def _check_not_deepspeed(args: Any) -> None:
         )
 
 
+def _check_expert_checkpoints(args: Any, groups: list[dict[str, Any]]) -> None:
+    """Refuse FSDP2 checkpoints of a full state dict beside expert stacks. Each rank keeps the optimizer state of
+    its own experts only (``lrgrad.experts``), and ``FULL_STATE_DICT`` (the default) writes rank 0's: torch's
+    ``set_optimizer_state_dict`` then gives the other ranks' experts the state of its zero-gradient template,
+    and the resumed run trains on silently wrong moments. ``SHARDED_STATE_DICT`` (DCP) saves every expert."""
+    plugin = getattr(args, "fsdp_plugin_args", None) or {}
+    if int(plugin.get("fsdp_version", 0) or 0) != 2 or int(getattr(args, "world_size", 1) or 1) < 2:
+        return
+    state_dict_type = str(plugin.get("state_dict_type", "FULL_STATE_DICT")).rsplit(".", 1)[-1].upper()
+    save_strategy = str(getattr(getattr(args, "save_strategy", "no"), "value", getattr(args, "save_strategy", "no")))
+    if state_dict_type != "SHARDED_STATE_DICT" and save_strategy != "no" and any(g.get("experts") for g in groups):
+        raise ValueError(
+            f"Invalid fsdp_config['state_dict_type']: {state_dict_type} with MoE expert stacks under FSDP2. Each "
+            "rank keeps the optimizer state of the experts it holds, and a full state dict saves rank 0's only: "
+            "a resume would give the other ranks' experts a fresh state without an error. Set "
+            "fsdp_config={'state_dict_type': 'SHARDED_STATE_DICT', ...} (a distributed checkpoint holding every "
+            "expert), or save_strategy='no'.")
+
+
 def build_param_groups(
     model: nn.Module,
     args: Any,
@@ -243,6 +262,7 @@ def optimizer_cls_and_kwargs(
         if key in options:
             kwargs[key] = options.pop(key)
     kwargs["params"] = build_param_groups(model, args, target_modules, optimizer=optimizer, **options)
+    _check_expert_checkpoints(args, kwargs["params"])
     return cls, kwargs
 
 

@@ -237,3 +237,25 @@ def test_trainer_defaults_are_the_installed_transformers_own(tmp_path):
     for optim, want in [("galore_adamw", galore), ("galore_adafactor", galore), ("apollo_adamw", apollo)]:
         group = create_optimizer(tiny_llama(), make_args(tmp_path, optim=optim, optim_args="")).param_groups[0]
         assert {key: group[key] for key in want} == want, optim
+
+
+def fsdp2_args(**overrides) -> SimpleNamespace:
+    """The fields of TrainingArguments that optimizer_cls_and_kwargs reads, for a 2-rank FSDP2 run."""
+    fields = dict(learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
+                  optim="galore_adamw", optim_args=f"rank={RANK}", optim_target_modules=TARGETS, world_size=2,
+                  save_strategy="steps", fsdp_plugin_args={"fsdp_version": 2, "state_dict_type": "FULL_STATE_DICT"})
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+def test_fsdp2_full_state_dict_checkpoints_of_expert_stacks_are_refused():
+    """FULL_STATE_DICT saves rank 0's optimizer state, which holds rank 0's experts only: refused where a
+    checkpoint would be written (tests/distributed/test_hf_fsdp2_moe.py shows the sharded route resuming exactly)."""
+    with pytest.raises(ValueError, match=r"fsdp_config\['state_dict_type'\]: FULL_STATE_DICT.*SHARDED_STATE_DICT"):
+        optimizer_cls_and_kwargs(tiny_mixtral(), fsdp2_args())
+    sharded = {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"}
+    for fine in (dict(fsdp_plugin_args=sharded), dict(save_strategy="no"), dict(world_size=1),
+                 dict(fsdp_plugin_args=None), dict(fsdp_plugin_args={"fsdp_version": 1})):
+        cls, kwargs = optimizer_cls_and_kwargs(tiny_mixtral(), fsdp2_args(**fine))
+        assert any(g.get("experts") for g in kwargs["params"]), fine
+    optimizer_cls_and_kwargs(tiny_llama(), fsdp2_args())  # no expert stacks: nothing a rank keeps alone
