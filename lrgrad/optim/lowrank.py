@@ -446,10 +446,35 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             if grads:
                 self.check_structure(index, group)
                 self.check_projectable(group)
+        template = self.is_load_template_step()
+        self.__dict__.pop("_template_experts", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             self.step_params(group, params, [p.grad for p in params])
+        if template:
+            self.__dict__["_template_experts"] = self.expert_state_tensors()
         return loss
+
+    def is_load_template_step(self) -> bool:
+        """Whether this step is torch's ``_init_optim_state``: the first step, every lr 0 and every gradient zero.
+        torch's ``set_optimizer_state_dict`` loads into the state it makes; a held expert whose state the load
+        leaves untouched had none in the checkpoint (:meth:`refuse_template_experts`)."""
+        if self.state or any(float(group.get("lr", 0.0)) != 0.0 for group in self.param_groups):
+            return False
+        grads = [local_tensor(p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return bool(grads) and all(not g.any() for g in grads)
+
+    def expert_state_tensors(self) -> dict[int, tuple[torch.Tensor, int]]:
+        """``{id: (tensor, version)}`` of every tensor in the state of the experts this process holds."""
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if is_expert_stack(p, group) and p in self.state:
+                    for sub in self.state[p].get(EXPERTS_KEY) or ():
+                        for value in (sub or {}).values():
+                            if isinstance(value, torch.Tensor):
+                                out[id(value)] = (value, value._version)
+        return out
 
     @staticmethod
     def nonfinite_flags(tensors: list[torch.Tensor]) -> list[bool]:
@@ -882,6 +907,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 raise ValueError(f"Invalid state_dict: state for unknown param index {index}")
             p, group = index_to_param[index]
             self._check_param_state(index, p, group, pstate)
+        self.refuse_template_experts(saved_state, index_to_param)
         # an expert stack's experts in their in-memory form, one slot per global expert (checked above)
         saved_state = {index: self._stack_state_in_memory(*index_to_param[index], pstate)
                        if is_expert_stack(*index_to_param[index]) else pstate for index, pstate in saved_state.items()}
@@ -904,6 +930,31 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 for key, value in saved.items():
                     if isinstance(value, torch.Tensor):
                         target[key] = value.to(device=p.device, copy=True)
+
+    def refuse_template_experts(self, saved_state: dict[int, Any],
+                                index_to_param: dict[int, tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        """Refuse a held expert whose every state tensor is, untouched, one torch's load template step made
+        (:meth:`is_load_template_step`): the checkpoint had no state for it. A distributed checkpoint writes into
+        those tensors (their version moves); a full state dict (``full_state_dict=True``, Accelerate's and the
+        Trainer's ``FULL_STATE_DICT``) holds rank 0's experts only, and torch leaves the others' template."""
+        template = self.__dict__.pop("_template_experts", None)
+        if not template:
+            return
+        for index, pstate in saved_state.items():
+            p, group = index_to_param[index]
+            if not is_expert_stack(p, group):
+                continue
+            for e, sub in enumerate(expert_list(p, pstate[EXPERTS_KEY], f"param {index}")):
+                tensors = [v for v in (sub or {}).values() if isinstance(v, torch.Tensor)]
+                if tensors and all(template.get(id(t), (None,))[0] is t and t._version == template[id(t)][1]
+                                   for t in tensors):
+                    raise ValueError(
+                        f"Invalid state_dict: it holds no state for expert {e} of param {index}, which this process "
+                        "holds: its state is the zero-gradient template torch's set_optimizer_state_dict loads into. "
+                        "Under FSDP2 each rank keeps its own experts' state, and a full state dict "
+                        "(full_state_dict=True; Accelerate's and the Trainer's FULL_STATE_DICT) saves rank 0's only: "
+                        "save a distributed checkpoint (SHARDED_STATE_DICT, dcp.save, "
+                        "lrgrad.distributed.save_checkpoint)")
 
     def _stack_state_in_memory(self, stack: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]) -> dict:
         """A saved (and checked) stack state as the optimizer keeps it: one slot per global expert

@@ -289,3 +289,43 @@ def test_dcp_list_form_checkpoint_loads(runs, route):
     _, _, results = runs
     for rank, result in enumerate(results):
         assert same_tree(result["list-form"][route], result["list-form"]["uninterrupted"]), (route, rank)
+
+
+def full_state_dict_worker(rank: int, world: int) -> dict:
+    """Accelerate's ``FULL_STATE_DICT`` route by hand: rank 0's full optimizer state (``cpu_offload``: on rank 0
+    only), broadcast into a fresh run (``broadcast_from_rank0``). Each rank's state holds its own experts only, so
+    rank 0's file lacks rank 1's: torch leaves rank 1's expert the state of its zero-gradient template."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    out = {}
+    for name in ("GaLoreAdamW", "FloraAdamW"):
+        model = sharded(3)
+        opt = make_optimizer(name, model)
+        train(model, opt, 0, SAVE_AT, rank, world)
+        full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        fresh = sharded(3)
+        fresh_opt = make_optimizer(name, fresh)
+        try:
+            set_optimizer_state_dict(fresh, fresh_opt, full if rank == 0 else {},
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            out[name] = {"error": None, "experts": expert_states(fresh, fresh_opt), "saved": expert_states(model, opt)}
+        except ValueError as exc:
+            out[name] = {"error": str(exc)}
+    return out
+
+
+def test_a_full_state_dict_without_a_held_experts_state_is_refused():
+    """Rank 0 (experts 0-1) loads its own experts exactly; rank 1 (expert 2) refuses the template state it would
+    otherwise train on (its step count 1 instead of SAVE_AT), naming the expert and the routes that work."""
+    results = run_distributed(full_state_dict_worker)
+    for name in ("GaLoreAdamW", "FloraAdamW"):
+        rank0, rank1 = results[0][name], results[1][name]
+        assert rank0["error"] is None, (name, rank0["error"])
+        assert all(sorted(experts) == [0, 1] for experts in rank0["experts"].values())
+        assert same_tree(rank0["experts"], rank0["saved"]), name
+        assert rank1["error"] is not None, name
+        assert "no state for expert 2" in rank1["error"] and "SHARDED_STATE_DICT" in rank1["error"], rank1["error"]

@@ -17,8 +17,9 @@ FSDP2's ``Shard(0)`` gives rank 0 experts 0-1 and rank 1 expert 2.
   router (its safetensors hold ``block_sparse_moe.experts.N.w1``, not mapped back on load; see
   tests/integrations/test_transformers.py), is not on this route.
 * ``FULL_STATE_DICT`` (the default) saves rank 0's optimizer state, which holds rank 0's experts only; a resume
-  gives rank 1's experts torch's zero-gradient template state without an error (docs/distributed.md), so
-  ``optimizer_cls_and_kwargs`` refuses it beside expert stacks.
+  would give rank 1's experts torch's zero-gradient template state (docs/distributed.md):
+  ``optimizer_cls_and_kwargs`` refuses it beside expert stacks before training (and the optimizer's
+  ``load_state_dict`` refuses such a load: test_fsdp2_experts_dcp.py).
 """
 
 from __future__ import annotations
