@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dcp_routes import load, save
 from torch import nn
 
 from lrgrad.optim.lowrank import LowRankOptimizer
@@ -53,46 +54,10 @@ def train(model: Stack, opt: LowRankOptimizer, start: int, stop: int, nan_at: in
         opt.step()
 
 
-def torch_options(route: str):
-    """torch's route as Accelerate and the Trainer take it ("torch"), or with the optimizer state flattened to
-    one level of dotted keys ("torch-flat", ``flatten_optimizer_state_dict``, as torchtitan saves it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(flatten_optimizer_state_dict=route == "torch-flat")
 
 
-def save(route: str, path: str, model, opt) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    from lrgrad.distributed import save_checkpoint
-
-    if route == "lrgrad":
-        save_checkpoint(path, model, opt)
-    else:
-        dcp.save({"model": get_model_state_dict(model),
-                  "optim": get_optimizer_state_dict(model, opt, options=torch_options(route))}, checkpoint_id=path)
 
 
-def load(route: str, path: str, model, opt) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    from lrgrad.distributed import load_checkpoint
-
-    if route == "lrgrad":
-        load_checkpoint(path, model, opt)
-        return
-    options = torch_options(route)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=options)}
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, opt, state["optim"], options=options)
 
 
 def same(a, b) -> bool:

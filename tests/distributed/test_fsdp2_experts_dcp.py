@@ -17,6 +17,7 @@ import os
 
 import pytest
 import torch
+from dcp_routes import load, save
 from harness import full_state, run_distributed
 from test_fsdp2_experts import (
     OPTIMIZERS,
@@ -40,46 +41,10 @@ LIST_FORM_ROUTES = ("lrgrad", "torch")
 NEVER = 3
 
 
-def torch_options(route: str):
-    """torch's route as Accelerate and the Trainer take it ("torch"), or with the optimizer state flattened to
-    one level of dotted keys ("torch-flat", ``flatten_optimizer_state_dict``, as torchtitan saves it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(flatten_optimizer_state_dict=route == "torch-flat")
 
 
-def save(route: str, path: str, model, opt) -> None:
-    if route == "lrgrad":
-        from lrgrad.distributed import save_checkpoint
-
-        save_checkpoint(path, model, opt)
-        return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    dcp.save({"model": get_model_state_dict(model),
-              "optim": get_optimizer_state_dict(model, opt, options=torch_options(route))}, checkpoint_id=path)
 
 
-def load(route: str, path: str, model, opt) -> None:
-    if route == "lrgrad":
-        from lrgrad.distributed import load_checkpoint
-
-        load_checkpoint(path, model, opt)
-        return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    options = torch_options(route)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=options)}
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, opt, state["optim"], options=options)
 
 
 def train_idle(model, opt, start: int, stop: int, rank: int = 0, world: int = 1) -> None:
