@@ -360,15 +360,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         _verify_on_rank0(os.fspath(path))
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    check_checkpoint_shapes(path, state)
-    expert_templates_from_checkpoint(path, optimizer, state["optim"])
-    counters_from_checkpoint(path, state["optim"])
+    metadata = saved_metadata(path)
+    check_checkpoint_shapes(path, state, metadata)
+    expert_templates_from_checkpoint(path, optimizer, state["optim"], metadata=metadata)
+    counters_from_checkpoint(path, state["optim"], metadata=metadata)
     dcp.load(state, checkpoint_id=os.fspath(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def expert_templates_from_checkpoint(path: str | os.PathLike, optimizer: torch.optim.Optimizer,
-                                     optim_sd: dict[str, Any], prefix: str = "optim") -> None:
+                                     optim_sd: dict[str, Any], prefix: str = "optim",
+                                     metadata: dict[str, Any] | None = None) -> None:
     """Make the load template of each expert stack's experts (``lrgrad.experts``) the state the checkpoint holds
     for the experts this process holds: the keys under ``<prefix>.state.<stack>.experts.<e>.``, tensors of the
     saved shape and dtype, ``None`` for the non-tensor leaves that DCP fills in.
@@ -379,7 +381,6 @@ def expert_templates_from_checkpoint(path: str | os.PathLike, optimizer: torch.o
     appears on a later event (``nonfinite_skips``) would be silently left out. Expert keys do not depend on the
     world size (``lrgrad.experts.saved_experts``), so the saving run's layout does not matter. ``ValueError``
     naming the stack and the expert when the checkpoint has no state for an expert this process holds."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from lrgrad.experts import is_expert_stack, local_experts, local_tensor
@@ -394,7 +395,7 @@ def expert_templates_from_checkpoint(path: str | os.PathLike, optimizer: torch.o
     # one pass over the checkpoint's keys: {head: {expert: {state key: metadata}}}
     saved: dict[str, dict[str, dict[str, Any]]] = {head: {} for head in stacks}
     marker = ".experts."
-    for key, meta in dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata.items():
+    for key, meta in (saved_metadata(path) if metadata is None else metadata).items():
         at = key.find(marker)
         while at >= 0:
             head = key[:at + len(marker)]
@@ -415,19 +416,19 @@ def expert_templates_from_checkpoint(path: str | os.PathLike, optimizer: torch.o
         optim_sd["state"][fqn] = {"experts": experts}
 
 
-def counters_from_checkpoint(path: str | os.PathLike, optim_sd: dict[str, Any], prefix: str = "optim") -> None:
+def counters_from_checkpoint(path: str | os.PathLike, optim_sd: dict[str, Any], prefix: str = "optim",
+                             metadata: dict[str, Any] | None = None) -> None:
     """Add to the load template each param's non-tensor state entry that the checkpoint holds and the
     template lacks (``None``, which DCP fills in). Why: DCP loads exactly the template's keys, and the
     template comes from a fresh zero-gradient step, so a counter that appears on a later event
     (``nonfinite_skips``: steps skipped for a non-finite gradient) would be silently reset by a resume."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     heads = {f"{prefix}.state.{fqn}.": state for fqn, state in optim_sd.get("state", {}).items()
              if isinstance(state, dict)}
     if not heads:
         return
-    for key, meta in dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata.items():
+    for key, meta in (saved_metadata(path) if metadata is None else metadata).items():
         if not isinstance(meta, BytesStorageMetadata):
             continue
         head, _, leaf = key.rpartition(".")
@@ -447,7 +448,16 @@ def _tensor_leaves(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def check_checkpoint_shapes(path: str | os.PathLike, state: dict[str, Any]) -> None:
+def saved_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's ``{flattened key: storage metadata}`` (DCP's ``.metadata``, unpickled: see
+    :func:`load_checkpoint` on trust). Read once per load and handed to the checks below."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
+
+
+def check_checkpoint_shapes(path: str | os.PathLike, state: dict[str, Any],
+                            metadata: dict[str, Any] | None = None) -> None:
     """Refuse a checkpoint whose tensors have other global shapes than this run's, naming them.
 
     DCP reshards a tensor across world sizes only when its global shape is the same.
@@ -455,9 +465,7 @@ def check_checkpoint_shapes(path: str | os.PathLike, state: dict[str, Any]) -> N
     (``lrgrad.dtensor.shard_block_state``), so they are the usual case: such a
     checkpoint loads into the world size it was saved from.
     """
-    import torch.distributed.checkpoint as dcp
-
-    saved = dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
+    saved = saved_metadata(path) if metadata is None else metadata
     for key, tensor in _tensor_leaves(state).items():
         meta = saved.get(key)
         size = getattr(meta, "size", None)
@@ -471,6 +479,5 @@ def check_checkpoint_shapes(path: str | os.PathLike, state: dict[str, Any]) -> N
 
 __all__ = ["MANIFEST_NAME", "PARALLEL_MODES", "CheckpointError", "check_checkpoint_shapes", "ddp_layerwise",
            "counters_from_checkpoint", "expert_templates_from_checkpoint", "fsync_dir", "init_from_env",
-           "load_checkpoint",
-           "save_checkpoint", "setup_parallel", "verify_manifest",
+           "load_checkpoint", "save_checkpoint", "saved_metadata", "setup_parallel", "verify_manifest",
            "write_manifest"]
