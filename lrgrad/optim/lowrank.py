@@ -42,6 +42,7 @@ from lrgrad.experts import (
     local_tensor,
     saved_experts,
     state_dicts,
+    state_tensors,
 )
 from lrgrad.groups import caller_stacklevel, is_module_parameters, refuse_module, route_named_params
 from lrgrad.optim.compile_guard import refuse_compiled_step
@@ -470,10 +471,8 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if is_expert_stack(p, group) and p in self.state:
-                    for sub in self.state[p].get(EXPERTS_KEY) or ():
-                        for value in (sub or {}).values():
-                            if isinstance(value, torch.Tensor):
-                                out[id(value)] = (value, value._version)
+                    for _, value in state_tensors(self.state[p]):
+                        out[id(value)] = (value, value._version)
         return out
 
     @staticmethod
