@@ -10,7 +10,8 @@ from a short sweep, two seeds. Each run is an ordinary ``pretrain_llama.py`` run
 ``--chunk-steps`` with ``--stop-after`` and ``--resume``, so the queue survives a kill at any moment
 (at most ``--save-every`` steps are lost) and continues where it stopped when the same command is run
 again. After every chunk ``results/long_run.md``, ``.png`` and ``.json`` are rewritten
-(``long_run_report.py``), so the table fills in as runs finish.
+(``long_run_report.py``), so the table fills in as runs finish. On a fresh clone (no ``runs/``) the finished
+runs are restored from the committed ``results/long_run.json`` and only the unfinished ones train.
 
 The queue, most informative first: AdamW at its default lr, the short AdamW lr sweep (``--sweep-steps``
 steps per lr, the schedule scaled to that length) and AdamW at the sweep's best lr; GaLore, APOLLO-Mini,
@@ -223,6 +224,47 @@ def mark_done(folder: Path, result: dict[str, Any]) -> None:
     tmp.rename(folder / "done.json")
 
 
+#: the options that make a run what it is: a finished run recorded under other values is another run
+RUN_IDENTITY = ("config", "steps", "batch_size", "seq_len", "eval_every", "eval_batches", "sweep_steps", "data")
+
+
+def restore_finished(opts: argparse.Namespace) -> list[str]:
+    """Recreate the folders of the finished runs that ``results/long_run.json`` records and this machine lacks.
+
+    The run folders live under ``runs/`` (checkpoints: not committed), so a fresh clone of the repository
+    would otherwise train every finished run again. The committed report holds each finished run's whole
+    validation history and timings, which is all the report and the queue read from a finished folder;
+    a run that had not finished restarts (its checkpoints are gone with the machine). Nothing is restored
+    when the results were written by a queue of other ``RUN_IDENTITY`` options. Returns the restored tags."""
+    path = Path(opts.results) / "long_run.json"
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    if any(saved.get("options", {}).get(k) != getattr(opts, k) for k in RUN_IDENTITY):
+        return []
+    restored = []
+    for saved_run in saved.get("runs", []):
+        if not saved_run.get("done"):
+            continue
+        spec = RunSpec(**saved_run["spec"])
+        folder = run_dir(opts, spec)
+        if spec.tag != saved_run.get("tag") or is_done(opts, spec):
+            continue
+        history = saved_run.get("history") or []
+        chunks = saved_run.get("chunks") or []
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, rows in (("eval.jsonl", history), ("chunks.jsonl", chunks)):
+            (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        last = history[-1] if history else {}
+        mark_done(folder, {"spec": spec.__dict__, "final_val_loss": last.get("val_loss"),
+                           "final_val_bpb": last.get("val_bpb"), "diverged": saved_run.get("diverged"),
+                           "params": chunks[-1]["params"] if chunks else None,
+                           "state_bytes": chunks[-1]["state_bytes"] if chunks else None,
+                           "restored_from": str(path)})
+        restored.append(spec.tag)
+    return restored
+
+
 def read_done(opts: argparse.Namespace, spec: RunSpec) -> dict[str, Any] | None:
     path = run_dir(opts, spec) / "done.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -319,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise ValueError(f"Invalid methods: {unknown}; choose from {', '.join(available_optimizers())}")
     torch.set_num_threads(opts.threads)
+    if not opts.as_worker:  # the parent restores once, before any worker looks at the queue
+        restored = restore_finished(opts)
+        if restored:
+            print(f"restored {len(restored)} finished runs from {Path(opts.results) / 'long_run.json'}", flush=True)
     if opts.list:
         queue, best = build_queue(opts)
         print(f"best AdamW lr from the sweep: {best if best is not None else 'sweep not finished'}")

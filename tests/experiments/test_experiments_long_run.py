@@ -4,6 +4,7 @@ crossing steps and win/loss verdicts (called only beyond the seed spread)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def _tiny(tmp_path: Path, name: str, chunk: int) -> list[str]:
             str(tmp_path / f"{name}-results")]
 
 
-def test_runs_in_chunks_equal_runs_in_one_go_and_fill_the_report(tmp_path):
+def test_runs_in_chunks_equal_runs_in_one_go_and_fill_the_report(tmp_path, monkeypatch):
     text = tmp_path / "text"
     text.mkdir()
     for i in range(6):  # a small byte-level corpus (split by file)
@@ -92,6 +93,27 @@ def test_runs_in_chunks_equal_runs_in_one_go_and_fill_the_report(tmp_path):
     # a second invocation finds everything done and runs nothing
     assert long_run.main(_tiny(tmp_path, "chunked", chunk=2)) == 0
     assert len((tmp_path / "chunked" / "galore_adamw-lr0.01-s0-6" / "chunks.jsonl").read_text().splitlines()) == 3
+
+    # a fresh clone has the committed results but no run folders: the finished runs are restored from
+    # long_run.json, nothing trains again, and the rewritten report is the same
+    before = (tmp_path / "chunked-results" / "long_run.md").read_text()
+    before_runs = json.loads((tmp_path / "chunked-results" / "long_run.json").read_text())["runs"]
+    shutil.rmtree(tmp_path / "chunked")
+    trained = []
+    monkeypatch.setattr(long_run, "run_chunk", lambda opts, spec: trained.append(spec.tag))
+    assert long_run.main(_tiny(tmp_path, "chunked", chunk=2)) == 0
+    assert trained == [] and sorted(p.name for p in (tmp_path / "chunked").iterdir()
+                                    if not p.name.startswith(".")) == runs
+    assert (tmp_path / "chunked-results" / "long_run.md").read_text() == before
+    after_runs = json.loads((tmp_path / "chunked-results" / "long_run.json").read_text())["runs"]
+    assert [(r["tag"], r["done"], r["history"], r["chunks"]) for r in after_runs] == [
+        (r["tag"], r["done"], r["history"], r["chunks"]) for r in before_runs]
+    # results of a queue with other run options (here: more steps) are other runs: nothing is restored
+    shutil.rmtree(tmp_path / "chunked")
+    longer = _tiny(tmp_path, "chunked", chunk=2)
+    longer[longer.index("--steps") + 1] = "8"
+    assert long_run.restore_finished(long_run.build_parser().parse_args(longer)) == []
+    assert not (tmp_path / "chunked").exists()
 
 
 def test_crossing_names_the_last_crossing():
