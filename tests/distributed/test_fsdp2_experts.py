@@ -6,6 +6,8 @@ experts, which it steps alone, as the one-process run steps them.
   the rank that holds it) equal the one-process run's to 1e-10 (fp64; the gradients differ only by the
   order FSDP2's reduce-scatter sums the half batches), over 5 steps with refreshes on steps 1, 3, 5, for
   GaLore (SVD), Flora (random) and APOLLO.
+* Per-layer updates (``LayerwiseOptimizer``: each stack steps in its post-accumulate-grad hook) give the
+  same weights and states.
 * The per-rank checkpoint path (each rank's ``optimizer.state_dict()`` and sharded model state, torch.save)
   round-trips exactly and resumes bit-identically; a rank's state loaded on another rank, or into one
   process, is refused naming the expert. Distributed checkpoints (DCP): ``test_fsdp2_experts_dcp.py``.
@@ -140,6 +142,12 @@ def equivalence_worker(rank: int, world: int) -> dict:
             train(model, opt, 0, STEPS, rank, world)
             out[num_experts, name] = {"weights": full_state(model), "experts": expert_states(model, opt),
                                       "state_bytes": lrgrad.optimizer_state_bytes(opt)}
+            # per-layer updates: FSDP2 runs each stack's post-accumulate-grad hook on its reduced local
+            # experts, in the same backward order on every rank (the stack's one all-reduce lines up)
+            model = sharded(num_experts)
+            opt = make_optimizer(name, model)
+            train(model, lrgrad.LayerwiseOptimizer(opt), 0, STEPS, rank, world)
+            out[num_experts, name, "layerwise"] = {"weights": full_state(model), "experts": expert_states(model, opt)}
     return out
 
 
@@ -155,37 +163,43 @@ def test_fsdp2_expert_stacks_step_as_one_process():
     for num_experts in EXPERT_COUNTS:
         for name in OPTIMIZERS:
             want = single_process(num_experts, name)
-            case = (num_experts, name)
-            for rank_result in results:
-                got = rank_result[case]["weights"]
-                assert set(got) == set(want["weights"])
-                for key, value in want["weights"].items():
-                    torch.testing.assert_close(got[key], value, atol=1e-10, rtol=0,
-                                               msg=lambda m, c=(case, key): f"{c}: {m}")
-            for stack, experts in want["experts"].items():
-                held = [r[case]["experts"][stack] for r in results]
-                # each expert on exactly one rank: rank 0 the first ceil(E / 2), rank 1 the rest (torch.chunk)
-                first = -(-num_experts // 2)
-                assert sorted(held[0]) == list(range(first)), (case, stack, sorted(held[0]))
-                assert sorted(held[1]) == list(range(first, num_experts)), (case, stack, sorted(held[1]))
-                merged = {**held[0], **held[1]}
-                assert len(experts) == num_experts
-                for e, state in experts.items():
-                    assert set(merged[e]) == set(state), (case, stack, e)
-                    for key, value in state.items():
-                        if isinstance(value, torch.Tensor):
-                            assert merged[e][key].dtype == value.dtype
-                            torch.testing.assert_close(merged[e][key], value, atol=1e-10, rtol=0,
-                                                       msg=lambda m, c=(case, stack, e, key): f"{c}: {m}")
-                        else:
-                            assert merged[e][key] == value, (case, stack, e, key, merged[e][key], value)
-                # the routing left some expert idle on some step (its step count behind): the skip ran
-                if num_experts > 1:
-                    assert min(s["step"] for s in experts.values()) < STEPS, (case, stack)
+            for case in ((num_experts, name), (num_experts, name, "layerwise")):
+                check_against_one_process(results, case, want, num_experts)
             # estimate_memory(world_size=2) counts rank 0's bytes: its experts whole, the other params' row shards
             estimate = lrgrad.estimate_memory(TinyMoE(num_experts), ESTIMATED[name], rank=4, world_size=2,
                                               **OPTIONS.get(name, {}))
+            case = (num_experts, name)
             assert estimate.optimizer_state + estimate.projector_state == results[0][case]["state_bytes"], case
+
+
+def check_against_one_process(results: list[dict], case: tuple, want: dict, num_experts: int) -> None:
+    """Every rank's weights and the experts' state (each from the rank that holds it) equal ``want``'s."""
+    for rank_result in results:
+        got = rank_result[case]["weights"]
+        assert set(got) == set(want["weights"])
+        for key, value in want["weights"].items():
+            torch.testing.assert_close(got[key], value, atol=1e-10, rtol=0,
+                                       msg=lambda m, c=(case, key): f"{c}: {m}")
+    for stack, experts in want["experts"].items():
+        held = [r[case]["experts"][stack] for r in results]
+        # each expert on exactly one rank: rank 0 the first ceil(E / 2), rank 1 the rest (torch.chunk)
+        first = -(-num_experts // 2)
+        assert sorted(held[0]) == list(range(first)), (case, stack, sorted(held[0]))
+        assert sorted(held[1]) == list(range(first, num_experts)), (case, stack, sorted(held[1]))
+        merged = {**held[0], **held[1]}
+        assert len(experts) == num_experts
+        for e, state in experts.items():
+            assert set(merged[e]) == set(state), (case, stack, e)
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    assert merged[e][key].dtype == value.dtype
+                    torch.testing.assert_close(merged[e][key], value, atol=1e-10, rtol=0,
+                                               msg=lambda m, c=(case, stack, e, key): f"{c}: {m}")
+                else:
+                    assert merged[e][key] == value, (case, stack, e, key, merged[e][key], value)
+        # the routing left some expert idle on some step (its step count behind): the skip ran
+        if num_experts > 1:
+            assert min(s["step"] for s in experts.values()) < STEPS, (case, stack)
 
 
 def checkpoint_worker(rank: int, world: int, folder: str) -> dict:
