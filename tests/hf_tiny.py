@@ -41,6 +41,18 @@ def tiny_mixtral(seed: int = 0, experts: int = 4, top_k: int = 2) -> torch.nn.Mo
     return MixtralForCausalLM(config)
 
 
+def tiny_qwen3_moe(seed: int = 0, experts: int = 4, top_k: int = 2) -> torch.nn.Module:
+    """A tiny Qwen3-MoE (every layer sparse; the same fused stacks as ``tiny_mixtral``, a router of its own), fp32."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=48,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+                            decoder_sparse_step=1, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(config)
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Rows of the learnable rule next = 5 * current + 3 (mod VOCAB); labels = input_ids (HF shifts them)."""
 

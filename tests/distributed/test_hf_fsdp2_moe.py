@@ -10,6 +10,8 @@ FSDP2's ``Shard(0)`` gives rank 0 experts 0-1 and rank 1 expert 2.
   process's state of that expert.
 * Accelerate ``save_state`` after step 3 of 5, ``load_state`` in a fresh run: bit-identical to the
   uninterrupted run, weights and every expert's state.
+* A tiny Qwen3-MoE (the same fused stacks behind its own, renormalised top-k router), GaLore: the same
+  two checks under Accelerate.
 * The Trainer with ``fsdp_config={"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT", ...}``: weights
   equal the single-process Trainer's; ``resume_from_checkpoint`` restores every expert's optimizer state exactly
   as saved and continues bit-identically. The sharded checkpoint holds the model as DCP under its own parameter
@@ -29,7 +31,7 @@ import os
 import pytest
 import torch
 from harness import run_distributed
-from hf_tiny import TokenDataset, reset_accelerate, tiny_mixtral, weights
+from hf_tiny import TokenDataset, reset_accelerate, tiny_mixtral, tiny_qwen3_moe, weights
 from test_fsdp2_experts import expert_states, same_tree
 from test_hf_fsdp2 import (
     BATCH,
@@ -52,10 +54,12 @@ from lrgrad.integrations.transformers import optimizer_cls_and_kwargs
 EXPERTS = 3  # 2 + 1 whole experts on 2 ranks (torch.chunk of the expert axis)
 ACCUMULATION = 2
 LAYER = "MixtralDecoderLayer"
+#: the MoE families run under Accelerate: builder and the decoder layer FSDP2 wraps
+FAMILIES = {"mixtral": (tiny_mixtral, LAYER), "qwen3_moe": (tiny_qwen3_moe, "Qwen3MoeDecoderLayer")}
 
 
-def mixtral() -> torch.nn.Module:
-    model = tiny_mixtral(experts=EXPERTS, top_k=2).to(torch.float64)
+def mixtral(family: str = "mixtral") -> torch.nn.Module:
+    model = FAMILIES[family][0](experts=EXPERTS, top_k=2).to(torch.float64)
     model.set_experts_implementation("eager")  # a loop over experts: torch's grouped_mm refuses fp64
     return model
 
@@ -67,17 +71,17 @@ def held_experts(rank: int, world: int) -> list[int]:
 
 # ---------------------------------------------------------------------------- Accelerate
 def accelerate_moe(name: str, rank: int, world: int, state_dir: str | None = None, resume: bool = False,
-                   state_dict_type: str = "SHARDED_STATE_DICT") -> dict:
+                   state_dict_type: str = "SHARDED_STATE_DICT", family: str = "mixtral") -> dict:
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     reset_accelerate()
     fsdp_on_cpu()
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                            transformer_cls_names_to_wrap=[LAYER],
+                                            transformer_cls_names_to_wrap=[FAMILIES[family][1]],
                                             state_dict_type=state_dict_type)
     accelerator = Accelerator(cpu=True, fsdp_plugin=plugin, gradient_accumulation_steps=ACCUMULATION)
-    model = mixtral()
+    model = mixtral(family)
     opt = make_optimizer(name, model)  # built on the plain model: prepare() swaps in the DTensors
     model, opt = accelerator.prepare(model, opt)
     start = 0
@@ -154,10 +158,15 @@ def trainer_moe(rank: int, world: int, out: str) -> dict:
 def hf_moe_worker(rank: int, world: int, tmp: str) -> dict:
     set_torchrun_env(rank, world)
     state_dir = os.path.join(tmp, "accelerate_state")
+    qwen_dir = os.path.join(tmp, "accelerate_state_qwen3_moe")
     return {
         "GaLoreAdamW": accelerate_moe("GaLoreAdamW", rank, world, state_dir),
         "GaLoreAdamW_resumed": accelerate_moe("GaLoreAdamW", rank, world, state_dir, resume=True),
         "FloraAdamW": accelerate_moe("FloraAdamW", rank, world),
+        # Qwen3-MoE: the same fused stacks behind its own router (top-k renormalised)
+        "qwen3_moe/GaLoreAdamW": accelerate_moe("GaLoreAdamW", rank, world, qwen_dir, family="qwen3_moe"),
+        "qwen3_moe/GaLoreAdamW_resumed": accelerate_moe("GaLoreAdamW", rank, world, qwen_dir, resume=True,
+                                                        family="qwen3_moe"),
         "trainer": trainer_moe(rank, world, os.path.join(tmp, "trainer")),
     }
 
@@ -167,8 +176,8 @@ def hf_results(tmp_path_factory):
     return run_distributed(hf_moe_worker, str(tmp_path_factory.mktemp("hf_fsdp2_moe")))
 
 
-def single_process(name: str) -> dict:
-    model = mixtral()
+def single_process(name: str, family: str = "mixtral") -> dict:
+    model = mixtral(family)
     opt = make_optimizer(name, model)
     train(model, opt, 0, STEPS)
     return {"weights": weights(model), "experts": expert_states(model, opt)}
@@ -187,7 +196,8 @@ def assert_close_tree(got, want, atol: float, where) -> None:
 
 
 def test_accelerate_fsdp2_gives_each_rank_whole_experts(hf_results):
-    assert [r["GaLoreAdamW"]["stack"] for r in hf_results] == [("DTensor", (2, 96, 32)), ("DTensor", (1, 96, 32))]
+    for key in ("GaLoreAdamW", "qwen3_moe/GaLoreAdamW"):
+        assert [r[key]["stack"] for r in hf_results] == [("DTensor", (2, 96, 32)), ("DTensor", (1, 96, 32))], key
     assert all(r[name]["optimizer"] == name for r in hf_results for name in ("GaLoreAdamW", "FloraAdamW"))
 
 
@@ -196,15 +206,19 @@ def test_accelerate_fsdp2_gives_each_rank_whole_experts(hf_results):
 # spectral gap, which no bound ties to this data): 1e-6 (measured 3e-13 on weights, 5e-13 on expert states).
 # Flora's seeded basis needs no decomposition: 1e-10 (measured 5e-16; fp64). The experts, held whole, refresh
 # from their own gradient on both sides; it differs only by the order FSDP2 sums the half batches.
-@pytest.mark.parametrize(("name", "atol"), [("GaLoreAdamW", 1e-6), ("FloraAdamW", 1e-10)])
-def test_accelerate_fsdp2_moe_matches_one_process_and_keeps_each_experts_state_on_its_rank(hf_results, name, atol):
-    want = single_process(name)
+@pytest.mark.parametrize(("family", "name", "atol"), [("mixtral", "GaLoreAdamW", 1e-6),
+                                                    ("mixtral", "FloraAdamW", 1e-10),
+                                                    ("qwen3_moe", "GaLoreAdamW", 1e-6)])
+def test_accelerate_fsdp2_moe_matches_one_process_and_keeps_each_experts_state_on_its_rank(hf_results, family, name,
+                                                                                         atol):
+    want = single_process(name, family)
+    key = name if family == "mixtral" else f"{family}/{name}"
     for rank_result in hf_results:
-        assert_same_weights(rank_result[name]["weights"], want["weights"], atol=atol)
+        assert_same_weights(rank_result[key]["weights"], want["weights"], atol=atol)
     assert len(want["experts"]) == 4  # 2 layers x (gate_up_proj, down_proj)
     for stack, experts in want["experts"].items():
         assert sorted(experts) == list(range(EXPERTS))
-        held = [r[name]["experts"][stack] for r in hf_results]
+        held = [r[key]["experts"][stack] for r in hf_results]
         for rank, mine in enumerate(held):  # each expert's state on the rank holding it, and only there
             assert sorted(mine) == held_experts(rank, len(hf_results)), (stack, rank, sorted(mine))
         merged = {**held[0], **held[1]}
@@ -213,9 +227,11 @@ def test_accelerate_fsdp2_moe_matches_one_process_and_keeps_each_experts_state_o
             assert_close_tree(merged[e], state, atol, (name, stack, e))
 
 
-def test_accelerate_fsdp2_moe_save_state_load_state_resumes_exactly(hf_results):
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_accelerate_fsdp2_moe_save_state_load_state_resumes_exactly(hf_results, family):
+    prefix = "" if family == "mixtral" else f"{family}/"
     for rank_result in hf_results:
-        full, resumed = rank_result["GaLoreAdamW"], rank_result["GaLoreAdamW_resumed"]
+        full, resumed = rank_result[f"{prefix}GaLoreAdamW"], rank_result[f"{prefix}GaLoreAdamW_resumed"]
         assert_same_weights(resumed["weights"], full["weights"], atol=0)
         assert full["experts"] and same_tree(resumed["experts"], full["experts"])
 
