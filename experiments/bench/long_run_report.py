@@ -64,9 +64,20 @@ def _demo_gaps() -> dict[str, float]:
     return {m: 100 * (v / base - 1) for m, v in by.items() if base and v is not None}
 
 
-def table(runs: list[dict[str, Any]], role: str, seeds: list[int],
-          best: float | None = None) -> tuple[list[str], list[dict[str, Any]]]:
-    """Markdown rows of one variant (paper lr or AdamW's best lr), and the numbers behind them."""
+def tuned_adamw(runs: list[dict[str, Any]], best: float | None) -> dict[int, dict[str, Any]]:
+    """AdamW's 2000-step run at the sweep's best lr, by seed (its paper run where that is the best lr)."""
+    if best is None:
+        return {}
+    return {r["spec"]["seed"]: r for r in runs
+            if r["spec"]["method"] == "adamw" and r["spec"]["role"] != "sweep" and r["spec"]["lr"] == best}
+
+
+def table(runs: list[dict[str, Any]], role: str, seeds: list[int], best: float | None = None,
+          baseline: dict[int, dict[str, Any]] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+    """Markdown rows of one variant (paper lr or AdamW's best lr), and the numbers behind them.
+
+    The baseline of each seed is AdamW's run of the same variant, or ``baseline`` (seed -> run) when given:
+    the paper-lr runs against tuned AdamW, where AdamW's own paper-lr run is a row like the others."""
     def in_table(spec: dict[str, Any]) -> bool:
         if role == "best" and spec["method"] == "adamw":  # AdamW's run at the best lr (its paper run if the same)
             return spec["role"] != "sweep" and spec["lr"] == best
@@ -75,6 +86,11 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int],
     of_role = [r for r in runs if in_table(r["spec"])]
     methods = list(dict.fromkeys(r["spec"]["method"] for r in of_role))
     by = {(r["spec"]["method"], r["spec"]["seed"]): r for r in of_role}
+    # the run each row is compared with, by seed; `compared(m)`: whether row m has a baseline other than itself
+    base_of = dict(baseline) if baseline is not None else {s: by[("adamw", s)] for s in seeds if ("adamw", s) in by}
+
+    def compared(m: str) -> bool:
+        return baseline is not None or m != "adamw"
     demo = _demo_gaps()
     lines = ["| method | lr | seeds done | final val loss (mean, seed spread) | Δ vs AdamW (paired mean, its spread) "
              "| verdict | curve vs AdamW | demo (200 steps) vs AdamW | same sign at length? | step s (noisy) |",
@@ -84,8 +100,7 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int],
         runs_m = [by[(m, s)] for s in seeds if (m, s) in by]
         done = [r for r in runs_m if r["done"] and not r.get("diverged")]
         diverged = [r for r in runs_m if r.get("diverged")]
-        base_done = {s: by[("adamw", s)] for s in seeds
-                     if ("adamw", s) in by and by[("adamw", s)]["done"] and not by[("adamw", s)].get("diverged")}
+        base_done = {s: r for s, r in base_of.items() if s in seeds and r["done"] and not r.get("diverged")}
         lr = runs_m[0]["spec"]["lr"] if runs_m else None
         finals = [_final(r) for r in done]
         partial = [r for r in runs_m if not r["done"] and r["history"]]
@@ -95,8 +110,8 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int],
         elif partial:
             h = partial[0]["history"][-1]
             loss = f"running: {h['val_loss']:.4f} at step {h['step']}"
-            base = by.get(("adamw", partial[0]["spec"]["seed"]))
-            at = _curve(base).get(h["step"]) if base and m != "adamw" else None
+            base = base_of.get(partial[0]["spec"]["seed"])
+            at = _curve(base).get(h["step"]) if base and compared(m) else None
             if at is not None:
                 loss += f" (AdamW {at:.4f})"
         elif not diverged:
@@ -109,7 +124,7 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int],
         paired = [_final(r) - _final(base_done[r["spec"]["seed"]]) for r in done if r["spec"]["seed"] in base_done]
         base_finals = [_final(r) for r in base_done.values()]
         delta, verdict = "—", "—"
-        if paired and m != "adamw":
+        if paired and compared(m):
             mean = statistics.fmean(paired)
             spread = _spread(finals) + _spread(base_finals)
             delta = f"{mean:+.4f} ({100 * mean / statistics.fmean(base_finals):+.1f}%)"
@@ -121,11 +136,11 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int],
                 verdict = "1 seed: no spread yet"
         paired_runs = [r for r in runs_m if r["history"] and r["spec"]["seed"] in base_done]
         cross = crossing(_mean_curve(paired_runs), _mean_curve([base_done[r["spec"]["seed"]] for r in paired_runs])) \
-            if paired_runs and m != "adamw" else "—"
+            if paired_runs and compared(m) else "—"
         times = [c["step_time_s"] for r in runs_m for c in r["chunks"] if c.get("step_time_s")]
         short = f"{demo[m]:+.1f}%" if m in demo and m != "adamw" else "—"
         holds = "—"
-        if paired and m in demo and m != "adamw":  # does the 200-step ordering survive 10x the steps?
+        if paired and m in demo and m != "adamw" and compared(m):  # does the 200-step order survive 10x the steps?
             holds = "yes" if (statistics.fmean(paired) < 0) == (demo[m] < 0) else "**no: the order flips**"
         label = get_spec(m).label or m
         step_s = f"{statistics.median(times):.2f}" if times else "—"
@@ -220,6 +235,14 @@ def write(results: Path, opts: argparse.Namespace, runs: list[dict[str, Any]], b
     ]
     rows, paper_numbers = table(runs, "paper", opts.seeds)
     out += rows
+    tuned = tuned_adamw(runs, best)
+    paper_vs_tuned: list[dict[str, Any]] = []
+    if tuned:
+        out += ["", f"## Each method at its paper defaults against tuned AdamW (lr {best:g})", "",
+                "The same runs as above, each seed against AdamW's run at the sweep's best lr, the stronger baseline "
+                "(AdamW's own paper-lr run is a row here).", ""]
+        rows, paper_vs_tuned = table(runs, "paper", opts.seeds, baseline=tuned)
+        out += rows
     out += ["", f"## Each method at AdamW's best lr ({best:g})" if best is not None else
             "## Each method at AdamW's best lr (the sweep has not finished)", ""]
     best_numbers: list[dict[str, Any]] = []
@@ -236,6 +259,6 @@ def write(results: Path, opts: argparse.Namespace, runs: list[dict[str, Any]], b
     md.write_text("\n".join(out))
     plot(png, runs, best)
     options = {k: v for k, v in vars(opts).items() if k not in ("as_worker", "list", "report_only")}  # the queue's
-    js.write_text(json.dumps({"options": options, "best_lr": best, "paper": paper_numbers, "best": best_numbers,
-                              "runs": runs}, default=str))
+    js.write_text(json.dumps({"options": options, "best_lr": best, "paper": paper_numbers,
+                              "paper_vs_tuned": paper_vs_tuned, "best": best_numbers, "runs": runs}, default=str))
     return md

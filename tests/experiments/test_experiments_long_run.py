@@ -145,6 +145,32 @@ def test_a_win_is_called_only_beyond_both_seed_spreads():
     assert numbers[1]["paired_deltas"] == pytest.approx([-0.10, -0.11])
 
 
+def test_paper_runs_against_tuned_adamw_pair_each_seed_with_adamws_best_lr_run():
+    """The table of paper-lr runs against tuned AdamW: each seed paired with AdamW's run at the best lr (not its
+    paper-lr run, which becomes a row), and a verdict that may differ from the one against AdamW's paper lr."""
+    paper_adamw = [_run("adamw", 0, 2.00, lr=0.003), _run("adamw", 1, 1.80, lr=0.003)]  # unstable: spread 0.2
+    tuned = [_run("adamw", 0, 1.35, role="best", lr=0.001), _run("adamw", 1, 1.37, role="best", lr=0.001)]
+    galore = [_run("galore_adamw", 0, 1.29), _run("galore_adamw", 1, 1.30)]
+    apollo = [_run("apollo_adamw", 0, 1.40)]  # one seed: paired with seed 0's tuned run only
+    runs = paper_adamw + tuned + galore + apollo
+    baseline = report.tuned_adamw(runs, 0.001)
+    assert {s: r["spec"]["lr"] for s, r in baseline.items()} == {0: 0.001, 1: 0.001}
+    assert report.tuned_adamw(runs, None) == {}
+    lines, numbers = report.table(runs, "paper", [0, 1], baseline=baseline)
+    by = {n["method"]: n for n in numbers}
+    assert by["galore_adamw"]["paired_deltas"] == pytest.approx([-0.06, -0.07])
+    assert "**win**" in next(line for line in lines if "`galore_adamw`" in line)  # 0.065 > 0.01 + 0.02
+    assert by["adamw"]["paired_deltas"] == pytest.approx([0.65, 0.43])  # AdamW's paper lr is a row here
+    assert "**loss**" in next(line for line in lines if "`adamw`" in line)
+    assert by["apollo_adamw"]["paired_deltas"] == pytest.approx([0.05])
+    assert "1 seed: no spread yet" in next(line for line in lines if "`apollo_adamw`" in line)
+    # against AdamW's own paper lr the same GaLore runs are a win by far more, AdamW's row has no delta
+    lines, numbers = report.table(runs, "paper", [0, 1])
+    by = {n["method"]: n for n in numbers}
+    assert by["galore_adamw"]["paired_deltas"] == pytest.approx([-0.71, -0.50])
+    assert "| — | — |" in next(line for line in lines if "`adamw`" in line)  # no delta, no verdict
+
+
 def test_a_diverged_run_is_a_result_and_the_queue_goes_on(tmp_path, monkeypatch):
     """A method whose loss goes non-finite is marked diverged (in the table) and the next run starts."""
     real_run = long_run.run
