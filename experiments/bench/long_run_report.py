@@ -153,38 +153,44 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int], best: float |
 
 
 def plot(path: Path, runs: list[dict[str, Any]], best: float | None) -> None:
+    """Validation curves, paper lrs left, AdamW's best lr right; tuned AdamW (black) in both panels, the
+    baseline every verdict of the tuned tables is against. One color per method (up to 20), seed 1 dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=True)
     panels = [("paper", "each method's paper lr"), ("best", f"AdamW's best lr ({best:g})" if best else
                                                       "AdamW's best lr (sweep not finished)")]
-    colors: dict[str, Any] = {}
-    cmap = plt.get_cmap("tab10")
-    lows = []
+    cmap = plt.get_cmap("tab20")
+    methods = [m for m in dict.fromkeys(r["spec"]["method"] for r in runs) if m != "adamw"]
+    colors: dict[str, Any] = {m: cmap(i % 20) for i, m in enumerate(methods)}
+    tuned = tuned_adamw(runs, best)
+    finals, lows = [], []
     for ax, (role, title) in zip(axes, panels):
         for r in runs:
             spec = r["spec"]
-            in_panel = spec["role"] == role or (role == "best" and spec["method"] == "adamw" and best is not None
-                                                and spec["lr"] == best and spec["role"] != "sweep")
-            if not in_panel or not r["history"]:
+            is_tuned = any(r is t for t in tuned.values())
+            if not r["history"] or not (is_tuned or spec["role"] == role):
                 continue
-            color = colors.setdefault(spec["method"], cmap(len(colors) % 10))
+            if spec["method"] == "adamw":
+                color, width = ("black", 2.2) if is_tuned else ("0.55", 2.0)
+                label = f"AdamW, tuned lr {best:g}" if is_tuned else f"AdamW, lr {spec['lr']:g}"
+            else:
+                color, width, label = colors[spec["method"]], 1.2, get_spec(spec["method"]).label
             steps = [h["step"] for h in r["history"]]
             losses = [h["val_loss"] for h in r["history"]]
             lows.append(min(losses))
-            ax.plot(steps, losses, color=color, lw=2.0 if spec["method"] == "adamw" else 1.2,
-                    ls="-" if spec["seed"] == 0 else "--",
-                    label=get_spec(spec["method"]).label if spec["seed"] == 0 or spec["method"] not in
-                    {h.get_label() for h in ax.get_lines()} else None)
+            finals.append(losses[-1])
+            ax.plot(steps, losses, color=color, lw=width, ls="-" if spec["seed"] == 0 else "--",
+                    label=label if label not in {h.get_label() for h in ax.get_lines()} else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation loss (nats/byte); seed 0 solid, seed 1 dashed")
-    if lows:
-        axes[0].set_ylim(min(lows) - 0.05, min(lows) + 1.5)
+    if lows:  # every curve's end in view (a method far above the rest included), the early descent cut
+        axes[0].set_ylim(min(lows) - 0.05, max(max(finals) + 0.15, min(lows) + 1.5))
     handles = {}
     for ax in axes:
         for h in ax.get_lines():
@@ -192,7 +198,7 @@ def plot(path: Path, runs: list[dict[str, Any]], best: float | None) -> None:
                 handles.setdefault(h.get_label(), h)
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=6, fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
