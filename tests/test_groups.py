@@ -240,3 +240,23 @@ def test_a_shared_block_matrix_listed_under_both_names_is_stepped_once_per_step(
     opt.step()
     assert opt.state[shared.weight]["step"] == 1
     assert sum(p is shared.weight for g in opt.param_groups for p in g["params"]) == 1
+
+
+@pytest.mark.parametrize("name", sorted(lrgrad.OPTIMIZERS))
+@pytest.mark.parametrize("how", ["list", "group", "add_param_group"])
+def test_a_bare_tensor_listed_twice_is_refused_not_stepped_twice(name, how):
+    """torch.optim only warns about a tensor twice in one group, then steps it twice per step (its moments,
+    bias correction and refresh schedule run at double speed, silently); refused here, naming both positions."""
+    weight = torch.nn.Parameter(torch.randn(16, 8))
+    other = torch.nn.Parameter(torch.randn(16, 8))
+    cls = lrgrad.OPTIMIZERS[name]
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match=r"params.*positions 0 and 2"):
+        if how == "list":
+            cls([weight, other, weight], lr=1e-2)
+        elif how == "group":
+            cls([{"params": [weight, other, weight]}], lr=1e-2)
+        else:
+            opt = cls([torch.nn.Parameter(torch.randn(4, 4))], lr=1e-2)
+            opt.add_param_group({"params": [weight, other, weight]})
+    if how == "add_param_group":  # the refused group left nothing behind
+        assert len(opt.param_groups) == 1

@@ -272,6 +272,14 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         return built[index] if index is not None and index < len(built) else None
 
     def _validate_group(self, group: dict[str, Any]) -> None:
+        seen: dict[int, int] = {}
+        for i, p in enumerate(group["params"]):
+            # torch.optim only warns (and steps the tensor twice per step); here every step would count twice in
+            # the state (moments, bias correction, refresh schedule), a silent wrong, so it is refused
+            if seen.setdefault(id(p), i) != i:
+                raise ValueError(f"Invalid params: the same tensor (shape {tuple(p.shape)}) is at positions "
+                                 f"{seen[id(p)]} and {i} of a param group; it would be stepped twice per step. "
+                                 "Pass each parameter once (model.parameters() already does, tied weights included)")
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1:
