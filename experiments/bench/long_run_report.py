@@ -134,9 +134,12 @@ def table(runs: list[dict[str, Any]], role: str, seeds: list[int], best: float |
                 verdict += f" (seed spreads: {_spread(finals):.4f} + AdamW {_spread(base_finals):.4f})"
             else:
                 verdict = "1 seed: no spread yet"
-        paired_runs = [r for r in runs_m if r["history"] and r["spec"]["seed"] in base_done]
-        cross = crossing(_mean_curve(paired_runs), _mean_curve([base_done[r["spec"]["seed"]] for r in paired_runs])) \
-            if paired_runs and compared(m) else "—"
+        # the curve of the seeds that finished: a running seed's few evals would cut the mean curve to its
+        # first steps; only while no seed has finished do the running ones give an interim crossing
+        finished = [r for r in runs_m if r["done"] and r["history"]]
+        curve_runs = [r for r in (finished or partial) if r["spec"]["seed"] in base_done]
+        cross = crossing(_mean_curve(curve_runs), _mean_curve([base_done[r["spec"]["seed"]] for r in curve_runs])) \
+            if curve_runs and compared(m) else "—"
         times = [c["step_time_s"] for r in runs_m for c in r["chunks"] if c.get("step_time_s")]
         short = f"{demo[m]:+.1f}%" if m in demo and m != "adamw" else "—"
         holds = "—"

@@ -145,6 +145,19 @@ def test_a_win_is_called_only_beyond_both_seed_spreads():
     assert numbers[1]["paired_deltas"] == pytest.approx([-0.10, -0.11])
 
 
+def test_a_running_seed_does_not_cut_the_finished_seeds_curve():
+    """The curve column reads the finished seeds' mean curve; a second seed still at its first eval (above
+    AdamW there, as every run starts) must not reduce it to that one step."""
+    adamw = [_run("adamw", 0, 2.00, lr=0.003), _run("adamw", 1, 2.02, lr=0.003)]
+    finished = _run("galore_adamw", 0, 1.90)
+    finished["history"] = [{"step": 100, "val_loss": 2.6}, {"step": 200, "val_loss": 1.90}]  # above, then below
+    running = {**_run("galore_adamw", 1, 2.0), "done": False, "history": [{"step": 100, "val_loss": 2.7}]}
+    _, numbers = report.table(adamw + [finished, running], "paper", [0, 1])
+    assert numbers[1]["crossing"] == "below from step 200"
+    _, numbers = report.table(adamw + [running], "paper", [0, 1])  # no seed finished: the running one's
+    assert numbers[1]["crossing"] == "above from the first eval"
+
+
 def test_paper_runs_against_tuned_adamw_pair_each_seed_with_adamws_best_lr_run():
     """The table of paper-lr runs against tuned AdamW: each seed paired with AdamW's run at the best lr (not its
     paper-lr run, which becomes a row), and a verdict that may differ from the one against AdamW's paper lr."""
