@@ -861,12 +861,30 @@ def summarize(args: argparse.Namespace, training: Training, progress: Progress, 
     }
 
 
+def group_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def close_process_group(initialized_before: bool) -> None:
+    """``destroy_process_group`` once this rank's run has returned, as torch asks of every process before it
+    exits (a group left to interpreter finalization can abort the process after the work is done): the group
+    the run made (``init_from_env``), not one the caller made before it (``initialized_before``). Only on a
+    normal return: after an error another rank may still wait in a collective, and the exit tears it down."""
+    import torch.distributed as dist
+
+    if not initialized_before and group_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    initialized_before = group_initialized()
     try:
         summary = run(args)
     except (data_mod.DataSourceError, FileNotFoundError, CheckpointError, run_dir.RunExistsError,
@@ -874,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         # every checkpoint problem: exit 2 with one line naming the file and the cause
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    close_process_group(initialized_before)
     if not args.quiet:
         keys = ("config", "optimizer", "steps", "tokens", "final_val_loss", "final_val_bpb", "state_bytes",
                 "step_time_s")

@@ -185,3 +185,33 @@ def test_the_readme_says_which_recipe_the_cli_follows():
     flat = " ".join((ROOT / "README.md").read_text().split())
     assert "`--recipe galore-paper`: lr 0.01, scale 0.25, weight decay 0" in flat
     assert "`--recipe library` gives every optimizer its own defaults" in flat
+
+
+def test_a_finished_run_destroys_the_group_it_made_and_no_other(tmp_path, monkeypatch):
+    """torch asks every process to destroy its group before exit (one left to interpreter finalization can
+    abort the process after the work is done): main() destroys the group its run made (torchrun's env://),
+    not one its caller made (it may still need it), and not after an error exit (another rank may still wait
+    in a collective). One process, world size 1, gloo over env:// as torchrun sets it."""
+    import torch.distributed as dist
+    from harness import free_port
+
+    closed = []
+    real_destroy = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: closed.append(True) or real_destroy())
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    # WORLD_SIZE=2 makes the run init a group; the store then waits for a rank 1: init a world of 1 instead
+    real_init = dist.init_process_group
+    monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **k: real_init(
+        backend, store=dist.FileStore(str(tmp_path / f"store{len(closed)}"), 1), rank=0, world_size=1))
+    try:
+        assert main([*BASE, "--quiet", "--out-dir", str(tmp_path / "a"), "--parallel", "ddp"]) == 0
+        assert closed == [True] and not dist.is_initialized()  # the run made it: destroyed
+        assert main([*BASE, "--quiet", "--out-dir", str(tmp_path / "a"), "--parallel", "ddp"]) == 2  # run exists
+        assert closed == [True] and dist.is_initialized()  # an error exit leaves it
+        assert main([*BASE, "--quiet", "--out-dir", str(tmp_path / "b"), "--parallel", "ddp"]) == 0
+        assert closed == [True] and dist.is_initialized()  # the caller's group (made before main): left
+    finally:
+        if dist.is_initialized():
+            real_destroy()
