@@ -227,7 +227,10 @@ def write(results: Path, opts: argparse.Namespace, runs: list[dict[str, Any]], b
         "",
         f"Runs finished: {done} of {len(runs)} queued"
         + ("" if best is not None else " (the runs at AdamW's best lr join the queue when the sweep finishes)")
-        + ". Continue (resumes every unfinished run from its checkpoint; "
+        + (". All finished; the command that ran them (run again, it restores every finished run from "
+           "long_run.json and trains nothing; "
+           if best is not None and done == len(runs) else
+           ". Continue (resumes every unfinished run from its checkpoint; ")
         + (f"{opts.workers} runs at once, a process of {opts.threads} thread(s) each" if opts.workers > 1
            else f"one process, {opts.threads} thread(s)") + "):",
         "",

@@ -88,6 +88,7 @@ def test_runs_in_chunks_equal_runs_in_one_go_and_fill_the_report(tmp_path, monke
         assert len(chunks) == (3 if name.endswith("-6") else 2)  # 6 steps in chunks of 2, the sweep's 4
     md = (tmp_path / "chunked-results" / "long_run.md").read_text()
     assert "Runs finished: " in md and "| GaLore-AdamW (`galore_adamw`) | 0.01 | 1/1 |" in md
+    assert "All finished; the command that ran them" in md and "Continue (" not in md  # nothing left to continue
     assert "1 seed: no spread yet" in md and f"AdamW's best lr ({best:g})" in md
     assert (tmp_path / "chunked-results" / "long_run.png").stat().st_size > 0
     # a second invocation finds everything done and runs nothing
@@ -156,6 +157,18 @@ def test_a_running_seed_does_not_cut_the_finished_seeds_curve():
     assert numbers[1]["crossing"] == "below from step 200"
     _, numbers = report.table(adamw + [running], "paper", [0, 1])  # no seed finished: the running one's
     assert numbers[1]["crossing"] == "above from the first eval"
+
+
+def test_the_report_says_continue_until_every_run_is_finished(tmp_path):
+    opts = _opts(tmp_path, "--methods", "adamw", "galore_adamw", "--seeds", "0", "1")
+    runs = [_run("adamw", 0, 2.00, lr=0.003), _run("adamw", 1, 2.02, lr=0.003), _run("galore_adamw", 0, 1.9)]
+    running = {**_run("galore_adamw", 1, 2.0), "done": False, "history": [{"step": 100, "val_loss": 2.7}]}
+    md = report.write(tmp_path / "results", opts, runs + [running], 0.003, "long_run.py").read_text()
+    assert "Runs finished: 3 of 4 queued. Continue (resumes every unfinished run" in md and "All finished" not in md
+    md = report.write(tmp_path / "results", opts, runs, 0.003, "long_run.py").read_text()
+    assert "Runs finished: 3 of 3 queued. All finished" in md and "Continue (" not in md
+    md = report.write(tmp_path / "results", opts, runs, None, "long_run.py").read_text()  # the sweep unfinished
+    assert "join the queue when the sweep finishes). Continue (" in md
 
 
 def test_paper_runs_against_tuned_adamw_pair_each_seed_with_adamws_best_lr_run():
