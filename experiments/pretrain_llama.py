@@ -861,21 +861,21 @@ def summarize(args: argparse.Namespace, training: Training, progress: Progress, 
     }
 
 
-def group_initialized() -> bool:
+def run_and_close_group(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run`, then ``destroy_process_group`` for the group the run made (``init_from_env``, under
+    torchrun), as torch asks of every process before it exits (a group left to interpreter finalization can
+    abort the process after the work is done). Not a group the caller made before (it may still need it),
+    and not after an error: the exception passes through, since another rank may still wait in a collective."""
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized()
+    def initialized() -> bool:
+        return dist.is_available() and dist.is_initialized()
 
-
-def close_process_group(initialized_before: bool) -> None:
-    """``destroy_process_group`` once this rank's run has returned, as torch asks of every process before it
-    exits (a group left to interpreter finalization can abort the process after the work is done): the group
-    the run made (``init_from_env``), not one the caller made before it (``initialized_before``). Only on a
-    normal return: after an error another rank may still wait in a collective, and the exit tears it down."""
-    import torch.distributed as dist
-
-    if not initialized_before and group_initialized():
+    made_here = not initialized()
+    summary = run(args)
+    if made_here and initialized():
         dist.destroy_process_group()
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -884,15 +884,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    initialized_before = group_initialized()
     try:
-        summary = run(args)
+        summary = run_and_close_group(args)
     except (data_mod.DataSourceError, FileNotFoundError, CheckpointError, run_dir.RunExistsError,
             ResumeMismatchError) as exc:
         # every checkpoint problem: exit 2 with one line naming the file and the cause
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    close_process_group(initialized_before)
     if not args.quiet:
         keys = ("config", "optimizer", "steps", "tokens", "final_val_loss", "final_val_bpb", "state_bytes",
                 "step_time_s")

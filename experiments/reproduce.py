@@ -37,7 +37,7 @@ from lrgrad_experiments.paths import REPO, RESULTS
 from lrgrad_experiments.pretrain import recipes
 from lrgrad_experiments.pretrain.configs import get_config
 from lrgrad_experiments.pretrain.optimizers import get_spec
-from lrgrad_experiments.pretrain_llama import close_process_group, group_initialized, parse_args, run
+from lrgrad_experiments.pretrain_llama import parse_args, run_and_close_group
 
 import lrgrad
 
@@ -320,9 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    initialized_before = group_initialized()
-    summary = run(parse_args(train_argv(opts, p, out)))
-    close_process_group(initialized_before)
+    summary = run_and_close_group(parse_args(train_argv(opts, p, out)))
     if not main_rank:
         return 0
     peak = None
