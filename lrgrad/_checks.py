@@ -8,6 +8,7 @@ the user sees which argument is wrong (``torch.optim``'s convention).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,17 @@ def check_nonnegative(name: str, value: Any) -> None:
         raise TypeError(f"Invalid {name}: expected a float, got {type(value).__name__}")
     if not value >= 0.0:  # also rejects NaN
         raise ValueError(f"Invalid {name} value: {value}")
+
+
+def check_lr(value: Any) -> None:
+    """A number >= 0, or a one-element tensor (``torch.optim`` takes a tensor lr)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid lr: Tensor lr must be 1-element, got shape {tuple(value.shape)}")
+        return
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars are kept as the float
+        value = float(value)
+    check_nonnegative("learning rate", value)
 
 
 def check_positive(name: str, value: Any, allow_none: bool = False) -> None:

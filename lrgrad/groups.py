@@ -38,9 +38,12 @@ in/groups · prod(k))``, as the optimizer views every tensor of more than two di
 model, so the two routes use one decision (:func:`low_rank_param_names`). A plain list of ``(name,
 tensor)`` pairs carries no model and is routed by name (:func:`route_named_params`): a 2-D parameter
 is projected unless a component of its name contains ``embed`` or is ``wte``/``wpe``/``shared``
-(embeddings) or its module has a head name (:data:`HEAD_NAMES`; also a top-level ``fc`` and anything
-under a top-level head). Tied weights appear once in ``named_parameters()`` (under the embedding's
-name).
+(embeddings) or its module has a head name (:data:`HEAD_NAMES`; also a top-level ``fc``, anything
+under a top-level head, and the layers of a head held in an ``nn.Sequential``, named by index:
+torchvision's ``classifier.1``). Tied weights appear once in ``named_parameters()`` (under the
+embedding's name). A parametrized weight (``spectral_norm``, ``weight_norm``, ``orthogonal``) is
+routed through the params that hold it (:func:`weight_param_names`), and recognised without running
+the parametrization.
 
 Mixture-of-Experts *expert stacks* (transformers' fused ``experts.gate_up_proj`` / ``experts.down_proj``,
 ``(num_experts, m, n)``: :func:`is_experts_module`, :func:`expert_stack_names`) are linear weights too:
@@ -126,14 +129,38 @@ def _is_attention_projection(module: nn.Module) -> bool:
 
 
 def projected_param_names(module: nn.Module) -> tuple[str, ...]:
-    """The params of a selected module that are projected: a linear or convolution module's ``weight``;
-    ``nn.MultiheadAttention``'s input projection (``in_proj_weight``, or ``q/k/v_proj_weight`` when the
-    key and value widths differ; its ``out_proj`` is a linear module of its own)."""
+    """The params of a selected module that are projected, by their names in ``module``: a linear or
+    convolution module's ``weight``; ``nn.MultiheadAttention``'s input projection (``in_proj_weight``, or
+    ``q/k/v_proj_weight`` when the key and value widths differ; its ``out_proj`` is a linear module of its
+    own). A parametrized weight is projected through the params that hold it (:func:`weight_param_names`)."""
     if _is_attention_projection(module):
-        if getattr(module, "in_proj_weight", None) is not None:
+        if module._parameters.get("in_proj_weight") is not None:
             return ("in_proj_weight",)
         return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-    return ("weight",)
+    return weight_param_names(module)
+
+
+def weight_param_names(module: nn.Module, attr: str = "weight") -> tuple[str, ...]:
+    """The names, in ``module``, of the params that hold its ``attr`` (``"weight"``): the param itself; under
+    ``torch.nn.utils.parametrize`` (``spectral_norm``, ``weight_norm``, ``orthogonal``) the
+    parametrization's originals, ``parametrizations.weight.original`` (or ``original0``/``original1``:
+    weight_norm's g and v); under the older ``torch.nn.utils.weight_norm``, ``weight_g`` and ``weight_v``.
+    Found without reading ``module.weight``: on a parametrized module in training mode that runs the
+    parametrization, and spectral_norm's power iteration would move its buffers (building an optimizer
+    must not change the model). A weight_norm's g, ``(out, 1, ...)``, is never projected (no rank fits
+    a side of 1)."""
+    if attr in module._parameters:
+        return (attr,) if module._parameters[attr] is not None else ()
+    parametrizations = getattr(module, "parametrizations", None)
+    if isinstance(parametrizations, nn.ModuleDict) and attr in parametrizations:
+        prefix = f"parametrizations.{attr}."
+        return tuple(prefix + name for name, _ in parametrizations[attr].named_parameters(recurse=False))
+    return tuple(name for name in (f"{attr}_g", f"{attr}_v") if name in module._parameters)
+
+
+def weight_params(module: nn.Module) -> list[torch.Tensor]:
+    """The params that hold ``module``'s weight (:func:`weight_param_names`), without running a parametrization."""
+    return [module.get_parameter(name) for name in weight_param_names(module)]
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -188,8 +215,8 @@ def head_modules(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> 
     """Names of the linear modules recognised as the output head / embeddings (see the module doc)."""
     linear = {name: m for name, m in model.named_modules() if _is_linear(m) and name}
     heads = {name for name in linear if matches(name, exclude)}
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    heads |= {name for name, m in linear.items() if id(getattr(m, "weight", None)) in embedding_weights}
+    embedding_weights = {id(w) for m in model.modules() if isinstance(m, nn.Embedding) for w in weight_params(m)}
+    heads |= {name for name, m in linear.items() if any(id(w) in embedding_weights for w in weight_params(m))}
     get_output = getattr(model, "get_output_embeddings", None)
     if callable(get_output):
         try:
@@ -327,11 +354,12 @@ def projected_params(
     through it too."""
     targets = set(select_low_rank_modules(model, target_modules, exclude))
     modules = dict(model.named_modules())
+    matrices = {f"{name}.{pname}" for name in targets if name in modules
+                for pname in projected_param_names(modules[name])}
     kinds = {}
-    for full_name, _ in model.named_parameters():
-        module_name, _, pname = full_name.rpartition(".")
-        if module_name in targets and pname in projected_param_names(modules[module_name]):
-            kinds[full_name] = MATRIX
+    for full_name, param in model.named_parameters():
+        if full_name in matrices and param.dim() >= 2 and min(param.shape[0], param[0].numel()) > 1:
+            kinds[full_name] = MATRIX  # (a weight_norm's g, (out, 1), is a vector: no rank fits it)
         elif full_name in targets:
             kinds[full_name] = EXPERTS
     return kinds
@@ -344,6 +372,10 @@ def is_embedding_or_head_name(name: str) -> bool:
     modules = parts[:-1] if len(parts) > 1 else parts
     if any("embed" in part or part in EMBEDDING_NAMES for part in modules):
         return True
+    # a head held in an nn.Sequential names its layers by index (torchvision's MobileNet, EfficientNet,
+    # VGG, ConvNeXt: classifier.1, classifier.6): the container's name is the head's
+    while len(modules) > 1 and modules[-1].isdigit():
+        modules = modules[:-1]
     # the head's own name (lm_head, classifier, ...), a top-level fc (torchvision), or inside a
     # top-level head (timm's head.fc)
     return bool(modules) and (modules[-1] in HEAD_NAMES or modules == ["fc"] or modules[0] == "head")

@@ -27,12 +27,13 @@ class CoordinateProjector(Projector):
             eye = torch.eye(energy.numel(), dtype=grad.dtype, device=grad.device)[keep]  # r x d
             return eye if self.side == "right" else eye.T.contiguous()
 
-        basis = guarded_basis(state, grad, compute)
+        # a zero gradient keeps the basis in place, or gives a provisional first one (not counted)
+        basis, counted = guarded_basis(state, grad, compute, keep_on_zero=self.has_basis(state))
         if basis is None:
             return False
         state["proj_basis"] = basis
-        state["proj_refreshes"] += 1
-        return True
+        state["proj_refreshes"] += int(counted)
+        return counted
 
 
 register_projector(CoordinateProjector)

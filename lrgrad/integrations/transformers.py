@@ -16,7 +16,9 @@ and is refused unless ``optimizer=`` says which lrgrad optimizer to build), ``op
 (``lrgrad.param_groups``' patterns; ``None`` means ``"all-linear"``), ``optim_args`` (``"rank=...,
 update_proj_gap=..., scale=..., proj_type=..."``), ``learning_rate``, ``weight_decay`` and, for the
 optimizers that take Adam's ``betas`` and ``eps``, ``adam_beta1``/``adam_beta2``/``adam_epsilon``.
-Keyword arguments of the functions below override all of these.
+Keyword arguments of the functions below override all of these. ``lr``, ``betas`` and ``eps`` (in
+``optim_args`` or as keywords) are the optimizer's and reach every group, as ``weight_decay`` does;
+the other ``optim_args`` keys are the projected group's.
 
 Defaults: a name that means transformers' own GaLore (or APOLLO) path gets that path's defaults
 for what ``optim_args`` leaves out (``HF_DEFAULTS``: GaLore rank 128, gap 200, scale 0.25,
@@ -61,6 +63,8 @@ from lrgrad.optim.registry import OPTIMIZERS, optimizer_class
 HF_OPTIM_NAMES = {row.hf_optim: row.name for row in PRESETS if row.hf_optim is not None}
 #: their per-step layerwise variants need hooks the Trainer does not drive
 HF_LAYERWISE_NAMES = tuple(f"{name}_layerwise" for name in HF_OPTIM_NAMES)
+#: the optimizer's hyperparameters among ``optim_args``' keys: they reach every group, not the projected one
+OPTIMIZER_KEYS = ("lr", "betas", "eps")
 #: what transformers' GaLore path (``trainer_optimizer.py``) uses when ``optim_args`` does not say
 HF_LOW_RANK_DEFAULTS: dict[str, Any] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
 #: what transformers' APOLLO path uses (its ``proj="random"`` is APOLLOAdamW's own projector)
@@ -222,19 +226,21 @@ def build_param_groups(
         options = {**low_rank_defaults(optimizer, args), **options}
     rank = options.pop("rank")
     weight_decay = options.pop("weight_decay", float(getattr(args, "weight_decay", 0.0)))
+    # the optimizer's own hyperparameters reach every group (given as keywords, the constructor's do too)
+    shared = {key: options.pop(key) for key in OPTIMIZER_KEYS if key in options}
     low, *rest = param_groups(model, rank=rank, target_modules=target_modules, **options)
-    low["weight_decay"] = weight_decay
+    low.update(shared, weight_decay=weight_decay)
     groups = [low]
     for group in rest:  # the full-rank group: matrices decay, biases and norms do not
         if group["rank"] is not None:  # the expert stacks' group (experts=True), projected like low
-            groups.append({**group, "weight_decay": weight_decay})
+            groups.append({**group, **shared, "weight_decay": weight_decay})
             continue
         matrices = [item for item in group["params"] if _tensor(item).dim() >= 2]
         vectors = [item for item in group["params"] if _tensor(item).dim() < 2]
         if matrices:
-            groups.append({**group, "params": matrices, "weight_decay": weight_decay})
+            groups.append({**group, **shared, "params": matrices, "weight_decay": weight_decay})
         if vectors:
-            groups.append({**group, "params": vectors, "weight_decay": 0.0})
+            groups.append({**group, **shared, "params": vectors, "weight_decay": 0.0})
     return groups
 
 
@@ -258,9 +264,10 @@ def optimizer_cls_and_kwargs(
     kwargs: dict[str, Any] = {"lr": float(args.learning_rate)}
     if _takes_adam_args(_preset(cls)):
         kwargs.update(betas=(float(args.adam_beta1), float(args.adam_beta2)), eps=float(args.adam_epsilon))
-    for key in ("lr", "betas", "eps"):
-        if key in options:
-            kwargs[key] = options.pop(key)
+    given = {**parse_optim_args(getattr(args, "optim_args", None)), **options}
+    for key in OPTIMIZER_KEYS:  # the keyword's, else optim_args': the optimizer's, and every group's
+        if key in given:
+            kwargs[key] = options[key] = given[key]
     kwargs["params"] = build_param_groups(model, args, target_modules, optimizer=optimizer, **options)
     _check_expert_checkpoints(args, kwargs["params"])
     return cls, kwargs

@@ -40,6 +40,7 @@ from lrgrad.groups import (
     low_rank_param_kinds,
     model_of_named_parameters,
     once_per_tensor,
+    weight_params,
 )
 
 
@@ -57,8 +58,9 @@ def is_embedding_or_head(name: str, param: torch.Tensor) -> bool:
 def embedding_and_head_ids(model: nn.Module) -> set[int]:
     """The ids of ``model``'s embedding and output-head matrices, recognised structurally."""
     heads = head_modules(model)
-    weights = [m.weight for name, m in model.named_modules() if name in heads or isinstance(m, nn.Embedding)]
-    return {id(w) for w in weights if isinstance(w, torch.Tensor) and w.dim() >= 2}
+    weights = [w for name, m in model.named_modules() if name in heads or isinstance(m, nn.Embedding)
+               for w in weight_params(m)]
+    return {id(w) for w in weights if w.dim() >= 2}
 
 
 def route_embeddings_to_adamw(params: Any, adamw: dict[str, Any]) -> Any:
@@ -94,10 +96,9 @@ def route_embeddings_to_adamw(params: Any, adamw: dict[str, Any]) -> Any:
         if not _named(members):
             routed.append(group)
             continue
-        if structural is not None:
-            flags = [id(p) in structural for _, p in members]
-        else:
-            flags = [is_embedding_or_head(n, p) for n, p in members]
+        # by structure where the model is known, and by name always: a raw embedding param (a ViT's pos_embed,
+        # its patch_embed convolution) is no nn.Embedding, and the two routes must agree
+        flags = [(structural is not None and id(p) in structural) or is_embedding_or_head(n, p) for n, p in members]
         # a tied tensor listed under each name (remove_duplicate=False) once, moved if any name is a table's
         members, stays = once_per_tensor(members, [not flag for flag in flags])
         keep = [pair for pair, stay in zip(members, stays) if stay]

@@ -30,7 +30,8 @@ the rule still keeps its (low-rank) state; then, instead of GaLore's ``up(u)``:
   off): if ``‖S_t‖ > γ (‖S_{t−1}‖ + ε_s)`` then ``S_t ← S_t · γ (‖S_{t−1}‖ + ε_s) / ‖S_t‖``, where
   ``‖S_{t−1}‖`` is the norm after the previous step's limiting. Its one number of state is the
   0-d tensor ``state["limiter_norm"]`` (−1 until the first step: nothing to limit against),
-  kept across subspace refreshes.
+  kept across subspace refreshes; a step whose S is zero (an all-zero gradient) leaves it as it was
+  (the references store the 0, and every later update is then capped near γᵏ·ε_s for ~1400 steps).
 
 Everything that touches m×n memory is two passes of ``lrgrad.kernels``: ``channel_sumsq`` (the
 limiter needs ‖S‖² = Σ_c s_c² ‖(G − B)_c‖², so S is never materialized) and
@@ -113,7 +114,12 @@ def _limit(state: dict[str, Any], norm: torch.Tensor, gamma: float | None) -> to
     # the norm after limiting, ‖S‖ / divisor, written as min(‖S‖, γ(prev + ε)): equal, and it stays
     # finite when ‖S‖ overflowed (a 1e30 gradient in fp32; the divisor is then inf and S is dropped)
     limited = torch.minimum(norm, gamma * (prev + SCALE_EPS))
-    state[LIMITER_KEY] = torch.where(prev < 0, norm, limited).to(prev.dtype)
+    # A zero S (an all-zero gradient: a layer that saw no data, DCP's zero-gradient template step; Fira's
+    # residual of a gradient inside the subspace) moves nothing and is nothing to limit against: kept as the
+    # next step's reference it would cap every later update at γᵏ·ε_s, a stall of ~log(‖S‖/ε_s)/log(γ) steps
+    # (~1400 for ‖S‖ ~ 1e-2). The previous norm stays.
+    new = torch.where(prev < 0, norm, limited)
+    state[LIMITER_KEY] = torch.where(norm > 0, new, prev).to(prev.dtype)
     return divisor
 
 

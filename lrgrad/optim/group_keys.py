@@ -31,6 +31,7 @@ from typing import Any
 from lrgrad.groups import caller_stacklevel
 from lrgrad.projectors import PROJECTORS
 from lrgrad.rules import RULES
+from lrgrad.rules.matrix import PAIRED_LR_KEY
 
 #: other libraries' key -> (lrgrad's key of the same meaning, whose key it is)
 ALIASED_KEYS: dict[str, tuple[str, str]] = {
@@ -101,7 +102,7 @@ def normalize_group(group: dict[str, Any], defaults: Mapping[str, Any], explicit
     if rank is None:
         return
     rule = RULES.get(group.get("rule", defaults.get("rule")))
-    known = TORCH_KEYS | defaults.keys() | (rule.option_defaults.keys() if rule else set()) | (
+    known = TORCH_KEYS | {PAIRED_LR_KEY} | defaults.keys() | (rule.option_defaults.keys() if rule else set()) | (
         projector.option_defaults.keys() if projector else set())
     for key in sorted(group.keys() - known - warned):
         warned.add(key)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lrgrad._checks import check_bool, check_choice, check_float, check_int, check_nonnegative
+from lrgrad._checks import check_bool, check_choice, check_float, check_int, check_lr, check_nonnegative
 from lrgrad.dtensor import check_row_sharded, is_dtensor, low_rank_zeros
 from lrgrad.experts import (
     EXPERTS_KEY,
@@ -54,6 +54,7 @@ from lrgrad.projectors import PROJECTORS, Projector
 from lrgrad.projectors.sharded import ShardedProjector, unshardable_message
 from lrgrad.qweights import update_targets
 from lrgrad.rules import RULES, UpdateRule
+from lrgrad.rules.matrix import PAIRED_LR_KEY
 from lrgrad.subspace import MOMENT_POLICIES, PROJ_TYPES, compute_dtype, low_rank_shape, matrix_shape, projection_side
 
 #: ``state_dtype``: the dtype of a full-rank param's rule state (its moments): ``"fp32"`` (the compute
@@ -249,9 +250,8 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             raise
         for p in group["params"]:
             self._param_index.setdefault(id(p), len(self._param_index))
-        # the lr each group was built with, by position (load_state_dict keeps the order): the matrix-only
-        # rules' AdamW fallback scales its adamw_lr by lr / this (MatrixRule.fallback_group)
-        self.__dict__.setdefault("_built_lrs", []).append(float(group["lr"]))
+        if RULES[group["rule"]].matrix_only:  # the lr adamw_lr goes with (MatrixRule.fallback_group)
+            group.setdefault(PAIRED_LR_KEY, float(group["lr"]))
 
     def group_of(self, param: torch.Tensor) -> dict[str, Any]:
         """The param group that holds ``param`` now. Wrappers that step params from hooks (layerwise,
@@ -265,12 +265,6 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             group = cache[id(param)]
         return group
 
-    def built_lr(self, group: dict[str, Any]) -> float | None:
-        """The lr ``group`` had when it was added to this optimizer (``None`` if not known)."""
-        built = self.__dict__.get("_built_lrs", [])
-        index = next((i for i, g in enumerate(self.param_groups) if g is group), None)
-        return built[index] if index is not None and index < len(built) else None
-
     def _validate_group(self, group: dict[str, Any]) -> None:
         seen: dict[int, int] = {}
         for i, p in enumerate(group["params"]):
@@ -280,12 +274,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
                 raise ValueError(f"Invalid params: the same tensor (shape {tuple(p.shape)}) is at positions "
                                  f"{seen[id(p)]} and {i} of a param group; it would be stepped twice per step. "
                                  "Pass each parameter once (model.parameters() already does, tied weights included)")
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            if lr.numel() != 1:
-                raise ValueError("Invalid lr: Tensor lr must be 1-element")
-        else:
-            check_nonnegative("learning rate", lr)
+        check_lr(group["lr"])
         check_nonnegative("weight_decay", group["weight_decay"])
         if group["rule"] not in RULES:
             raise ValueError(f"Invalid rule: {group['rule']!r}; expected one of {sorted(RULES)}")
@@ -382,7 +371,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         """The rule that updates ``param``: a matrix-only rule hands 1-D params to its fallback."""
         cls = RULES[group["rule"]]
         if cls.matrix_only and param.dim() < 2:
-            fallback = cls.fallback_group(group, base_lr=self.built_lr(group))
+            fallback = cls.fallback_group(group)
             return RULES[fallback["rule"]](fallback)
         return cls(group)
 
@@ -694,7 +683,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
         rule = rule or self.rule_for(group)
         if rule.matrix_only and any(p.dim() < 2 for p in params):
             vectors = [i for i, p in enumerate(params) if p.dim() < 2]
-            fallback = type(rule).fallback_group(group, base_lr=self.built_lr(group))
+            fallback = type(rule).fallback_group(group)
             self.apply_full_rank(fallback, [params[i] for i in vectors], [grads[i] for i in vectors])
             params, grads = [p for p in params if p.dim() >= 2], [g for p, g in zip(params, grads) if p.dim() >= 2]
             if not params:
@@ -753,7 +742,7 @@ class LowRankOptimizer(StepPipeline, Optimizer):
             projector = self.projector_for(param, group)
         step = state["step"] + 1
         if projector.should_refresh(state, step):
-            had_basis = projector.has_basis(state)
+            had_basis = not projector.lacks_subspace(state)  # a provisional basis has no moments worth carrying
             before = dict(state)  # projectors assign new tensors, so this keeps the old subspace
             changed = projector.refresh(state, grad2d, step, group)
             if changed and had_basis and group["moment_policy"] != "keep":

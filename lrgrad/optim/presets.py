@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -27,8 +28,8 @@ from typing import Any
 
 import torch
 
-from lrgrad._checks import check_bool
-from lrgrad.groups import refuse_module
+from lrgrad._checks import check_bool, check_lr
+from lrgrad.groups import caller_stacklevel, refuse_module
 from lrgrad.optim.adafactor_compat import translate_adafactor_kwargs
 from lrgrad.optim.embedding_routing import route_embeddings_to_adamw
 from lrgrad.optim.full_rank import FULL_RANK_DEFAULTS
@@ -570,10 +571,29 @@ def construct(self: LowRankOptimizer, p: ResolvedPreset, params: ParamsT, given:
     if p.matrix_only:
         route = options.pop(EMBEDDING_FLAG, True)
         check_bool(EMBEDDING_FLAG, route)
-        if route:  # the fallback is derived from the rule's options: check them first
+        if route:  # the fallback is derived from the lr and the rule's options: check them first
+            check_lr(lr)
             RULES[p.rule].validate_options({**p.defaults, **options})
             params = route_embeddings_to_adamw(params, _fallback_keys(p, lr, options))
+    rankless_groups = _rankless_groups(params) and options.get("rank") is None
     LowRankOptimizer.__init__(self, params, lr, rule=p.rule, projector=projector, **options)
+    if rankless_groups and not (p.matrix_only and p.choose_projector):
+        # Muon, AuON and Hybrid-AuON are full-rank by default: only the low-rank presets have something to say
+        warnings.warn(
+            f"{p.name}: none of the param groups given has a rank (and the constructor got none), so nothing is "
+            f"projected: every param steps full-rank, at full-rank {p.rule}'s memory. Give the groups to project "
+            "a 'rank', or pass rank=r; with the Trainer, build lrgrad.integrations.transformers."
+            "optimizer_cls_and_kwargs(model, args) for each Trainer (the Trainer takes 'params' out of the dict it "
+            "is given, and a second Trainer built from it passes its own groups)",
+            UserWarning, stacklevel=caller_stacklevel())
+
+
+def _rankless_groups(params: Any) -> bool:
+    """Param groups (dicts) of which none sets a rank: the Trainer's own decay / no-decay groups, or galore-torch
+    style groups that forgot the rank. ``model.parameters()`` or a list of tensors without a rank is full-rank by
+    request (galore-torch's convention) and stays silent."""
+    return (isinstance(params, (list, tuple)) and len(params) > 0 and all(isinstance(g, dict) for g in params)
+            and all(g.get("rank") is None for g in params))
 
 
 def _fallback_keys(p: ResolvedPreset, lr: Any, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -122,6 +122,22 @@ class Projector:
     def has_basis(self, state: dict[str, Any]) -> bool:
         return "proj_basis" in state
 
+    def is_provisional(self, state: dict[str, Any]) -> bool:
+        """A basis is in place but no refresh has counted (``proj_refreshes == 0``): the first refresh saw a
+        gradient that was zero everywhere (:func:`guarded_basis`), so the basis only gives the step its
+        shapes. It is replaced by the next refresh that sees data, which runs on the next step
+        (:meth:`should_refresh`), warm-starts from nothing and carries no moments out of it."""
+        return state.get("proj_refreshes", 0) == 0 and self.has_basis(state)
+
+    def previous_basis(self, state: dict[str, Any]) -> torch.Tensor | None:
+        """The dense basis a refresh warm-starts from: ``None`` before the first refresh, and while the
+        basis is provisional (computed from a zero gradient, it holds nothing to start from)."""
+        return None if self.lacks_subspace(state) else self.basis(state)
+
+    def lacks_subspace(self, state: dict[str, Any]) -> bool:
+        """No basis, or only a provisional one: every schedule refreshes on the next step."""
+        return not self.has_basis(state) or state.get("proj_refreshes", 0) == 0
+
     @staticmethod
     def refresh_generator(state: dict[str, Any], step: int, device: torch.device) -> torch.Generator:
         """A generator seeded from (param seed, step): the same draws on every rank and after a resume."""
@@ -130,11 +146,18 @@ class Projector:
         return generator
 
     def should_refresh(self, state: dict[str, Any], step: int) -> bool:
-        """Refresh on steps 1, gap+1, 2*gap+1, ... (1-based, as galore-torch does)."""
-        return not self.has_basis(state) or (step - 1) % self.update_proj_gap == 0
+        """Refresh on steps 1, gap+1, 2*gap+1, ... (1-based, as galore-torch does), and on every step
+        while there is no basis or only a provisional one (:meth:`is_provisional`)."""
+        return self.lacks_subspace(state) or (step - 1) % self.update_proj_gap == 0
 
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
         """Recompute the subspace from ``grad``; return True when the basis changed.
+
+        Every refresh that puts a subspace in place adds 1 to ``state["proj_refreshes"]`` (a deferred one
+        when it completes): a count of 0 says there is none yet (:meth:`lacks_subspace`), so every step
+        refreshes until one counts, and an expert saved before its first counted refresh is saved as
+        placeholders. A provisional basis (:func:`guarded_basis`: from a zero gradient) is stored
+        uncounted and returns False.
 
         Implementations must *assign new tensors* (never write into the old
         basis in place) so a shallow copy of ``state`` taken before the call still
@@ -321,54 +344,47 @@ def finite_and_nonzero(t: torch.Tensor) -> tuple[bool, bool]:
 
 def guarded_basis(
     state: dict[str, Any], grad: torch.Tensor, compute: Callable[[], torch.Tensor], keep_on_zero: bool = False
-) -> torch.Tensor | None:
-    """``compute()`` a new basis from ``grad``, or ``None`` with ``state["proj_failures"]``
-    incremented when ``grad`` is non-finite, the computation fails (e.g. an SVD that does
-    not converge, GaLore issue #58) or its result is non-finite: NaN never enters a basis.
+) -> tuple[torch.Tensor | None, bool]:
+    """``(basis, counted)``: ``compute()`` a new basis from ``grad``, or ``None`` with
+    ``state["proj_failures"]`` incremented when ``grad`` is non-finite, the computation fails (e.g. an
+    SVD that does not converge, GaLore issue #58) or its result is non-finite: NaN never enters a basis.
 
-    ``keep_on_zero`` (a previous basis exists): an all-zero ``grad`` - a branch that saw no data this
-    step (an MoE expert called on no tokens, an unused layer after ``zero_grad(set_to_none=False)``) -
-    has no top-r subspace, and its SVD would put an arbitrary basis in place for a whole gap, under
-    moments that belong to the previous one: ``None``, keeping the previous basis (not a failure)."""
-    if keep_on_zero:
-        finite, nonzero = finite_and_nonzero(grad)
-        if finite and not nonzero:
-            return None
-    else:
-        finite = is_finite(grad)
+    An all-zero ``grad`` - a branch that saw no data this step (an MoE expert called on no tokens, an
+    unused layer after ``zero_grad(set_to_none=False)``, the zero-gradient template step torch's
+    distributed checkpoint runs on a fresh optimizer) - has no top-r subspace, and its SVD would put an
+    arbitrary basis in place for a whole gap. With ``keep_on_zero`` (a basis is in place) it is
+    ``(None, False)``: the previous basis stays (not a failure). On a first refresh the step still needs
+    a basis of the right shape: the one ``compute()`` gives comes with ``counted=False``, and the caller
+    stores it without counting it (:meth:`Projector.is_provisional`). One device sync either way."""
+    finite, nonzero = finite_and_nonzero(grad)
     if not finite:
         state["proj_failures"] += 1
-        return None
-    try:
-        basis = compute()
-    except (RuntimeError, torch.linalg.LinAlgError):
-        state["proj_failures"] += 1
-        return None
-    if not is_finite(basis):
-        state["proj_failures"] += 1
-        return None
-    return basis
+        return None, False
+    if not nonzero and keep_on_zero:
+        return None, False
+    return _computed(state, compute), nonzero
 
 
 def guarded_sharded_basis(
     state: dict[str, Any], grad_local: torch.Tensor, ctx: Any, compute: Callable[[], torch.Tensor | None],
     keep_on_zero: bool = False,
-) -> torch.Tensor | None:
-    """:func:`guarded_basis` for an FSDP2 refresh from this rank's rows ``grad_local``: the finite check
-    is one all-reduce (``ctx.all_finite``), so every rank skips together; ``compute()`` must issue every
-    collective before its local math, which then runs on replicated inputs, so a failure or a non-finite
-    result is the same on all ranks. ``None`` (with ``state["proj_failures"]`` incremented) keeps the
-    previous basis; with ``keep_on_zero``, so does a gradient that is zero on every rank (the vote is
-    still one element)."""
-    if keep_on_zero:
-        finite, nonzero = ctx.finite_and_nonzero(grad_local)
-        if finite and not nonzero:
-            return None
-    else:
-        finite = ctx.all_finite(grad_local)
+) -> tuple[torch.Tensor | None, bool]:
+    """:func:`guarded_basis` for an FSDP2 refresh from this rank's rows ``grad_local``: the finite and
+    nonzero checks are one all-reduce of one element (``ctx.finite_and_nonzero``), so every rank takes
+    the same decision; ``compute()`` must issue every collective before its local math, which then runs
+    on replicated inputs, so a failure or a non-finite result is the same on all ranks."""
+    finite, nonzero = ctx.finite_and_nonzero(grad_local)
     if not finite:
         state["proj_failures"] += 1
-        return None
+        return None, False
+    if not nonzero and keep_on_zero:
+        return None, False
+    return _computed(state, compute), nonzero
+
+
+def _computed(state: dict[str, Any], compute: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+    """``compute()``, or ``None`` with ``state["proj_failures"]`` incremented when it raises a linear
+    algebra error, returns ``None`` or returns something non-finite."""
     try:
         basis = compute()
     except (RuntimeError, torch.linalg.LinAlgError):
@@ -377,4 +393,3 @@ def guarded_sharded_basis(
         state["proj_failures"] += 1
         return None
     return basis
-

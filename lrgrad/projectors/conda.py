@@ -69,7 +69,7 @@ class CondaProjector(SVDProjector):
 
     def should_refresh(self, state: dict[str, Any], step: int) -> bool:
         """Step 1, then every step divisible by the gap (the reference's schedule)."""
-        return not self.has_basis(state) or step % self.update_proj_gap == 0
+        return self.lacks_subspace(state) or step % self.update_proj_gap == 0
 
     def refresh_state_spec(
         self, shape2d: tuple[int, int], dtype: torch.dtype

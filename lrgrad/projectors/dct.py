@@ -58,7 +58,7 @@ import torch
 from lrgrad import kernels
 from lrgrad._checks import check_choice, check_int
 from lrgrad.dtensor import LocalContext
-from lrgrad.projectors.base import Projector, finite_and_nonzero, is_finite
+from lrgrad.projectors.base import Projector, finite_and_nonzero
 from lrgrad.projectors.svd import orthonormal_columns
 from lrgrad.subspace import state_like
 
@@ -221,17 +221,18 @@ class DCTProjector(Projector):
         return "proj_indices" in state
 
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
-        # an all-zero gradient scores every DCT column alike: keep the previous ones (guarded_basis's rule)
-        finite, nonzero = finite_and_nonzero(grad) if self.has_basis(state) else (is_finite(grad), True)
+        # an all-zero gradient scores every DCT column alike: keep the previous ones, or on a first refresh
+        # take provisional ones (guarded_basis's rule)
+        finite, nonzero = finite_and_nonzero(grad)
         if not finite:
             state["proj_failures"] += 1
             return False
-        if not nonzero:
+        if not nonzero and self.has_basis(state):
             return False
         if self.side == "left" and self.options["dct_scores"] == "sketch":
-            return self._select(state, self._sketched_scores(state, grad, step))
+            return self._select(state, self._sketched_scores(state, grad, step), nonzero)
         coeffs = dct_coefficients(grad, self.side, self._exact_method())
-        return self._select(state, coeffs.square().sum(dim=0 if self.side == "right" else 1))
+        return self._select(state, coeffs.square().sum(dim=0 if self.side == "right" else 1), nonzero)
 
     def refresh_sharded(self, state: dict[str, Any], grad_local: torch.Tensor, step: int,
                         group: dict[str, Any], ctx: Any) -> bool:
@@ -241,17 +242,16 @@ class DCTProjector(Projector):
         ``NotImplemented`` with ``dct_sharded="gather"`` (the exact all-gather fallback)."""
         if self.side == "left" and self.options["dct_sharded"] == "gather":
             return NotImplemented
-        finite, nonzero = ctx.finite_and_nonzero(grad_local) if self.has_basis(state) else (
-            ctx.all_finite(grad_local), True)
+        finite, nonzero = ctx.finite_and_nonzero(grad_local)
         if not finite:
             state["proj_failures"] += 1
             return False
-        if not nonzero:
+        if not nonzero and self.has_basis(state):
             return False
         if self.side == "left":
-            return self._select(state, self._sketched_scores(state, grad_local, step, ctx))
+            return self._select(state, self._sketched_scores(state, grad_local, step, ctx), nonzero)
         coeffs = dct_coefficients(grad_local, "right", self._exact_method())
-        return self._select(state, ctx.all_reduce(coeffs.square().sum(dim=0)))
+        return self._select(state, ctx.all_reduce(coeffs.square().sum(dim=0)), nonzero)
 
     def _exact_method(self) -> str:
         """The matmul/FFT choice for exact scores (``"sketch"`` scores the right side exactly)."""
@@ -269,14 +269,15 @@ class DCTProjector(Projector):
         """r int32 indices; the shared DCT matrix is counted once per size (``shared_buffers``)."""
         return {"proj_indices": ((self.rank,), torch.int32)}
 
-    def _select(self, state: dict[str, Any], scores: torch.Tensor) -> bool:
+    def _select(self, state: dict[str, Any], scores: torch.Tensor, counted: bool = True) -> bool:
+        """The top-``rank`` columns by ``scores``; ``counted=False``: provisional (from a zero gradient)."""
         indices = select_indices(scores, self.rank)
         old = state.get("proj_indices")
-        state["proj_refreshes"] += 1
+        state["proj_refreshes"] += int(counted)
         if old is not None and torch.equal(old, indices.to(old.device)):
             return False  # same subspace, same order: nothing to carry
         state["proj_indices"] = indices  # a new tensor: a copy of the old state still has the old one
-        return True
+        return counted  # a provisional selection is no subspace change
 
     # ---------------------------------------------------------------- maps
     def _columns(self, state: dict[str, Any], like: torch.Tensor, d: int) -> torch.Tensor:

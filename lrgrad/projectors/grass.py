@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from lrgrad._checks import check_choice
-from lrgrad.projectors.base import Projector, finite_and_nonzero, is_finite
+from lrgrad.projectors.base import Projector, finite_and_nonzero
 from lrgrad.projectors.dct import select_indices
 from lrgrad.subspace import state_like
 
@@ -121,45 +121,46 @@ class GrassProjector(Projector):
 
     # ---------------------------------------------------------------- refresh
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
-        # an all-zero gradient scores every row alike: keep the previous rows (guarded_basis's rule)
-        finite, nonzero = finite_and_nonzero(grad) if self.has_basis(state) else (is_finite(grad), True)
+        # an all-zero gradient scores every row alike: keep the previous rows, or on a first refresh take
+        # provisional ones (guarded_basis's rule)
+        finite, nonzero = finite_and_nonzero(grad)
         if not finite:
             state["proj_failures"] += 1
             return False
-        if not nonzero:
+        if not nonzero and self.has_basis(state):
             return False
-        return self._select(state, grass_scores(grad, self.side), step)
+        return self._select(state, grass_scores(grad, self.side), step, nonzero)
 
     def refresh_sharded(self, state: dict[str, Any], grad_local: torch.Tensor, step: int,
                         group: dict[str, Any], ctx: Any) -> bool:
         """Gather-free: right side, the column scores are all-reduced (n numbers); left side, each
         rank's row scores are all-gathered (m numbers)."""
-        finite, nonzero = ctx.finite_and_nonzero(grad_local) if self.has_basis(state) else (
-            ctx.all_finite(grad_local), True)
+        finite, nonzero = ctx.finite_and_nonzero(grad_local)
         if not finite:
             state["proj_failures"] += 1
             return False
-        if not nonzero:
+        if not nonzero and self.has_basis(state):
             return False
         local = grass_scores(grad_local, self.side)
         scores = ctx.all_reduce(local) if self.side == "right" else ctx.all_gather_rows(local)
-        return self._select(state, scores, step)
+        return self._select(state, scores, step, nonzero)
 
-    def _select(self, state: dict[str, Any], scores: torch.Tensor, step: int) -> bool:
+    def _select(self, state: dict[str, Any], scores: torch.Tensor, step: int, counted: bool = True) -> bool:
+        """The rows/columns by ``scores``; ``counted=False``: provisional ones (from a zero gradient)."""
         method = self.options["grass_select"]
-        state["proj_refreshes"] += 1
+        state["proj_refreshes"] += int(counted)
         if method == "top":
             indices = select_indices(scores, self.rank)
             old = state.get("proj_indices")
             if old is not None and torch.equal(old, indices.to(old.device)):
                 return False  # the same coordinates in the same order: nothing changed
             state["proj_indices"] = indices  # new tensors: a copy of the old state keeps the old ones
-            return True
+            return counted  # a provisional selection is no subspace change
         generator = self.refresh_generator(state, step, scores.device)
         indices, scales = sample_selection(scores, self.rank, method, generator)
         state["proj_indices"] = indices
         state["proj_scales"] = scales
-        return True
+        return counted
 
     # ---------------------------------------------------------------- maps
     def _dim(self) -> int:

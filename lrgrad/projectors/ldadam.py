@@ -124,11 +124,12 @@ class LDAdamProjector(Projector):
         if ctx is None and self.options["ldadam_svd"] == "exact":
             return top_singular_basis(rows, self.rank, self.side)
         generator = self.refresh_generator(state, step, rows.device)
-        return sketch_basis(rows, self.rank, self.side, state.get("proj_basis"), SKETCH_OVERSAMPLE, 0, generator, ctx)
+        return sketch_basis(rows, self.rank, self.side, self.previous_basis(state), SKETCH_OVERSAMPLE, 0, generator,
+                            ctx)
 
     def compute_basis(self, state: dict[str, Any], corrected: torch.Tensor, step: int, ctx: Any = None) -> torch.Tensor:
         """The new basis from ``corrected`` (``G̃``; its rows under FSDP2, with ``ctx``)."""
-        previous = state.get("proj_basis")
+        previous = self.previous_basis(state)
         if previous is None or not self.adam_moments(state):
             # the first step (the reference's SVD of G), or a rule without Adam's momentum
             return self.svd_basis(state, corrected, step, ctx)
@@ -146,13 +147,13 @@ class LDAdamProjector(Projector):
         return power_step(blend, local_previous.to(blend.dtype), self.side, ctx)
 
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
-        basis = guarded_basis(state, grad, lambda: self.compute_basis(state, grad, step),
-                              keep_on_zero=self.has_basis(state))
+        basis, counted = guarded_basis(state, grad, lambda: self.compute_basis(state, grad, step),
+                                       keep_on_zero=self.has_basis(state))
         if basis is None:
             return False
         state["proj_basis"] = basis
-        state["proj_refreshes"] += 1
-        return True
+        state["proj_refreshes"] += int(counted)
+        return counted  # a provisional basis is no subspace change
 
     def refresh_sharded(self, state: dict[str, Any], grad_local: torch.Tensor, step: int,
                         group: dict[str, Any], ctx: Any) -> Any:
@@ -160,13 +161,14 @@ class LDAdamProjector(Projector):
         ``Bᵀ(B P_oldᵀ)`` (right, n x r) or ``Bᵀ P_old`` (left, n x r) all-reduced, the left side's
         m x r product gathered by rows for the QR; an SVD (the first step, ``ldadam_basis="svd"``,
         rules without Adam's moments) is the seeded sketch: n x k all-reduces (k = r + 8)."""
-        basis = guarded_sharded_basis(state, grad_local, ctx, lambda: self.compute_basis(state, grad_local, step, ctx),
-                                      keep_on_zero=self.has_basis(state))
+        basis, counted = guarded_sharded_basis(
+            state, grad_local, ctx, lambda: self.compute_basis(state, grad_local, step, ctx),
+            keep_on_zero=self.has_basis(state))
         if basis is None:
             return False
         state["proj_basis"] = basis
-        state["proj_refreshes"] += 1
-        return True
+        state["proj_refreshes"] += int(counted)
+        return counted
 
     # ---------------------------------------------------------------- step 3: the transport
     def carry_moments(self, rule: Any, state: dict[str, Any], old_state: dict[str, Any]) -> None:

@@ -229,21 +229,22 @@ class OnlinePCAProjector(Projector):
         return orthonormalize(draw.T if self.side == "right" else draw, self.side)
 
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
-        if "proj_basis" not in state:
-            basis = guarded_basis(state, grad, lambda: self.initial_basis(state, grad))
+        if self.lacks_subspace(state):  # the first basis (again, after a provisional one: guarded_basis)
+            basis, counted = guarded_basis(state, grad, lambda: self.initial_basis(state, grad),
+                                           keep_on_zero=self.has_basis(state))
             if basis is None:
                 return False
-            self.start(state, basis, group)
-            return True
+            self.start(state, basis, group, counted)
+            return counted
         return self.pca_step(state, grad, group)  # a non-finite grad is caught by its drift check
 
-    def start(self, state: dict[str, Any], basis: torch.Tensor, group: dict[str, Any]) -> None:
+    def start(self, state: dict[str, Any], basis: torch.Tensor, group: dict[str, Any], counted: bool = True) -> None:
         state["proj_basis"] = basis
         state["proj_exp_avg"] = torch.zeros_like(basis)
         state["proj_exp_avg_sq"] = torch.zeros_like(basis)
         state["proj_step"] = 0
         state["proj_lr0"] = float(group.get("initial_lr", group["lr"]))
-        state["proj_refreshes"] += 1
+        state["proj_refreshes"] += int(counted)
         state["proj_orthonormal"] = True  # Gram eigenvectors, a sketch's SVD or a QR'd draw
 
     def refresh_sharded(self, state: dict[str, Any], grad_local: torch.Tensor, step: int,
@@ -260,12 +261,14 @@ class OnlinePCAProjector(Projector):
         The first basis is :func:`lrgrad.projectors.svd.sketch_basis` (``pca_init="svd"`` and
         ``"randomized"``: the seeded sketch, n x k all-reduces) or the seeded random draw.
         """
-        if "proj_basis" not in state:
-            basis = guarded_sharded_basis(state, grad_local, ctx, lambda: self.initial_basis(state, grad_local, ctx))
+        if self.lacks_subspace(state):
+            basis, counted = guarded_sharded_basis(state, grad_local, ctx,
+                                                   lambda: self.initial_basis(state, grad_local, ctx),
+                                                   keep_on_zero=self.has_basis(state))
             if basis is None:
                 return False
-            self.start(state, basis, group)
-            return True
+            self.start(state, basis, group, counted)
+            return counted
         p = state["proj_basis"]
         g = grad_local.to(p.dtype)
         r = self.rank

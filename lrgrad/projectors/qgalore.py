@@ -108,7 +108,7 @@ class QGaLoreProjector(SVDProjector):
 
     def should_refresh(self, state: dict[str, Any], step: int) -> bool:
         """Refresh when ``proj_gap`` steps have passed since the last refresh."""
-        return not self.has_basis(state) or step - state["proj_last_refresh"] >= state["proj_gap"]
+        return self.lacks_subspace(state) or step - state["proj_last_refresh"] >= state["proj_gap"]
 
     @property
     def max_gap(self) -> int:
@@ -116,17 +116,13 @@ class QGaLoreProjector(SVDProjector):
         # a cap below a group's base gap (one max_proj_gap for groups with different gaps) means "never grow"
         return 8 * self.update_proj_gap if cap is None else max(cap, self.update_proj_gap)
 
-    def previous_basis(self, state: dict[str, Any]) -> torch.Tensor | None:
-        """The randomized SVD warm-starts from the (dequantized) previous basis."""
-        return self.basis(state) if self.has_basis(state) else None
-
-    def store_basis(self, state: dict[str, Any], dense: torch.Tensor, step: int) -> None:
+    def store_basis(self, state: dict[str, Any], dense: torch.Tensor, step: int, counted: bool = True) -> None:
         """Quantize the new dense basis (one refresh path for one process and for FSDP2 row
         shards, whose sharded refresh is the SVD projector's) and adapt the gap."""
         old = self.previous_basis(state)
         # new tensors, never in place: the optimizer's shallow copy keeps the old subspace
         state["proj_codes"], state["proj_scale"], state["proj_zero"] = self.quantize(dense)
-        state["proj_refreshes"] += 1
+        state["proj_refreshes"] += int(counted)  # not a provisional basis (SVDProjector.store_basis)
         state["proj_last_refresh"] = step
         if old is not None and self.options["adaptive_gap"]:
             self._adapt_gap(state, subspace_overlap(old, self.basis(state), self.side))

@@ -107,6 +107,12 @@ class ShardedProjector:
     def has_basis(self, state: dict[str, Any]) -> bool:
         return self.inner.has_basis(state)
 
+    def is_provisional(self, state: dict[str, Any]) -> bool:
+        return self.inner.is_provisional(state)
+
+    def lacks_subspace(self, state: dict[str, Any]) -> bool:
+        return self.inner.lacks_subspace(state)
+
     def should_refresh(self, state: dict[str, Any], step: int) -> bool:
         return self.inner.should_refresh(state, step)
 

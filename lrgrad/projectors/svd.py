@@ -260,10 +260,6 @@ class SVDProjector(Projector):
         check_int("svd_warm_iters", group["svd_warm_iters"], 2)  # two: the stop compares two energies
         check_float("svd_warm_tol", group["svd_warm_tol"], minimum=0.0, maximum=1.0)
 
-    def previous_basis(self, state: dict[str, Any]) -> torch.Tensor | None:
-        """The dense basis a randomized refresh warm-starts from (``None`` before the first)."""
-        return state.get("proj_basis")
-
     def sketch(self, state: dict[str, Any], rows: torch.Tensor, step: int, ctx: Any = None) -> torch.Tensor:
         """:func:`sketch_basis` seeded from (param seed, step): identical on every rank and after a resume."""
         generator = self.refresh_generator(state, step, rows.device)
@@ -284,18 +280,19 @@ class SVDProjector(Projector):
                 return basis  # else not converged (a flat spectrum): the exact Gram eigenvectors
         return gram_top_basis(grad, self.rank, self.side)
 
-    def store_basis(self, state: dict[str, Any], basis: torch.Tensor, step: int) -> None:
-        """Put a freshly computed dense basis in place (a new tensor, never in place)."""
+    def store_basis(self, state: dict[str, Any], basis: torch.Tensor, step: int, counted: bool = True) -> None:
+        """Put a freshly computed dense basis in place (a new tensor, never in place); ``counted=False``
+        for a provisional one (:func:`lrgrad.projectors.base.guarded_basis`)."""
         state["proj_basis"] = basis
-        state["proj_refreshes"] += 1
+        state["proj_refreshes"] += int(counted)
 
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
-        basis = guarded_basis(state, grad, lambda: self.compute_basis(state, grad, step),
-                              keep_on_zero=self.has_basis(state))
+        basis, counted = guarded_basis(state, grad, lambda: self.compute_basis(state, grad, step),
+                                       keep_on_zero=self.has_basis(state))
         if basis is None:
             return False
-        self.store_basis(state, basis, step)
-        return True
+        self.store_basis(state, basis, step, counted)
+        return counted  # a provisional basis is no subspace change
 
     def sharded_method(self) -> str:
         """``"sketch"``, ``"gram"`` or ``"gather"``: how this projector refreshes from row shards."""
@@ -314,11 +311,11 @@ class SVDProjector(Projector):
         method = self.sharded_method()
         if method == "gather" or (method == "gram" and self.side != "right"):
             return NotImplemented
-        basis = guarded_sharded_basis(
+        basis, counted = guarded_sharded_basis(
             state, grad_local, ctx,
             lambda: gram_right_basis(grad_local, self.rank, ctx) if method == "gram"
             else self.sketch(state, grad_local, step, ctx), keep_on_zero=self.has_basis(state))
         if basis is None:
             return False
-        self.store_basis(state, basis, step)
-        return True
+        self.store_basis(state, basis, step, counted)
+        return counted

@@ -37,6 +37,8 @@ class AdamWRule(UpdateRule):
         check_betas(group["betas"])
         check_nonnegative("epsilon", group["eps"])
         check_bool("fused", group["fused"], allow_none=True)
+        if group["fused"] and group.get("foreach"):  # torch.optim.AdamW refuses the pair too
+            raise ValueError("Invalid fused: fused=True and foreach=True cannot be set together; pick one")
 
     def init_state(self, state: dict[str, Any], like: torch.Tensor) -> None:
         state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)

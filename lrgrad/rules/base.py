@@ -43,9 +43,9 @@ class UpdateRule:
         """Raise ``ValueError``/``TypeError`` for bad rule options in ``group``."""
 
     @classmethod
-    def fallback_group(cls, group: dict[str, Any], base_lr: float | None = None) -> dict[str, Any]:
+    def fallback_group(cls, group: dict[str, Any]) -> dict[str, Any]:
         """The param group a ``matrix_only`` rule's 1-D params of ``group`` run in (its ``"rule"`` key
-        names the rule); ``base_lr``: the lr ``group`` was built with. Only ``matrix_only`` rules are asked."""
+        names the rule). Only ``matrix_only`` rules are asked."""
         raise NotImplementedError(f"{cls.__name__} is not matrix_only; it has no fallback group")
 
     def init_state(self, state: dict[str, Any], like: torch.Tensor) -> None:

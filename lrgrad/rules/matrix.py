@@ -12,20 +12,32 @@ from typing import Any, ClassVar
 
 import torch
 
-from lrgrad._checks import check_beta, check_betas, check_bool, check_coefficients, check_int, check_nonnegative
+from lrgrad._checks import (
+    check_beta,
+    check_betas,
+    check_bool,
+    check_coefficients,
+    check_int,
+    check_nonnegative,
+    check_positive,
+)
 from lrgrad.kernels.newton_schulz import MUON_COEFFICIENTS
 from lrgrad.kernels.precision import check_ns_dtype
 from lrgrad.rules.adamw import AdamWRule
 from lrgrad.rules.base import UpdateRule
 
 #: the AdamW hyperparameters a matrix-only rule gives its 1-D params (``adamw_lr`` is the
-#: AdamW lr that goes with the group's lr as built: see ``MatrixRule.fallback_group``)
+#: AdamW lr that goes with the group lr in ``PAIRED_LR_KEY``: see ``MatrixRule.fallback_group``)
 ADAMW_FALLBACK_DEFAULTS: dict[str, Any] = {
     "adamw_lr": 3e-3,
     "adamw_betas": (0.9, 0.95),
     "adamw_eps": 1e-8,
     "adamw_weight_decay": None,
 }
+#: the group key holding the lr ``adamw_lr`` goes with: the group's lr when it was added to the optimizer
+#: (``LowRankOptimizer.add_param_group`` sets it). A group key, not an attribute of the optimizer, so a
+#: ``state_dict`` round trip, ``deepcopy`` and pickle keep it with the lr it belongs to.
+PAIRED_LR_KEY = "adamw_lr_pairs_with"
 
 
 #: the Newton–Schulz options of the rules that orthogonalize (Muon: 5 iterations; Hybrid-AuON changes ns_steps)
@@ -59,19 +71,21 @@ class MatrixRule(UpdateRule):
         check_nonnegative("adamw_eps", group["adamw_eps"])
         if group["adamw_weight_decay"] is not None:
             check_nonnegative("adamw_weight_decay", group["adamw_weight_decay"])
+        if group.get(PAIRED_LR_KEY) is not None:
+            check_positive(PAIRED_LR_KEY, group[PAIRED_LR_KEY])
 
     @classmethod
-    def fallback_group(cls, group: dict[str, Any], base_lr: float | None = None) -> dict[str, Any]:
+    def fallback_group(cls, group: dict[str, Any]) -> dict[str, Any]:
         """The group 1-D params of ``group`` run in: AdamW with the ``adamw_*`` keys.
 
-        ``adamw_lr`` pairs with the lr the group was built with, ``base_lr`` (the optimizer records
-        it): the AdamW lr is ``adamw_lr · lr / base_lr``, so every LR scheduler and an lr set by hand
-        reach the 1-D params (warmup, cosine, a zero lr; ReduceLROnPlateau records no ``initial_lr``,
-        OneCycleLR records its own start ``max_lr / div_factor``). Without ``base_lr`` a torch
-        scheduler's ``initial_lr`` stands in. ``adamw_lr=None`` uses ``lr`` itself and
-        ``adamw_weight_decay=None`` the group's ``weight_decay``.
+        ``adamw_lr`` pairs with the lr in ``group[PAIRED_LR_KEY]``, the group's lr when it was added:
+        the AdamW lr is ``adamw_lr · lr / that``, so every LR scheduler and an lr set by hand reach the
+        1-D params (warmup, cosine, a zero lr; ReduceLROnPlateau records no ``initial_lr``, OneCycleLR
+        records its own start ``max_lr / div_factor``). Without the key a torch scheduler's
+        ``initial_lr`` stands in. ``adamw_lr=None`` uses ``lr`` itself and ``adamw_weight_decay=None``
+        the group's ``weight_decay``.
         """
-        derived = {k: v for k, v in group.items() if k not in cls.option_defaults}
+        derived = {k: v for k, v in group.items() if k not in cls.option_defaults and k != PAIRED_LR_KEY}
         derived.update(AdamWRule.option_defaults)
         derived["rule"] = AdamWRule.name
         derived["betas"] = tuple(group["adamw_betas"])
@@ -80,7 +94,7 @@ class MatrixRule(UpdateRule):
             derived["weight_decay"] = group["adamw_weight_decay"]
         lr, base = group["lr"], group["adamw_lr"]
         if base is not None:
-            reference = base_lr if base_lr else group.get("initial_lr")
+            reference = group.get(PAIRED_LR_KEY) or group.get("initial_lr")
             derived["lr"] = base * float(lr) / float(reference) if reference else base
         return derived
 

@@ -189,6 +189,32 @@ def test_every_other_preset_keeps_its_own_defaults(tmp_path, name):
         assert opt.param_groups[0]["update_proj_gap"] == 1000 and opt.param_groups[0]["scale"] is None
 
 
+@pytest.mark.parametrize("where", ["optim_args", "keyword", "both"])
+def test_lr_and_eps_are_the_optimizers_in_every_group_wherever_they_are_given(tmp_path, where):
+    """``optim_args="rank=8, lr=1e-4"`` set the projected group's lr only: the embeddings, head and norms kept
+    ``learning_rate``. ``lr``/``eps`` are the optimizer's, as ``weight_decay`` is, wherever they are given;
+    a keyword overrides ``optim_args``."""
+    text = f"rank={RANK}, lr=1e-4, eps=1e-6" if where != "keyword" else f"rank={RANK}"
+    keywords = {"lr": 3e-4, "eps": 1e-7} if where != "optim_args" else {}
+    lr, eps = (3e-4, 1e-7) if keywords else (1e-4, 1e-6)
+    cls, kwargs = optimizer_cls_and_kwargs(tiny_llama(), make_args(tmp_path, optim_args=text), **keywords)
+    assert (kwargs["lr"], kwargs["eps"]) == (lr, eps)
+    assert all((group.get("lr", lr), group.get("eps", eps)) == (lr, eps) for group in kwargs["params"])
+    opt = cls(kwargs.pop("params"), **kwargs)
+    assert {(group["lr"], group["eps"]) for group in opt.param_groups} == {(lr, eps)}
+    assert len(opt.param_groups) > 1
+
+
+def test_a_reused_optimizer_cls_and_kwargs_result_warns_that_nothing_is_projected(tmp_path):
+    """The Trainer takes ``"params"`` out of the kwargs dict it is given: a second Trainer built from the same
+    result hands GaLoreAdamW its own bare groups, with no rank, and the run was full-rank AdamW in silence."""
+    model = tiny_llama()
+    cls, kwargs = optimizer_cls_and_kwargs(model, make_args(tmp_path))
+    kwargs.pop("params")  # what the first Trainer did
+    with pytest.warns(UserWarning, match="none of the param groups given has a rank.*optimizer_cls_and_kwargs"):
+        cls([{"params": list(model.parameters())}], **kwargs)
+
+
 def test_a_projected_preset_without_a_rank_names_the_argument(tmp_path):
     with pytest.raises(ValueError, match="rank.*FloraAdamW"):
         create_optimizer(tiny_llama(), make_args(tmp_path, optim_args=""), optimizer="flora")

@@ -40,11 +40,23 @@ def _param():
         ({"svd": "qr"}, ValueError, "svd"),
         ({"maximize": "yes"}, TypeError, "maximize"),
         ({"not_an_option": 1}, TypeError, "not_an_option"),
+        ({"lr": torch.tensor([1e-3, 1e-3])}, ValueError, "Invalid lr"),
+        ({"fused": True, "foreach": True}, ValueError, "fused"),  # torch.optim.AdamW refuses the pair too
     ],
 )
 def test_bad_hyperparameters(kwargs, error, match):
     with pytest.raises(error, match=match):
         lrgrad.GaLoreAdamW(_param(), **kwargs)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(lrgrad.OPTIMIZERS)
+                                  if lrgrad.optim.presets.preset_of(lrgrad.OPTIMIZERS[n]).matrix_only])
+def test_a_tensor_lr_of_several_elements_is_refused_by_name_before_the_adamw_routing(name):
+    """The matrix-only presets derive their embeddings' AdamW group from the lr before any group exists:
+    a 2-element tensor lr reached a bare ``RuntimeError: Boolean value of Tensor ... ambiguous`` there."""
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 10))
+    with pytest.raises(ValueError, match="Invalid lr: Tensor lr must be 1-element"):
+        lrgrad.OPTIMIZERS[name](model.named_parameters(), lr=torch.tensor([1e-3, 1e-3]))
 
 
 @pytest.mark.parametrize("rank,error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), ("8", TypeError)])

@@ -60,6 +60,7 @@ class SignedPermutationProjector(Projector):
         perm = torch.eye(n, dtype=grad.dtype)[torch.randperm(n, generator=g)]
         signs = torch.randint(0, 2, (n, 1), generator=g).to(grad.dtype) * 2 - 1
         state["proj_basis"] = signs * perm
+        state["proj_refreshes"] += 1  # the protocol: a count of 0 means no subspace yet (refresh every step)
         return True
 
 

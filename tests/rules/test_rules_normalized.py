@@ -222,6 +222,38 @@ def test_adamw_fallback_follows_every_scheduler_relative_to_the_constructor_lr(s
     assert opt.param_groups[0]["lr"] != 0.02
 
 
+@pytest.mark.parametrize("route", ["deepcopy", "state_dict into another lr"])
+@pytest.mark.parametrize("cls", [Muon, AuON, HybridAuON, GaLoreMuon])
+def test_the_lr_adamw_lr_pairs_with_travels_with_the_group(cls, route):
+    """The 1-D params' AdamW lr is ``adamw_lr · lr / lr₀``. ``lr₀`` lived on the optimizer object, which
+    ``deepcopy``/pickle (torch keeps only defaults, state and param_groups) dropped, and which a
+    ``load_state_dict`` into an optimizer built with another lr replaced, while the saved lr was taken: the
+    biases then stepped at 10x the saved run's lr. It is the group key ``adamw_lr_pairs_with`` now, so both
+    continue the saved run exactly."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(16, 12))
+    bias = torch.nn.Parameter(torch.randn(16))
+    rank = {"rank": 4} if cls is GaLoreMuon else {}
+    opt = cls([weight, bias], lr=0.02, **rank)
+    weight.grad, bias.grad = torch.randn(16, 12), torch.randn(16)
+    opt.step()
+    opt.param_groups[0]["lr"] *= 0.1  # a scheduler's decay
+    assert opt.param_groups[0]["adamw_lr_pairs_with"] == 0.02
+    if route == "deepcopy":
+        twin_weight, twin_bias, twin = copy.deepcopy((weight, bias, opt))  # one memo: the copy steps the copies
+    else:
+        twin_weight = torch.nn.Parameter(weight.detach().clone())
+        twin_bias = torch.nn.Parameter(bias.detach().clone())
+        twin = cls([twin_weight, twin_bias], lr=0.2, **rank)  # another lr: the saved one is taken, as torch does
+        twin.load_state_dict(opt.state_dict())
+    for _ in range(3):
+        g_weight, g_bias = torch.randn(16, 12), torch.randn(16)
+        weight.grad, bias.grad, twin_weight.grad, twin_bias.grad = g_weight, g_bias, g_weight.clone(), g_bias.clone()
+        opt.step()
+        twin.step()
+    assert torch.equal(bias, twin_bias) and torch.equal(weight, twin_weight)
+
+
 def test_adamw_lr_none_uses_lr():
     bias = torch.nn.Parameter(torch.zeros(4))
     opt = AuON([bias], lr=0.07, adamw_lr=None)
