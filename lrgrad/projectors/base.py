@@ -357,10 +357,7 @@ def guarded_basis(
     a basis of the right shape: the one ``compute()`` gives comes with ``counted=False``, and the caller
     stores it without counting it (:meth:`Projector.is_provisional`). One device sync either way."""
     finite, nonzero = finite_and_nonzero(grad)
-    if not finite:
-        state["proj_failures"] += 1
-        return None, False
-    if not nonzero and keep_on_zero:
+    if not refresh_goes_on(state, finite, nonzero, keep_on_zero):
         return None, False
     return _computed(state, compute), nonzero
 
@@ -374,12 +371,20 @@ def guarded_sharded_basis(
     the same decision; ``compute()`` must issue every collective before its local math, which then runs
     on replicated inputs, so a failure or a non-finite result is the same on all ranks."""
     finite, nonzero = ctx.finite_and_nonzero(grad_local)
-    if not finite:
-        state["proj_failures"] += 1
-        return None, False
-    if not nonzero and keep_on_zero:
+    if not refresh_goes_on(state, finite, nonzero, keep_on_zero):
         return None, False
     return _computed(state, compute), nonzero
+
+
+def refresh_goes_on(state: dict[str, Any], finite: bool, nonzero: bool, keep_on_zero: bool) -> bool:
+    """The rule of :func:`guarded_basis` for refreshes that compute no dense basis (DCT scores, Grass rows):
+    False for a non-finite gradient (counted in ``state["proj_failures"]``) and for an all-zero one while a
+    basis is in place (``keep_on_zero``: kept, no failure); a zero first gradient goes on, to a provisional
+    basis (``nonzero`` False: store it uncounted)."""
+    if not finite:
+        state["proj_failures"] += 1
+        return False
+    return nonzero or not keep_on_zero
 
 
 def _computed(state: dict[str, Any], compute: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:

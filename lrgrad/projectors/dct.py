@@ -58,7 +58,7 @@ import torch
 from lrgrad import kernels
 from lrgrad._checks import check_choice, check_int
 from lrgrad.dtensor import LocalContext
-from lrgrad.projectors.base import Projector, finite_and_nonzero
+from lrgrad.projectors.base import Projector, finite_and_nonzero, refresh_goes_on
 from lrgrad.projectors.svd import orthonormal_columns
 from lrgrad.subspace import state_like
 
@@ -224,10 +224,7 @@ class DCTProjector(Projector):
         # an all-zero gradient scores every DCT column alike: keep the previous ones, or on a first refresh
         # take provisional ones (guarded_basis's rule)
         finite, nonzero = finite_and_nonzero(grad)
-        if not finite:
-            state["proj_failures"] += 1
-            return False
-        if not nonzero and self.has_basis(state):
+        if not refresh_goes_on(state, finite, nonzero, keep_on_zero=self.has_basis(state)):
             return False
         if self.side == "left" and self.options["dct_scores"] == "sketch":
             return self._select(state, self._sketched_scores(state, grad, step), nonzero)
@@ -243,10 +240,7 @@ class DCTProjector(Projector):
         if self.side == "left" and self.options["dct_sharded"] == "gather":
             return NotImplemented
         finite, nonzero = ctx.finite_and_nonzero(grad_local)
-        if not finite:
-            state["proj_failures"] += 1
-            return False
-        if not nonzero and self.has_basis(state):
+        if not refresh_goes_on(state, finite, nonzero, keep_on_zero=self.has_basis(state)):
             return False
         if self.side == "left":
             return self._select(state, self._sketched_scores(state, grad_local, step, ctx), nonzero)

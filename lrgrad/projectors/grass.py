@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from lrgrad._checks import check_choice
-from lrgrad.projectors.base import Projector, finite_and_nonzero
+from lrgrad.projectors.base import Projector, finite_and_nonzero, refresh_goes_on
 from lrgrad.projectors.dct import select_indices
 from lrgrad.subspace import state_like
 
@@ -124,10 +124,7 @@ class GrassProjector(Projector):
         # an all-zero gradient scores every row alike: keep the previous rows, or on a first refresh take
         # provisional ones (guarded_basis's rule)
         finite, nonzero = finite_and_nonzero(grad)
-        if not finite:
-            state["proj_failures"] += 1
-            return False
-        if not nonzero and self.has_basis(state):
+        if not refresh_goes_on(state, finite, nonzero, keep_on_zero=self.has_basis(state)):
             return False
         return self._select(state, grass_scores(grad, self.side), step, nonzero)
 
@@ -136,10 +133,7 @@ class GrassProjector(Projector):
         """Gather-free: right side, the column scores are all-reduced (n numbers); left side, each
         rank's row scores are all-gathered (m numbers)."""
         finite, nonzero = ctx.finite_and_nonzero(grad_local)
-        if not finite:
-            state["proj_failures"] += 1
-            return False
-        if not nonzero and self.has_basis(state):
+        if not refresh_goes_on(state, finite, nonzero, keep_on_zero=self.has_basis(state)):
             return False
         local = grass_scores(grad_local, self.side)
         scores = ctx.all_reduce(local) if self.side == "right" else ctx.all_gather_rows(local)
