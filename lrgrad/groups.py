@@ -358,7 +358,7 @@ def projected_params(
                 for pname in projected_param_names(modules[name])}
     kinds = {}
     for full_name, param in model.named_parameters():
-        if full_name in matrices and param.dim() >= 2 and min(param.shape[0], param[0].numel()) > 1:
+        if full_name in matrices and param.dim() >= 2 and min(param.shape[0], param.shape[1:].numel()) > 1:
             kinds[full_name] = MATRIX  # (a weight_norm's g, (out, 1), is a vector: no rank fits it)
         elif full_name in targets:
             kinds[full_name] = EXPERTS

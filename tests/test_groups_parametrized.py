@@ -118,3 +118,13 @@ def test_muon_gives_a_vits_raw_embeddings_adamw_on_both_named_routes(form):
     embeddings_and_head = (model.pos_embed, model.patch_embed.proj.weight, model.head.weight)
     assert [rule[id(p)] for p in embeddings_and_head] == ["adamw"] * 3
     assert rule[id(model.blocks[0].weight)] == "muon"
+
+
+def test_a_zero_size_linear_beside_parametrized_ones_routes_without_error():
+    """The vector test on the params a routing projects reads their shape only: a layer of no outputs (shape
+    (0, n)) routes full-rank, with no index error."""
+    model = nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 8), parametrizations.weight_norm(nn.Linear(8, 8)),
+                          nn.Linear(8, 4))
+    low, full = lrgrad.param_groups(model, rank=2)
+    assert [name for name, _ in low["params"]] == ["2.parametrizations.weight.original1"]
+    assert "0.weight" in [name for name, _ in full["params"]]
