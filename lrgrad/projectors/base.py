@@ -122,20 +122,16 @@ class Projector:
     def has_basis(self, state: dict[str, Any]) -> bool:
         return "proj_basis" in state
 
-    def is_provisional(self, state: dict[str, Any]) -> bool:
-        """A basis is in place but no refresh has counted (``proj_refreshes == 0``): the first refresh saw a
-        gradient that was zero everywhere (:func:`guarded_basis`), so the basis only gives the step its
-        shapes. It is replaced by the next refresh that sees data, which runs on the next step
-        (:meth:`should_refresh`), warm-starts from nothing and carries no moments out of it."""
-        return state.get("proj_refreshes", 0) == 0 and self.has_basis(state)
-
     def previous_basis(self, state: dict[str, Any]) -> torch.Tensor | None:
         """The dense basis a refresh warm-starts from: ``None`` before the first refresh, and while the
         basis is provisional (computed from a zero gradient, it holds nothing to start from)."""
         return None if self.lacks_subspace(state) else self.basis(state)
 
     def lacks_subspace(self, state: dict[str, Any]) -> bool:
-        """No basis, or only a provisional one: every schedule refreshes on the next step."""
+        """No basis, or only a provisional one: a basis in place that no refresh has counted
+        (``proj_refreshes == 0``), because the first refresh saw a gradient that was zero everywhere
+        (:func:`guarded_basis`) and the basis only gives the step its shapes. Every schedule refreshes on the
+        next step; that refresh warm-starts from nothing (:meth:`previous_basis`) and carries no moments."""
         return not self.has_basis(state) or state.get("proj_refreshes", 0) == 0
 
     @staticmethod
@@ -147,7 +143,7 @@ class Projector:
 
     def should_refresh(self, state: dict[str, Any], step: int) -> bool:
         """Refresh on steps 1, gap+1, 2*gap+1, ... (1-based, as galore-torch does), and on every step
-        while there is no basis or only a provisional one (:meth:`is_provisional`)."""
+        while there is no basis or only a provisional one (:meth:`lacks_subspace`)."""
         return self.lacks_subspace(state) or (step - 1) % self.update_proj_gap == 0
 
     def refresh(self, state: dict[str, Any], grad: torch.Tensor, step: int, group: dict[str, Any]) -> bool:
@@ -355,7 +351,7 @@ def guarded_basis(
     arbitrary basis in place for a whole gap. With ``keep_on_zero`` (a basis is in place) it is
     ``(None, False)``: the previous basis stays (not a failure). On a first refresh the step still needs
     a basis of the right shape: the one ``compute()`` gives comes with ``counted=False``, and the caller
-    stores it without counting it (:meth:`Projector.is_provisional`). One device sync either way."""
+    stores it without counting it (:meth:`Projector.lacks_subspace`). One device sync either way."""
     finite, nonzero = finite_and_nonzero(grad)
     if not refresh_goes_on(state, finite, nonzero, keep_on_zero):
         return None, False

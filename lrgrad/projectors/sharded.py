@@ -107,9 +107,6 @@ class ShardedProjector:
     def has_basis(self, state: dict[str, Any]) -> bool:
         return self.inner.has_basis(state)
 
-    def is_provisional(self, state: dict[str, Any]) -> bool:
-        return self.inner.is_provisional(state)
-
     def lacks_subspace(self, state: dict[str, Any]) -> bool:
         return self.inner.lacks_subspace(state)
 

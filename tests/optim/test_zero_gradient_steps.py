@@ -57,7 +57,8 @@ def test_a_zero_first_gradient_leaves_a_provisional_basis_that_the_first_data_re
             w.grad = torch.zeros(shape)
             opt.step()
             assert opt.state[w]["proj_refreshes"] == 0 and opt.state[w]["proj_failures"] == 0
-            assert opt.projector_for(w, opt.param_groups[0]).is_provisional(opt.state[w])
+            projector = opt.projector_for(w, opt.param_groups[0])
+            assert projector.has_basis(opt.state[w]) and projector.lacks_subspace(opt.state[w])  # provisional
         for g in grads:
             w.grad = g.clone()
             opt.step()
